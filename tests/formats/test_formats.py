@@ -99,15 +99,25 @@ def test_fp_known_grids() -> None:
 def test_fp8_matches_torch_cast(fmt: str, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(1)
     m = layout(fmt).max_value
-    v = torch.cat([torch.randn(20000, generator=g) * 3, (torch.rand(2000, generator=g) * 2 - 1) * m,
-                   torch.randn(2000, generator=g) * 1e-3])
+    v = torch.cat(
+        [
+            torch.randn(20000, generator=g) * 3,
+            (torch.rand(2000, generator=g) * 2 - 1) * m,
+            torch.randn(2000, generator=g) * 1e-3,
+        ]
+    )
     assert torch.equal(round_to_format(v, fmt), v.to(dtype).float())
 
 
-@pytest.mark.parametrize(("method", "dist", "expected"), [
-    ("absmean", "normal", 0.310), ("absmedian", "normal", 0.264),
-    ("absmean", "laplace", 1 - math.exp(-0.5)), ("absmedian", "laplace", 1 - math.exp(-0.5 * math.log(2))),
-])
+@pytest.mark.parametrize(
+    ("method", "dist", "expected"),
+    [
+        ("absmean", "normal", 0.310),
+        ("absmedian", "normal", 0.264),
+        ("absmean", "laplace", 1 - math.exp(-0.5)),
+        ("absmedian", "laplace", 1 - math.exp(-0.5 * math.log(2))),
+    ],
+)
 def test_ternary_zero_fraction_closed_form(method: str, dist: str, expected: float) -> None:
     gen = torch.Generator().manual_seed(3)
     if dist == "normal":

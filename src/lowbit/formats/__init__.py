@@ -24,6 +24,18 @@ from lowbit.formats.registry import ACT_FORMATS, FORMATS, get_format
 from lowbit.formats.spec import FP_LAYOUTS, QuantSpec
 
 __all__ = [
-    "ACT_FORMATS", "FORMATS", "FP_LAYOUTS", "QTensor", "QuantSpec", "code_dtype", "decode", "dequantize",
-    "encode", "expand_params", "fake_quantize", "fit_params", "get_format", "quantize",
+    "ACT_FORMATS",
+    "FORMATS",
+    "FP_LAYOUTS",
+    "QTensor",
+    "QuantSpec",
+    "code_dtype",
+    "decode",
+    "dequantize",
+    "encode",
+    "expand_params",
+    "fake_quantize",
+    "fit_params",
+    "get_format",
+    "quantize",
 ]

@@ -29,7 +29,12 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
 
 
 def fit(
-    u: torch.Tensor, *, bits: int, symmetric: bool, store: bool = True, integer_zero: bool = False,
+    u: torch.Tensor,
+    *,
+    bits: int,
+    symmetric: bool,
+    store: bool = True,
+    integer_zero: bool = False,
     clip_ratio: torch.Tensor | float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (and zero point) per unit over the last axis of ``u`` (shape ``(R, G, n)``) → ``(R, G, 1)``.
@@ -56,9 +61,7 @@ def fit(
     return s, z
 
 
-def encode(
-    x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, *, bits: int, symmetric: bool
-) -> torch.Tensor:
+def encode(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, *, bits: int, symmetric: bool) -> torch.Tensor:
     """Integer codes (as float tensor of whole numbers) for ``x`` under broadcastable ``s``/``z``."""
     qmin, qmax = qrange(bits, symmetric)
     v = x / s if z is None else x / s + z

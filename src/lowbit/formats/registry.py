@@ -15,8 +15,13 @@ from lowbit.formats.spec import QuantSpec, suggest
 
 
 def _int(bits: int, symmetric: bool, granularity: str = "channel", group_size: int | None = None) -> QuantSpec:
-    return QuantSpec(kind="int", bits=bits, symmetric=symmetric, granularity=granularity,  # type: ignore[arg-type]
-                     group_size=group_size)
+    return QuantSpec(
+        kind="int",
+        bits=bits,
+        symmetric=symmetric,
+        granularity=granularity,  # type: ignore[arg-type]
+        group_size=group_size,
+    )
 
 
 FORMATS: dict[str, QuantSpec] = {

@@ -30,5 +30,6 @@ def runtime_scale(s: torch.Tensor) -> torch.Tensor:
     """Guard a scale computed at run time (dynamic activations): positive, finite, kept in fp32."""
     return torch.nan_to_num(s.float(), nan=MIN_SCALE, posinf=MAX_SCALE).clamp_min(MIN_SCALE)
 
+
 #: Bits used to store one scale or zero point (fp16).
 SCALE_BITS_STORED = 16

@@ -77,22 +77,29 @@ class QuantSpec:
     def validate(self) -> None:
         """Raise `RecipeError` naming the first problem with this spec."""
         if self.kind not in KINDS:
-            raise RecipeError(f"unknown format kind '{self.kind}'{suggest(str(self.kind), KINDS)}; use one of "
-                              f"{', '.join(KINDS)}")
+            raise RecipeError(
+                f"unknown format kind '{self.kind}'{suggest(str(self.kind), KINDS)}; use one of {', '.join(KINDS)}"
+            )
         if self.granularity not in GRANULARITIES:
-            raise RecipeError(f"unknown granularity '{self.granularity}'"
-                              f"{suggest(str(self.granularity), GRANULARITIES)}; use one of "
-                              f"{', '.join(GRANULARITIES)}")
+            raise RecipeError(
+                f"unknown granularity '{self.granularity}'"
+                f"{suggest(str(self.granularity), GRANULARITIES)}; use one of "
+                f"{', '.join(GRANULARITIES)}"
+            )
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise RecipeError(f"bits must be an integer, got {self.bits!r}")
         if self.kind == "int" and not 2 <= self.bits <= 8:
-            raise RecipeError(f"bits={self.bits} is out of range for integer formats: use 2 to 8 "
-                              "(or kind 'ternary' / 'binary' below 2 bits)")
+            raise RecipeError(
+                f"bits={self.bits} is out of range for integer formats: use 2 to 8 "
+                "(or kind 'ternary' / 'binary' below 2 bits)"
+            )
         if self.kind == "fp":
             if self.fp_format not in FP_LAYOUTS:
-                raise RecipeError(f"fp format '{self.fp_format}' is unknown"
-                                  f"{suggest(str(self.fp_format), list(FP_LAYOUTS))}; use one of "
-                                  f"{', '.join(FP_LAYOUTS)}")
+                raise RecipeError(
+                    f"fp format '{self.fp_format}' is unknown"
+                    f"{suggest(str(self.fp_format), list(FP_LAYOUTS))}; use one of "
+                    f"{', '.join(FP_LAYOUTS)}"
+                )
             e, m = FP_LAYOUTS[self.fp_format]
             if self.bits != 1 + e + m:
                 raise RecipeError(f"fp format {self.fp_format} has {1 + e + m} bits, not bits={self.bits}")
@@ -100,16 +107,20 @@ class QuantSpec:
             if self.bits != 2:
                 raise RecipeError(f"ternary codes are stored in 2 bits, not bits={self.bits}")
             if self.scale_method not in (None, *TERNARY_SCALES):
-                raise RecipeError(f"ternary scale_method '{self.scale_method}' is unknown"
-                                  f"{suggest(str(self.scale_method), TERNARY_SCALES)}; use one of "
-                                  f"{', '.join(TERNARY_SCALES)}")
+                raise RecipeError(
+                    f"ternary scale_method '{self.scale_method}' is unknown"
+                    f"{suggest(str(self.scale_method), TERNARY_SCALES)}; use one of "
+                    f"{', '.join(TERNARY_SCALES)}"
+                )
         if self.kind == "binary":
             if self.bits != 1:
                 raise RecipeError(f"binary codes take 1 bit, not bits={self.bits}")
             if self.scale_method not in (None, *BINARY_SCALES):
-                raise RecipeError(f"binary scale_method '{self.scale_method}' is unknown"
-                                  f"{suggest(str(self.scale_method), BINARY_SCALES)}; use one of "
-                                  f"{', '.join(BINARY_SCALES)}")
+                raise RecipeError(
+                    f"binary scale_method '{self.scale_method}' is unknown"
+                    f"{suggest(str(self.scale_method), BINARY_SCALES)}; use one of "
+                    f"{', '.join(BINARY_SCALES)}"
+                )
         if self.granularity == "group":
             if not isinstance(self.group_size, int) or self.group_size < 2:
                 raise RecipeError(f"granularity 'group' needs group_size >= 2, got {self.group_size!r}")
@@ -137,8 +148,9 @@ class QuantSpec:
             base = f"fp{self.bits} {self.fp_format}"
         else:
             base = f"{self.kind} {self.scale_method or 'absmean'}"
-        gran = {"tensor": "per-tensor", "channel": "per-channel", "token": "per-token",
-                "group": f"g{self.group_size}"}[self.granularity]
+        gran = {"tensor": "per-tensor", "channel": "per-channel", "token": "per-token", "group": f"g{self.group_size}"}[
+            self.granularity
+        ]
         return f"{base} {gran}" + (" dynamic" if self.dynamic else "")
 
     # ------------------------------------------------------------------ serialisation
@@ -154,8 +166,9 @@ class QuantSpec:
         names = [f.name for f in fields(cls)]
         for key in data:
             if key not in names:
-                raise RecipeError(f"{where}: unknown key '{key}'{suggest(str(key), names)}; valid keys: "
-                                  f"{', '.join(names)}")
+                raise RecipeError(
+                    f"{where}: unknown key '{key}'{suggest(str(key), names)}; valid keys: {', '.join(names)}"
+                )
         data = dict(data)
         kind = data.get("kind", "int")
         # Sensible per-kind defaults so that `{kind: ternary}` is a complete spec.

@@ -1,0 +1,1 @@
+"""Run grids of model × recipe and measure each against the original model in the same run."""

@@ -1,0 +1,1 @@
+"""Calibration: activation range observers and the hook-driven loop that feeds them."""

@@ -1,0 +1,123 @@
+"""The ``lowbit`` command line: demo, compress, inspect, eval, presets.
+
+Example:
+    $ lowbit demo                                    # every embedded workload through every preset
+    $ lowbit compress minilm --recipe w4g128 --out minilm-w4
+    $ lowbit inspect minilm-w4                        # per-layer table of a checkpoint
+    $ lowbit eval minilm-w4                           # quality, size and latency vs the fp32 original
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from lowbit.errors import LowbitError
+
+EPILOG = """\
+MODEL is one of: an embedded workload (digits-cnn, digits-vit, minilm), a directory written by
+`lowbit compress`, a Hugging Face model directory, or package.module:function returning an nn.Module.
+RECIPE is a preset name (see `lowbit presets`) or a YAML file.
+
+examples:
+  lowbit demo                                   all workloads x all presets, report in lowbit-report/
+  lowbit demo --workloads digits-cnn --recipes w8a8 w4g128
+  lowbit compress minilm --recipe w4g128 --out minilm-w4
+  lowbit inspect minilm --recipe w3g64          what a recipe would do to each layer
+  lowbit eval minilm-w4                         quality, size, BitOPs, latency vs fp32
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lowbit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        description="Make trained PyTorch models small and fast on CPUs: quantize (8 bits down to 1 bit), "
+        "measure quality, size, BitOPs and latency against the original, and report.",
+    )
+    p.add_argument("--version", action="version", version=f"lowbit {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser(
+        "demo",
+        help="run every embedded workload through the demo recipes and write a report",
+        description="Compress each embedded workload with each recipe (RTN), measure quality, size, "
+        "BitOPs and latency against fp32 in the same run, print one table per workload "
+        "and write OUT/results.jsonl and OUT/pareto.png.",
+    )
+    d.add_argument("--workloads", nargs="+", metavar="NAME", help="workloads to run (default: all)")
+    d.add_argument("--recipes", nargs="+", metavar="RECIPE", help="recipes to run (default: the demo presets)")
+    d.add_argument("--out", default="lowbit-report", help="report directory (default: lowbit-report)")
+    d.add_argument("--threads", type=int, default=1, help="CPU threads for latency (default: 1)")
+    d.add_argument("--repeats", type=int, default=20, help="timed repeats per model (default: 20)")
+    d.add_argument("--batch-size", type=int, default=1, help="batch size for latency (default: 1)")
+
+    c = sub.add_parser(
+        "compress",
+        help="compress a model with a recipe and save it",
+        description="Compress MODEL with RECIPE and save safetensors + JSON to OUT (atomically).",
+    )
+    c.add_argument("model", metavar="MODEL")
+    c.add_argument("--recipe", "-r", required=True, help="preset name or YAML file")
+    c.add_argument("--out", "-o", required=True, help="output directory")
+    c.add_argument("--data", help="for module:function models: module:function returning calibration/eval data")
+    c.add_argument("--calibration-samples", type=int, default=128, help="calibration samples (default: 128)")
+
+    i = sub.add_parser(
+        "inspect",
+        help="per-layer table: type, shape, params, MACs, format",
+        description="Show every Linear/Conv layer of MODEL with its shape, parameters, MACs for one "
+        "example input and its format (after --recipe, if given).",
+    )
+    i.add_argument("model", metavar="MODEL")
+    i.add_argument("--recipe", "-r", help="show the formats this recipe would give each layer")
+    i.add_argument("--data", help="for module:function models: module:function returning data")
+
+    e = sub.add_parser(
+        "eval",
+        help="quality, size, BitOPs and latency of a model vs its fp32 original",
+        description="Evaluate MODEL (optionally after compressing it with --recipe) against the fp32 "
+        "original in the same run.",
+    )
+    e.add_argument("model", metavar="MODEL")
+    e.add_argument("--recipe", "-r", help="compress with this recipe first")
+    e.add_argument("--data", help="for module:function models: module:function returning data")
+    e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--json", action="store_true", help="print the result row as JSON")
+
+    sub.add_parser("presets", help="list the named recipes and formats")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    console = Console()
+    try:
+        from lowbit import commands
+
+        return int(getattr(commands, f"cmd_{args.command}")(args, console) or 0)
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted (no partial output was written)", file=sys.stderr)
+        return 130
+
+
+def _version() -> str:
+    from lowbit import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

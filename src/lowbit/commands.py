@@ -1,0 +1,159 @@
+"""Implementations of the CLI sub-commands (argument parsing lives in `lowbit.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from lowbit.errors import ModelError
+
+
+def cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    from lowbit.bench.demo import run_demo
+    from lowbit.recipe import DEMO_PRESETS, load_recipe
+    from lowbit.zoo import get_workload
+
+    for name in args.workloads or []:
+        get_workload(name)  # fail fast on a typo
+    recipes = args.recipes or list(DEMO_PRESETS)
+    for r in recipes:
+        load_recipe(r)
+    run_demo(
+        args.workloads,
+        recipes,
+        out_dir=args.out,
+        threads=args.threads,
+        repeats=args.repeats,
+        batch_size=args.batch_size,
+        console=console,
+    )
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace, console: Console) -> int:
+    from lowbit.compress import compress, quant_layers
+    from lowbit.io import save
+    from lowbit.measure.size import model_size
+    from lowbit.models import resolve
+    from lowbit.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    res = resolve(args.model, args.data)
+    if res.compressed:
+        raise ModelError(f"'{args.model}' is already a compressed checkpoint: compress its source model instead")
+    t0 = time.perf_counter()
+    calib = res.workload.calibration_batches(args.calibration_samples)
+    model = compress(res.model, recipe, data=calib)
+    seconds = time.perf_counter() - t0
+    save(model, args.out, source=res.source)
+    size, base = model_size(model), model_size(res.model)
+    console.print(
+        f"compressed {args.model} with '{recipe.name}': {len(quant_layers(model))} layers quantized, "
+        f"{base.total_bytes / 1e6:.2f} MB → {size.total_bytes / 1e6:.2f} MB, "
+        f"{size.bits_per_weight:.2f} bits/weight, {seconds:.1f} s → {args.out}"
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
+    import torch
+
+    from lowbit.compress import compress
+    from lowbit.measure.ops import count_ops
+    from lowbit.models import resolve
+    from lowbit.nn.qlayers import QuantLayer
+    from lowbit.plan import quantizable_layers
+    from lowbit.zoo import run_model
+
+    res = resolve(args.model, args.data)
+    model = res.model
+    if args.recipe:
+        model = compress(model, args.recipe, data=res.workload.calibration_batches(32), progress=False)
+    batch = res.workload.example_batch(1)
+    ops = count_ops(model, lambda: run_model(model, batch))
+    macs = {layer.name: layer for layer in ops.per_layer}
+    table = Table(title=f"{args.model}" + (f" with {args.recipe}" if args.recipe else ""))
+    for col in ("layer", "type", "shape", "params", "MACs", "format", "activations"):
+        table.add_column(col, justify="right" if col in ("params", "MACs") else "left")
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLayer)] + [
+        n for n, _ in quantizable_layers(model)
+    ]
+    modules = dict(model.named_modules())
+    for name in sorted(names, key=list(modules).index):
+        m = modules[name]
+        w = m.weight
+        fmt = m.weight_spec.label() if isinstance(m, QuantLayer) and m.weight_spec else "fp32"
+        act = m.act_spec.label() if isinstance(m, QuantLayer) and m.act_spec else "float"
+        table.add_row(
+            name,
+            type(m).__name__,
+            "×".join(map(str, w.shape)),
+            f"{w.numel():,}",
+            f"{macs[name].macs:,}" if name in macs else "-",
+            fmt,
+            act,
+        )
+    console.print(table)
+    with torch.no_grad():
+        total = sum(p.numel() for p in model.parameters())
+    console.print(
+        f"{len(names)} linear/conv layers; {ops.total_macs:,} MACs per example "
+        f"({ops.other_macs:,} outside them); {total:,} float parameters"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from lowbit.bench.evaluate import measure_variant
+    from lowbit.compress import compress
+    from lowbit.models import build_from_source, resolve
+    from lowbit.recipe import load_recipe
+    from lowbit.report.table import print_table
+
+    res = resolve(args.model, args.data)
+    base = build_from_source(res.source) if res.compressed else res.model
+    model, label = res.model, ("checkpoint" if res.compressed else "fp32")
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
+        model = compress(res.model, recipe, data=res.workload.calibration_batches(128))
+        label = recipe.name
+    batch = res.workload.example_batch(args.batch_size)
+    rows = [measure_variant(res.workload, base, base, "fp32", batch=batch, threads=args.threads)]
+    if model is not base:
+        rows.append(measure_variant(res.workload, base, model, label, batch=batch, threads=args.threads))
+    if args.json:
+        print(json.dumps(rows[-1]))
+    else:
+        print_table(rows, title=f"{args.model}", metrics=list(rows[0]["quality"]), console=console)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace, console: Console) -> int:
+    from lowbit.formats import ACT_FORMATS, FORMATS
+    from lowbit.methods import available_methods
+    from lowbit.recipe import PRESETS
+
+    t = Table(title="recipes (use with --recipe; append -METHOD for another method, e.g. w4g128-rtn)")
+    for col in ("preset", "weights", "activations", "description"):
+        t.add_column(col)
+    for name, r in PRESETS.items():
+        s = r.stages[0]
+        t.add_row(
+            name,
+            s.weights.label() if s.weights else "fp32",
+            s.activations.label() if s.activations else "float",
+            r.description,
+        )
+    console.print(t)
+    f = Table(title="formats (use by name in recipe YAML)")
+    f.add_column("name")
+    f.add_column("format")
+    for name, spec in {**FORMATS, **ACT_FORMATS}.items():
+        f.add_row(name, spec.label())
+    console.print(f)
+    console.print(f"methods: {', '.join(available_methods())}")
+    return 0

@@ -1,0 +1,12 @@
+"""Compression methods, each registered under a name usable in recipes (``method: rtn``).
+
+Example:
+    >>> from lowbit.methods import available_methods
+    >>> available_methods()[:1]
+    ['rtn']
+"""
+
+from lowbit.methods import rtn  # noqa: F401  (registers the method)
+from lowbit.methods.registry import LayerPlan, Method, MethodContext, available_methods, get_method, register_method
+
+__all__ = ["LayerPlan", "Method", "MethodContext", "available_methods", "get_method", "register_method"]
