@@ -8,7 +8,8 @@ Example:
     >>> from lowbit.nn import QuantLinear
     >>> from lowbit.calibration.static import calibrate_activations
     >>> lin = nn.Linear(8, 4)
-    >>> q = nn.Sequential(QuantLinear.from_float(lin, rtn_quantize(lin.weight, FORMATS["int8"]), ACT_FORMATS["int8_static"]))
+    >>> qt = rtn_quantize(lin.weight, FORMATS["int8"])
+    >>> q = nn.Sequential(QuantLinear.from_float(lin, qt, ACT_FORMATS["int8_static"]))
     >>> calibrate_activations(q, [torch.randn(16, 8)], progress=False)
     1
     >>> bool(q[0].act.calibrated)

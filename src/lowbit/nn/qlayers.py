@@ -239,7 +239,8 @@ class QuantConv2d(QuantLayer):
 
     def extra_repr(self) -> str:
         w = "fp32" if self.weight_spec is None else self.weight_spec.label()
-        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, groups={self.groups}, weights={w}"
+        k = self.kernel_size
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={k}, groups={self.groups}, weights={w}"
 
 
 def _copy_common(q: QuantLayer, mod: nn.Module, qt: QTensor | None) -> None:
