@@ -59,9 +59,26 @@ def compress(
         plan = build_plan(model, stage, where)
         if method.needs_data and not batches:
             raise DataError(f"{where} needs calibration data: pass data= (a list of input batches) to compress")
-        qweights = method.quantize_layers(model, plan, MethodContext(batches, dict(stage.options), progress))
+        swapped: set[str] = set()
+
+        def swap(
+            p: LayerPlan,
+            qt: Any,
+            input_scale: torch.Tensor | None = None,
+            stage: Any = stage,
+            swapped: set[str] = swapped,
+        ) -> QuantLayer:
+            new = swap_layer(model, p, qt, stage, input_scale)
+            if new.act is not None and not new.act.calibrated:
+                new.act.observing = True  # float pass-through until calibrate_activations below
+            swapped.add(p.name)
+            return new
+
+        ctx = MethodContext(batches, dict(stage.options), progress, swap)
+        qweights = method.quantize_layers(model, plan, ctx)
         for p in plan:
-            swap_layer(model, p, qweights.get(p.name), stage)
+            if p.name not in swapped:
+                swap_layer(model, p, qweights.get(p.name), stage)
         calibrate_activations(model, batches, progress=progress)
     model.lowbit_recipe = recipe  # type: ignore[assignment]
     return model
@@ -88,7 +105,9 @@ def _materialize(data: Iterable[Any] | None) -> list[Any] | None:
     return batches
 
 
-def swap_layer(model: nn.Module, p: LayerPlan, qt: Any, stage: Any) -> QuantLayer:
+def swap_layer(
+    model: nn.Module, p: LayerPlan, qt: Any, stage: Any, input_scale: torch.Tensor | None = None
+) -> QuantLayer:
     """Replace the float layer ``p.name`` by its quantized stand-in and return the new module."""
     if p.weights is not None and qt is None:
         raise ModelError(f"method produced no quantized weight for layer '{p.name}'")
@@ -102,6 +121,8 @@ def swap_layer(model: nn.Module, p: LayerPlan, qt: Any, stage: Any) -> QuantLaye
             f"layer '{p.name}' of type {type(p.module).__name__} is not supported: "
             "lowbit replaces nn.Linear and nn.Conv2d"
         )
+    if input_scale is not None:
+        new.set_input_scale(input_scale)
     set_submodule(model, p.name, new)
     return new
 

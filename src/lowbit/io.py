@@ -28,6 +28,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -174,7 +175,7 @@ def _empty_layer(entry: dict[str, Any]) -> QuantLayer:
     act_opts = {"calibrator": entry.get("calibrator") or "percentile", "percentile": entry.get("percentile") or 99.99}
     if entry["type"] == "Conv2d":
         padding = entry["padding"] if isinstance(entry["padding"], str) else tuple(entry["padding"])
-        return QuantConv2d(
+        layer: QuantLayer = QuantConv2d(
             entry["in_channels"],
             entry["out_channels"],
             tuple(entry["kernel_size"]),
@@ -187,7 +188,11 @@ def _empty_layer(entry: dict[str, Any]) -> QuantLayer:
             acts,
             **act_opts,
         )
-    return QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], weights, acts, **act_opts)
+    else:
+        layer = QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], weights, acts, **act_opts)
+    if entry.get("input_scale"):
+        layer.set_input_scale(torch.ones(int(entry["input_scale"])))
+    return layer
 
 
 def _version() -> str:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from lowbit.errors import RecipeError
@@ -35,13 +36,20 @@ class LayerPlan:
     activations: QuantSpec | None
 
 
+#: Swaps a planned float layer for its quantized stand-in (with an optional input scale) and returns it.
+SwapFn = Callable[[LayerPlan, QTensor | None, "torch.Tensor | None"], nn.Module]
+
+
 @dataclass
 class MethodContext:
-    """What a method may use besides the plan: calibration batches, the stage options, a progress flag."""
+    """What a method may use besides the plan: calibration batches, the stage options, a progress flag, and
+    ``swap`` to replace layers during calibration (sequential methods quantize a layer before calibrating the
+    next one). Layers a method does not swap itself are swapped by `lowbit.compress` from its return value."""
 
     data: Sequence[Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    swap: SwapFn | None = None
 
 
 class Method:

@@ -62,6 +62,7 @@ class QuantLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(rows)) if bias else None
         self.act = ActQuantizer(act_spec, calibrator, percentile) if act_spec is not None else None
         self._cache: torch.Tensor | None = None
+        self.input_scale: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ weights
     def set_qweight(self, qt: QTensor) -> None:
@@ -97,7 +98,21 @@ class QuantLayer(nn.Module):
         self._cache = None
         super()._load_from_state_dict(*args, **kwargs)
 
+    def set_input_scale(self, scale: torch.Tensor) -> None:
+        """Multiply every input by ``scale`` (one value per input feature / channel) before quantizing it.
+
+        Used by AWQ and SmoothQuant when no preceding op can absorb their per-channel scale: the weights hold
+        ``W·diag(1/scale)`` and the layer computes ``(x·scale)`` first, so the float function is unchanged.
+        """
+        scale = scale.detach().float().reshape(-1)
+        if "input_scale" in self._buffers:
+            self._buffers["input_scale"] = scale.to(self._buffers["input_scale"].device)
+        else:
+            self.register_buffer("input_scale", scale)
+
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * (self.input_scale.view(1, -1, 1, 1) if x.dim() == 4 and self._channels_first else self.input_scale)
         return self.act(x) if self.act is not None else x
 
     # ------------------------------------------------------------------ lowbit measurement protocol
@@ -111,9 +126,10 @@ class QuantLayer(nn.Module):
         return self._matrix_shape[0] * self._matrix_shape[1]
 
     def lowbit_storage_bits(self) -> int:
+        extra = 0 if self.input_scale is None else self.input_scale.numel() * 16
         if self.weight_spec is None:
-            return self.lowbit_weight_numel() * 32
-        return self.qweight().storage_bits()
+            return self.lowbit_weight_numel() * 32 + extra
+        return self.qweight().storage_bits() + extra
 
     def layer_spec(self) -> dict[str, Any]:
         """JSON-able description used by `lowbit.save` to rebuild this layer."""
@@ -122,11 +138,14 @@ class QuantLayer(nn.Module):
             "activations": None if self.act_spec is None else self.act_spec.to_dict(),
             "calibrator": self.act.calibrator if self.act is not None else None,
             "percentile": self.act.percentile if self.act is not None else None,
+            "input_scale": None if self.input_scale is None else int(self.input_scale.numel()),
         }
 
 
 class QuantLinear(QuantLayer):
     """Quantized ``nn.Linear``: ``y = x̂ Ŵᵀ + b``."""
+
+    _channels_first = False
 
     def __init__(
         self,
@@ -171,6 +190,8 @@ class QuantLinear(QuantLayer):
 
 class QuantConv2d(QuantLayer):
     """Quantized ``nn.Conv2d`` (grouped and depthwise included); weights flattened to ``(out, in/groups·kh·kw)``."""
+
+    _channels_first = True
 
     def __init__(
         self,

@@ -1,0 +1,255 @@
+"""Layer-by-layer (sequential) calibration with eager forward hooks, one block's activations in memory at a time.
+
+The model is split into *blocks*: the repeated layers of the longest ``nn.ModuleList`` (transformer layers), or,
+when there is none, the whole model as one block. Inputs of the first block are captured once (a pre-hook stops
+the forward there). For each block, its selected layers are processed in execution order, layers that read the
+same input (q/k/v) together ("true-sequential"): the block is re-run on the stored inputs with hooks feeding each
+layer's input to the method's collector, the method quantizes the group, the float layers are swapped for
+quantized ones, and the next group sees the quantized outputs. The quantized block's outputs are the next block's
+inputs. Layers outside the blocks (a conv stem, a classifier head) are calibrated with full-model passes.
+
+Example:
+    >>> from lowbit.calibration.sequential import find_blocks
+    >>> from torch import nn
+    >>> m = nn.Sequential(nn.Linear(4, 4), nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]))
+    >>> [name for name, _ in find_blocks(m)]
+    ['1.0', '1.1']
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.batches import run_model
+from lowbit.errors import DataError
+from lowbit.methods.registry import LayerPlan
+from lowbit.nn.qlayers import QuantLayer
+
+
+class Collector(Protocol):
+    """Accumulates what a method needs from one layer's inputs (a Hessian, channel statistics, samples)."""
+
+    def update(self, x: torch.Tensor) -> None: ...
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class SequentialHooks:
+    """What the engine needs from a method."""
+
+    make_collector: Callable[[LayerPlan], Collector]
+    #: Quantize a group of layers sharing an input; swaps them into the model through the callback it is given.
+    quantize_group: Callable[[list[LayerPlan], dict[str, Collector]], None]
+
+
+def _has_layers(m: nn.Module) -> bool:
+    return any(isinstance(c, (nn.Linear, nn.Conv2d, QuantLayer)) for c in m.modules())
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The repeated blocks of the longest ``nn.ModuleList`` of same-type modules, else ``[("", model)]``."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1 and _has_layers(m[0]):
+            if best is None or len(m) > len(best[1]):
+                best = (name, m)
+    if best is None:
+        return [("", model)]
+    prefix = f"{best[0]}." if best[0] else ""
+    return [(f"{prefix}{i}", child) for i, child in enumerate(best[1])]
+
+
+def _inside(name: str, block: str) -> bool:
+    return block == "" or name == block or name.startswith(block + ".")
+
+
+def _execution_groups(
+    run: Callable[[], Any], modules: dict[str, nn.Module], plan_names: Sequence[str]
+) -> list[list[str]]:
+    """Group layers by shared input tensor, in the order they execute during ``run()``."""
+    order: list[tuple[str, int]] = []
+    handles = []
+    for name in plan_names:
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            if all(n != name for n, _ in order):
+                order.append((name, args[0].data_ptr() ^ hash(tuple(args[0].shape))))
+
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    keys: list[int] = []
+    for name, key in order:
+        if key in keys:
+            groups[keys.index(key)].append(name)
+        else:
+            keys.append(key)
+            groups.append([name])
+    missing = [n for n in plan_names if all(n != o for o, _ in order)]
+    if missing:
+        raise DataError(
+            f"layer '{missing[0]}' never ran on the calibration data, so it cannot be calibrated: check "
+            "the data or ignore that layer in the recipe"
+        )
+    return groups
+
+
+def estimate_memory_bytes(block_inputs: list[tuple[tuple[Any, ...], dict[str, Any]]], plan: list[LayerPlan]) -> int:
+    """Peak memory estimate: the stored block inputs and outputs, plus one fp64 in×in Hessian per layer of a group."""
+
+    def size(obj: Any) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, (list, tuple)):
+            return sum(size(o) for o in obj)
+        if isinstance(obj, dict):
+            return sum(size(o) for o in obj.values())
+        return 0
+
+    acts = sum(size(a) + size(k) for a, k in block_inputs)
+    widest = max((p.module.weight[0].numel() for p in plan), default=0)
+    return 2 * acts + 4 * widest * widest * 8
+
+
+def _capture_block_inputs(
+    model: nn.Module, block: nn.Module, batches: Sequence[Any]
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    h = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    run_model(model, b)
+                except _StopForward:
+                    pass
+    finally:
+        h.remove()
+    return captured
+
+
+def _collect(run: Callable[[], Any], modules: dict[str, nn.Module], collectors: dict[str, Collector]) -> None:
+    handles = [
+        modules[name].register_forward_pre_hook(lambda _m, args, c=c: c.update(args[0].detach()))
+        for name, c in collectors.items()
+    ]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_sequential(
+    model: nn.Module,
+    plan: list[LayerPlan],
+    batches: Sequence[Any],
+    hooks: SequentialHooks,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """Calibrate and quantize every layer of ``plan`` sequentially; returns timing figures."""
+    if not batches:
+        raise DataError("sequential calibration needs at least one calibration batch")
+    t_start = time.perf_counter()
+    by_name = {p.name: p for p in plan}
+    blocks = find_blocks(model)
+    in_blocks = {b: [p.name for p in plan if _inside(p.name, b)] for b, _ in blocks}
+    outside = [p.name for p in plan if not any(_inside(p.name, b) for b, _ in blocks)]
+
+    def modules() -> dict[str, nn.Module]:
+        return dict(model.named_modules())
+
+    def full_pass() -> None:
+        for b in batches:
+            run_model(model, b)
+
+    def process(names: list[str], run: Callable[[], Any]) -> None:
+        for group in _execution_groups(run, modules(), names):
+            collectors = {n: hooks.make_collector(by_name[n]) for n in group}
+            _collect(run, modules(), collectors)
+            hooks.quantize_group([by_name[n] for n in group], collectors)
+
+    # Layers executed before the first block (e.g. a conv stem) first, with full-model passes.
+    first_block = blocks[0][1]
+    pre, post = _split_outside(model, outside, first_block, batches[0])
+    if pre:
+        process(pre, full_pass)
+    if blocks[0][0] == "":  # no repeated blocks: the whole model is the block, use full passes
+        process(in_blocks[""], full_pass)
+        return {"seconds": time.perf_counter() - t_start}
+    inputs = _capture_block_inputs(model, first_block, batches)
+    if not inputs:
+        raise DataError("the calibration data never reached the model's first block")
+    est = estimate_memory_bytes(inputs, plan)
+    log(
+        f"sequential calibration: {len(blocks)} blocks, {len(plan)} layers, {len(batches)} batches; "
+        f"estimated peak memory {est / 2**20:.0f} MiB"
+    )
+    bar = tqdm(blocks, desc="calibrating blocks", disable=not progress, leave=False)
+    for bname, block in bar:
+        names = in_blocks[bname]
+
+        def run_block(block: nn.Module = block, inputs: list[Any] = inputs) -> None:
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+
+        if names:
+            process(names, run_block)
+        with torch.no_grad():
+            new_inputs = []
+            for args, kwargs in inputs:
+                out = block(*args, **kwargs)
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+                new_inputs.append(((hidden, *args[1:]), kwargs))
+            inputs = new_inputs
+    if post:
+        process(post, full_pass)
+    return {"seconds": time.perf_counter() - t_start, "estimated_peak_bytes": float(est)}
+
+
+def _split_outside(
+    model: nn.Module, outside: list[str], first_block: nn.Module, batch: Any
+) -> tuple[list[str], list[str]]:
+    """Split layers outside the blocks into those that run before the first block and those after it."""
+    if not outside:
+        return [], []
+    mods = dict(model.named_modules())
+    seen_block = [False]
+    before: list[str] = []
+    handles = [first_block.register_forward_pre_hook(lambda *_: seen_block.__setitem__(0, True))]
+    for name in outside:
+        handles.append(
+            mods[name].register_forward_pre_hook(
+                lambda _m, _a, name=name: None if seen_block[0] or name in before else before.append(name)
+            )
+        )
+    try:
+        with torch.no_grad():
+            run_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return before, [n for n in outside if n not in before]
