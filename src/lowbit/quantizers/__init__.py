@@ -1,0 +1,1 @@
+"""Differentiable quantizers for quantization-aware training: STE family, LSQ/PACT, binarizers."""
