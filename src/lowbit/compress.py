@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.batches import as_batches
 from lowbit.calibration.static import calibrate_activations
 from lowbit.errors import DataError, ModelError
 from lowbit.methods.registry import LayerPlan, MethodContext, get_method
@@ -76,10 +77,10 @@ def compress(
 
         ctx = MethodContext(batches, dict(stage.options), progress, swap)
         qweights = method.quantize_layers(model, plan, ctx)
-        for p in plan:
-            if p.name not in swapped:
+        for p in plan:  # layers the method neither swapped nor replaced itself (e.g. by QAT layers)
+            if p.name not in swapped and model.get_submodule(p.name) is p.module:
                 swap_layer(model, p, qweights.get(p.name), stage)
-        calibrate_activations(model, batches, progress=progress)
+        calibrate_activations(model, as_batches(batches), progress=progress)
     model.lowbit_recipe = recipe  # type: ignore[assignment]
     return model
 
@@ -91,18 +92,30 @@ def check_finite_weights(model: nn.Module) -> None:
             raise ModelError(f"parameter '{name}' contains NaN or Inf: fix or retrain the model before compressing")
 
 
-def _materialize(data: Iterable[Any] | None) -> list[Any] | None:
+def _materialize(data: Iterable[Any] | dict[str, Any] | None) -> Any:
+    """Validate calibration data: a list of batches, or ``{"inputs": ..., "labels": ...}`` for training."""
     if data is None:
         return None
+    if isinstance(data, dict) and "inputs" in data:
+        inputs = data["inputs"]
+        n = next(iter(inputs.values())).shape[0] if isinstance(inputs, dict) else len(inputs)
+        if n == 0:
+            raise DataError("training data is empty: pass at least one example")
+        _check_finite([inputs])
+        return data
     batches = list(data)
     if not batches:
         raise DataError("calibration data is empty: pass at least one input batch")
+    _check_finite(batches)
+    return batches
+
+
+def _check_finite(batches: list[Any]) -> None:
     for b in batches:
-        tensors = b.values() if isinstance(b, dict) else [b]
+        tensors = b.values() if isinstance(b, dict) else (b if isinstance(b, (list, tuple)) else [b])
         for t in tensors:
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
                 raise DataError("calibration data contains NaN or Inf values: clean the inputs")
-    return batches
 
 
 def swap_layer(

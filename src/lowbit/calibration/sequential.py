@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.batches import run_model
+from lowbit.batches import as_batches, run_model
 from lowbit.errors import DataError
 from lowbit.methods.registry import LayerPlan
 from lowbit.nn.qlayers import QuantLayer
@@ -171,6 +171,7 @@ def run_sequential(
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Calibrate and quantize every layer of ``plan`` sequentially; returns timing figures."""
+    batches = as_batches(batches)
     if not batches:
         raise DataError("sequential calibration needs at least one calibration batch")
     t_start = time.perf_counter()

@@ -6,7 +6,7 @@ Example:
     ['rtn']
 """
 
-from lowbit.methods import awq, gptq, hqq, rtn, smoothquant  # noqa: F401  (registers the methods)
+from lowbit.methods import awq, gptq, hqq, qat, rtn, smoothquant  # noqa: F401  (registers the methods)
 from lowbit.methods.registry import LayerPlan, Method, MethodContext, available_methods, get_method, register_method
 
 __all__ = ["LayerPlan", "Method", "MethodContext", "available_methods", "get_method", "register_method"]

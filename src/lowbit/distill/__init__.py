@@ -1,0 +1,1 @@
+"""Distillation losses for compressed students (methods.md §7)."""
