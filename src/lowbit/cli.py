@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     try:
         from lowbit import commands
 

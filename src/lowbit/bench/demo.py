@@ -55,7 +55,7 @@ def run_demo(
         base_row = measure_variant(wl, base, base, "fp32", batch=batch, threads=threads, repeats=repeats)
         wl_rows = [base_row]
         for recipe in recipes:
-            console.print(f"  {name} · {recipe} ...", end="\r")
+            console.print(f"  {name} · {recipe} ...")
             wl_rows.append(
                 compress_and_measure(
                     wl,

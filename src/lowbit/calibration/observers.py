@@ -145,11 +145,6 @@ def range_to_params(lo: float, hi: float, spec: QuantSpec) -> tuple[torch.Tensor
     """Per-tensor scale / zero of ``spec`` for a clipping range, zero kept exactly representable."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     u = torch.tensor([[[lo, hi]]], dtype=torch.float32)
-    if spec.kind == "int" and not spec.symmetric:
-        from lowbit.formats import integer
-
-        s, z = integer.fit(u, bits=spec.bits, symmetric=False, integer_zero=True)
-        return s.reshape(()), None if z is None else z.reshape(())
     s, z = fit_params(u, spec)
     return s.reshape(()), None if z is None else z.reshape(())
 

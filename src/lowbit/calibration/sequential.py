@@ -209,7 +209,7 @@ def run_sequential(
         f"sequential calibration: {len(blocks)} blocks, {len(plan)} layers, {len(batches)} batches; "
         f"estimated peak memory {est / 2**20:.0f} MiB"
     )
-    bar = tqdm(blocks, desc="calibrating blocks", disable=not progress, leave=False)
+    bar = tqdm(blocks, desc="calibrating blocks", disable=None if progress else True, leave=False)
     for bname, block in bar:
         names = in_blocks[bname]
 

@@ -49,7 +49,7 @@ def calibrate_activations(model: nn.Module, batches: Sequence[Any] | None, *, pr
         mod.observing = True  # float pass-through while observing (the usual PTQ practice)
     try:
         with torch.no_grad():
-            for batch in tqdm(batches, desc="calibrating activations", disable=not progress, leave=False):
+            for batch in tqdm(batches, desc="calibrating activations", disable=None if progress else True, leave=False):
                 run_model(model, batch)
     finally:
         for h in handles:

@@ -37,7 +37,7 @@ class QTensor:
         codes: integer codes, shape ``(rows, cols)``; int8 for signed grids, uint8 for unsigned ones and for
             low-bit float bit patterns.
         scale: fp32 (fp16-representable) scales, shape ``(rows, units)`` or ``(1, 1)``.
-        zero: zero points of asymmetric integer formats (same shape as ``scale``), else None.
+        zero: integer zero points of asymmetric integer formats (same shape as ``scale``), else None.
         spec: the format.
     """
 
@@ -52,11 +52,10 @@ class QTensor:
         return self.codes.shape
 
     def storage_bits(self) -> int:
-        """Bits needed to store the codes at their bit width plus fp16 scales and zero points."""
-        n_params = self.scale.numel() * (2 if self.zero is not None else 1)
-        if self.spec.kind == "binary" and self.spec.scale_method == "none":
-            n_params = 0
-        return self.codes.numel() * self.spec.bits + n_params * SCALE_BITS_STORED
+        """Bits to store the codes at their bit width, fp16 scales, and integer zero points at the code width."""
+        n_scales = 0 if (self.spec.kind == "binary" and self.spec.scale_method == "none") else self.scale.numel()
+        n_zeros = 0 if self.zero is None else self.zero.numel()
+        return self.codes.numel() * self.spec.bits + n_scales * SCALE_BITS_STORED + n_zeros * self.spec.bits
 
 
 def code_dtype(spec: QuantSpec) -> torch.dtype:

@@ -198,7 +198,7 @@ def train(
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"QAT epoch {epoch + 1}/{cfg.epochs}",
-            disable=not progress or rank,
+            disable=None if (progress and not rank) else True,
             leave=False,
         )
         running = 0.0

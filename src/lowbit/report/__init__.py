@@ -1,0 +1,1 @@
+"""Reports: terminal tables, results.jsonl, Pareto plots, atomic writers."""
