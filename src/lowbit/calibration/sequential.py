@@ -168,9 +168,12 @@ def run_sequential(
     hooks: SequentialHooks,
     *,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """Calibrate and quantize every layer of ``plan`` sequentially; returns timing figures."""
+    """Calibrate and quantize every layer of ``plan`` sequentially; returns timing figures.
+
+    ``log`` receives the memory estimate printed before starting (default: ``print`` when ``progress``)."""
+    log = log or (print if progress else (lambda _msg: None))
     batches = as_batches(batches)
     if not batches:
         raise DataError("sequential calibration needs at least one calibration batch")

@@ -52,10 +52,14 @@ class QTensor:
         return self.codes.shape
 
     def storage_bits(self) -> int:
-        """Bits to store the codes at their bit width, fp16 scales, and integer zero points at the code width."""
+        """Bits to store the codes at their bit width, fp16 scales, and zero points: at the code width when they
+        are integers (RTN, GPTQ, AWQ), at fp16 when an optimiser made them real numbers (HQQ)."""
         n_scales = 0 if (self.spec.kind == "binary" and self.spec.scale_method == "none") else self.scale.numel()
-        n_zeros = 0 if self.zero is None else self.zero.numel()
-        return self.codes.numel() * self.spec.bits + n_scales * SCALE_BITS_STORED + n_zeros * self.spec.bits
+        zero_bits = 0
+        if self.zero is not None:
+            integral = bool(torch.equal(self.zero, self.zero.round()))
+            zero_bits = self.zero.numel() * (self.spec.bits if integral else SCALE_BITS_STORED)
+        return self.codes.numel() * self.spec.bits + n_scales * SCALE_BITS_STORED + zero_bits
 
 
 def code_dtype(spec: QuantSpec) -> torch.dtype:

@@ -108,6 +108,7 @@ class QuantLayer(nn.Module):
         if "input_scale" in self._buffers:
             self._buffers["input_scale"] = scale.to(self._buffers["input_scale"].device)
         else:
+            self.__dict__.pop("input_scale", None)  # the plain None attribute set in _init_storage
             self.register_buffer("input_scale", scale)
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:

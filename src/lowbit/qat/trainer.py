@@ -168,6 +168,24 @@ def train(
     """Train ``student`` to match ``teacher`` (and ``labels``); returns per-epoch losses and metrics.
 
     ``stop_after_steps`` aborts the run after that many optimiser steps (used to test resumption)."""
+
+    with torch.enable_grad():
+        return _train(
+            student, teacher, inputs, labels, cfg, eval_fn=eval_fn, progress=progress, stop_after_steps=stop_after_steps
+        )
+
+
+def _train(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    inputs: Inputs,
+    labels: torch.Tensor | None,
+    cfg: TrainConfig,
+    *,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None,
+    progress: bool,
+    stop_after_steps: int | None,
+) -> TrainResult:
     import time
 
     t0 = time.perf_counter()

@@ -1,0 +1,1 @@
+"""Pure tensor math of the post-training quantization methods (no hooks, no module surgery)."""

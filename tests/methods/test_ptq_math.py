@@ -1,0 +1,77 @@
+"""AWQ, SmoothQuant and HQQ: the properties methods.md and issue 3 name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.formats import FORMATS, QuantSpec, dequantize, fake_quantize, quantize
+from lowbit.methods.ptq.awq_math import awq_clip_search, awq_scale_search
+from lowbit.methods.ptq.hqq_math import hqq_quantize
+from lowbit.methods.ptq.smoothquant_math import smooth_scales
+
+
+def _outlier_inputs(n: int = 1024, d: int = 128, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    x[:, :4] *= 30.0  # a few large-magnitude channels, as in transformer activations
+    return x
+
+
+@pytest.mark.parametrize("name", ["int4_g32", "int3_g64", "int2_g64"])
+def test_awq_not_worse_than_rtn_and_better_with_outliers(name: str) -> None:
+    torch.manual_seed(0)
+    x, w = _outlier_inputs(), torch.randn(64, 128)
+    s, qts, errors = awq_scale_search([w], x, FORMATS[name])
+    assert errors["best"] <= errors["rtn"]
+    out_awq = (x / s) @ dequantize(qts[0]).T
+    out_rtn = x @ dequantize(quantize(w, FORMATS[name])).T
+    ref = x @ w.T
+    assert ((out_awq - ref) ** 2).mean() < ((out_rtn - ref) ** 2).mean()
+
+
+def test_awq_scaling_is_exact_in_float() -> None:
+    x, w = _outlier_inputs(), torch.randn(64, 128)
+    s, _, _ = awq_scale_search([w], x, FORMATS["int4_g32"])
+    assert torch.allclose((x / s) @ (w * s).T, x @ w.T, rtol=1e-4, atol=1e-3)
+
+
+def test_awq_clip_not_worse_than_rtn() -> None:
+    x, w = _outlier_inputs(), torch.randn(64, 128)
+    spec = FORMATS["int3_g64"]
+    qt = awq_clip_search(w, x, spec)
+    ref = x @ w.T
+    assert ((x @ dequantize(qt).T - ref) ** 2).mean() <= ((x @ dequantize(quantize(w, spec)).T - ref) ** 2).mean()
+
+
+def test_smoothquant_invariance_and_balance() -> None:
+    x, w = _outlier_inputs(), torch.randn(64, 128)
+    s = smooth_scales(x.abs().amax(0), [w], alpha=0.5)
+    assert torch.allclose((x / s) @ (w * s).T, x @ w.T, rtol=1e-4, atol=1e-2)
+    assert torch.allclose((x / s).abs().amax(0), (w * s).abs().amax(0), rtol=1e-4)
+
+
+def test_smoothquant_lowers_w8a8_error_with_outlier_channels() -> None:
+    x, w = _outlier_inputs(), torch.randn(64, 128) * 0.1
+    act = QuantSpec(kind="int", bits=8, symmetric=True, granularity="tensor", dynamic=True)
+    ref = x @ w.T
+
+    def w8a8(xx: torch.Tensor, ww: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(xx, act) @ dequantize(quantize(ww, FORMATS["int8"])).T
+
+    s = smooth_scales(x.abs().amax(0), [w], alpha=0.5)
+    assert ((w8a8(x / s, w * s) - ref) ** 2).mean() < ((w8a8(x, w) - ref) ** 2).mean() / 2
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_hqq_weight_error_not_worse_than_rtn(bits: int) -> None:
+    w = torch.randn(64, 256) * 0.02
+    w[::7, ::11] *= 8  # heavy tails
+    spec = QuantSpec(kind="int", bits=bits, symmetric=False, granularity="group", group_size=64)
+    err = {
+        k: float(((dequantize(q) - w) ** 2).sum())
+        for k, q in (("hqq", hqq_quantize(w, spec)), ("rtn", quantize(w, spec)))
+    }
+    assert err["hqq"] <= err["rtn"]
+    with pytest.raises(ValueError):
+        hqq_quantize(w, FORMATS["int4"])
