@@ -148,17 +148,55 @@ def _capture_block_inputs(
     return captured
 
 
-def _collect(run: Callable[[], Any], modules: dict[str, nn.Module], collectors: dict[str, Collector]) -> None:
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """The ``attention_mask`` of a dict batch (padding positions are left out of calibration statistics)."""
+    if isinstance(batch, dict) and isinstance(batch.get("attention_mask"), torch.Tensor):
+        return batch["attention_mask"].bool()
+    return None
+
+
+def _real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Rows of ``x`` at non-padding positions when ``x`` is ``(batch, tokens, features)`` and a mask fits it."""
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask]
+    return x
+
+
+def _collect(
+    run: Callable[[], Any], modules: dict[str, nn.Module], collectors: dict[str, Collector], current: dict[str, Any]
+) -> None:
+    """Run ``run()`` with hooks feeding each layer's (unpadded) input to its collector; each batch's forward stops
+    as soon as every layer of the group has seen its input (the rest of the block is not needed)."""
+    seen: set[str] = set()
+
+    def hook(name: str, c: Collector, args: tuple[Any, ...]) -> None:
+        c.update(_real_tokens(args[0].detach(), current.get("mask")))
+        seen.add(name)
+        if len(seen) == len(collectors):
+            seen.clear()
+            raise _StopForward
+
     handles = [
-        modules[name].register_forward_pre_hook(lambda _m, args, c=c: c.update(args[0].detach()))
+        modules[name].register_forward_pre_hook(lambda _m, args, name=name, c=c: hook(name, c, args))
         for name, c in collectors.items()
     ]
+    current["stoppable"] = True
     try:
         with torch.no_grad():
             run()
     finally:
+        current["stoppable"] = False
         for h in handles:
             h.remove()
+
+
+def _call(fn: Callable[[], Any], current: dict[str, Any]) -> None:
+    """Call one batch's forward, swallowing the early stop raised by `_collect`'s hooks."""
+    try:
+        fn()
+    except _StopForward:
+        if not current.get("stoppable"):
+            raise
 
 
 def run_sequential(
@@ -186,14 +224,18 @@ def run_sequential(
     def modules() -> dict[str, nn.Module]:
         return dict(model.named_modules())
 
+    masks = [token_mask(b) for b in batches]
+    current: dict[str, Any] = {}
+
     def full_pass() -> None:
-        for b in batches:
-            run_model(model, b)
+        for b, mask in zip(batches, masks, strict=True):
+            current["mask"] = mask
+            _call(lambda b=b: run_model(model, b), current)
 
     def process(names: list[str], run: Callable[[], Any]) -> None:
         for group in _execution_groups(run, modules(), names):
             collectors = {n: hooks.make_collector(by_name[n]) for n in group}
-            _collect(run, modules(), collectors)
+            _collect(run, modules(), collectors, current)
             hooks.quantize_group([by_name[n] for n in group], collectors)
 
     # Layers executed before the first block (e.g. a conv stem) first, with full-model passes.
@@ -217,8 +259,9 @@ def run_sequential(
         names = in_blocks[bname]
 
         def run_block(block: nn.Module = block, inputs: list[Any] = inputs) -> None:
-            for args, kwargs in inputs:
-                block(*args, **kwargs)
+            for (args, kwargs), mask in zip(inputs, masks, strict=True):
+                current["mask"] = mask
+                _call(lambda a=args, k=kwargs: block(*a, **k), current)
 
         if names:
             process(names, run_block)

@@ -132,7 +132,7 @@ def text_workload(name: str, path: str, description: str, n_eval: int | None = N
         return out
 
     def calibration(n_samples: int) -> list[dict[str, torch.Tensor]]:
-        texts = calib_texts[: max(n_samples, 1)]
+        texts = sorted(calib_texts[: max(n_samples, 1)], key=len)  # batches of similar length: little padding
         return [tokenize(tok, texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)]
 
     def example(batch_size: int) -> dict[str, torch.Tensor]:
