@@ -25,6 +25,7 @@ RECIPE is a preset name (see `lowbit presets`) or a YAML file.
 examples:
   lowbit demo                                   all workloads x all presets, report in lowbit-report/
   lowbit demo --workloads digits-cnn --recipes w8a8 w4g128
+  lowbit demo --suite ptq                       GPTQ / AWQ / HQQ / SmoothQuant vs RTN, every workload
   lowbit compress minilm --recipe w4g128 --out minilm-w4
   lowbit inspect minilm --recipe w3g64          what a recipe would do to each layer
   lowbit eval minilm-w4                         quality, size, BitOPs, latency vs fp32
@@ -50,7 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and write OUT/results.jsonl and OUT/pareto.png.",
     )
     d.add_argument("--workloads", nargs="+", metavar="NAME", help="workloads to run (default: all)")
-    d.add_argument("--recipes", nargs="+", metavar="RECIPE", help="recipes to run (default: the demo presets)")
+    d.add_argument("--recipes", nargs="+", metavar="RECIPE", help="recipes to run (default: the suite's)")
+    d.add_argument(
+        "--suite",
+        choices=["default", "ptq"],
+        default="default",
+        help="default: RTN at every preset; ptq: RTN/HQQ/GPTQ/AWQ at W4 g128, W3 g64, W2 g64 and "
+        "RTN/SmoothQuant/GPTQ at W8A8, with calibration seconds",
+    )
     d.add_argument("--out", default="lowbit-report", help="report directory (default: lowbit-report)")
     d.add_argument("--threads", type=int, default=1, help="CPU threads for latency (default: 1)")
     d.add_argument("--repeats", type=int, default=20, help="timed repeats per model (default: 20)")

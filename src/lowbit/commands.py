@@ -14,12 +14,12 @@ from lowbit.errors import ModelError
 
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from lowbit.bench.demo import run_demo
-    from lowbit.recipe import DEMO_PRESETS, load_recipe
+    from lowbit.recipe import SUITES, load_recipe
     from lowbit.zoo import get_workload
 
     for name in args.workloads or []:
         get_workload(name)  # fail fast on a typo
-    recipes = args.recipes or list(DEMO_PRESETS)
+    recipes = args.recipes or list(SUITES[args.suite])
     for r in recipes:
         load_recipe(r)
     run_demo(

@@ -281,6 +281,13 @@ PRESETS: dict[str, Recipe] = {
 #: The recipes the demo runs, in table order.
 DEMO_PRESETS: tuple[str, ...] = ("w8a8", "w4g128", "w3g64", "w2g64", "fp8", "fp4", "ternary", "binary")
 
+#: ``lowbit demo --suite ptq``: every post-training method at every bit width.
+PTQ_SUITE: tuple[str, ...] = tuple(
+    f"{p}-{m}" for p in ("w4g128", "w3g64", "w2g64") for m in ("rtn", "hqq", "gptq", "awq")
+) + ("w8a8-rtn", "w8a8-smoothquant", "w8a8-gptq")
+
+SUITES: dict[str, tuple[str, ...]] = {"default": DEMO_PRESETS, "ptq": PTQ_SUITE}
+
 
 def get_preset(name: str) -> Recipe:
     """A named preset; ``<preset>-<method>`` swaps the method (``w3g64-gptq``) once that method is registered."""

@@ -1,7 +1,7 @@
 """GPTQ as a registered method: sequential calibration feeding each layer's Hessian to `gptq_quantize`.
 
 Options (recipe ``options:``): ``block_size`` (lazy column block, 128), ``damp`` (fraction of mean diag H added,
-0.01), ``act_order`` (process columns by decreasing H_ii, False), ``static_groups`` (fit all group scales before
+0.01), ``act_order`` (process columns by decreasing H_ii, True), ``static_groups`` (fit all group scales before
 the sweep, False; forced with act_order and groups).
 
 Example:
@@ -37,7 +37,7 @@ class GPTQ(Method):
     def quantize_layers(self, model: nn.Module, plan: list[LayerPlan], ctx: MethodContext) -> dict[str, QTensor]:
         from lowbit.methods.ptq.gptq_math import gptq_quantize
 
-        opts = {"block_size": 128, "damp": 0.01, "act_order": False, "static_groups": False, **ctx.options}
+        opts = {"block_size": 128, "damp": 0.01, "act_order": True, "static_groups": False, **ctx.options}
         results: dict[str, QTensor] = {}
         assert ctx.swap is not None and ctx.data is not None
 

@@ -29,7 +29,10 @@ def render_table(rows: list[dict[str, Any]], *, title: str, metrics: list[str]) 
     t.add_column("recipe", style="bold")
     for m in metrics:
         t.add_column(m, justify="right")
-    for col in ("size MB", "× smaller", "bits/w", "BitOPs", "latency ms", "vs fp32"):
+    timed = any("compress_seconds" in r for r in rows)
+    for col in ("size MB", "× smaller", "bits/w", "BitOPs", "latency ms", "vs fp32") + (
+        ("compress s",) if timed else ()
+    ):
         t.add_column(col, justify="right")
     for r in rows:
         fp32_size = r.get("fp32_size_bytes") or r["size_bytes"]
@@ -45,6 +48,7 @@ def render_table(rows: list[dict[str, Any]], *, title: str, metrics: list[str]) 
             _eng(r["bitops"]),
             lat,
             f"{r['fp32_latency_ms'] / max(r['latency_ms'], 1e-9):.2f}×",
+            *((f"{r['compress_seconds']:.1f}" if "compress_seconds" in r else "-",) if timed else ()),
         )
     return t
 
