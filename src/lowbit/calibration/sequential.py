@@ -110,7 +110,9 @@ def _execution_groups(
 
 
 def estimate_memory_bytes(block_inputs: list[tuple[tuple[Any, ...], dict[str, Any]]], plan: list[LayerPlan]) -> int:
-    """Peak memory estimate: the stored block inputs and outputs, plus one fp64 in×in Hessian per layer of a group."""
+    """Peak memory estimate above the model itself: the stored block inputs and the next block's inputs, the
+    transient activations of one batch inside a block (≈ 10× its input: MLP expansion, attention), and the widest
+    layer's fp64 Hessian with the copies GPTQ's factorisation makes (≈ 5 × in² × 8 bytes)."""
 
     def size(obj: Any) -> int:
         if isinstance(obj, torch.Tensor):
@@ -121,9 +123,19 @@ def estimate_memory_bytes(block_inputs: list[tuple[tuple[Any, ...], dict[str, An
             return sum(size(o) for o in obj.values())
         return 0
 
-    acts = sum(size(a) + size(k) for a, k in block_inputs)
+    per_batch = [size(a) + size(k) for a, k in block_inputs]
     widest = max((p.module.weight[0].numel() for p in plan), default=0)
-    return 2 * acts + 4 * widest * widest * 8
+    return 2 * sum(per_batch) + 10 * max(per_batch, default=0) + 5 * widest * widest * 8
+
+
+def _max_rss_bytes() -> int:
+    """The process's peak resident memory so far (0 where the platform does not report it)."""
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        return 0
 
 
 def _capture_block_inputs(
@@ -250,6 +262,7 @@ def run_sequential(
     if not inputs:
         raise DataError("the calibration data never reached the model's first block")
     est = estimate_memory_bytes(inputs, plan)
+    rss_before = _max_rss_bytes()
     log(
         f"sequential calibration: {len(blocks)} blocks, {len(plan)} layers, {len(batches)} batches; "
         f"estimated peak memory {est / 2**20:.0f} MiB"
@@ -274,7 +287,12 @@ def run_sequential(
             inputs = new_inputs
     if post:
         process(post, full_pass)
-    return {"seconds": time.perf_counter() - t_start, "estimated_peak_bytes": float(est)}
+    growth = max(_max_rss_bytes() - rss_before, 0)
+    log(
+        f"sequential calibration done in {time.perf_counter() - t_start:.1f} s; peak memory grew by "
+        f"{growth / 2**20:.0f} MiB (estimate {est / 2**20:.0f} MiB)"
+    )
+    return {"seconds": time.perf_counter() - t_start, "estimated_peak_bytes": float(est), "peak_growth_bytes": growth}
 
 
 def _split_outside(

@@ -2,7 +2,8 @@
 
 Options (recipe ``options:``): ``block_size`` (lazy column block, 128), ``damp`` (fraction of mean diag H added,
 0.01), ``act_order`` (process columns by decreasing H_ii, True), ``static_groups`` (fit all group scales before
-the sweep, False; forced with act_order and groups).
+the sweep, False; forced with act_order and groups), ``mse`` (fit each group's range by a shrink search
+minimising the |error|^2.4 of its weights, as GPTQ's reference quantizer does, True).
 
 Example:
     >>> import lowbit
@@ -32,12 +33,12 @@ class GPTQ(Method):
     """Hessian-aware column-by-column rounding with error feedback (Frantar et al., 2023)."""
 
     needs_data = True
-    option_names = ("block_size", "damp", "act_order", "static_groups")
+    option_names = ("block_size", "damp", "act_order", "static_groups", "mse")
 
     def quantize_layers(self, model: nn.Module, plan: list[LayerPlan], ctx: MethodContext) -> dict[str, QTensor]:
         from lowbit.methods.ptq.gptq_math import gptq_quantize
 
-        opts = {"block_size": 128, "damp": 0.01, "act_order": True, "static_groups": False, **ctx.options}
+        opts = {"block_size": 128, "damp": 0.01, "act_order": True, "static_groups": False, "mse": True, **ctx.options}
         results: dict[str, QTensor] = {}
         assert ctx.swap is not None and ctx.data is not None
 

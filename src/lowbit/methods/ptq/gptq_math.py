@@ -23,15 +23,20 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import DataError
+from lowbit.formats import integer
 from lowbit.formats.qtensor import QTensor, code_dtype, decode, encode, fit_params
 from lowbit.formats.spec import QuantSpec
 
 Params = tuple[torch.Tensor, torch.Tensor | None]
 
 
-def _fit_rows(w: torch.Tensor, spec: QuantSpec) -> Params:
-    """Per-row parameters ``(rows, 1)`` of a column slice."""
-    s, z = fit_params(w.float().unsqueeze(1), spec)
+def _fit_rows(w: torch.Tensor, spec: QuantSpec, mse: bool = False) -> Params:
+    """Per-row parameters ``(rows, 1)`` of a column slice (range shrink searched when ``mse``, integers only)."""
+    u = w.float().unsqueeze(1)
+    if mse and spec.kind == "int":
+        s, z = integer.fit_mse(u, bits=spec.bits, symmetric=spec.symmetric)
+    else:
+        s, z = fit_params(u, spec)
     return s.reshape(-1, 1), None if z is None else z.reshape(-1, 1)
 
 
@@ -65,8 +70,11 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    mse: bool = False,
 ) -> QTensor:
-    """Quantize ``weight`` ``(out, in)`` with Hessian ``(in, in)``; returns codes/scales in original column order."""
+    """Quantize ``weight`` ``(out, in)`` with Hessian ``(in, in)``; returns codes/scales in original column order.
+
+    ``mse`` fits each row's / group's range by GPTQ's shrink search (``integer.fit_mse``) instead of min-max."""
     w = weight.detach().float().clone()
     h = hessian.detach().double().clone()
     rows, cols = w.shape
@@ -114,7 +122,7 @@ def gptq_quantize(
                 elif col % g == 0:  # sweep reaches a new group: fit on its error-updated columns
                     end = min(col + g, cols)
                     span = torch.cat([w1[:, i:], w[:, i2:end]], dim=1) if end > i2 else w1[:, i : i + (end - col)]
-                    current = _fit_rows(span, spec)
+                    current = _fit_rows(span, spec, mse)
                 assert current is not None
                 scales[:, k] = current[0].reshape(-1)
                 if zeros is not None and current[1] is not None:
