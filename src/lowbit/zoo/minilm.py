@@ -56,6 +56,7 @@ def _transformers() -> Any:
     except ImportError:
         raise ModelError("the minilm workload needs transformers: pip install 'lowbit[nlp]'") from None
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     return transformers
 
 
