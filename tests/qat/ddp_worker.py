@@ -18,8 +18,11 @@ def main(out: str) -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)  # identical initial replicas
     teacher = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    student = nn.Sequential(QATLinear.from_float(teacher[0], weight="lsq", act="int8_token"), nn.ReLU(),
-                            QATLinear.from_float(teacher[2], weight="ternary"))
+    student = nn.Sequential(
+        QATLinear.from_float(teacher[0], weight="lsq", act="int8_token"),
+        nn.ReLU(),
+        QATLinear.from_float(teacher[2], weight="ternary"),
+    )
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(128, 8, generator=g), torch.randint(0, 3, (128,), generator=g)
     train(student, teacher, x, y, TrainConfig(epochs=2, batch_size=32, lr=1e-2), progress=False)
@@ -29,8 +32,14 @@ def main(out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             changed = float((student[0].weight - teacher[0].weight).abs().max())
-            json.dump({"world": dist.get_world_size(), "changed": changed,
-                       "max_diff": max(float((t - flat).abs().max()) for t in gathered)}, f)
+            json.dump(
+                {
+                    "world": dist.get_world_size(),
+                    "changed": changed,
+                    "max_diff": max(float((t - flat).abs().max()) for t in gathered),
+                },
+                f,
+            )
     dist.destroy_process_group()
 
 

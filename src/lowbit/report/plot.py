@@ -29,6 +29,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: str | Path, *, metric: dict[st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.5), squeeze=False)
@@ -49,6 +50,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: str | Path, *, metric: dict[st
             zorder=2,
         )
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("model size (MB, log scale)")
         ax.set_ylabel(m)
         ax.set_title(wl)
