@@ -17,17 +17,19 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Offline evaluation data from Debian packages (WordNet for MiniLM retrieval). Optional: lowbit falls back.
+# Offline data from Debian packages: WordNet (MiniLM retrieval) and Fashion-MNIST (QAT workloads).
+# Both optional: without WordNet lowbit falls back to pydoc text; without Fashion-MNIST its workloads say how to get it.
+DEB_DATA := wordnet-base dataset-fashion-mnist
 data:
-	@if [ -f /usr/share/wordnet/data.noun ] || dpkg -s wordnet-base >/dev/null 2>&1; then \
-	  echo "wordnet-base: present"; \
+	@missing=""; for p in $(DEB_DATA); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then echo "data packages: present ($(DEB_DATA))"; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null) \
-	    && echo "wordnet-base: installed" \
-	    || echo "wordnet-base: could not be installed; MiniLM falls back to fidelity on pydoc text"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	    && echo "data packages: installed$$missing" \
+	    || echo "data packages:$$missing could not be installed; MiniLM falls back to pydoc text"; \
 	else \
-	  echo "wordnet-base: not installed. On Debian/Ubuntu run 'sudo apt-get install wordnet-base' for MiniLM"; \
-	  echo "  retrieval metrics; without it lowbit reports fidelity on Python's pydoc text only."; \
+	  echo "data packages:$$missing not installed. On Debian/Ubuntu run 'sudo apt-get install$$missing'"; \
+	  echo "  (WordNet gives MiniLM retrieval metrics; without it lowbit reports fidelity on pydoc text)."; \
 	fi
 
 demo: $(STAMP)

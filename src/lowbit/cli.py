@@ -26,6 +26,8 @@ examples:
   lowbit demo                                   all workloads x all presets, report in lowbit-report/
   lowbit demo --workloads digits-cnn --recipes w8a8 w4g128
   lowbit demo --suite ptq                       GPTQ / AWQ / HQQ / SmoothQuant vs RTN, every workload
+  lowbit demo --suite lowbit                    1-bit / ternary / 2-4 bit QAT grid on the digits models
+  lowbit demo --suite lowbit --workloads fmnist-cnn fmnist-vit --epochs 5   the same on Fashion-MNIST
   lowbit compress minilm --recipe w4g128 --out minilm-w4
   lowbit inspect minilm --recipe w3g64          what a recipe would do to each layer
   lowbit eval minilm-w4                         quality, size, BitOPs, latency vs fp32
@@ -54,11 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--recipes", nargs="+", metavar="RECIPE", help="recipes to run (default: the suite's)")
     d.add_argument(
         "--suite",
-        choices=["default", "ptq"],
+        choices=["default", "ptq", "lowbit"],
         default="default",
         help="default: RTN at every preset; ptq: RTN/HQQ/GPTQ/AWQ at W4 g128, W3 g64, W2 g64 and "
-        "RTN/SmoothQuant/GPTQ at W8A8, with calibration seconds",
+        "RTN/SmoothQuant/GPTQ at W8A8, with calibration seconds; lowbit: BiBench-style QAT grid of "
+        "binarizers/ternarizers x W1A32, W1A1, W1.58A8, W2A2, W4A4 (digits models unless --workloads)",
     )
+    d.add_argument("--epochs", type=int, default=30, help="QAT epochs per cell of --suite lowbit (default: 30)")
     d.add_argument("--out", default="lowbit-report", help="report directory (default: lowbit-report)")
     d.add_argument("--threads", type=int, default=1, help="CPU threads for latency (default: 1)")
     d.add_argument("--repeats", type=int, default=20, help="timed repeats per model (default: 20)")

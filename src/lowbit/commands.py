@@ -19,11 +19,18 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
 
     for name in args.workloads or []:
         get_workload(name)  # fail fast on a typo
-    recipes = args.recipes or list(SUITES[args.suite])
-    for r in recipes:
-        load_recipe(r)
+    workloads = args.workloads
+    if args.suite == "lowbit" and not args.recipes:
+        from lowbit.bench.lowbit_suite import suite_recipes
+
+        recipes: list = list(suite_recipes(epochs=args.epochs).values())
+        workloads = workloads or ["digits-cnn", "digits-vit"]
+    else:
+        recipes = args.recipes or list(SUITES[args.suite])
+        for r in recipes:
+            load_recipe(r)
     run_demo(
-        args.workloads,
+        workloads,
         recipes,
         out_dir=args.out,
         threads=args.threads,

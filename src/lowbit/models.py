@@ -34,7 +34,11 @@ class Resolved:
 def source_of(spec: str, data: str | None = None) -> dict[str, Any]:
     """The JSON-able record from which `build_from_source` rebuilds the float model."""
     out: dict[str, Any] = {
-        "model": spec if spec in list_workloads() else str(Path(spec).resolve()) if Path(spec).exists() else spec
+        "model": spec
+        if spec in list_workloads(include_extra=True)
+        else str(Path(spec).resolve())
+        if Path(spec).exists()
+        else spec
     }
     if data:
         out["data"] = data
@@ -46,7 +50,7 @@ def workload_for(source: dict[str, Any]) -> Workload:
     name = source.get("model")
     if not isinstance(name, str):
         raise ModelError(f"checkpoint source {source!r} names no model")
-    if name in list_workloads():
+    if name in list_workloads(include_extra=True):
         return get_workload(name)
     return load_user_workload(name, data=source.get("data"))
 

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 from lowbit.bench.evaluate import compress_and_measure, measure_variant
-from lowbit.recipe import DEMO_PRESETS
+from lowbit.recipe import DEMO_PRESETS, Recipe
 from lowbit.report.jsonl import write_results
 from lowbit.report.plot import pareto_plot
 from lowbit.report.table import print_table
@@ -27,9 +27,13 @@ from lowbit.zoo import get_workload, list_workloads
 DEFAULT_CALIBRATION_SAMPLES = 128
 
 
+def _resolve(recipe: str | Recipe) -> tuple[str, str | Recipe]:
+    return (recipe.name, recipe) if isinstance(recipe, Recipe) else (recipe, recipe)
+
+
 def run_demo(
     workloads: Sequence[str] | None = None,
-    recipes: Sequence[str] = DEMO_PRESETS,
+    recipes: Sequence[str | Recipe] = DEMO_PRESETS,
     *,
     out_dir: str | Path = "lowbit-report",
     threads: int = 1,
@@ -54,14 +58,18 @@ def run_demo(
         batch = wl.example_batch(batch_size)
         base_row = measure_variant(wl, base, base, "fp32", batch=batch, threads=threads, repeats=repeats)
         wl_rows = [base_row]
+        needs_training = any(isinstance(r, Recipe) and r.stages[0].method == "qat" for r in recipes)
+        train = wl.training_data(None) if needs_training and wl.training_data is not None else None
         for recipe in recipes:
-            console.print(f"  {name} · {recipe} ...")
+            label, recipe = _resolve(recipe)
+            console.print(f"  {name} · {label} ...")
+            qat = isinstance(recipe, Recipe) and recipe.stages[0].method == "qat"
             wl_rows.append(
                 compress_and_measure(
                     wl,
                     base,
                     recipe,
-                    calib=calib,
+                    calib=train if qat else calib,
                     batch=batch,
                     threads=threads,
                     repeats=repeats,

@@ -43,20 +43,26 @@ class Workload:
 
 
 _REGISTRY: dict[str, Callable[[], Workload]] = {}
+_EXTRA: set[str] = set()
 _CACHE: dict[str, Workload] = {}
 
 
-def register_workload(name: str) -> Callable[[Callable[[], Workload]], Callable[[], Workload]]:
+def register_workload(name: str, *, default: bool = True) -> Callable[[Callable[[], Workload]], Callable[[], Workload]]:
+    """Register a workload factory; ``default=False`` keeps it out of ``lowbit demo``'s default set."""
+
     def deco(factory: Callable[[], Workload]) -> Callable[[], Workload]:
         _REGISTRY[name] = factory
+        if not default:
+            _EXTRA.add(name)
         return factory
 
     return deco
 
 
-def list_workloads() -> list[str]:
+def list_workloads(include_extra: bool = False) -> list[str]:
+    """Names of the default workloads (and the heavier opt-in ones with ``include_extra``)."""
     _load_builtin()
-    return list(_REGISTRY)
+    return [n for n in _REGISTRY if include_extra or n not in _EXTRA]
 
 
 def get_workload(name: str) -> Workload:
@@ -70,7 +76,7 @@ def get_workload(name: str) -> Workload:
 
 
 def _load_builtin() -> None:
-    from lowbit.zoo import digits, minilm  # noqa: F401  (registers the workloads)
+    from lowbit.zoo import digits, fashion, minilm  # noqa: F401  (registers the workloads)
 
 
 __all__ = ["Batch", "Workload", "get_workload", "list_workloads", "register_workload", "run_model"]
