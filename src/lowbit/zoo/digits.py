@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.measure.quality import accuracy, agreement
+from lowbit.measure.quality import accuracy, agreement, mean_cosine
 from lowbit.report.atomic import atomic_path, atomic_write_text
 from lowbit.zoo.base import Workload, register_workload
 from lowbit.zoo.cache import cache_dir
@@ -193,7 +193,8 @@ def _workload(name: str, description: str) -> Workload:
             if "fp32" not in ref:
                 ref["fp32"] = build()(x_te)
             logits = model(x_te)
-        return {"accuracy": accuracy(logits, y_te), "agreement": agreement(logits, ref["fp32"])}
+        return {"accuracy": accuracy(logits, y_te), "agreement": agreement(logits, ref["fp32"]),
+                "logit_cosine": mean_cosine(logits, ref["fp32"])}
 
     def calibration(n: int) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(1)

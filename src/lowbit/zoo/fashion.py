@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import DataError
-from lowbit.measure.quality import accuracy, agreement
+from lowbit.measure.quality import accuracy, agreement, mean_cosine
 from lowbit.report.atomic import atomic_path, atomic_write_text
 from lowbit.zoo.base import Workload, register_workload
 from lowbit.zoo.cache import cache_dir
@@ -210,7 +210,8 @@ def _workload(name: str, description: str) -> Workload:
         if "fp32" not in ref:
             ref["fp32"] = logits(load_or_train(name), x_te)
         out = logits(model, x_te)
-        return {"accuracy": accuracy(out, y_te), "agreement": agreement(out, ref["fp32"])}
+        return {"accuracy": accuracy(out, y_te), "agreement": agreement(out, ref["fp32"]),
+                "logit_cosine": mean_cosine(out, ref["fp32"])}
 
     def calibration(n: int) -> list[torch.Tensor]:
         x_tr = fashion_split()[0]
