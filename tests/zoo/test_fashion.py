@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowbit.errors import DataError
-from lowbit.zoo.fashion import FashionCNN, FashionViT, read_idx
+from lowbit.zoo.fashion import FashionCNN, fashion_vit, read_idx
 
 
 def test_read_idx_roundtrip_and_truncation(tmp_path) -> None:
@@ -25,6 +25,6 @@ def test_read_idx_roundtrip_and_truncation(tmp_path) -> None:
 def test_models_shapes_and_token_count() -> None:
     x = torch.randn(2, 1, 28, 28)
     assert FashionCNN()(x).shape == (2, 10)
-    vit = FashionViT()
+    vit = fashion_vit()
     assert vit.stem(x).flatten(2).shape[-1] == 49
     assert vit(x).shape == (2, 10)

@@ -15,27 +15,20 @@ Example:
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import subprocess
-import time
 from functools import lru_cache
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from lowbit.errors import DataError
-from lowbit.measure.quality import accuracy, agreement, mean_cosine
-from lowbit.report.atomic import atomic_path, atomic_write_text
-from lowbit.zoo.base import Workload, register_workload
-from lowbit.zoo.cache import cache_dir
-from lowbit.zoo.digits import Block
+from lowbit.zoo.base import register_workload
+from lowbit.zoo.classify import TrainSpec, classification_workload
+from lowbit.zoo.vit import ConvStemViT
 
 FILES = {
     "train_x": "train-images-idx3-ubyte.gz",
@@ -121,119 +114,22 @@ class FashionCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-class FashionViT(nn.Module):
+def fashion_vit() -> nn.Module:
     """ViT with a conv stem: 28×28 → 7×7 = 49 tokens of width 96, 4 blocks, mean pooling."""
-
-    def __init__(self, dim: int = 96, depth: int = 4, heads: int = 4, mlp: int = 192) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 48, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(48, dim, 2, stride=2))
-        self.pos = nn.Parameter(torch.zeros(1, 49, dim))
-        self.blocks = nn.ModuleList([Block(dim, heads, mlp) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, 10)
-        nn.init.trunc_normal_(self.pos, std=0.02)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x).flatten(2).transpose(1, 2) + self.pos
-        for blk in self.blocks:
-            h = blk(h)
-        return self.head(self.norm(h.mean(1)))
+    stem = nn.Sequential(nn.Conv2d(1, 48, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(48, 96, 2, stride=2))
+    return ConvStemViT(stem, tokens=49, dim=96, depth=4, heads=4, mlp=192)
 
 
-SPECS = {
-    "fmnist-cnn": {"cls": FashionCNN, "epochs": 3, "lr": 2e-3, "smoothing": 0.0, "batch": 128, "n_train": 30000},
-    "fmnist-vit": {"cls": FashionViT, "epochs": 4, "lr": 2e-3, "smoothing": 0.1, "batch": 128, "n_train": 30000},
+SPECS: dict[str, tuple] = {
+    "fmnist-cnn": (FashionCNN, TrainSpec(epochs=3, lr=2e-3, batch=128, n_train=30000), "CNN on Fashion-MNIST"),
+    "fmnist-vit": (
+        fashion_vit,
+        TrainSpec(epochs=4, lr=2e-3, batch=128, smoothing=0.1, n_train=30000),
+        "ViT with 49 tokens on Fashion-MNIST",
+    ),
 }
 
-
-def train_fashion_model(name: str, seed: int = 0, progress: bool = True) -> tuple[nn.Module, float]:
-    """Train ``name`` (seeded, on ``n_train`` training images); returns the model and its test accuracy."""
-    spec = SPECS[name]
-    x_tr, y_tr, x_te, y_te = fashion_split()
-    x_tr, y_tr = x_tr[: spec["n_train"]], y_tr[: spec["n_train"]]
-    torch.manual_seed(seed)
-    model = spec["cls"]()
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.05)
-    steps = (len(y_tr) + spec["batch"] - 1) // spec["batch"]
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec["lr"], total_steps=spec["epochs"] * steps)
-    gen = torch.Generator().manual_seed(seed)
-    for epoch in range(spec["epochs"]):
-        model.train()
-        perm = torch.randperm(len(y_tr), generator=gen)
-        bar = tqdm(
-            range(steps),
-            desc=f"training {name} epoch {epoch + 1}/{spec['epochs']} (first use, cached)",
-            disable=None if progress else True,
-            leave=False,
-        )
-        for i in bar:
-            idx = perm[i * spec["batch"] : (i + 1) * spec["batch"]]
-            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx], label_smoothing=spec["smoothing"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    with torch.no_grad():
-        acc = accuracy(torch.cat([model(x_te[i : i + 1000]) for i in range(0, len(y_te), 1000)]), y_te)
-    return model, acc
-
-
-def load_or_train(name: str, progress: bool = True) -> nn.Module:
-    path = cache_dir() / f"{name}-v1.safetensors"
-    model = SPECS[name]["cls"]()
-    if path.is_file():
-        try:
-            model.load_state_dict(load_file(str(path)))
-            return model.eval()
-        except Exception:  # noqa: BLE001 — retrain a damaged cache
-            pass
-    t0 = time.perf_counter()
-    model, acc = train_fashion_model(name, progress=progress)
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    atomic_write_text(
-        path.with_suffix(".json"), json.dumps({"test_accuracy": acc, "train_seconds": time.perf_counter() - t0})
+for _name, (_cls, _spec, _desc) in SPECS.items():
+    register_workload(_name, default=False)(
+        lambda n=_name, c=_cls, sp=_spec, d=_desc: classification_workload(n, d, c, fashion_split, sp)
     )
-    return model.eval()
-
-
-def _workload(name: str, description: str) -> Workload:
-    ref: dict[str, torch.Tensor] = {}
-
-    def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([model(x[i : i + 1000]) for i in range(0, len(x), 1000)])
-
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        _, _, x_te, y_te = fashion_split()
-        if "fp32" not in ref:
-            ref["fp32"] = logits(load_or_train(name), x_te)
-        out = logits(model, x_te)
-        return {"accuracy": accuracy(out, y_te), "agreement": agreement(out, ref["fp32"]),
-                "logit_cosine": mean_cosine(out, ref["fp32"])}
-
-    def calibration(n: int) -> list[torch.Tensor]:
-        x_tr = fashion_split()[0]
-        idx = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(1))[: max(n, 1)]
-        return [x_tr[idx[i : i + 64]] for i in range(0, len(idx), 64)]
-
-    def training(n: int | None = None) -> dict[str, torch.Tensor]:
-        x_tr, y_tr, _, _ = fashion_split()
-        return {"inputs": x_tr[:n], "labels": y_tr[:n]}
-
-    return Workload(
-        name,
-        "classification",
-        "accuracy",
-        lambda: load_or_train(name),
-        calibration,
-        lambda b: fashion_split()[2][:b],
-        evaluate,
-        description,
-        training,
-    )
-
-
-register_workload("fmnist-cnn", default=False)(lambda: _workload("fmnist-cnn", "CNN on Fashion-MNIST (28×28)"))
-register_workload("fmnist-vit", default=False)(lambda: _workload("fmnist-vit", "ViT with 49 tokens on Fashion-MNIST"))
