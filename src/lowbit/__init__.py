@@ -13,6 +13,8 @@ Example:
 from lowbit.compress import compress
 from lowbit.errors import CheckpointError, DataError, LowbitError, ModelError, RecipeError
 from lowbit.formats import FORMATS, QuantSpec
+from lowbit.io import load, save
+from lowbit.pack import pack
 from lowbit.recipe import PRESETS, Recipe, Stage, get_preset, load_recipe
 
 __version__ = "0.1.0"
@@ -30,5 +32,8 @@ __all__ = [
     "Stage",
     "compress",
     "get_preset",
+    "load",
     "load_recipe",
+    "pack",
+    "save",
 ]

@@ -13,7 +13,7 @@ Example:
     >>> base = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
     >>> q = lowbit.compress(base, "w4g128")
     >>> d = tempfile.mkdtemp() + "/ckpt"
-    >>> lowbit.save(q, d)
+    >>> _ = lowbit.save(q, d)
     >>> q2 = lowbit.load(d, model=base)
     >>> x = torch.randn(3, 8)
     >>> torch.equal(q(x), q2(x))
@@ -36,6 +36,7 @@ from torch import nn
 from lowbit.compress import quant_layers, set_submodule
 from lowbit.errors import CheckpointError, LowbitError
 from lowbit.formats.spec import QuantSpec
+from lowbit.nn.packed import PackedConv2d, PackedLinear, PackedMixin
 from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
 from lowbit.recipe import Recipe
 from lowbit.report.atomic import atomic_dir
@@ -56,6 +57,8 @@ def _sha256(path: Path) -> str:
 def layer_entry(layer: QuantLayer) -> dict[str, Any]:
     """JSON description of one quantized layer (enough to rebuild it empty)."""
     entry: dict[str, Any] = {"bias": layer.bias is not None, **layer.layer_spec()}
+    if isinstance(layer, PackedMixin):
+        entry.update(layer.packed_spec())
     if isinstance(layer, QuantConv2d):
         entry.update(type="Conv2d", **layer.conv_args())
     else:
@@ -173,9 +176,13 @@ def _empty_layer(entry: dict[str, Any]) -> QuantLayer:
     weights = QuantSpec.from_dict(entry["weights"]) if entry.get("weights") else None
     acts = QuantSpec.from_dict(entry["activations"]) if entry.get("activations") else None
     act_opts = {"calibrator": entry.get("calibrator") or "percentile", "percentile": entry.get("percentile") or 99.99}
+    packed = bool(entry.get("packed"))
+    conv_cls, linear_cls = (PackedConv2d, PackedLinear) if packed else (QuantConv2d, QuantLinear)
+    if packed:
+        act_opts["zero_format"] = entry.get("zero_format")
     if entry["type"] == "Conv2d":
         padding = entry["padding"] if isinstance(entry["padding"], str) else tuple(entry["padding"])
-        layer: QuantLayer = QuantConv2d(
+        layer: QuantLayer = conv_cls(
             entry["in_channels"],
             entry["out_channels"],
             tuple(entry["kernel_size"]),
@@ -189,7 +196,7 @@ def _empty_layer(entry: dict[str, Any]) -> QuantLayer:
             **act_opts,
         )
     else:
-        layer = QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], weights, acts, **act_opts)
+        layer = linear_cls(entry["in_features"], entry["out_features"], entry["bias"], weights, acts, **act_opts)
     if entry.get("input_scale"):
         layer.set_input_scale(torch.ones(int(entry["input_scale"])))
     return layer

@@ -2,8 +2,8 @@
 
 Example:
     >>> from lowbit.methods import available_methods
-    >>> available_methods()[:1]
-    ['rtn']
+    >>> available_methods()
+    ['awq', 'gptq', 'hqq', 'qat', 'rtn', 'smoothquant']
 """
 
 from lowbit.methods import awq, gptq, hqq, qat, rtn, smoothquant  # noqa: F401  (registers the methods)

@@ -1,0 +1,103 @@
+"""Packed quantized layers: codes stored at their real bit width, scales at fp16, integer zero points packed.
+
+`PackedLinear` / `PackedConv2d` compute exactly what the simulated `QuantLinear` / `QuantConv2d` compute (the
+reference kernel unpacks once and caches the dequantized weight), but their state dict holds only the packed bytes,
+so a saved checkpoint is as small as the format says: within a few bytes of ``codes·bits + scales·16 (+ zeros)``.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> import lowbit
+    >>> from lowbit.pack import pack
+    >>> m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 4))
+    >>> q = lowbit.compress(m, "w3g64", progress=False)
+    >>> p = pack(q)
+    >>> x = torch.randn(2, 64)
+    >>> torch.equal(p(x), q(x)), p[1].packed_codes.numel()  # 64·64 codes × 3 bits = 1536 bytes
+    (True, 1536)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowbit.formats.layout import num_units
+from lowbit.formats.packing import code_offset, pack_codes, packed_nbytes, unpack_codes
+from lowbit.formats.spec import QuantSpec
+from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
+
+
+class PackedMixin:
+    """Turns a quantized layer's codes / scale / zero buffers into derived (non-persistent) ones rebuilt from
+    persistent packed buffers."""
+
+    def _init_packed(self, zero_format: str | None) -> None:
+        spec: QuantSpec = self.weight_spec  # type: ignore[attr-defined]
+        rows, cols = self._matrix_shape  # type: ignore[attr-defined]
+        bits, _ = code_offset(spec)
+        units = num_units((rows, cols), spec.granularity, spec.group_size)
+        n_units = units[0] * units[1]
+        self.register_buffer("packed_codes", torch.zeros(packed_nbytes(rows * cols, bits), dtype=torch.uint8))
+        self.register_buffer("packed_scale", torch.ones(units, dtype=torch.float16))
+        self.zero_format = zero_format
+        if zero_format == "packed":
+            self.register_buffer("packed_zero", torch.zeros(packed_nbytes(n_units, spec.bits), dtype=torch.uint8))
+        elif zero_format == "fp16":
+            self.register_buffer("packed_zero", torch.zeros(units, dtype=torch.float16))
+        for name in ("codes", "scale", "zero"):
+            if name in self._buffers:  # type: ignore[attr-defined]
+                self._non_persistent_buffers_set.add(name)  # type: ignore[attr-defined]
+
+    def _pack_from_storage(self) -> None:
+        spec: QuantSpec = self.weight_spec  # type: ignore[attr-defined]
+        bits, signed = code_offset(spec)
+        self.packed_codes.copy_(pack_codes(self.codes, bits, signed))
+        self.packed_scale.copy_(self.scale.to(torch.float16))
+        if self.zero_format == "packed":
+            self.packed_zero.copy_(pack_codes(self.zero.round().to(torch.int64), spec.bits, False))
+        elif self.zero_format == "fp16":
+            self.packed_zero.copy_(self.zero.to(torch.float16))
+
+    def _unpack_into_storage(self) -> None:
+        spec: QuantSpec = self.weight_spec  # type: ignore[attr-defined]
+        bits, signed = code_offset(spec)
+        self.codes.copy_(unpack_codes(self.packed_codes, tuple(self.codes.shape), bits, signed))
+        self.scale.copy_(self.packed_scale.float())
+        if self.zero_format == "packed":
+            self.zero.copy_(unpack_codes(self.packed_zero, tuple(self.zero.shape), spec.bits, False).float())
+        elif self.zero_format == "fp16":
+            self.zero.copy_(self.packed_zero.float())
+        self._cache = None
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+        if prefix + "packed_codes" in state_dict:
+            self._unpack_into_storage()
+
+    def packed_spec(self) -> dict[str, Any]:
+        return {"packed": True, "zero_format": self.zero_format}
+
+
+def zero_format_of(layer: QuantLayer) -> str | None:
+    """How a layer's zero points are packed: integers at the code width, real numbers at fp16, or none."""
+    if getattr(layer, "zero", None) is None:
+        return None
+    return "packed" if bool(torch.equal(layer.zero, layer.zero.round())) else "fp16"
+
+
+class PackedLinear(PackedMixin, QuantLinear):
+    """`QuantLinear` stored bit-packed."""
+
+    def __init__(self, *args: Any, zero_format: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_packed(zero_format)
+
+
+class PackedConv2d(PackedMixin, QuantConv2d):
+    """`QuantConv2d` stored bit-packed."""
+
+    def __init__(self, *args: Any, zero_format: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_packed(zero_format)

@@ -1,0 +1,70 @@
+"""`pack(model)`: turn a compressed (simulated) model into bit-packed storage with identical outputs.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> import lowbit
+    >>> m = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 2))
+    >>> p = lowbit.pack(lowbit.compress(m, "ternary", progress=False))
+    >>> type(p[1]).__name__
+    'PackedLinear'
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from lowbit.compress import quant_layers, set_submodule
+from lowbit.nn.packed import PackedConv2d, PackedLinear, PackedMixin, zero_format_of
+from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
+
+
+def pack_layer(layer: QuantLayer) -> QuantLayer:
+    """The packed twin of one quantized layer (float-weight layers are returned unchanged)."""
+    if layer.weight_spec is None or isinstance(layer, PackedMixin):
+        return layer
+    zf = zero_format_of(layer)
+    common = {
+        "weight_spec": layer.weight_spec,
+        "act_spec": layer.act_spec,
+        "zero_format": zf,
+        **({"calibrator": layer.act.calibrator, "percentile": layer.act.percentile} if layer.act else {}),
+    }
+    if isinstance(layer, QuantConv2d):
+        new: QuantLayer = PackedConv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            layer.bias is not None,
+            **common,
+        )
+    else:
+        assert isinstance(layer, QuantLinear)
+        new = PackedLinear(layer.in_features, layer.out_features, layer.bias is not None, **common)
+    if layer.input_scale is not None:
+        new.set_input_scale(layer.input_scale)
+    state = {k: v for k, v in layer.state_dict().items()}
+    with torch.no_grad():
+        new.load_state_dict(state, strict=False)
+        new.codes.copy_(layer.codes)
+        new.scale.copy_(layer.scale)
+        if layer.zero is not None:
+            new.zero.copy_(layer.zero)
+        new._pack_from_storage()  # type: ignore[attr-defined]
+        new._unpack_into_storage()  # type: ignore[attr-defined]
+    return new
+
+
+def pack(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every quantized layer bit-packed."""
+    packed = copy.deepcopy(model)
+    for name, layer in quant_layers(packed):
+        set_submodule(packed, name, pack_layer(layer))
+    return packed

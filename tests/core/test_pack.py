@@ -1,0 +1,77 @@
+"""Packed storage: bit-exact pack/unpack for every format, identical outputs, file size at the format's bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.errors import CheckpointError
+from lowbit.formats import FORMATS
+from lowbit.formats.packing import code_offset, pack_codes, unpack_codes
+from lowbit.io import load, save
+from lowbit.measure.size import model_size
+from lowbit.nn.packed import PackedConv2d, PackedLinear
+from lowbit.recipe import Recipe
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_pack_unpack_is_bit_exact(name: str) -> None:
+    from lowbit.formats import quantize
+
+    qt = quantize(torch.randn(7, 45), FORMATS[name])
+    bits, signed = code_offset(FORMATS[name])
+    packed = pack_codes(qt.codes, bits, signed)
+    assert packed.numel() == (7 * 45 * bits + 7) // 8
+    assert torch.equal(unpack_codes(packed, (7, 45), bits, signed), qt.codes)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 256),
+        nn.ReLU(),
+        nn.Linear(256, 256),
+        nn.ReLU(),
+        nn.Linear(256, 3),
+    ).eval()
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_packed_model_equals_simulated_and_file_is_small(tmp_path, name: str) -> None:
+    base = _model()
+    recipe = Recipe.from_dict({"stages": [{"method": "rtn", "weights": name, "keep_first_last": False}]})
+    q = lowbit.compress(base, recipe, progress=False)
+    p = lowbit.pack(q)
+    assert isinstance(p[2], PackedConv2d) and isinstance(p[6], PackedLinear)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(p(x), q(x))
+    save(p, tmp_path / "ck")
+    expected_bytes = model_size(p).total_bytes
+    actual = (tmp_path / "ck" / "model.safetensors").stat().st_size
+    header = 4096  # safetensors JSON header: tensor names and offsets
+    assert actual <= expected_bytes * 1.02 + header
+    p2 = load(tmp_path / "ck", model=base)
+    with torch.no_grad():
+        assert torch.equal(p2(x), q(x))
+
+
+def test_packed_checkpoint_shape_mismatch_is_refused(tmp_path) -> None:
+    import json
+
+    base = _model()
+    p = lowbit.pack(lowbit.compress(base, "w4g128", progress=False))
+    save(p, tmp_path / "ck")
+    spec_path = tmp_path / "ck" / "lowbit.json"
+    spec = json.loads(spec_path.read_text())
+    key = next(k for k in spec["tensors"] if k.endswith("packed_codes"))
+    spec["tensors"][key]["shape"] = [spec["tensors"][key]["shape"][0] + 1]
+    spec_path.write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        load(tmp_path / "ck", model=base)
