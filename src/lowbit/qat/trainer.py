@@ -75,7 +75,15 @@ def _n(inputs: Inputs) -> int:
 
 
 def _take(inputs: Inputs, idx: torch.Tensor) -> Inputs:
-    return {k: v[idx] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[idx]
+    """Rows ``idx`` of the inputs; padded token batches are trimmed to their longest sequence."""
+    if not isinstance(inputs, dict):
+        return inputs[idx]
+    batch = {k: v[idx] for k, v in inputs.items()}
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        length = int(mask.sum(1).max())
+        batch = {k: v[:, :length] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in batch.items()}
+    return batch
 
 
 def _set_progress(model: nn.Module, p: float) -> None:

@@ -105,13 +105,13 @@ def text_workload(name: str, path: str, description: str, n_eval: int | None = N
     """A sentence-encoder workload: WordNet retrieval when available, else pydoc fidelity."""
     n = n_eval or int(os.environ.get("LOWBIT_MINILM_N", "500"))
     base, tok = load_encoder(path)
-    split = wordnet_split(n, 512)
+    split = wordnet_split(n, 8192)  # calibration / distillation glosses, disjoint from the evaluation synsets
     if split is not None:
         pairs, calib_texts = split
         queries, docs = [g for _, g in pairs], [lem for lem, _ in pairs]
     else:
         warn_no_wordnet()
-        queries, calib_texts = pydoc_split(n, 512)
+        queries, calib_texts = pydoc_split(n, 2048)
         docs = []
     ref: dict[str, torch.Tensor] = {}
 
