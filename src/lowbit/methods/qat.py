@@ -4,6 +4,7 @@ The stage's ``weights`` / ``activations`` formats pick default quantizers (LSQ f
 ternary, XNOR-scaled sign for binary, per-token int8 / LSQ / sign for activations); ``options`` choose others and
 the training settings:
 
+- ``freeze_unquantized``: train only the QAT layers (embeddings and norms stay as they are)
 - ``weight_quantizer`` / ``act_quantizer``: a name from ``lowbit.quantizers.registry`` (``bnn``, ``xnor``,
   ``bireal``, ``reste``, ``biper``, ``react``, ``lsq``, ``pact``, ``ternary_absmedian``, ``two_plane``, ...)
 - ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``optimizer``, ``schedule``, ``loss`` (kd / ce / cosine /
@@ -81,13 +82,14 @@ class QAT(Method):
     """Quantization-aware training with distillation from the original (float) model."""
 
     needs_data = True
-    option_names = ("weight_quantizer", "act_quantizer", *TRAIN_OPTIONS)
+    option_names = ("weight_quantizer", "act_quantizer", "freeze_unquantized", *TRAIN_OPTIONS)
 
     def quantize_layers(self, model: nn.Module, plan: list[LayerPlan], ctx: MethodContext) -> dict[str, QTensor]:
         from lowbit.compress import set_submodule
 
         opts = dict(ctx.options)
         wq_opt, aq_opt = opts.pop("weight_quantizer", None), opts.pop("act_quantizer", None)
+        freeze = bool(opts.pop("freeze_unquantized", False))
         cfg = TrainConfig(**opts)
         teacher = copy.deepcopy(model).eval()
         for p in teacher.parameters():
@@ -106,6 +108,10 @@ class QAT(Method):
             )
             set_submodule(model, p.name, layer)
             qat_layers[p.name] = layer
+        if freeze:  # train only the quantized layers (much cheaper on models dominated by embeddings)
+            keep = {id(p) for layer in qat_layers.values() for p in layer.parameters()}
+            for p in model.parameters():
+                p.requires_grad_(id(p) in keep)
         inputs, labels = training_tensors(ctx.data)
         train(model, teacher, inputs, labels, cfg, progress=ctx.progress)
         out: dict[str, QTensor] = {}
