@@ -18,7 +18,7 @@ from rich.console import Console
 from lowbit.errors import LowbitError
 
 EPILOG = """\
-MODEL is one of: an embedded workload (digits-cnn, digits-vit, minilm), a directory written by
+MODEL is one of: an embedded workload (digits-cnn, digits-vit, minilm; fmnist-cnn, fmnist-vit), a directory written by
 `lowbit compress`, a Hugging Face model directory, or package.module:function returning an nn.Module.
 RECIPE is a preset name (see `lowbit presets`) or a YAML file.
 
