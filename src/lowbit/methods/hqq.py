@@ -1,8 +1,9 @@
-"""HQQ as a registered method: data-free half-quadratic optimisation of group scales and zero points.
+"""HQQ as a registered method: data-free optimisation of group scales (range search) and zero points
+(half-quadratic proximal updates); see `lowbit.methods.ptq.hqq_math`.
 
 Asymmetric integer formats are optimised; other formats fall back to RTN (there is nothing to optimise in a
 symmetric absmax or ternary/binary scale without data). Options: ``iters`` (20), ``lp_norm`` (0.7), ``beta``
-(10.0), ``kappa`` (1.01).
+(10.0), ``kappa`` (1.01), ``range_search`` (True), ``integer_zero`` (True).
 
 Example:
     >>> import torch
@@ -29,7 +30,7 @@ class HQQ(Method):
     """Half-Quadratic Quantization (Badri & Shaji, 2023): no calibration data."""
 
     needs_data = False
-    option_names = ("iters", "lp_norm", "beta", "kappa")
+    option_names = ("iters", "lp_norm", "beta", "kappa", "range_search", "integer_zero")
 
     def quantize_layers(self, model: nn.Module, plan: list[LayerPlan], ctx: MethodContext) -> dict[str, QTensor]:
         from lowbit.methods.ptq.hqq_math import hqq_quantize
