@@ -65,7 +65,7 @@ def measure_variant(
         "speedup": float(lat["fp32"].median_ms / max(lat[label].median_ms, 1e-9)),
         "batch_size": _batch_size(batch),
         "latency_kind": "simulated" if label != "fp32" else "fp32",
-        "env": environment(),
+        "env": {**environment(), "threads": threads},  # the thread count latency was measured with
     }
     if fp32_quality is not None:
         row["fp32_quality"] = fp32_quality
