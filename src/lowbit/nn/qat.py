@@ -90,6 +90,21 @@ class QATLayer(nn.Module):
             return quantize(torch.sin(q.omega * w), spec, params=(q.alpha.detach().reshape(-1, 1).half().float(), None))
         return None
 
+    def _float_twin(self) -> nn.Module:
+        raise NotImplementedError
+
+    def to_quant_layer(self) -> QuantLayer | None:
+        """The deployable `QuantLinear` / `QuantConv2d`, or None when no stored format reproduces this layer."""
+        qt = self.export_qtensor()
+        ok, act = self.export_act_spec()
+        if qt is None or not ok:
+            return None
+        twin = self._float_twin()  # supplies the shape and bias; its weight is replaced by the codes
+        with torch.no_grad():
+            if self.bias is not None:
+                twin.bias.copy_(self.bias)
+        return (QuantConv2d if isinstance(twin, nn.Conv2d) else QuantLinear).from_float(twin, qt, act)
+
     def export_act_spec(self) -> tuple[bool, QuantSpec | None]:
         """``(exportable, spec)`` for the input quantizer."""
         a = self.act_quant
@@ -135,16 +150,8 @@ class QATLinear(QATLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._input(x), self.quantized_weight(), self.bias)
 
-    def to_quant_layer(self) -> QuantLayer | None:
-        qt = self.export_qtensor()
-        ok, act = self.export_act_spec()
-        if qt is None or not ok:
-            return None
-        ref = nn.Linear(self.in_features, self.out_features, self.bias is not None)
-        with torch.no_grad():
-            if self.bias is not None:
-                ref.bias.copy_(self.bias)
-        return QuantLinear.from_float(ref, qt, act)
+    def _float_twin(self) -> nn.Module:
+        return nn.Linear(self.in_features, self.out_features, self.bias is not None)
 
 
 class QATConv2d(QATLayer):
@@ -175,12 +182,8 @@ class QATConv2d(QATLayer):
             self._input(x), self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups
         )
 
-    def to_quant_layer(self) -> QuantLayer | None:
-        qt = self.export_qtensor()
-        ok, act = self.export_act_spec()
-        if qt is None or not ok:
-            return None
-        ref = nn.Conv2d(
+    def _float_twin(self) -> nn.Module:
+        return nn.Conv2d(
             self.in_channels,
             self.out_channels,
             self.kernel_size,
@@ -190,11 +193,6 @@ class QATConv2d(QATLayer):
             self.groups,
             self.bias is not None,
         )
-        with torch.no_grad():
-            ref.weight.zero_()
-            if self.bias is not None:
-                ref.bias.copy_(self.bias)
-        return QuantConv2d.from_float(ref, qt, act)
 
 
 def to_qat(mod: nn.Module, **cfg: Any) -> QATLayer:
