@@ -75,3 +75,18 @@ def test_dead_columns_and_degenerate_hessians() -> None:
     assert torch.isfinite(dequantize(gptq_quantize(torch.randn(4, 32), rank1, FORMATS["int4"]))).all()
     with pytest.raises(DataError, match="NaN"):
         gptq_quantize(torch.randn(4, 32), torch.full((32, 32), float("nan"), dtype=torch.float64), FORMATS["int4"])
+
+
+@pytest.mark.parametrize(("name", "act_order"), [("int3_g64", True), ("int2_g64", True), ("int4", False)])
+def test_mse_range_search_applies_to_parameters_fitted_up_front(name: str, act_order: bool) -> None:
+    """Regression: static-group and per-channel fits must honour ``mse`` too (they once ignored it)."""
+    from lowbit.formats import integer
+    from lowbit.formats.layout import to_units
+
+    torch.manual_seed(3)
+    w = torch.randn(16, 128)
+    spec = FORMATS[name]
+    s, z = integer.fit_mse(to_units(w, spec.granularity, spec.group_size), bits=spec.bits, symmetric=spec.symmetric)
+    qt = gptq_quantize(w, torch.eye(128), spec, act_order=act_order, mse=True)  # H = I: no error feedback
+    assert torch.equal(qt.scale, s.squeeze(-1))
+    assert not torch.equal(qt.scale, quantize(w, spec).scale)

@@ -3,7 +3,8 @@
 Options (recipe ``options:``): ``block_size`` (lazy column block, 128), ``damp`` (fraction of mean diag H added,
 0.01), ``act_order`` (process columns by decreasing H_ii, True), ``static_groups`` (fit all group scales before
 the sweep, False; forced with act_order and groups), ``mse`` (fit each group's range by a shrink search
-minimising the |error|^2.4 of its weights, as GPTQ's reference quantizer does, True).
+minimising the |error|^2.4 of its weights, as GPTQ's reference quantizer does; ``auto`` = only at ≤ 3 bits, where
+it lifts MiniLM W2 g64 a long way while at W4 it costs retrieval recall).
 
 Example:
     >>> import lowbit
@@ -38,7 +39,14 @@ class GPTQ(Method):
     def quantize_layers(self, model: nn.Module, plan: list[LayerPlan], ctx: MethodContext) -> dict[str, QTensor]:
         from lowbit.methods.ptq.gptq_math import gptq_quantize
 
-        opts = {"block_size": 128, "damp": 0.01, "act_order": True, "static_groups": False, "mse": True, **ctx.options}
+        opts = {
+            "block_size": 128,
+            "damp": 0.01,
+            "act_order": True,
+            "static_groups": False,
+            "mse": "auto",
+            **ctx.options,
+        }
         results: dict[str, QTensor] = {}
         assert ctx.swap is not None and ctx.data is not None
 
@@ -51,7 +59,10 @@ class GPTQ(Method):
                 if p.weights is not None:
                     c = collectors[p.name]
                     if isinstance(c, HessianCollector):
-                        qt = gptq_quantize(as_matrix(p.module.weight.detach()), c.hessian(), p.weights, **opts)
+                        mse = opts["mse"] if isinstance(opts["mse"], bool) else p.weights.bits <= 3
+                        qt = gptq_quantize(
+                            as_matrix(p.module.weight.detach()), c.hessian(), p.weights, **{**opts, "mse": mse}
+                        )
                     else:  # grouped / depthwise conv: one tiny Hessian per group, RTN is as good there
                         qt = rtn_quantize(p.module.weight, p.weights)
                     results[p.name] = qt

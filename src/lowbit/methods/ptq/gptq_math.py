@@ -94,9 +94,9 @@ def gptq_quantize(
         s, z = fit_params(w.reshape(1, 1, -1), spec)
         fixed = [(s.reshape(1, 1).expand(rows, 1), None if z is None else z.reshape(1, 1).expand(rows, 1))]
     elif not grouped:
-        fixed = [_fit_rows(w, spec)]
+        fixed = [_fit_rows(w, spec, mse)]
     elif static:
-        fixed = [_fit_rows(w[:, k * g : (k + 1) * g], spec) for k in range(n_groups)]
+        fixed = [_fit_rows(w[:, k * g : (k + 1) * g], spec, mse) for k in range(n_groups)]
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     w = w[:, perm]
