@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "binarizers/ternarizers x W1A32, W1A1, W1.58A8, W2A2, W4A4 (digits models unless --workloads)",
     )
     d.add_argument("--epochs", type=int, default=30, help="QAT epochs per cell of --suite lowbit (default: 30)")
+    d.add_argument("--train-device", default="cpu", help="where --suite lowbit trains: cpu (default) or cuda (a GPU)")
     d.add_argument("--out", default="lowbit-report", help="report directory (default: lowbit-report)")
     d.add_argument("--threads", type=int, default=1, help="CPU threads for latency (default: 1)")
     d.add_argument("--repeats", type=int, default=20, help="timed repeats per model (default: 20)")

@@ -20,10 +20,10 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     for name in args.workloads or []:
         get_workload(name)  # fail fast on a typo
     workloads = args.workloads
-    if args.suite == "lowbit" and not args.recipes:
-        from lowbit.bench.lowbit_suite import suite_recipes
+    if args.suite == "lowbit":
+        from lowbit.bench.lowbit_suite import select_cells, suite_recipes
 
-        recipes: list = list(suite_recipes(epochs=args.epochs).values())
+        recipes: list = select_cells(suite_recipes(epochs=args.epochs, device=args.train_device), args.recipes)
         workloads = workloads or ["digits-cnn", "digits-vit"]
     else:
         recipes = args.recipes or list(SUITES[args.suite])

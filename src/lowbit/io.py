@@ -199,6 +199,8 @@ def _empty_layer(entry: dict[str, Any]) -> QuantLayer:
         layer = linear_cls(entry["in_features"], entry["out_features"], entry["bias"], weights, acts, **act_opts)
     if entry.get("input_scale"):
         layer.set_input_scale(torch.ones(int(entry["input_scale"])))
+    if entry.get("input_shift"):
+        layer.set_input_shift(torch.zeros(int(entry["input_shift"])))
     return layer
 
 

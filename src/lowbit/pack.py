@@ -50,6 +50,8 @@ def pack_layer(layer: QuantLayer) -> QuantLayer:
         new = PackedLinear(layer.in_features, layer.out_features, layer.bias is not None, **common)
     if layer.input_scale is not None:
         new.set_input_scale(layer.input_scale)
+    if layer.input_shift is not None:
+        new.set_input_shift(layer.input_shift)
     state = {k: v for k, v in layer.state_dict().items()}
     with torch.no_grad():
         new.load_state_dict(state, strict=False)

@@ -14,7 +14,10 @@ Example:
 
 from __future__ import annotations
 
-from lowbit.formats.spec import QuantSpec
+from collections.abc import Sequence
+
+from lowbit.errors import RecipeError
+from lowbit.formats.spec import QuantSpec, suggest
 from lowbit.recipe import Recipe, Stage
 
 W1 = QuantSpec(kind="binary", bits=1, scale_method="absmean", granularity="channel")
@@ -44,8 +47,10 @@ CELLS: list[tuple[str, str, str, str | None, QuantSpec, QuantSpec | None]] = [
 ]
 
 
-def suite_recipes(epochs: int = 30, lr: float = 2e-3, batch_size: int = 64, seed: int = 0) -> dict[str, Recipe]:
-    """One QAT recipe per cell, named ``<row>-<setting>``."""
+def suite_recipes(
+    epochs: int = 30, lr: float = 2e-3, batch_size: int = 64, seed: int = 0, device: str = "cpu"
+) -> dict[str, Recipe]:
+    """One QAT recipe per cell, named ``<row>-<setting>`` (``device="cuda"`` trains on a GPU)."""
     out = {}
     for row, setting, wq, aq, wspec, aspec in CELLS:
         options = {
@@ -60,6 +65,8 @@ def suite_recipes(epochs: int = 30, lr: float = 2e-3, batch_size: int = 64, seed
         }
         if aq is not None:
             options["act_quantizer"] = aq
+        if device != "cpu":
+            options["device"] = device
         name = f"{row}-{setting}"
         out[name] = Recipe(
             name=name,
@@ -67,3 +74,21 @@ def suite_recipes(epochs: int = 30, lr: float = 2e-3, batch_size: int = 64, seed
             stages=(Stage(method="qat", weights=wspec, activations=aspec, options=options),),
         )
     return out
+
+
+def select_cells(recipes: dict[str, Recipe], names: Sequence[str] | None) -> list[Recipe]:
+    """The suite's recipes named in ``names`` (all of them when ``names`` is empty), in the order given.
+
+    Example:
+        >>> [r.name for r in select_cells(suite_recipes(epochs=1), ["lsq-W4A4", "reste-W1A1"])]
+        ['lsq-W4A4', 'reste-W1A1']
+    """
+    if not names:
+        return list(recipes.values())
+    unknown = [n for n in names if n not in recipes]
+    if unknown:
+        raise RecipeError(
+            f"unknown cell {unknown[0]!r} of --suite lowbit{suggest(unknown[0], list(recipes))}; "
+            f"cells are named <row>-<setting>, e.g. {', '.join(list(recipes)[:3])}"
+        )
+    return [recipes[n] for n in names]

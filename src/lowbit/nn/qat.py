@@ -103,7 +103,10 @@ class QATLayer(nn.Module):
         with torch.no_grad():
             if self.bias is not None:
                 twin.bias.copy_(self.bias)
-        return (QuantConv2d if isinstance(twin, nn.Conv2d) else QuantLinear).from_float(twin, qt, act)
+        layer = (QuantConv2d if isinstance(twin, nn.Conv2d) else QuantLinear).from_float(twin, qt, act)
+        if isinstance(self.act_quant, R.BinaryAct):
+            layer.set_input_shift(self.act_quant.center)
+        return layer
 
     def export_act_spec(self) -> tuple[bool, QuantSpec | None]:
         """``(exportable, spec)`` for the input quantizer."""
@@ -112,8 +115,8 @@ class QATLayer(nn.Module):
             return True, None
         if isinstance(a, R.TokenInt8Act):
             return True, ACT_FORMATS["int8_token"]
-        if isinstance(a, R.SignAct):
-            method = "absmean" if a.scale == "token" else "none"
+        if isinstance(a, R.BinaryAct):  # forward sign(x − c) (BiPer's std division does not change the sign)
+            method = "absmean" if getattr(a, "scale", "none") == "token" else "none"
             return True, QuantSpec(kind="binary", bits=1, scale_method=method, granularity="token", dynamic=True)
         return False, None
 

@@ -63,6 +63,7 @@ class QuantLayer(nn.Module):
         self.act = ActQuantizer(act_spec, calibrator, percentile) if act_spec is not None else None
         self._cache: torch.Tensor | None = None
         self.input_scale: torch.Tensor | None = None
+        self.input_shift: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ weights
     def set_qweight(self, qt: QTensor) -> None:
@@ -104,16 +105,32 @@ class QuantLayer(nn.Module):
         Used by AWQ and SmoothQuant when no preceding op can absorb their per-channel scale: the weights hold
         ``W·diag(1/scale)`` and the layer computes ``(x·scale)`` first, so the float function is unchanged.
         """
-        scale = scale.detach().float().reshape(-1)
-        if "input_scale" in self._buffers:
-            self._buffers["input_scale"] = scale.to(self._buffers["input_scale"].device)
+        self._set_input_vector("input_scale", scale)
+
+    def set_input_shift(self, shift: torch.Tensor) -> None:
+        """Subtract ``shift`` (one value per input feature / channel) from every input before quantizing it.
+
+        Binary activations are ``sign(x − shift)``: a per-channel threshold (ReActNet's RSign, or the calibrated
+        channel mean) without which the sign of a ReLU output would be constant.
+        """
+        self._set_input_vector("input_shift", shift)
+
+    def _set_input_vector(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().float().reshape(-1)
+        if name in self._buffers:
+            self._buffers[name] = value.to(self._buffers[name].device)
         else:
-            self.__dict__.pop("input_scale", None)  # the plain None attribute set in _init_storage
-            self.register_buffer("input_scale", scale)
+            self.__dict__.pop(name, None)  # the plain None attribute set in __init__
+            self.register_buffer(name, value)
+
+    def _per_channel(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return v.view(1, -1, 1, 1) if x.dim() == 4 and self._channels_first else v
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
-            x = x * (self.input_scale.view(1, -1, 1, 1) if x.dim() == 4 and self._channels_first else self.input_scale)
+            x = x * self._per_channel(self.input_scale, x)
+        if self.input_shift is not None:
+            x = x - self._per_channel(self.input_shift, x)
         return self.act(x) if self.act is not None else x
 
     # ------------------------------------------------------------------ lowbit measurement protocol
@@ -127,7 +144,7 @@ class QuantLayer(nn.Module):
         return self._matrix_shape[0] * self._matrix_shape[1]
 
     def lowbit_storage_bits(self) -> int:
-        extra = 0 if self.input_scale is None else self.input_scale.numel() * 16
+        extra = sum(v.numel() * 16 for v in (self.input_scale, self.input_shift) if v is not None)
         if self.weight_spec is None:
             return self.lowbit_weight_numel() * 32 + extra
         return self.qweight().storage_bits() + extra
@@ -140,6 +157,7 @@ class QuantLayer(nn.Module):
             "calibrator": self.act.calibrator if self.act is not None else None,
             "percentile": self.act.percentile if self.act is not None else None,
             "input_scale": None if self.input_scale is None else int(self.input_scale.numel()),
+            "input_shift": None if self.input_shift is None else int(self.input_shift.numel()),
         }
 
 

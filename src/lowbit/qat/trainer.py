@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float | None = 1.0
     checkpoint_dir: str | None = None
+    device: str = "cpu"  # where training runs ("cuda" for a GPU); the trained model is returned on the CPU
 
 
 class TrainingInterrupted(RuntimeError):
@@ -84,6 +85,12 @@ def _take(inputs: Inputs, idx: torch.Tensor) -> Inputs:
         length = int(mask.sum(1).max())
         batch = {k: v[:, :length] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in batch.items()}
     return batch
+
+
+def _to(inputs: Inputs, device: torch.device) -> Inputs:
+    if isinstance(inputs, dict):
+        return {k: v.to(device) for k, v in inputs.items()}
+    return inputs.to(device)
 
 
 def _set_progress(model: nn.Module, p: float) -> None:
@@ -125,11 +132,13 @@ def _lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
 def _save_checkpoint(
     path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, result: TrainResult, cfg: TrainConfig
 ) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     opt_state = opt.state_dict()
     for pid, st in opt_state["state"].items():
         for k, v in st.items():
-            tensors[f"opt.{pid}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).contiguous().clone()
+            tensors[f"opt.{pid}.{k}"] = (
+                (v if isinstance(v, torch.Tensor) else torch.tensor(v)).cpu().contiguous().clone()
+            )
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {
         "epoch": epoch,
@@ -202,6 +211,10 @@ def _train(
         raise DataError("QAT needs training data: got 0 examples")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = _optimizer(cfg, params)
     result = TrainResult()
@@ -235,8 +248,8 @@ def _train(
                 g["lr"] = cfg.lr * _lr_factor(cfg, step, total)
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             idx = idx[rank::world]
-            xb = _take(inputs, idx)
-            yb = labels[idx] if labels is not None else None
+            xb = _to(_take(inputs, idx), device)
+            yb = labels[idx].to(device) if labels is not None else None
             with torch.no_grad():
                 tb = run_model(teacher, xb) if teacher is not None else None
             sb = run_model(model, xb)
@@ -265,6 +278,8 @@ def _train(
         if world > 1:
             dist.barrier()
     _set_progress(student, 1.0)
-    student.eval()
+    student.eval().cpu()
+    if teacher is not None:
+        teacher.cpu()
     result.seconds = time.perf_counter() - t0
     return result

@@ -211,54 +211,95 @@ class PACTAct(ActQuantizerQAT):
         return pact_quantize(x, self.alpha.abs() + 1e-4, int(self.bits))
 
 
-class SignAct(ActQuantizerQAT):
-    """Binary activations with a given backward rule; ``scale='token'`` multiplies by per-token mean|x| (XNOR)."""
+def channel_dim(x: torch.Tensor) -> int:
+    """The channel axis of an activation: 1 for ``(N, C, H, W)`` maps, the last axis for tokens / features."""
+    return 1 if x.dim() == 4 else x.dim() - 1
+
+
+def channel_mean(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean of an activation batch (one value per channel)."""
+    d = channel_dim(x)
+    return x.detach().float().transpose(d, -1).reshape(-1, x.shape[d]).mean(dim=0)
+
+
+class BinaryAct(ActQuantizerQAT):
+    """Base of the binary activation quantizers: ``sign(x − c)`` with a per-channel threshold ``c``.
+
+    ``c`` starts at each channel's mean over the first training batch: the sign of a ReLU output (or of any
+    channel with a non-zero mean) is otherwise almost constant and carries no information (a plain-sign CNN whose
+    binarized convs read ReLU outputs falls to chance). ``learn_center=True`` makes ``c`` a trained parameter
+    (ReActNet's RSign); otherwise it is a fixed calibrated statistic. Exported layers store ``c`` as their input
+    shift, so the deployed layer computes the same ``sign(x − c)``.
+    """
 
     bits = 1.0
 
-    def __init__(self, sign: Callable[[torch.Tensor], torch.Tensor] = B.bnn_sign, scale: str = "none") -> None:
+    def __init__(self, channels: int, learn_center: bool = False) -> None:
         super().__init__()
-        self.sign, self.scale = sign, scale
+        if learn_center:
+            self.center = nn.Parameter(torch.zeros(channels))
+        else:
+            self.register_buffer("center", torch.zeros(channels))
+        self.register_buffer("centred", torch.zeros((), dtype=torch.bool))
+
+    def shifted(self, x: torch.Tensor) -> torch.Tensor:
+        """``x − c`` (initialising ``c`` from ``x`` on the first call)."""
+        if not bool(self.centred):
+            with torch.no_grad():
+                self.center.copy_(channel_mean(x))
+                self.centred.fill_(True)
+        shape = [1] * x.dim()
+        shape[channel_dim(x)] = -1
+        return x - self.center.view(shape).to(x.dtype)
+
+    def binarize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.binarize(self.shifted(x))
+
+
+class SignAct(BinaryAct):
+    """Binary activations with a given backward rule; ``scale='token'`` multiplies by per-token mean|x| (XNOR)."""
+
+    def __init__(
+        self, channels: int, sign: Callable[[torch.Tensor], torch.Tensor] = B.bnn_sign, scale: str = "none"
+    ) -> None:
+        super().__init__(channels)
+        self.sign, self.scale = sign, scale
+
+    def binarize(self, x: torch.Tensor) -> torch.Tensor:
         b = self.sign(x)
         if self.scale == "token":
-            dim = 1 if x.dim() == 4 else -1
-            b = b * x.detach().abs().mean(dim=dim, keepdim=True)
+            b = b * x.detach().abs().mean(dim=channel_dim(x), keepdim=True)
         return b
 
 
-class ReSTEAct(ActQuantizerQAT):
-    bits = 1.0
+class ReSTEAct(BinaryAct):
+    """ReSTE activations: sign forward, power-function backward with the exponent schedule."""
 
-    def __init__(self, o_end: float = 3.0) -> None:
-        super().__init__()
+    def __init__(self, channels: int, o_end: float = 3.0) -> None:
+        super().__init__(channels)
         self.o_end = o_end
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def binarize(self, x: torch.Tensor) -> torch.Tensor:
         return B.reste_sign(x, B.reste_exponent(self.progress, 1.0, self.o_end))
 
 
-class RSignAct(ActQuantizerQAT):
-    """ReActNet RSign with a learnable per-channel threshold (lazily sized on the first input)."""
-
-    bits = 1.0
+class RSignAct(BinaryAct):
+    """ReActNet RSign: ``sign(x − β_c)`` with a learnable per-channel threshold β (ApproxSign backward)."""
 
     def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.beta = nn.Parameter(torch.zeros(channels))
+        super().__init__(channels, learn_center=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1, 1, 1) if x.dim() == 4 else (-1,)
-        return B.rsign(x, self.beta.view(shape))
+    def binarize(self, x: torch.Tensor) -> torch.Tensor:
+        return B.approx_sign(x)
 
 
-class BiPerAct(ActQuantizerQAT):
+class BiPerAct(BinaryAct):
     """BiPer's activations: divided by their per-sample std, then sign with the ``(2 − 2|x|)_+`` backward."""
 
-    bits = 1.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def binarize(self, x: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(1, x.dim()))
         x = x / torch.sqrt(x.var(dim=dims, keepdim=True, unbiased=False) + 1e-5)
         return B.triangle_sign(x)
@@ -282,12 +323,12 @@ ACT_QUANTIZERS: dict[str, Callable[..., ActQuantizerQAT]] = {
     "int8_token": lambda c, **k: TokenInt8Act(),
     "lsq": lambda c, bits=4, **k: LSQAct(bits),
     "pact": lambda c, bits=4, **k: PACTAct(bits),
-    "bnn": lambda c, **k: SignAct(B.bnn_sign),
-    "xnor": lambda c, **k: SignAct(B.bnn_sign, "token"),
-    "bireal": lambda c, **k: SignAct(B.approx_sign),
-    "reste": lambda c, **k: ReSTEAct(),
+    "bnn": lambda c, **k: SignAct(c, B.bnn_sign),
+    "xnor": lambda c, **k: SignAct(c, B.bnn_sign, "token"),
+    "bireal": lambda c, **k: SignAct(c, B.approx_sign),
+    "reste": lambda c, **k: ReSTEAct(c),
     "react": lambda c, **k: RSignAct(c),
-    "biper": lambda c, **k: BiPerAct(),
+    "biper": lambda c, **k: BiPerAct(c),
 }
 
 
