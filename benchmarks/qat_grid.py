@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 
@@ -55,11 +55,13 @@ def main() -> int:
     print(f"{args.workload} fp32: {fp32}", flush=True)
     rows = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for cell, secs, rc in pool.map(lambda c: run_cell(c, args), args.cells):
+        futures = [pool.submit(run_cell, c, args) for c in args.cells]
+        for fut in as_completed(futures):  # report each cell as soon as it ends
+            cell, secs, rc = fut.result()
             res = Path(args.out) / cell / "results.jsonl"
             row = [json.loads(line) for line in res.read_text().splitlines()][-1] if rc == 0 and res.exists() else {}
             q = row.get("quality", {})
-            print(f"{cell:24s} rc={rc} {secs:7.0f} s  accuracy={q.get('accuracy', float('nan')):.4f}", flush=True)
+            print(f"{cell:24s} rc={rc} {secs:7.0f} s  {q}", flush=True)
             rows.append({"cell": cell, "seconds": secs, "returncode": rc, "epochs": args.epochs, **row})
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with open(Path(args.out) / "results.jsonl", "w") as f:
