@@ -1,4 +1,4 @@
-"""Run cells of ``lowbit demo --suite lowbit`` as parallel processes and print one table.
+"""Run cells of ``lowbit demo --suite lowbit`` as parallel processes; print each cell as it ends.
 
 Each cell is its own ``python -m lowbit demo --suite lowbit --recipes CELL`` process with ``--threads`` threads, so
 on a machine with 16 cores eight 2-thread cells train at once, each under the same budget as on a 2-core machine.

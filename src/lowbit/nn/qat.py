@@ -116,7 +116,7 @@ class QATLayer(nn.Module):
         if isinstance(a, R.TokenInt8Act):
             return True, ACT_FORMATS["int8_token"]
         if isinstance(a, R.BinaryAct):  # forward sign(x − c) (BiPer's std division does not change the sign)
-            method = "absmean" if getattr(a, "scale", "none") == "token" else "none"
+            method = "absmean" if a.scale == "token" else "none"
             return True, QuantSpec(kind="binary", bits=1, scale_method=method, granularity="token", dynamic=True)
         return False, None
 

@@ -173,8 +173,7 @@ class TokenInt8Act(ActQuantizerQAT):
     bits = 8.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dim = 1 if x.dim() == 4 else -1
-        s = x.detach().abs().amax(dim=dim, keepdim=True).clamp_min(1e-8) / 127
+        s = x.detach().abs().amax(dim=channel_dim(x), keepdim=True).clamp_min(1e-8) / 127
         return clipped_round(x / s, -128, 127) * s
 
 
@@ -233,6 +232,8 @@ class BinaryAct(ActQuantizerQAT):
     """
 
     bits = 1.0
+    #: ``"token"``: outputs carry the per-token mean |x − c| (XNOR-Net); ``"none"``: plain ±1.
+    scale = "none"
 
     def __init__(self, channels: int, learn_center: bool = False) -> None:
         super().__init__()
