@@ -75,3 +75,22 @@ def test_hqq_weight_error_not_worse_than_rtn(bits: int) -> None:
     assert err["hqq"] <= err["rtn"]
     with pytest.raises(ValueError):
         hqq_quantize(w, FORMATS["int4"])
+
+
+def test_hqq_real_zero_points_lower_error_than_integer_ones_and_pack_exactly() -> None:
+    import lowbit
+    from lowbit.nn.packed import zero_format_of
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 128) * 0.05
+    spec = FORMATS["int3_g64"]
+    err = {
+        flag: float((dequantize(hqq_quantize(w, spec, integer_zero=flag)) - w).abs().pow(2.4).sum())
+        for flag in (True, False)
+    }
+    assert err[False] < err[True]
+    m = torch.nn.Sequential(torch.nn.Linear(128, 32))
+    q = lowbit.compress(m, "w3g64-hqq", progress=False)
+    assert zero_format_of(q[0]) == "fp16"  # real-valued zero points survive packing at fp16
+    x = torch.randn(4, 128)
+    assert torch.equal(lowbit.pack(q)(x), q(x))

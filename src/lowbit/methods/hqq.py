@@ -3,7 +3,8 @@
 
 Asymmetric integer formats are optimised; other formats fall back to RTN (there is nothing to optimise in a
 symmetric absmax or ternary/binary scale without data). Options: ``iters`` (20), ``lp_norm`` (0.7), ``beta``
-(10.0), ``kappa`` (1.01), ``range_search`` (True), ``integer_zero`` (True).
+(10.0), ``kappa`` (1.01), ``range_search`` (True), ``integer_zero`` (False: real zero points stored at fp16, as in
+the paper), ``error_norm`` (2.4) and ``max_shrink`` (0.8) of the range search.
 
 Example:
     >>> import torch
@@ -30,7 +31,7 @@ class HQQ(Method):
     """Half-Quadratic Quantization (Badri & Shaji, 2023): no calibration data."""
 
     needs_data = False
-    option_names = ("iters", "lp_norm", "beta", "kappa", "range_search", "integer_zero")
+    option_names = ("iters", "lp_norm", "beta", "kappa", "range_search", "integer_zero", "error_norm", "max_shrink")
 
     def quantize_layers(self, model: nn.Module, plan: list[LayerPlan], ctx: MethodContext) -> dict[str, QTensor]:
         from lowbit.methods.ptq.hqq_math import hqq_quantize
