@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch must come first: anything looser pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[nlp,dev]'
+	$(BIN)/pip install -q -e '.[nlp,onnx,dev]'
 	@$(MAKE) --no-print-directory data
 	@touch $(STAMP)
 

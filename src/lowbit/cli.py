@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", metavar="MODEL")
     i.add_argument("--recipe", "-r", help="show the formats this recipe would give each layer")
     i.add_argument("--data", help="for module:function models: module:function returning data")
+    i.add_argument(
+        "--packed",
+        action="store_true",
+        help="pack the model and show, per layer, the kernel dispatch chose and its measured time vs the "
+        "dense fp32 reference path",
+    )
+    i.add_argument("--batch-size", type=int, default=1, help="batch size of the --packed timing (default: 1)")
+    i.add_argument("--threads", type=int, default=1, help="CPU threads for the --packed timing (default: 1)")
 
     e = sub.add_parser(
         "eval",
@@ -102,6 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--json", action="store_true", help="print the result row as JSON")
+
+    x = sub.add_parser(
+        "export",
+        help="write a compressed model as ONNX (int8 as QDQ, 4/2-bit as MatMulNBits)",
+        description="Export MODEL (a checkpoint, or a workload compressed with --recipe) to ONNX. int8 weights "
+        "become QDQ, int4/int2 groups, ternary and binary weights com.microsoft MatMulNBits; other formats are "
+        "written dequantized with a warning. The exported file runs in ONNX Runtime.",
+    )
+    x.add_argument("model", metavar="MODEL")
+    x.add_argument("--onnx", required=True, metavar="OUT", help="output .onnx file (written atomically)")
+    x.add_argument("--recipe", "-r", help="compress with this recipe first")
+    x.add_argument("--data", help="for module:function models: module:function returning data")
+    x.add_argument("--opset", type=int, default=21, help="ONNX opset, 17–21 (default: 21)")
+    x.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=0,
+        choices=[0, 4],
+        help="MatMulNBits accuracy_level: 0 computes in fp32 like lowbit, 4 accumulates in int8 (faster)",
+    )
+    x.add_argument("--batch-size", type=int, default=1, help="batch size of the example input (default: 1)")
 
     sub.add_parser("presets", help="list the named recipes and formats")
     return p

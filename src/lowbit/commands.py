@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -66,6 +67,38 @@ def cmd_compress(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from collections import Counter
+
+    from lowbit.compress import compress
+    from lowbit.export.onnx import export_onnx
+    from lowbit.models import resolve
+    from lowbit.recipe import load_recipe
+
+    res = resolve(args.model, args.data)
+    model = res.model
+    if args.recipe:
+        if res.compressed:
+            raise ModelError(f"'{args.model}' is already a compressed checkpoint: drop --recipe or export its source")
+        model = compress(model, load_recipe(args.recipe), data=res.workload.calibration_batches(128))
+    report = export_onnx(
+        model,
+        res.workload.example_batch(args.batch_size),
+        args.onnx,
+        opset=args.opset,
+        accuracy_level=args.accuracy_level,
+    )
+    paths = Counter(report.paths().values())
+    console.print(
+        f"{len(report.layers)} quantized layers ("
+        + ", ".join(f"{n}× {p}" for p, n in paths.most_common())
+        + f") → {args.onnx} ({report.bytes / 1e6:.2f} MB, opset {report.opset})"
+    )
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     import torch
 
@@ -83,9 +116,17 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     batch = res.workload.example_batch(1)
     ops = count_ops(model, lambda: run_model(model, batch))
     macs = {layer.name: layer for layer in ops.per_layer}
+    kernels = _packed_dispatch(model, res.workload, args) if getattr(args, "packed", False) else None
+    if kernels is not None:
+        model = kernels.pop("__model__")
     table = Table(title=f"{args.model}" + (f" with {args.recipe}" if args.recipe else ""))
-    for col in ("layer", "type", "shape", "params", "MACs", "format", "activations"):
-        table.add_column(col, justify="right" if col in ("params", "MACs") else "left")
+    columns = ["layer", "type", "shape", "params", "MACs", "format", "activations"]
+    if kernels is not None:
+        columns += ["kernel", "chosen", "kernel ms", "fp32 ms", "speed-up"]
+    for col in columns:
+        table.add_column(
+            col, justify="right" if col in ("params", "MACs", "kernel ms", "fp32 ms", "speed-up") else "left"
+        )
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLayer)] + [
         n for n, _ in quantizable_layers(model)
     ]
@@ -95,7 +136,7 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
         w = m.weight
         fmt = m.weight_spec.label() if isinstance(m, QuantLayer) and m.weight_spec else "fp32"
         act = m.act_spec.label() if isinstance(m, QuantLayer) and m.act_spec else "float"
-        table.add_row(
+        row = [
             name,
             type(m).__name__,
             "×".join(map(str, w.shape)),
@@ -103,8 +144,20 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
             f"{macs[name].macs:,}" if name in macs else "-",
             fmt,
             act,
-        )
+        ]
+        if kernels is not None:
+            row += kernels.get(name, ["-", "fp32", "-", "-", "-"])
+        table.add_row(*row)
     console.print(table)
+    if kernels is not None:
+        from lowbit.kernels import native
+
+        info = native.build_info()
+        state = f"native kernels: {info['isa']}" if native.available() else f"no native kernels ({info['reason']})"
+        console.print(
+            f"{state}; batch {args.batch_size}, {args.threads} thread(s); 'chosen' is the faster of the kernel "
+            "and the dense reference path (fp32 matmul on the dequantized weight), measured once per shape"
+        )
     with torch.no_grad():
         total = sum(p.numel() for p in model.parameters())
     console.print(
@@ -112,6 +165,34 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
         f"({ops.other_macs:,} outside them); {total:,} float parameters"
     )
     return 0
+
+
+def _packed_dispatch(model: Any, workload: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Pack ``model``, run one batch so dispatch measures every layer, and return per-layer table cells."""
+    import torch
+
+    from lowbit.kernels.dispatch import layer_report
+    from lowbit.nn.packed import PackedMixin
+    from lowbit.pack import pack
+    from lowbit.zoo import run_model
+
+    packed = pack(model)
+    torch.set_num_threads(args.threads)
+    batch = workload.example_batch(args.batch_size)
+    with torch.no_grad():
+        run_model(packed, batch)
+    cells: dict[str, Any] = {"__model__": packed}
+    for name, m in packed.named_modules():
+        if not isinstance(m, PackedMixin):
+            continue
+        rows = layer_report(m)
+        r = rows[-1]
+        if r.get("native_ms") is None:
+            cells[name] = [r.get("kernel") or "-", r["path"], "-", "-", "-"]
+        else:
+            ratio = r["dense_ms"] / r["native_ms"]
+            cells[name] = [r["kernel"], r["path"], f"{r['native_ms']:.3f}", f"{r['dense_ms']:.3f}", f"{ratio:.2f}×"]
+    return cells
 
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:

@@ -169,6 +169,8 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
         base.lowbit_recipe = Recipe.from_dict(spec["recipe"])  # type: ignore[assignment]
     if spec.get("source"):
         base.lowbit_source = spec["source"]  # type: ignore[assignment]
+    if any(entry.get("packed") for entry in spec.get("layers", {}).values()):
+        base.requires_grad_(False)  # a packed model is an inference artifact (see lowbit.pack)
     return base
 
 

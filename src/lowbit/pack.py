@@ -65,8 +65,10 @@ def pack_layer(layer: QuantLayer) -> QuantLayer:
 
 
 def pack(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every quantized layer bit-packed."""
+    """A deep copy of ``model`` with every quantized layer bit-packed, in eval mode with its parameters frozen:
+    a packed model is an inference artifact, and its layers run native kernels only where no gradient is
+    wanted (`lowbit.kernels.dispatch`)."""
     packed = copy.deepcopy(model)
     for name, layer in quant_layers(packed):
         set_submodule(packed, name, pack_layer(layer))
-    return packed
+    return packed.eval().requires_grad_(False)

@@ -71,6 +71,14 @@ def test_compress_inspect_eval_and_damaged_checkpoint(capsys, tmp_path: Path) ->
     assert sorted(p.name for p in out.iterdir()) == ["lowbit.json", "model.safetensors"]
     rc, text, _ = _run(capsys, "inspect", str(out))
     assert rc == 0 and "int4 asym g128" in text
+    rc, text, _ = _run(capsys, "inspect", str(out), "--packed", "--batch-size", "4")
+    assert rc == 0 and "chosen" in text and "PackedConv2d" in text
+    onnx_file = tmp_path / "cnn.onnx"
+    rc, text, _ = _run(capsys, "export", str(out), "--onnx", str(onnx_file))
+    assert rc == 0 and "MatMulNBits bits=4" in text and onnx_file.stat().st_size > 0
+    rc, _, err = _run(capsys, "export", str(out), "--recipe", "w8", "--onnx", str(onnx_file))
+    assert rc == 2
+    _one_line_error(err, "already a compressed checkpoint")
     rc, text, _ = _run(capsys, "eval", str(out), "--json")
     row = json.loads(text.strip().splitlines()[-1])
     assert rc == 0 and row["quality"]["accuracy"] > 0.95 and row["bits_per_weight"] < 8

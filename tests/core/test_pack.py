@@ -11,6 +11,7 @@ from lowbit.errors import CheckpointError
 from lowbit.formats import FORMATS
 from lowbit.formats.packing import code_offset, pack_codes, unpack_codes
 from lowbit.io import load, save
+from lowbit.kernels.dispatch import use_mode
 from lowbit.measure.size import model_size
 from lowbit.nn.packed import PackedConv2d, PackedLinear
 from lowbit.recipe import Recipe
@@ -51,14 +52,18 @@ def test_packed_model_equals_simulated_and_file_is_small(tmp_path, name: str) ->
     assert isinstance(p[2], PackedConv2d) and isinstance(p[6], PackedLinear)
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
-        assert torch.equal(p(x), q(x))
+        with use_mode("reference"):  # the reference kernel computes exactly what the simulated model does
+            assert torch.equal(p(x), q(x))
+        with use_mode("native"):  # native kernels (where the format has one) agree up to float rounding
+            want = q(x)
+            assert float((p(x) - want).abs().max()) <= 1e-5 * float(want.abs().max())
     save(p, tmp_path / "ck")
     expected_bytes = model_size(p).total_bytes
     actual = (tmp_path / "ck" / "model.safetensors").stat().st_size
     header = 4096  # safetensors JSON header: tensor names and offsets
     assert actual <= expected_bytes * 1.02 + header
     p2 = load(tmp_path / "ck", model=base)
-    with torch.no_grad():
+    with torch.no_grad(), use_mode("reference"):
         assert torch.equal(p2(x), q(x))
 
 

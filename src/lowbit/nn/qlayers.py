@@ -126,11 +126,16 @@ class QuantLayer(nn.Module):
     def _per_channel(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return v.view(1, -1, 1, 1) if x.dim() == 4 and self._channels_first else v
 
-    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _scale_shift_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input after the layer's explicit input scale and shift (before activation quantization)."""
         if self.input_scale is not None:
             x = x * self._per_channel(self.input_scale, x)
         if self.input_shift is not None:
             x = x - self._per_channel(self.input_shift, x)
+        return x
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._scale_shift_input(x)
         return self.act(x) if self.act is not None else x
 
     # ------------------------------------------------------------------ lowbit measurement protocol

@@ -1,0 +1,237 @@
+"""Linear-layer speed of lowbit's packed formats against fp32 PyTorch and the best existing CPU paths.
+
+Each contender runs a chain of L distinct layers of shape (M, K) × (K, N) whose weights together exceed
+``--stream-mib`` (default 96 MiB, 12× this machine's L3), so weights stream from memory as in a real model; the
+time per layer is the chain's time / L. Contenders are timed in alternation inside the same loop (median of
+``--reps`` passes), and every row is reported as a ratio to fp32 PyTorch measured in that same run.
+
+Contenders: fp32 ``torch.nn.functional.linear``; PyTorch's int8 dynamic quantization; ONNX Runtime (when
+installed) dynamic int8 and ``MatMulNBits`` 4-/2-bit with int8 accumulation (accuracy_level 4); lowbit's packed
+layers (``lowbit.pack``) forced onto their native kernel, the real product path including activation quantization
+(int8 per token / signs) and Python overhead.
+
+    python benchmarks/kernels.py --threads 1 2 --out benchmarks/results/kernels.md
+    python benchmarks/kernels.py --shapes 1x4096x4096 --formats w4g128 w1a1 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit
+from lowbit.formats import ACT_FORMATS, FORMATS
+from lowbit.kernels import native
+from lowbit.kernels.dispatch import use_mode
+from lowbit.measure.envinfo import _version, environment
+from lowbit.recipe import Recipe, Stage
+
+SHAPES = ["1x4096x4096", "16x4096x4096", "1x768x3072", "197x384x1536", "1576x384x1536"]
+#: lowbit formats benchmarked: weights, activations.
+FORMAT_ROWS: dict[str, tuple[str, str | None]] = {
+    "w8 (w8a32)": ("int8", None),
+    "w8a8": ("int8", "int8_token"),
+    "w4g32": ("int4_g32", None),
+    "w4g128": ("int4_g128", None),
+    "w4g128a8": ("int4_g128", "int8_token"),
+    "w2g64": ("int2_g64", None),
+    "w2g64a8": ("int2_g64", "int8_token"),
+    "ternary (W1.58A8)": ("ternary_absmean", "int8_token"),
+    "binary (w1a32)": ("binary", None),
+    "w1a8": ("binary", "int8_token"),
+    "w1a1": ("binary", "binary_token"),
+}
+Runner = Callable[[], None]
+
+
+def lowbit_layers(k: int, n: int, weights: str, acts: str | None, count: int) -> list[nn.Module]:
+    """``count`` independent packed copies of one (k → n) layer in the given formats."""
+    torch.manual_seed(0)
+    stage = Stage(method="rtn", weights=FORMATS[weights], activations=acts and ACT_FORMATS[acts], keep_first_last=False)
+    packed = lowbit.pack(lowbit.compress(nn.Sequential(nn.Linear(k, n)), Recipe(stages=(stage,)), progress=False))
+    return [copy.deepcopy(packed[0]) for _ in range(count)]
+
+
+def chain(count: int, fn: Callable[[int], None]) -> Runner:
+    return lambda: [fn(i) for i in range(count)]  # type: ignore[func-returns-value]
+
+
+def ort_runners(m: int, k: int, n: int, count: int, threads: int) -> dict[str, tuple[Runner, int]]:
+    """ONNX Runtime contenders (empty when onnxruntime / onnx are not installed)."""
+    try:
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        return {}
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])
+    outs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [m, n]) for i in range(count)]
+
+    def session(model: onnx.ModelProto) -> Runner:
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return lambda: sess.run(None, {"x": x})
+
+    result: dict[str, tuple[Runner, int]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        inits = [
+            numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32) * 0.02, f"w{i}")
+            for i in range(count)
+        ]
+        nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(count)]
+        fp32 = helper.make_model(
+            helper.make_graph(nodes, "fp32", [inp], outs, inits), opset_imports=[helper.make_opsetid("", 17)]
+        )
+        onnx.save(fp32, f"{tmp}/fp32.onnx")
+        quantize_dynamic(f"{tmp}/fp32.onnx", f"{tmp}/int8.onnx", weight_type=QuantType.QInt8)
+        result["ORT dynamic int8"] = (session(onnx.load(f"{tmp}/int8.onnx")), count)
+    for bits, block in ((4, 32), (2, 64)):
+        if k % block:
+            continue
+        nb = [
+            helper.make_node(
+                "MatMulNBits",
+                ["x", f"b{i}", f"s{i}"],
+                [f"y{i}"],
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=bits,
+                block_size=block,
+                accuracy_level=4,
+            )
+            for i in range(count)
+        ]
+        blob = k // block * block * bits // 8
+        inits = []
+        for i in range(count):
+            inits.append(
+                numpy_helper.from_array(
+                    rng.integers(0, 256, (n, k // block, blob // (k // block)), dtype=np.uint8), f"b{i}"
+                )
+            )
+            inits.append(numpy_helper.from_array((rng.random(n * (k // block)) * 0.01).astype(np.float32), f"s{i}"))
+        model = helper.make_model(
+            helper.make_graph(nb, "nbits", [inp], outs, inits),
+            opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        )
+        try:
+            result[f"ORT MatMulNBits {bits}-bit g{block} acc4"] = (session(model), count)
+        except Exception as exc:  # an ORT build without this op or bit width
+            print(f"  (ORT MatMulNBits {bits}-bit unavailable: {str(exc).splitlines()[0][:100]})")
+    return result
+
+
+def bench_shape(m: int, k: int, n: int, threads: int, formats: list[str], reps: int, stream_mib: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    stream = stream_mib << 20
+
+    def count_for(nbytes: float) -> int:
+        return max(2, min(512, int(-(-stream // max(nbytes, 1)))))
+
+    x = torch.randn(m, k)
+    runners: dict[str, tuple[Runner, int]] = {}
+    n_fp = count_for(k * n * 4)
+    ws = [torch.randn(n, k) * 0.02 for _ in range(n_fp)]
+    runners["fp32 PyTorch"] = (chain(n_fp, lambda i: F.linear(x, ws[i])), n_fp)
+    n_q = count_for(k * n)
+    dq = [
+        torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(k, n)), {nn.Linear}, torch.qint8)
+        for _ in range(n_q)
+    ]
+    runners["PyTorch dynamic int8"] = (chain(n_q, lambda i: dq[i](x)), n_q)
+    runners.update(ort_runners(m, k, n, n_q, threads))
+    for name in formats:
+        weights, acts = FORMAT_ROWS[name]
+        bits = FORMATS[weights].effective_code_bits
+        count = count_for(k * n * bits / 8)
+        layers = lowbit_layers(k, n, weights, acts, count)
+        runners[f"lowbit {name}"] = (chain(count, lambda i, layers=layers: layers[i](x)), count)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    with torch.no_grad(), use_mode("native"):
+        for run, _ in runners.values():
+            run()  # warm-up: prepares kernel layouts, ORT allocations
+        for _ in range(reps):
+            for name, (run, count) in runners.items():
+                t0 = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - t0) / count)
+    fp32 = statistics.median(times["fp32 PyTorch"])
+    return [
+        {
+            "shape": f"{m}x{k}x{n}",
+            "threads": threads,
+            "path": name,
+            "layers": runners[name][1],
+            "ms": statistics.median(t) * 1e3,
+            "speedup": fp32 / statistics.median(t),
+        }
+        for name, t in times.items()
+    ]
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    head = (
+        f"CPU: {env.get('cpu')}; torch {env.get('torch')}; onnxruntime {_version('onnxruntime')}; "
+        f"native kernels: {native.build_info().get('isa')}\n\n"
+    )
+    lines = ["| shape (MxKxN) | threads | path | layers in chain | ms / layer | vs fp32 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['threads']} | {r['path']} | {r['layers']} | {r['ms']:.3f} | {r['speedup']:.2f}× |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=SHAPES)
+    ap.add_argument("--formats", nargs="+", default=list(FORMAT_ROWS), choices=list(FORMAT_ROWS), metavar="FMT")
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--stream-mib", type=int, default=96)
+    ap.add_argument("--out", help="write the markdown table here")
+    args = ap.parse_args(argv)
+    if not native.available():
+        print(f"native kernels unavailable: {native.unavailable_reason()}", file=sys.stderr)
+    env = environment()
+    rows: list[dict] = []
+    for shape in args.shapes:
+        m, k, n = (int(v) for v in shape.split("x"))
+        for threads in args.threads:
+            new = bench_shape(m, k, n, threads, args.formats, args.reps, args.stream_mib)
+            for r in new:
+                print(
+                    f"{r['shape']:>14} t={threads} {r['path']:<34} {r['ms']:8.3f} ms  {r['speedup']:6.2f}×", flush=True
+                )
+            rows += new
+    text = markdown(rows, env)
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Export compressed models to other runtimes (ONNX)."""

@@ -1,0 +1,752 @@
+// lowbit_kernels.cpp — CPU GEMM/GEMV kernels for low-bit quantized linear layers.
+//
+// Every kernel computes y (M, N) fp32 = x (M, K) · W(N, K)^T for one weight format, without bias.
+// The weight buffers are produced by native.py (prepare_*), whose docstrings describe each layout
+// byte by byte; the short version is repeated above each kernel below.
+//
+// Threading: OpenMP, output-stationary. Each thread owns a contiguous range of output rows n (weight
+// rows), so every weight byte is streamed from memory exactly once per M-block; the activations of an
+// M-block (at most MB rows) stay in L1/L2. Inside a thread the loop is
+//     for each M-block of MB activation rows:  for each weight row n:  for each tile of <=4 rows m
+// and a "tile" function computes MT (1..4) outputs y[m..m+MT-1][n] while unpacking the weight row once.
+//
+// ISA: the AVX2 path (#ifdef __AVX2__, needs AVX2+FMA) and a portable scalar path that works on the
+// same layouts (ARM, old x86). Integer kernels are exact (int32 sums); see each kernel for the final
+// float expression so a caller can reproduce results bit for bit.
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#include <algorithm>
+#include <type_traits>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define LB_API extern "C" __attribute__((visibility("default")))
+typedef int64_t i64;
+template <int V> using IC = std::integral_constant<int, V>;
+
+static const i64 MB = 64;  // activation rows per M-block (64 x 4096 fp32 = 1 MiB worst case, usually far less)
+
+// ------------------------------------------------------------------------------------------------
+// Common helpers
+// ------------------------------------------------------------------------------------------------
+
+// 64-byte aligned scratch, rounded up to a whole number of cache lines, zero-filled.
+static void* scratch(size_t bytes) {
+    size_t b = (bytes + 63) & ~size_t(63);
+    if (b == 0) b = 64;
+    void* p = aligned_alloc(64, b);
+    if (p) memset(p, 0, b);
+    return p;
+}
+
+// Contiguous share of [0, n) for the calling OpenMP thread, in whole units of `align` rows.
+static inline void my_rows(i64 n, i64 align, i64* lo, i64* hi) {
+    const i64 nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const i64 units = (n + align - 1) / align, per = units / nth, rem = units % nth;
+    const i64 u0 = tid * per + std::min(tid, rem), u1 = u0 + per + (tid < rem ? 1 : 0);
+    *lo = std::min(n, u0 * align);
+    *hi = std::min(n, u1 * align);
+}
+
+static inline int nthreads(int t) { return t > 0 ? t : omp_get_max_threads(); }
+
+// Generic driver: tile(IC<MT>, m, n) computes y[m .. m+MT-1][n].
+template <class F>
+static void run_rows(i64 M, i64 N, int threads, F tile) {
+#pragma omp parallel num_threads(nthreads(threads))
+    {
+        i64 n0, n1;
+        my_rows(N, 1, &n0, &n1);
+        for (i64 mb = 0; mb < M; mb += MB) {
+            const i64 me = std::min(M, mb + MB);
+            for (i64 n = n0; n < n1; ++n) {
+                i64 m = mb;
+                for (; m + 4 <= me; m += 4) tile(IC<4>(), m, n);
+                switch (me - m) {
+                    case 3: tile(IC<3>(), m, n); break;
+                    case 2: tile(IC<2>(), m, n); break;
+                    case 1: tile(IC<1>(), m, n); break;
+                    default: break;
+                }
+            }
+        }
+    }
+}
+
+// Copy rows of length K into rows of length Kp (zero tail). Returns src itself when K == Kp.
+template <class T>
+static const T* pad_rows(const T* src, i64 M, i64 K, i64 Kp, T** owned) {
+    *owned = nullptr;
+    if (K == Kp) return src;
+    T* d = (T*)scratch(sizeof(T) * M * Kp);
+    for (i64 m = 0; m < M; ++m) memcpy(d + m * Kp, src + m * K, sizeof(T) * K);
+    *owned = d;
+    return d;
+}
+
+#ifdef __AVX2__
+static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+// Lane j of the result = sum of the 8 lanes of v[j] (8 horizontal sums at once).
+static inline __m256 reduce8_ps(const __m256* v) {
+    __m256 a0 = _mm256_hadd_ps(v[0], v[1]), a1 = _mm256_hadd_ps(v[2], v[3]);
+    __m256 a2 = _mm256_hadd_ps(v[4], v[5]), a3 = _mm256_hadd_ps(v[6], v[7]);
+    __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+// Group sums for a block of 8 groups. p[j] holds int16 pair sums of group j (GU maddubs results added,
+// every lane <= GU * 2*15*128 = GU * 3840). Returns lane j = sum of group j (int32). The first levels of
+// the reduction stay in int16 (vphaddw, no saturation; bounds in comments) so only 0..4 vpmaddwd are
+// needed per block instead of 8 — vector integer multiplies are the scarce resource on Zen 1.
+template <int GU>
+static inline __m256i reduce8_groups(const __m256i* p) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i q0 = _mm256_hadd_epi16(p[0], p[1]), q1 = _mm256_hadd_epi16(p[2], p[3]);
+    const __m256i q2 = _mm256_hadd_epi16(p[4], p[5]), q3 = _mm256_hadd_epi16(p[6], p[7]);  // <= 2*GU*3840
+    if (GU == 4) {  // q: per 128-bit half [4 x g_a, 4 x g_b]; widen, then two int32 levels
+        const __m256i b0 = _mm256_hadd_epi32(_mm256_madd_epi16(q0, ones), _mm256_madd_epi16(q1, ones));
+        const __m256i b1 = _mm256_hadd_epi32(_mm256_madd_epi16(q2, ones), _mm256_madd_epi16(q3, ones));
+        return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
+    }
+    const __m256i r0 = _mm256_hadd_epi16(q0, q1), r1 = _mm256_hadd_epi16(q2, q3);  // <= 4*GU*3840
+    if (GU == 2) {  // r0: per half [g0,g0,g1,g1,g2,g2,g3,g3] -> madd -> [g0..g3]
+        const __m256i m0 = _mm256_madd_epi16(r0, ones), m1 = _mm256_madd_epi16(r1, ones);
+        return _mm256_add_epi32(_mm256_permute2x128_si256(m0, m1, 0x20), _mm256_permute2x128_si256(m0, m1, 0x31));
+    }
+    const __m256i t = _mm256_hadd_epi16(r0, r1);  // GU == 1: <= 8*3840 = 30720; per half [g0..g7]
+    return _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(t)),
+                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(t, 1)));
+}
+// 8 signed bytes -> 8 floats.
+static inline __m256 i8x8_ps(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+static inline __m256i ld(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+#endif
+
+LB_API int lb_isa(void) {
+#ifdef __AVX2__
+    return 2;
+#else
+    return 0;
+#endif
+}
+LB_API int lb_abi_version(void) { return 1; }
+
+// ================================================================================================
+// W8A32 — int8 per-channel weights, fp32 activations.
+//   Layout: w int8 (N, Kp), Kp = K rounded up to 32, zero padded; s fp32 (N,).
+//   y[m,n] = s[n] * sum_k x[m,k] * w[n,k]   (fp32 FMA accumulation, order unspecified)
+// ================================================================================================
+template <int MT>
+static inline void w8a32_tile(const float* x, i64 Kp, const int8_t* w, float s, float* y, i64 N) {
+#ifdef __AVX2__
+    constexpr int A = MT <= 2 ? 4 : 2;  // independent accumulators per row (hide FMA latency)
+    __m256 acc[MT][A];
+    for (int m = 0; m < MT; ++m)
+        for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+    for (i64 k = 0; k < Kp; k += 32) {
+        const __m256 w0 = i8x8_ps(w + k), w1 = i8x8_ps(w + k + 8), w2 = i8x8_ps(w + k + 16), w3 = i8x8_ps(w + k + 24);
+        for (int m = 0; m < MT; ++m) {
+            const float* xm = x + m * Kp + k;
+            acc[m][0 % A] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m][0 % A]);
+            acc[m][1 % A] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), acc[m][1 % A]);
+            acc[m][2 % A] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), acc[m][2 % A]);
+            acc[m][3 % A] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), acc[m][3 % A]);
+        }
+    }
+    for (int m = 0; m < MT; ++m) {
+        __m256 t = acc[m][0];
+        for (int a = 1; a < A; ++a) t = _mm256_add_ps(t, acc[m][a]);
+        y[m * N] = s * hsum_ps(t);
+    }
+#else
+    for (int m = 0; m < MT; ++m) {
+        float t = 0.f;
+        for (i64 k = 0; k < Kp; ++k) t += x[m * Kp + k] * (float)w[k];
+        y[m * N] = s * t;
+    }
+#endif
+}
+
+LB_API void lb_w8a32(const float* x, i64 M, i64 K, const int8_t* w, const float* s, i64 N, i64 Kp, float* y,
+                     int threads) {
+    float* own;
+    const float* xp = pad_rows(x, M, K, Kp, &own);
+    run_rows(M, N, threads, [=](auto mt, i64 m, i64 n) {
+        w8a32_tile<decltype(mt)::value>(xp + m * Kp, Kp, w + n * Kp, s[n], y + m * N + n, N);
+    });
+    free(own);
+}
+
+// ================================================================================================
+// W8A8 — int8 per-channel weights, int8 per-row activations (xq in [-127, 127]).
+//   Layout: as W8A32.  acc = sum_k xq[m,k]*w[n,k]  (exact int32)
+//   y[m,n] = (sx[m] * s[n]) * (float)acc
+//   AVX2: maddubs(|w| as u8, sign(xq, w)) then madd with ones (|pair| <= 2*128*127 = 32512, no saturation).
+// ================================================================================================
+template <int MT>
+static inline void w8a8_tile(const int8_t* x, i64 Kp, const int8_t* w, const float* sx, float s, float* y, i64 N) {
+    int32_t acc[MT];
+#ifdef __AVX2__
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a[MT];
+    for (int m = 0; m < MT; ++m) a[m] = _mm256_setzero_si256();
+    for (i64 k = 0; k < Kp; k += 32) {
+        const __m256i wv = ld(w + k), wa = _mm256_abs_epi8(wv);
+        for (int m = 0; m < MT; ++m) {
+            const __m256i xs = _mm256_sign_epi8(ld(x + m * Kp + k), wv);
+            a[m] = _mm256_add_epi32(a[m], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xs), ones));
+        }
+    }
+    for (int m = 0; m < MT; ++m) acc[m] = hsum_epi32(a[m]);
+#else
+    for (int m = 0; m < MT; ++m) {
+        int32_t t = 0;
+        for (i64 k = 0; k < Kp; ++k) t += (int32_t)x[m * Kp + k] * (int32_t)w[k];
+        acc[m] = t;
+    }
+#endif
+    for (int m = 0; m < MT; ++m) y[m * N] = (sx[m] * s) * (float)acc[m];
+}
+
+LB_API void lb_w8a8(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_t* w, const float* s, i64 N, i64 Kp,
+                    float* y, int threads) {
+    int8_t* own;
+    const int8_t* xp = pad_rows(xq, M, K, Kp, &own);
+    run_rows(M, N, threads, [=](auto mt, i64 m, i64 n) {
+        w8a8_tile<decltype(mt)::value>(xp + m * Kp, Kp, w + n * Kp, sx + m, s[n], y + m * N + n, N);
+    });
+    free(own);
+}
+
+// ================================================================================================
+// Group-wise asymmetric int2 / int3 / int4 (WNA8 and WNA32).
+//   g = group size (32, 64 or 128), GU = g/32 "units" of 32 codes per group, G = K/g groups per row.
+//   Codes are packed in chunks of 128 consecutive k (4 units of 32):
+//     bits 4: 64 bytes = 2 halves of 32 bytes; half h byte i = q[64h+i] | q[64h+32+i] << 4
+//     bits 2: 32 bytes; byte i = q[i] | q[32+i] << 2 | q[64+i] << 4 | q[96+i] << 6
+//     bits 3: 48 bytes = bits-2 encoding of (q & 3), then 4 x uint32 (one per unit u), bit i = q[32u+i] >> 2
+//   so one 256-bit load yields 2 (int4) or 4 (int2) ready vectors of 32 u8 codes with 1-2 ALU ops each.
+//   Each weight row is one stream of "blocks" of up to 8 groups:
+//     [codes: ceil(nb*GU/4) chunks][scales: 8 x fp32][zero points: 8 x u8]   (groups >= nb padded with 0)
+//   rows start every row_bytes (a multiple of 64).
+//   WNA8 : d_g = sum_{k in g} xq_k q_k - z_g * sum_{k in g} xq_k  (exact int32)
+//          y = sx[m] * sum_g s_g * (float)d_g       (fp32, group order unspecified -> not bit-exact)
+//   WNA32: y = sum_g s_g * (sum_{k in g} x_k q_k - z_g * sum_{k in g} x_k)   (fp32)
+// ================================================================================================
+template <int BITS>
+static inline i64 wn_code_bytes(i64 units) { return (units + 3) / 4 * 16 * BITS; }
+
+#ifdef __AVX2__
+// Unit u (32 consecutive codes) of a block as 32 unsigned bytes.
+template <int BITS>
+static inline __m256i wn_unit(const uint8_t* codes, int u) {
+    const int c = u >> 2, r = u & 3;
+    if (BITS == 4) {
+        __m256i v = ld(codes + c * 64 + (r >> 1) * 32);
+        if (r & 1) v = _mm256_srli_epi16(v, 4);
+        return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+    } else if (BITS == 2) {
+        __m256i v = _mm256_srli_epi16(ld(codes + c * 32), 2 * r);
+        return _mm256_and_si256(v, _mm256_set1_epi8(3));
+    } else {
+        const uint8_t* ch = codes + c * 48;
+        __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ld(ch), 2 * r), _mm256_set1_epi8(3));
+        uint32_t hb;
+        memcpy(&hb, ch + 32 + 4 * r, 4);
+        // spread bit i of hb to byte i: replicate source byte i/8 into 8 lanes, test bit i%8
+        const __m256i rep = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
+                                             3, 3, 3, 3, 3, 3);
+        const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+        __m256i h = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)hb), rep), bit);
+        h = _mm256_and_si256(_mm256_cmpeq_epi8(h, bit), _mm256_set1_epi8(4));
+        return _mm256_or_si256(lo, h);
+    }
+}
+#else
+// Code number `idx` (0-based k offset inside the block).
+template <int BITS>
+static inline int wn_code(const uint8_t* codes, i64 idx) {
+    const i64 c = idx >> 7, r = (idx >> 5) & 3, i = idx & 31;
+    if (BITS == 4) {
+        const uint8_t b = codes[c * 64 + (r >> 1) * 32 + i];
+        return (r & 1 ? b >> 4 : b) & 15;
+    } else if (BITS == 2) {
+        return (codes[c * 32 + i] >> (2 * r)) & 3;
+    } else {
+        const uint8_t* ch = codes + c * 48;
+        return ((ch[i] >> (2 * r)) & 3) | (((ch[32 + 4 * r + (i >> 3)] >> (i & 7)) & 1) << 2);
+    }
+}
+#endif
+
+// One weight row against MT activation rows. x: int8 rows (stride Kp, zero padded), sxg: int32 group
+// sums (stride ldg = 8*NB, zero padded).
+template <int BITS, int GU, int MT>
+static inline void wna8_tile(const uint8_t* row, i64 G, const int8_t* x, i64 Kp, const int32_t* sxg, i64 ldg,
+                             const float* sx, float* y, i64 N) {
+    const i64 NB = (G + 7) / 8;
+    const uint8_t* p = row;
+#ifdef __AVX2__
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    // one block of nb groups (nb == 8 is inlined with a constant so the loops fully unroll)
+    auto block = [&](i64 b, const int nb) __attribute__((always_inline)) {
+        const uint8_t* codes = p;
+        p += wn_code_bytes<BITS>(nb * GU);
+        const __m256 sc = _mm256_loadu_ps((const float*)p);
+        const __m256i zi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 32)));
+        p += 40;
+        const i64 k0 = b * 8 * GU * 32;
+        __m256i d[MT][8];  // int16 pair sums per group (<= GU * 3840, see reduce8_groups)
+        for (int j = 0; j < 8; ++j)
+            for (int m = 0; m < MT; ++m) d[m][j] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int j = 0; j < nb; ++j) {
+            for (int t = 0; t < GU; ++t) {
+                const int u = j * GU + t;
+                const __m256i w = wn_unit<BITS>(codes, u);
+                for (int m = 0; m < MT; ++m)
+                    d[m][j] = _mm256_add_epi16(d[m][j], _mm256_maddubs_epi16(w, ld(x + m * Kp + k0 + 32 * u)));
+            }
+        }
+        for (int m = 0; m < MT; ++m) {
+            __m256i r = reduce8_groups<GU>(d[m]);
+            r = _mm256_sub_epi32(r, _mm256_mullo_epi32(zi, ld(sxg + m * ldg + 8 * b)));
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), sc, acc[m]);
+        }
+    };
+    for (i64 b = 0; b < NB; ++b) {
+        const i64 nb = std::min<i64>(8, G - 8 * b);
+        if (nb == 8) block(b, 8);
+        else block(b, (int)nb);
+    }
+    for (int m = 0; m < MT; ++m) y[m * N] = sx[m] * hsum_ps(acc[m]);
+#else
+    float acc[MT] = {0};
+    for (i64 b = 0; b < NB; ++b) {
+        const int nb = (int)std::min<i64>(8, G - 8 * b);
+        const uint8_t* codes = p;
+        p += wn_code_bytes<BITS>(nb * GU);
+        const float* sc = (const float*)p;  // row_bytes and block sizes keep this 4-byte aligned
+        const uint8_t* zp = p + 32;
+        p += 40;
+        for (int j = 0; j < nb; ++j) {
+            const i64 kb = b * 8 * GU * 32 + j * GU * 32;
+            for (int m = 0; m < MT; ++m) {
+                int32_t dot = 0;
+                for (int i = 0; i < GU * 32; ++i) dot += (int32_t)x[m * Kp + kb + i] * wn_code<BITS>(codes, j * GU * 32 + i);
+                const int32_t d = dot - (int32_t)zp[j] * sxg[m * ldg + 8 * b + j];
+                acc[m] += sc[j] * (float)d;
+            }
+        }
+    }
+    for (int m = 0; m < MT; ++m) y[m * N] = sx[m] * acc[m];
+#endif
+}
+
+// Same with fp32 activations (x stride Kp, zero padded) and fp32 group sums sxg.
+template <int BITS, int GU, int MT>
+static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp, const float* sxg, i64 ldg, float* y,
+                              i64 N) {
+    const i64 NB = (G + 7) / 8;
+    const uint8_t* p = row;
+#ifdef __AVX2__
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    auto block = [&](i64 b, const int nb) __attribute__((always_inline)) {
+        const uint8_t* codes = p;
+        p += wn_code_bytes<BITS>(nb * GU);
+        const __m256 sc = _mm256_loadu_ps((const float*)p);
+        const __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 32))));
+        p += 40;
+        const i64 k0 = b * 8 * GU * 32;
+        __m256 d[MT][8];
+        for (int j = 0; j < 8; ++j)
+            for (int m = 0; m < MT; ++m) d[m][j] = _mm256_setzero_ps();
+#pragma GCC unroll 8
+        for (int j = 0; j < nb; ++j) {
+            for (int t = 0; t < GU; ++t) {
+                const int u = j * GU + t;
+                const __m256i w = wn_unit<BITS>(codes, u);
+                const __m128i wl = _mm256_castsi256_si128(w), wh = _mm256_extracti128_si256(w, 1);
+                const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(wl));
+                const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(wl, wl)));
+                const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(wh));
+                const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(wh, wh)));
+                for (int m = 0; m < MT; ++m) {
+                    const float* xm = x + m * Kp + k0 + 32 * u;
+                    __m256 e = _mm256_mul_ps(w0, _mm256_loadu_ps(xm));
+                    __m256 f = _mm256_mul_ps(w2, _mm256_loadu_ps(xm + 16));
+                    e = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), e);
+                    f = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), f);
+                    d[m][j] = _mm256_add_ps(d[m][j], _mm256_add_ps(e, f));
+                }
+            }
+        }
+        for (int m = 0; m < MT; ++m) {
+            __m256 r = reduce8_ps(d[m]);
+            r = _mm256_fnmadd_ps(zf, _mm256_loadu_ps(sxg + m * ldg + 8 * b), r);  // sum x q - z * sum x
+            acc[m] = _mm256_fmadd_ps(r, sc, acc[m]);
+        }
+    };
+    for (i64 b = 0; b < NB; ++b) {
+        const i64 nb = std::min<i64>(8, G - 8 * b);
+        if (nb == 8) block(b, 8);
+        else block(b, (int)nb);
+    }
+    for (int m = 0; m < MT; ++m) y[m * N] = hsum_ps(acc[m]);
+#else
+    float acc[MT] = {0};
+    for (i64 b = 0; b < NB; ++b) {
+        const int nb = (int)std::min<i64>(8, G - 8 * b);
+        const uint8_t* codes = p;
+        p += wn_code_bytes<BITS>(nb * GU);
+        const float* sc = (const float*)p;
+        const uint8_t* zp = p + 32;
+        p += 40;
+        for (int j = 0; j < nb; ++j) {
+            const i64 kb = b * 8 * GU * 32 + j * GU * 32;
+            for (int m = 0; m < MT; ++m) {
+                float dot = 0.f;
+                for (int i = 0; i < GU * 32; ++i) dot += x[m * Kp + kb + i] * (float)wn_code<BITS>(codes, j * GU * 32 + i);
+                acc[m] += sc[j] * (dot - (float)zp[j] * sxg[m * ldg + 8 * b + j]);
+            }
+        }
+    }
+    for (int m = 0; m < MT; ++m) y[m * N] = acc[m];
+#endif
+}
+
+// Dispatch (BITS, GU) to a template instantiation; F is called as f(IC<BITS>, IC<GU>).
+template <class F>
+static bool wn_dispatch(int bits, int gu, F f) {
+#define LB_WN_CASE(B, U) \
+    if (bits == B && gu == U) { f(IC<B>(), IC<U>()); return true; }
+    LB_WN_CASE(4, 1) LB_WN_CASE(4, 2) LB_WN_CASE(4, 4)
+    LB_WN_CASE(3, 1) LB_WN_CASE(3, 2) LB_WN_CASE(3, 4)
+    LB_WN_CASE(2, 1) LB_WN_CASE(2, 2) LB_WN_CASE(2, 4)
+#undef LB_WN_CASE
+    return false;
+}
+
+// Returns 0 on success, -1 for an unsupported (bits, group).
+LB_API int lb_wna8(const int8_t* xq, const float* sx, i64 M, i64 K, const uint8_t* blob, i64 row_bytes, i64 N, int bits,
+                   int group, float* y, int threads) {
+    const int gu = group / 32;
+    const i64 G = K / group, NB = (G + 7) / 8, ldg = 8 * NB, Kp = (K + 127) / 128 * 128;
+    int8_t* xp = (int8_t*)scratch(M * Kp);
+    int32_t* sxg = (int32_t*)scratch(sizeof(int32_t) * M * ldg);
+    for (i64 m = 0; m < M; ++m) {
+        memcpy(xp + m * Kp, xq + m * K, K);
+        for (i64 g = 0; g < G; ++g) {
+            int32_t t = 0;
+            for (i64 i = 0; i < group; ++i) t += xq[m * K + g * group + i];
+            sxg[m * ldg + g] = t;
+        }
+    }
+    const bool ok = wn_dispatch(bits, gu, [=](auto B, auto U) {
+        run_rows(M, N, threads, [=](auto mt, i64 m, i64 n) {
+            wna8_tile<decltype(B)::value, decltype(U)::value, decltype(mt)::value>(
+                blob + n * row_bytes, G, xp + m * Kp, Kp, sxg + m * ldg, ldg, sx + m, y + m * N + n, N);
+        });
+    });
+    free(xp);
+    free(sxg);
+    return ok ? 0 : -1;
+}
+
+LB_API int lb_wna32(const float* x, i64 M, i64 K, const uint8_t* blob, i64 row_bytes, i64 N, int bits, int group,
+                    float* y, int threads) {
+    const int gu = group / 32;
+    const i64 G = K / group, NB = (G + 7) / 8, ldg = 8 * NB, Kp = (K + 127) / 128 * 128;
+    float* own;
+    const float* xp = pad_rows(x, M, K, Kp, &own);
+    float* sxg = (float*)scratch(sizeof(float) * M * ldg);
+    for (i64 m = 0; m < M; ++m)
+        for (i64 g = 0; g < G; ++g) {
+            float t = 0.f;
+            for (i64 i = 0; i < group; ++i) t += x[m * K + g * group + i];
+            sxg[m * ldg + g] = t;
+        }
+    const bool ok = wn_dispatch(bits, gu, [=](auto B, auto U) {
+        run_rows(M, N, threads, [=](auto mt, i64 m, i64 n) {
+            wna32_tile<decltype(B)::value, decltype(U)::value, decltype(mt)::value>(
+                blob + n * row_bytes, G, xp + m * Kp, Kp, sxg + m * ldg, ldg, y + m * N + n, N);
+        });
+    });
+    free(own);
+    free(sxg);
+    return ok ? 0 : -1;
+}
+
+// ================================================================================================
+// Ternary W1.58A8 (BitNet b1.58).
+//   Layout: c = t + 1 in {0,1,2}, packed 2 bits/weight exactly like the int2 chunks above (128 k per
+//   32 bytes), K padded to 128 with c = 0; rows of Kp/4 bytes. sw fp32 per row (N,).
+//   dot = sum_k xq*c - sum_k xq = sum_k xq*t  (exact int32);  y = (sx[m] * sw[n]) * (float)dot
+// ================================================================================================
+template <int MT>
+static inline void ternary_tile(const uint8_t* w, i64 Kp, const int8_t* x, const int32_t* sxr, const float* sx,
+                                float sw, float* y, i64 N) {
+    int32_t dot[MT];
+#ifdef __AVX2__
+    const __m256i ones = _mm256_set1_epi16(1), m3 = _mm256_set1_epi8(3);
+    __m256i a[MT];
+    for (int m = 0; m < MT; ++m) a[m] = _mm256_setzero_si256();
+    for (i64 k = 0; k < Kp; k += 128) {
+        const __m256i v = ld(w + k / 4);
+        const __m256i c0 = _mm256_and_si256(v, m3), c1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3);
+        const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3), c3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3);
+        for (int m = 0; m < MT; ++m) {
+            const int8_t* xm = x + m * Kp + k;
+            // int16 partial: 4 units * 2*2*128 = 2048, safe
+            __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(c0, ld(xm)), _mm256_maddubs_epi16(c1, ld(xm + 32)));
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, ld(xm + 64)));
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, ld(xm + 96)));
+            a[m] = _mm256_add_epi32(a[m], _mm256_madd_epi16(s, ones));
+        }
+    }
+    for (int m = 0; m < MT; ++m) dot[m] = hsum_epi32(a[m]) - sxr[m];
+#else
+    for (int m = 0; m < MT; ++m) {
+        int32_t t = 0;
+        for (i64 k = 0; k < Kp; ++k) t += (int32_t)x[m * Kp + k] * (((w[(k >> 7) * 32 + (k & 31)] >> (2 * ((k >> 5) & 3))) & 3) - 1);
+        dot[m] = t;
+    }
+#endif
+    for (int m = 0; m < MT; ++m) y[m * N] = (sx[m] * sw) * (float)dot[m];
+}
+
+LB_API void lb_ternary(const int8_t* xq, const float* sx, i64 M, i64 K, const uint8_t* w, const float* sw, i64 N,
+                       float* y, int threads) {
+    const i64 Kp = (K + 127) / 128 * 128;
+    int8_t* own;
+    const int8_t* xp = pad_rows(xq, M, K, Kp, &own);
+    int32_t* sxr = (int32_t*)scratch(sizeof(int32_t) * M);
+    for (i64 m = 0; m < M; ++m) {
+        int32_t t = 0;
+        for (i64 k = 0; k < K; ++k) t += xq[m * K + k];
+        sxr[m] = t;
+    }
+    run_rows(M, N, threads, [=](auto mt, i64 m, i64 n) {
+        ternary_tile<decltype(mt)::value>(w + n * (Kp / 4), Kp, xp + m * Kp, sxr + m, sx + m, sw[n], y + m * N + n, N);
+    });
+    free(own);
+    free(sxr);
+}
+
+// ================================================================================================
+// Binary weights. Two layouts (both K padded to a multiple of 256 with 0 bits, rows of Kp/8 bytes):
+//   plain      : bit i of uint64 word j = sign bit of k = 64j + i  (same as pack_signs)       -> W1A1
+//   interleaved: per 256-k block, 8 uint32 lanes; lane i bit j = sign of k = base + 8j + i   -> W1A8, W1A32
+//     (fp32: shifting the block left by 31-j puts the bits of the 8 contiguous k = base+8j..+7 in the
+//      sign bits of 8 lanes -> one blendv per 8 weights. int8: byte P of the block, bit s, holds
+//      k = base + 64*(P%4) + 8s + P/4; the kernel permutes xq once per call to match, then doubling
+//      the bytes (add_epi8) walks the bits through the sign position -> one blendv per 32 weights.)
+// ================================================================================================
+
+// --- W1A1 (XNOR-popcount): pop = popcount(bw XOR bx); y = (bx_s[m] * a[n]) * (float)(K - 2*pop)
+template <int MT, int NT>
+static inline void w1a1_tile(const uint64_t* xb, const uint64_t* wb, i64 W, i64 K, const float* bxs, const float* a,
+                             float* y, i64 N) {
+    uint64_t c[MT][NT];
+    for (int m = 0; m < MT; ++m)
+        for (int n = 0; n < NT; ++n) c[m][n] = 0;
+    for (i64 j = 0; j < W; ++j) {
+        uint64_t xv[MT], wv[NT];
+        for (int m = 0; m < MT; ++m) xv[m] = xb[m * W + j];
+        for (int n = 0; n < NT; ++n) wv[n] = wb[n * W + j];
+        for (int m = 0; m < MT; ++m)
+            for (int n = 0; n < NT; ++n) c[m][n] += (uint64_t)__builtin_popcountll(xv[m] ^ wv[n]);
+    }
+    for (int m = 0; m < MT; ++m)
+        for (int n = 0; n < NT; ++n) y[m * N + n] = (bxs[m] * a[n]) * (float)(K - 2 * (i64)c[m][n]);
+}
+
+LB_API void lb_w1a1(const uint64_t* xb, const float* bxs, i64 M, i64 K, const uint64_t* wb, const float* a, i64 N,
+                    float* y, int threads) {
+    const i64 W = (K + 255) / 256 * 4;
+#pragma omp parallel num_threads(nthreads(threads))
+    {
+        i64 n0, n1;
+        my_rows(N, 4, &n0, &n1);
+        auto tile = [&](auto mt, auto nt, i64 m, i64 n) {
+            w1a1_tile<decltype(mt)::value, decltype(nt)::value>(xb + m * W, wb + n * W, W, K, bxs + m, a + n,
+                                                                 y + m * N + n, N);
+        };
+        for (i64 mb = 0; mb < M; mb += MB) {
+            const i64 me = std::min(M, mb + MB);
+            if (me - mb == 1) {  // GEMV: 4 weight rows share each x word
+                i64 n = n0;
+                for (; n + 4 <= n1; n += 4) tile(IC<1>(), IC<4>(), mb, n);
+                for (; n < n1; ++n) tile(IC<1>(), IC<1>(), mb, n);
+                continue;
+            }
+            i64 n = n0;
+            for (; n + 2 <= n1; n += 2) {
+                i64 m = mb;
+                for (; m + 4 <= me; m += 4) tile(IC<4>(), IC<2>(), m, n);
+                for (; m < me; ++m) tile(IC<1>(), IC<2>(), m, n);
+            }
+            for (; n < n1; ++n)
+                for (i64 m = mb; m < me; ++m) tile(IC<1>(), IC<1>(), m, n);
+        }
+    }
+}
+
+// Pack bool rows (bytes 0/1, shape (R, K)) into plain-layout uint64 words (R, W), W = ceil(K/256)*4.
+LB_API void lb_pack_signs(const uint8_t* b, i64 R, i64 K, uint64_t* out) {
+    const i64 W = (K + 255) / 256 * 4;
+    for (i64 r = 0; r < R; ++r) {
+        const uint8_t* src = b + r * K;
+        uint32_t* dst = (uint32_t*)(out + r * W);
+        memset(dst, 0, W * 8);
+        i64 k = 0;
+#ifdef __AVX2__
+        for (; k + 32 <= K; k += 32)
+            dst[k / 32] = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(ld(src + k), 7));
+#endif
+        for (; k < K; ++k) dst[k / 32] |= (uint32_t)(src[k] != 0) << (k & 31);
+    }
+}
+
+// --- W1A8 (sign-select): s1 = sum_{bit=1} xq; y = (sx[m] * a[n]) * (float)(2*s1 - sum_k xq)
+template <int MT>
+static inline void w1a8_tile(const uint8_t* w, i64 Kp, const int8_t* x, const int32_t* sxr, const float* sx, float a,
+                             float* y, i64 N) {
+    int32_t s1[MT];
+#ifdef __AVX2__
+    // x holds the permuted activations (see lb_w1a8): for block b and shift s, x[256b + 32s .. +31].
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();
+    __m256i a32[MT];
+    for (int m = 0; m < MT; ++m) a32[m] = zero;
+    for (i64 k0 = 0; k0 < Kp; k0 += 256 * 8) {  // flush int16 sums every 8 blocks: 64 * 256 < 2^15
+        const i64 k1 = std::min(Kp, k0 + 256 * 8);
+        __m256i a16[MT];
+        for (int m = 0; m < MT; ++m) a16[m] = zero;
+        for (i64 k = k0; k < k1; k += 256) {
+            __m256i v = ld(w + k / 8);
+            for (int s = 7; s >= 0; --s) {  // bit s of every byte is now in bit 7
+                for (int m = 0; m < MT; ++m) {
+                    const __m256i sel = _mm256_blendv_epi8(zero, ld(x + m * Kp + k + 32 * s), v);
+                    a16[m] = _mm256_add_epi16(a16[m], _mm256_maddubs_epi16(ones8, sel));
+                }
+                v = _mm256_add_epi8(v, v);
+            }
+        }
+        for (int m = 0; m < MT; ++m) a32[m] = _mm256_add_epi32(a32[m], _mm256_madd_epi16(a16[m], ones16));
+    }
+    for (int m = 0; m < MT; ++m) s1[m] = hsum_epi32(a32[m]);
+#else
+    const uint32_t* w32 = (const uint32_t*)w;
+    for (int m = 0; m < MT; ++m) {
+        int32_t t = 0;
+        for (i64 k = 0; k < Kp; ++k) {
+            const i64 blk = k >> 8, r = k & 255;
+            if ((w32[blk * 8 + (r & 7)] >> (r >> 3)) & 1) t += x[m * Kp + k];
+        }
+        s1[m] = t;
+    }
+#endif
+    for (int m = 0; m < MT; ++m) y[m * N] = (sx[m] * a) * (float)(2 * s1[m] - sxr[m]);
+}
+
+LB_API void lb_w1a8(const int8_t* xq, const float* sx, i64 M, i64 K, const uint8_t* w, const float* a, i64 N, float* y,
+                    int threads) {
+    const i64 Kp = (K + 255) / 256 * 256;
+    int8_t* xp = (int8_t*)scratch(M * Kp);
+    int32_t* sxr = (int32_t*)scratch(sizeof(int32_t) * M);
+    for (i64 m = 0; m < M; ++m) {
+        const int8_t* src = xq + m * K;
+        int8_t* dst = xp + m * Kp;
+        int32_t t = 0;
+        for (i64 k = 0; k < K; ++k) t += src[k];
+        sxr[m] = t;
+#ifdef __AVX2__
+        // permuted copy: dst[base + 32s + P] = src[base + 64(P%4) + 8s + P/4]
+        for (i64 base = 0; base < Kp; base += 256)
+            for (int s = 0; s < 8; ++s)
+                for (int P = 0; P < 32; ++P) {
+                    const i64 k = base + 64 * (P & 3) + 8 * s + (P >> 2);
+                    dst[base + 32 * s + P] = k < K ? src[k] : 0;
+                }
+#else
+        memcpy(dst, src, K);
+#endif
+    }
+    run_rows(M, N, threads, [=](auto mt, i64 m, i64 n) {
+        w1a8_tile<decltype(mt)::value>(w + n * (Kp / 8), Kp, xp + m * Kp, sxr + m, sx + m, a[n], y + m * N + n, N);
+    });
+    free(xp);
+    free(sxr);
+}
+
+// --- W1A32 (sign-select, fp32): s1 = sum_{bit=1} x; y = a[n] * (2*s1 - sum_k x)
+template <int MT>
+static inline void w1a32_tile(const uint8_t* w, i64 Kp, const float* x, const float* sxr, float a, float* y, i64 N) {
+    float s1[MT];
+#ifdef __AVX2__
+    const __m256 zero = _mm256_setzero_ps();
+    constexpr int A = MT == 1 ? 4 : 2;
+    __m256 acc[MT][A];
+    for (int m = 0; m < MT; ++m)
+        for (int i = 0; i < A; ++i) acc[m][i] = zero;
+    for (i64 k = 0; k < Kp; k += 256) {
+        __m256i v = ld(w + k / 8);
+        for (int j = 31; j >= 0; --j) {  // bit j of every lane is now the sign bit
+            const __m256 msk = _mm256_castsi256_ps(v);
+            for (int m = 0; m < MT; ++m)
+                acc[m][j % A] = _mm256_add_ps(acc[m][j % A], _mm256_blendv_ps(zero, _mm256_loadu_ps(x + m * Kp + k + 8 * j), msk));
+            v = _mm256_add_epi32(v, v);
+        }
+    }
+    for (int m = 0; m < MT; ++m) {
+        __m256 t = acc[m][0];
+        for (int i = 1; i < A; ++i) t = _mm256_add_ps(t, acc[m][i]);
+        s1[m] = hsum_ps(t);
+    }
+#else
+    const uint32_t* w32 = (const uint32_t*)w;
+    for (int m = 0; m < MT; ++m) {
+        float t = 0.f;
+        for (i64 k = 0; k < Kp; ++k) {
+            const i64 blk = k >> 8, r = k & 255;
+            if ((w32[blk * 8 + (r & 7)] >> (r >> 3)) & 1) t += x[m * Kp + k];
+        }
+        s1[m] = t;
+    }
+#endif
+    for (int m = 0; m < MT; ++m) y[m * N] = a * (2.f * s1[m] - sxr[m]);
+}
+
+LB_API void lb_w1a32(const float* x, i64 M, i64 K, const uint8_t* w, const float* a, i64 N, float* y, int threads) {
+    const i64 Kp = (K + 255) / 256 * 256;
+    float* own;
+    const float* xp = pad_rows(x, M, K, Kp, &own);
+    float* sxr = (float*)scratch(sizeof(float) * M);
+    for (i64 m = 0; m < M; ++m) {
+        float t = 0.f;
+        for (i64 k = 0; k < K; ++k) t += x[m * K + k];
+        sxr[m] = t;
+    }
+    run_rows(M, N, threads, [=](auto mt, i64 m, i64 n) {
+        w1a32_tile<decltype(mt)::value>(w + n * (Kp / 8), Kp, xp + m * Kp, sxr + m, a[n], y + m * N + n, N);
+    });
+    free(own);
+    free(sxr);
+}

@@ -1,0 +1,494 @@
+"""Native CPU kernels for low-bit linear layers (ctypes wrapper around lowbit_kernels.cpp).
+
+The C++ source next to this file is compiled once per (source, flags, compiler, CPU) into a cache
+directory (``$LOWBIT_CACHE_DIR/kernels`` or ``~/.cache/lowbit/kernels``) and loaded with ctypes.
+
+Public API (all matmuls return a new fp32 tensor (M, N), bias NOT included; ``threads`` <= 0 means
+"OpenMP default"):
+
+    available() -> bool, unavailable_reason() -> str, build_info() -> dict
+    quantize_rows_int8(x) -> (xq int8 (M,K), sx fp32 (M,))
+    pack_signs(b bool (R,K)) -> int64 tensor (R, ceil(K/256)*4) of packed sign bits (plain layout)
+
+    prepare_w8(q, s)                  -> PreparedW8      ; matmul_w8a32(x, p, threads), matmul_w8a8(xq, sx, p, threads)
+    prepare_wn(q, s, z, bits, group)  -> PreparedWN      ; matmul_wna32(x, p, threads), matmul_wna8(xq, sx, p, threads)
+    prepare_ternary(t, sw)            -> PreparedTernary ; matmul_ternary(xq, sx, p, threads)
+    prepare_binary(b, a, layouts)     -> PreparedBinary  ; matmul_w1a1(xbits, bx, p, threads),
+                                                           matmul_w1a8(xq, sx, p, threads), matmul_w1a32(x, p, threads)
+
+Exact final expressions of the integer kernels (so a caller can match them bit for bit):
+    w8a8   : y = (sx[m] * s[n]) * float32(sum_k xq*q)                        (xq must be in [-127, 127])
+    ternary: y = (sx[m] * sw[n]) * float32(sum_k xq*t)
+    w1a1   : y = (bx[m] * a[n]) * float32(K - 2*popcount(bw ^ bx))
+    w1a8   : y = (sx[m] * a[n]) * float32(2*sum_{bit=1} xq - sum_k xq)
+    wna8   : exact int32 per-group sums d_g, then y = sx[m] * sum_g s_g*float32(d_g) in fp32 (order unspecified)
+Float kernels (w8a32, wna32, w1a32) accumulate in fp32 in an unspecified order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import pathlib
+import subprocess
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+_SRC = pathlib.Path(__file__).with_name("lowbit_kernels.cpp")
+_CXX = os.environ.get("CXX", "g++")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_FLAGS_PORTABLE = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]  # retry when -march=native is refused
+
+_lib = None
+_reason = ""
+_info: dict = {"path": None, "seconds": 0.0, "cached": False, "isa": None, "flags": None}
+COMPILE_SECONDS = 0.0
+
+
+def _cache_dir() -> pathlib.Path:
+    root = os.environ.get("LOWBIT_CACHE_DIR")
+    base = pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "lowbit"
+    return base / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            key = line.split(":", 1)[0].strip().lower()
+            if key in ("flags", "features"):  # x86 / ARM
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _compiler_version() -> str:
+    out = subprocess.run([_CXX, "--version"], capture_output=True, text=True, timeout=30, check=True)
+    return out.stdout
+
+
+def _compile(flags: list[str], dest: pathlib.Path) -> None:
+    """Compile into a temporary file next to dest, then atomically rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=dest.stem + ".", suffix=".tmp.so", dir=dest.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([_CXX, *flags, "-o", tmp, str(_SRC)], capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            raise RuntimeError(f"{_CXX} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    sig = {
+        "lb_isa": ([], I),
+        "lb_abi_version": ([], I),
+        "lb_w8a32": ([P, I64, I64, P, P, I64, I64, P, I], None),
+        "lb_w8a8": ([P, P, I64, I64, P, P, I64, I64, P, I], None),
+        "lb_wna8": ([P, P, I64, I64, P, I64, I64, I, I, P, I], I),
+        "lb_wna32": ([P, I64, I64, P, I64, I64, I, I, P, I], I),
+        "lb_ternary": ([P, P, I64, I64, P, P, I64, P, I], None),
+        "lb_w1a1": ([P, P, I64, I64, P, P, I64, P, I], None),
+        "lb_pack_signs": ([P, I64, I64, P], None),
+        "lb_w1a8": ([P, P, I64, I64, P, P, I64, P, I], None),
+        "lb_w1a32": ([P, I64, I64, P, P, I64, P, I], None),
+    }
+    for name, (args, res) in sig.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+
+
+def _load() -> None:
+    """Find or build the shared library; on any failure record the reason and stay unavailable."""
+    global _lib, _reason, COMPILE_SECONDS
+    if os.environ.get("LOWBIT_KERNELS", "").lower() == "reference":
+        _reason = "disabled by LOWBIT_KERNELS=reference"
+        return
+    try:
+        cc_version = _compiler_version()
+    except (OSError, subprocess.SubprocessError) as exc:
+        _reason = f"no C++ compiler ({_CXX}): {exc}"
+        return
+    try:
+        source = _SRC.read_text()
+        cache = _cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _reason = f"cannot read source or create cache dir: {exc}"
+        return
+    errors = []
+    portable = os.environ.get("LOWBIT_KERNELS", "").lower() == "portable"
+    for flags in (_FLAGS_PORTABLE,) if portable else (_FLAGS, _FLAGS_PORTABLE):
+        key = hashlib.sha256("\0".join([source, " ".join(flags), cc_version, _cpu_flags()]).encode()).hexdigest()[:24]
+        path = cache / f"lowbit_kernels-{key}.so"
+        cached = path.exists()
+        t0 = os.times().elapsed
+        try:
+            if not cached:
+                _compile(flags, path)
+            lib = ctypes.CDLL(str(path))
+            _bind(lib)
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
+            errors.append(str(exc))
+            continue
+        seconds = 0.0 if cached else os.times().elapsed - t0
+        COMPILE_SECONDS = seconds
+        isa = "avx2" if lib.lb_isa() == 2 else "scalar"
+        _info.update(path=str(path), seconds=seconds, cached=cached, isa=isa, flags=" ".join(flags))
+        _lib = lib
+        if errors:
+            warnings.warn(f"lowbit kernels built without -march=native (isa={isa}): {errors[0][:200]}", stacklevel=2)
+        return
+    _reason = "compile failed: " + " | ".join(errors)[:4000]
+
+
+_load()
+
+
+def available() -> bool:
+    """True when the native library is loaded and usable."""
+    return _lib is not None
+
+
+def unavailable_reason() -> str:
+    """Why available() is False ('' when available)."""
+    return _reason
+
+
+def build_info() -> dict:
+    """dict(path, seconds (compile time in this process, 0 if loaded from cache), cached, isa, flags, reason)."""
+    return dict(_info, reason=_reason)
+
+
+def _need() -> ctypes.CDLL:
+    if _lib is None:
+        raise RuntimeError(f"lowbit native kernels unavailable: {_reason}")
+    return _lib
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _as(t, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    return t.to(dtype).contiguous()
+
+
+def _out(m: int, n: int) -> torch.Tensor:
+    return torch.empty(m, n, dtype=torch.float32)
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _rup(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+# ------------------------------------------------------------------------------------------------
+# Activation helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: sx = max|x_row|/127 (0 -> 1), xq = clamp(round(x/sx), -127, 127)."""
+    x = x.to(torch.float32)
+    sx = x.abs().amax(dim=1) / 127.0
+    sx = torch.where(sx == 0, torch.ones_like(sx), sx)
+    xq = torch.clamp(torch.round(x / sx[:, None]), -127, 127).to(torch.int8)
+    return xq.contiguous(), sx.contiguous()
+
+
+def pack_signs(b: torch.Tensor) -> torch.Tensor:
+    """Bool (R, K) -> int64 (R, W), W = ceil(K/256)*4: bit i of word j is b[:, 64j+i] (True = 1), zero padded.
+
+    This is the activation layout of matmul_w1a1 (and the 'a1' weight layout). Uses the C packer when
+    the library is available, torch otherwise.
+    """
+    b = _as(b, torch.bool)
+    R, K = b.shape
+    W = _rup(K, 256) // 64
+    out = torch.empty(R, W, dtype=torch.int64)
+    if _lib is not None:
+        _lib.lb_pack_signs(_ptr(b), R, K, _ptr(out))
+        return out
+    bp = torch.zeros(R, W * 64, dtype=torch.uint8)
+    bp[:, :K] = b
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    packed = (bp.view(R, W * 8, 8) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+    return packed.view(torch.int64).reshape(R, W).clone()
+
+
+# ------------------------------------------------------------------------------------------------
+# int8 per-channel weights
+# ------------------------------------------------------------------------------------------------
+
+
+class PreparedW8:
+    """w: int8 (N, Kp) row-major, Kp = K rounded up to 32 (zero padded); s: fp32 (N,)."""
+
+    def __init__(self, w, s, N, K, Kp):
+        self.w, self.s, self.N, self.K, self.Kp = w, s, N, K, Kp
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.numel() + 4 * self.s.numel()
+
+
+def prepare_w8(q: torch.Tensor, s: torch.Tensor) -> PreparedW8:
+    """q int8 (N, K) in [-128, 127], s fp32 (N,)."""
+    q = _as(q, torch.int8)
+    N, K = q.shape
+    Kp = _rup(K, 32)
+    w = torch.zeros(N, Kp, dtype=torch.int8)
+    w[:, :K] = q
+    return PreparedW8(w, _as(s, torch.float32).reshape(N), N, K, Kp)
+
+
+def matmul_w8a32(x: torch.Tensor, p: PreparedW8, threads: int = 1) -> torch.Tensor:
+    """y = s[n] * sum_k x[m,k] q[n,k] (fp32)."""
+    lib = _need()
+    x = _as(x, torch.float32)
+    M, K = x.shape
+    assert K == p.K, f"K mismatch {K} != {p.K}"
+    y = _out(M, p.N)
+    lib.lb_w8a32(_ptr(x), M, K, _ptr(p.w), _ptr(p.s), p.N, p.Kp, _ptr(y), threads)
+    return y
+
+
+def matmul_w8a8(xq: torch.Tensor, sx: torch.Tensor, p: PreparedW8, threads: int = 1) -> torch.Tensor:
+    """y = (sx[m]*s[n]) * float32(sum_k xq q) with xq int8 in [-127, 127]."""
+    lib = _need()
+    xq = _as(xq, torch.int8)
+    sx = _as(sx, torch.float32).reshape(-1)
+    M, K = xq.shape
+    assert K == p.K and sx.numel() == M
+    y = _out(M, p.N)
+    lib.lb_w8a8(_ptr(xq), _ptr(sx), M, K, _ptr(p.w), _ptr(p.s), p.N, p.Kp, _ptr(y), threads)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
+# int2 / int3 / int4 group-wise asymmetric weights
+# ------------------------------------------------------------------------------------------------
+
+
+class PreparedWN:
+    """blob: uint8 (N, row_bytes); see _encode_chunks / prepare_wn for the byte layout."""
+
+    def __init__(self, blob, N, K, bits, group, row_bytes):
+        self.blob, self.N, self.K, self.bits, self.group, self.row_bytes = blob, N, K, bits, group, row_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.blob.numel()
+
+
+def _encode_chunks(q: np.ndarray, bits: int) -> np.ndarray:
+    """q uint8 (N, C*128) -> (N, C, 16*bits): chunks of 128 k, one 256-bit load = 2 (int4) / 4 (int2) units.
+
+    bits 4: two halves of 32 bytes, half h byte i = q[64h+i] | q[64h+32+i] << 4
+    bits 2: byte i = q[i] | q[32+i] << 2 | q[64+i] << 4 | q[96+i] << 6
+    bits 3: bits-2 encoding of q & 3, then per unit u a little-endian uint32 with bit i = q[32u+i] >> 2
+    """
+    N = q.shape[0]
+    u = q.reshape(N, -1, 4, 32).astype(np.uint8)  # (N, C, unit, i)
+    if bits == 4:
+        return np.concatenate([u[:, :, 0] | (u[:, :, 1] << 4), u[:, :, 2] | (u[:, :, 3] << 4)], axis=-1)
+    lo = u & 3
+    two = lo[:, :, 0] | (lo[:, :, 1] << 2) | (lo[:, :, 2] << 4) | (lo[:, :, 3] << 6)
+    if bits == 2:
+        return two
+    hi = np.packbits((u >> 2) & 1, axis=-1, bitorder="little").reshape(N, -1, 16)  # (N, C, 4 units * 4 bytes)
+    return np.concatenate([two, hi], axis=-1)
+
+
+def prepare_wn(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, group: int) -> PreparedWN:
+    """q uint8 (N, K) in [0, 2^bits-1]; s fp32 (N, K/group); z (N, K/group) integer-valued in [0, 2^bits-1].
+
+    Constraints: bits in {2, 3, 4}, group in {32, 64, 128}, K % group == 0.
+    Layout per row: blocks of up to 8 groups, each [codes of the block (chunks of 128 k, 16*bits bytes)]
+    [8 fp32 scales][8 u8 zero points] (missing groups of the last block are zero); rows padded to 64 bytes.
+    """
+    assert bits in (2, 3, 4) and group in (32, 64, 128)
+    qn = _as(q, torch.uint8).numpy()
+    N, K = qn.shape
+    assert K % group == 0, f"K={K} must be a multiple of group={group}"
+    G, GU = K // group, group // 32
+    sn = _as(s, torch.float32).numpy().reshape(N, G)
+    zn = _as(z, torch.float32).numpy().reshape(N, G)
+    assert qn.max(initial=0) < (1 << bits) and zn.min(initial=0) >= 0 and zn.max(initial=0) < (1 << bits)
+    NB = (G + 7) // 8
+    qp = np.zeros((N, _rup(K, 128)), np.uint8)
+    qp[:, :K] = qn
+    chunks = _encode_chunks(qp, bits)  # (N, C, 16*bits)
+    sp = np.zeros((N, NB * 8), np.float32)
+    sp[:, :G] = sn
+    zp = np.zeros((N, NB * 8), np.uint8)
+    zp[:, :G] = np.rint(zn).astype(np.uint8)
+    parts = []
+    cpb = 2 * GU  # chunks per full block (8 groups * GU units / 4 units per chunk)
+    for b in range(NB):
+        nb = min(8, G - 8 * b)
+        nch = (nb * GU + 3) // 4
+        parts += [
+            chunks[:, b * cpb : b * cpb + nch].reshape(N, -1),
+            sp[:, 8 * b : 8 * b + 8].view(np.uint8),
+            zp[:, 8 * b : 8 * b + 8],
+        ]
+    body = np.concatenate(parts, axis=1)
+    row_bytes = _rup(body.shape[1], 64)
+    blob = np.zeros((N, row_bytes), np.uint8)
+    blob[:, : body.shape[1]] = body
+    return PreparedWN(_t(blob), N, K, bits, group, row_bytes)
+
+
+def matmul_wna32(x: torch.Tensor, p: PreparedWN, threads: int = 1) -> torch.Tensor:
+    """y = sum_g s_g (sum_{k in g} x_k q_k - z_g sum_{k in g} x_k) (fp32)."""
+    lib = _need()
+    x = _as(x, torch.float32)
+    M, K = x.shape
+    assert K == p.K
+    y = _out(M, p.N)
+    rc = lib.lb_wna32(_ptr(x), M, K, _ptr(p.blob), p.row_bytes, p.N, p.bits, p.group, _ptr(y), threads)
+    if rc:
+        raise ValueError(f"unsupported bits={p.bits} group={p.group}")
+    return y
+
+
+def matmul_wna8(xq: torch.Tensor, sx: torch.Tensor, p: PreparedWN, threads: int = 1) -> torch.Tensor:
+    """y = sx[m] * sum_g s_g * float32(sum_{k in g} xq_k q_k - z_g sum_{k in g} xq_k)."""
+    lib = _need()
+    xq = _as(xq, torch.int8)
+    sx = _as(sx, torch.float32).reshape(-1)
+    M, K = xq.shape
+    assert K == p.K and sx.numel() == M
+    y = _out(M, p.N)
+    rc = lib.lb_wna8(_ptr(xq), _ptr(sx), M, K, _ptr(p.blob), p.row_bytes, p.N, p.bits, p.group, _ptr(y), threads)
+    if rc:
+        raise ValueError(f"unsupported bits={p.bits} group={p.group}")
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
+# Ternary (BitNet b1.58)
+# ------------------------------------------------------------------------------------------------
+
+
+class PreparedTernary:
+    """w: uint8 (N, Kp/4) 2-bit codes t+1 in int2-chunk layout, Kp = K rounded up to 128; sw fp32 (N,)."""
+
+    def __init__(self, w, sw, N, K):
+        self.w, self.sw, self.N, self.K = w, sw, N, K
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.numel() + 4 * self.sw.numel()
+
+
+def prepare_ternary(t: torch.Tensor, sw) -> PreparedTernary:
+    """t int8 (N, K) in {-1, 0, 1}; sw fp32 scalar (per tensor) or (N,) (per row). Any K."""
+    tn = _as(t, torch.int8).numpy()
+    N, K = tn.shape
+    assert np.abs(tn.astype(np.int16)).max(initial=0) <= 1
+    c = np.zeros((N, _rup(K, 128)), np.uint8)
+    c[:, :K] = (tn + 1).astype(np.uint8)
+    w = _encode_chunks(c, 2).reshape(N, -1)
+    swt = _as(sw, torch.float32).reshape(-1)
+    swt = swt.expand(N).contiguous() if swt.numel() == 1 else swt
+    assert swt.numel() == N
+    return PreparedTernary(_t(w), swt, N, K)
+
+
+def matmul_ternary(xq: torch.Tensor, sx: torch.Tensor, p: PreparedTernary, threads: int = 1) -> torch.Tensor:
+    """y = (sx[m]*sw[n]) * float32(sum_k xq t)."""
+    lib = _need()
+    xq = _as(xq, torch.int8)
+    sx = _as(sx, torch.float32).reshape(-1)
+    M, K = xq.shape
+    assert K == p.K and sx.numel() == M
+    y = _out(M, p.N)
+    lib.lb_ternary(_ptr(xq), _ptr(sx), M, K, _ptr(p.w), _ptr(p.sw), p.N, _ptr(y), threads)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
+# Binary weights
+# ------------------------------------------------------------------------------------------------
+
+
+class PreparedBinary:
+    """plain: int64 (N, Kp/64) (pack_signs layout, for w1a1) or None;
+    inter: uint8 (N, Kp/8) interleaved layout (for w1a8 / w1a32) or None; a: fp32 (N,); Kp = K rounded up to 256."""
+
+    def __init__(self, plain, inter, a, N, K):
+        self.plain, self.inter, self.a, self.N, self.K = plain, inter, a, N, K
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.plain, self.inter) if t is not None) + 4 * self.N
+
+
+def prepare_binary(b: torch.Tensor, a: torch.Tensor, layouts=("a1", "a8")) -> PreparedBinary:
+    """b bool (N, K) (True = +1), a fp32 (N,). layouts: 'a1' -> plain bits (w1a1), 'a8' or 'a32' ->
+    interleaved bits (w1a8 and w1a32 share it): per 256-k block, uint32 lane i bit j = b[base + 8j + i]."""
+    bn = _as(b, torch.bool).numpy()
+    N, K = bn.shape
+    Kp = _rup(K, 256)
+    plain = inter = None
+    if "a1" in layouts:
+        plain = pack_signs(torch.from_numpy(bn))
+    if "a8" in layouts or "a32" in layouts:
+        bp = np.zeros((N, Kp), np.bool_)
+        bp[:, :K] = bn
+        lanes = bp.reshape(N, Kp // 256, 32, 8).transpose(0, 1, 3, 2)  # (N, block, lane i, bit j)
+        inter = _t(np.packbits(lanes, axis=-1, bitorder="little").reshape(N, Kp // 8))
+    return PreparedBinary(plain, inter, _as(a, torch.float32).reshape(N), N, K)
+
+
+def matmul_w1a1(xbits: torch.Tensor, bx: torch.Tensor, p: PreparedBinary, threads: int = 1) -> torch.Tensor:
+    """xbits: bool (M, K) signs (packed here) or int64 (M, W) from pack_signs; bx fp32 (M,).
+    y = (bx[m]*a[n]) * float32(K - 2*popcount(bw ^ bx))."""
+    lib = _need()
+    assert p.plain is not None, "prepare_binary(..., layouts) without 'a1'"
+    xb = pack_signs(xbits) if xbits.dtype == torch.bool else _as(xbits, torch.int64)
+    bx = _as(bx, torch.float32).reshape(-1)
+    M = xb.shape[0]
+    assert xb.shape[1] == p.plain.shape[1] and bx.numel() == M
+    y = _out(M, p.N)
+    lib.lb_w1a1(_ptr(xb), _ptr(bx), M, p.K, _ptr(p.plain), _ptr(p.a), p.N, _ptr(y), threads)
+    return y
+
+
+def matmul_w1a8(xq: torch.Tensor, sx: torch.Tensor, p: PreparedBinary, threads: int = 1) -> torch.Tensor:
+    """y = (sx[m]*a[n]) * float32(2*sum_{bit=1} xq - sum_k xq)."""
+    lib = _need()
+    assert p.inter is not None, "prepare_binary(..., layouts) without 'a8'/'a32'"
+    xq = _as(xq, torch.int8)
+    sx = _as(sx, torch.float32).reshape(-1)
+    M, K = xq.shape
+    assert K == p.K and sx.numel() == M
+    y = _out(M, p.N)
+    lib.lb_w1a8(_ptr(xq), _ptr(sx), M, K, _ptr(p.inter), _ptr(p.a), p.N, _ptr(y), threads)
+    return y
+
+
+def matmul_w1a32(x: torch.Tensor, p: PreparedBinary, threads: int = 1) -> torch.Tensor:
+    """y = a[n] * (2*sum_{bit=1} x - sum_k x) (fp32)."""
+    lib = _need()
+    assert p.inter is not None, "prepare_binary(..., layouts) without 'a8'/'a32'"
+    x = _as(x, torch.float32)
+    M, K = x.shape
+    assert K == p.K
+    y = _out(M, p.N)
+    lib.lb_w1a32(_ptr(x), M, K, _ptr(p.inter), _ptr(p.a), p.N, _ptr(y), threads)
+    return y

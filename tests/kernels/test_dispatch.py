@@ -1,0 +1,169 @@
+"""Packed layers on native kernels: parity with the simulated layer for every format, dispatch, fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.formats import ACT_FORMATS, FORMATS
+from lowbit.kernels import native
+from lowbit.kernels.dispatch import bucket, layer_report, use_mode
+from lowbit.kernels.routes import int8_rows, route_for, sign_rows
+from lowbit.recipe import Recipe, Stage
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"no native kernels: {native.unavailable_reason()}")
+
+# Weight × activation formats; the route each must take (None: the dense reference path).
+CASES = [
+    ("int8", None, "w8a32"),
+    ("int8", "int8_token", "w8a8"),
+    ("int4_g32", None, "w4a32"),
+    ("int4_g128", None, "w4a32"),
+    ("int4_g128", "int8_token", "w4a8"),
+    ("int3_g64", None, "w3a32"),
+    ("int2_g64", None, "w2a32"),
+    ("int2_g64", "int8_token", "w2a8"),
+    ("ternary_absmean", "int8_token", "ternary"),
+    ("ternary_absmean", None, "w2a32"),
+    ("binary", None, "w1a32"),
+    ("binary", "int8_token", "w1a8"),
+    ("binary", "binary_token", "w1a1"),
+    ("binary_sign", "binary_token", "w1a1"),
+    ("fp8_e4m3", None, None),
+    ("fp4_e2m1", None, None),
+    ("int6", None, None),
+]
+
+
+def packed_layer(weights: str, acts: str | None, k: int = 384, n: int = 96) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(k, n))
+    recipe = Recipe(stages=(Stage(method="rtn", weights=FORMATS[weights], activations=acts and ACT_FORMATS[acts]),))
+    q = lowbit.compress(model, recipe, progress=False)
+    return q, lowbit.pack(q)
+
+
+def test_every_registered_format_is_covered() -> None:
+    assert {w for w, _, _ in CASES} | {"int8_asym", "int8_tensor", "int4", "int4_sym_g128", "int2"} >= {
+        f for f in FORMATS if FORMATS[f].kind in ("int", "ternary", "binary")
+    } - {"ternary_absmedian", "ternary_tbt", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3"}
+
+
+@pytest.mark.parametrize(("weights", "acts", "kernel"), CASES)
+def test_route_per_format(weights: str, acts: str | None, kernel: str | None) -> None:
+    _, p = packed_layer(weights, acts)
+    route = route_for(p[0])
+    assert (route.kernel if route else None) == kernel
+
+
+@needs_native
+@pytest.mark.parametrize(("weights", "acts", "kernel"), [c for c in CASES if c[2]])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_native_output_matches_simulated(weights: str, acts: str | None, kernel: str, rows: int) -> None:
+    q, p = packed_layer(weights, acts)
+    x = torch.randn(rows, 384)
+    with torch.no_grad(), use_mode("native"):
+        got = p(x)
+    want = q(x).detach()
+    assert layer_report(p[0])[0]["path"] == kernel
+    # Integer kernels agree up to the final float rescale, float kernels up to fp32 summation order.
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
+@needs_native
+@pytest.mark.parametrize(("weights", "acts"), [("int8", "int8_token"), ("ternary_absmean", "int8_token")])
+def test_integer_accumulation_is_exact(weights: str, acts: str) -> None:
+    q, p = packed_layer(weights, acts, k=4096, n=64)
+    x = torch.randn(3, 4096) * 3
+    xq, sx = int8_rows(x, ACT_FORMATS[acts])
+    exact = xq.long() @ q[0].codes.long().T  # int64 reference sums
+    scale = q[0].scale.reshape(-1).float()
+    with torch.no_grad(), use_mode("native"):
+        y = p(x) - q[0].bias
+    assert torch.equal(torch.round(y / (sx[:, None] * scale)).long(), exact)
+
+
+@needs_native
+def test_xnor_popcount_is_exact() -> None:
+    q, p = packed_layer("binary", "binary_token", k=1000, n=64)
+    x = torch.randn(5, 1000)
+    signs, bx = sign_rows(x, ACT_FORMATS["binary_token"])
+    sx, sw = signs.float() * 2 - 1, (q[0].codes > 0).float() * 2 - 1
+    exact = (sx @ sw.T).long()
+    with torch.no_grad(), use_mode("native"):
+        y = p(x) - q[0].bias
+    a = q[0].scale.reshape(-1).float()
+    assert torch.equal(torch.round(y / (bx[:, None] * a)).long(), exact)
+
+
+@needs_native
+def test_auto_dispatch_measures_once_and_picks_the_faster_path() -> None:
+    _, p = packed_layer("int4_g128", None, k=1024, n=1024)
+    with torch.no_grad():
+        p(torch.randn(1, 1024))
+        p(torch.randn(1, 1024))
+        p(torch.randn(3, 1024))
+    report = layer_report(p[0])
+    assert [r["rows"] for r in report] == [1, 4]
+    for r in report:
+        assert r["path"] == ("w4a32" if r["native_ms"] < r["dense_ms"] else "reference")
+
+
+def test_reference_mode_is_bit_exact_and_gradients_use_reference() -> None:
+    q, p = packed_layer("int4_g128", "int8_token")
+    x = torch.randn(4, 384)
+    with use_mode("reference"):
+        assert torch.equal(p(x), q(x))
+    xg = x.clone().requires_grad_(True)
+    p(xg).sum().backward()  # a differentiable input takes the reference path
+    assert xg.grad is not None
+    assert bucket(1) == 1 and bucket(3) == 4 and bucket(10_000) == 4096
+
+
+def test_forced_fallback_warns_once_and_matches(tmp_path) -> None:
+    code = (
+        "import warnings, torch, lowbit; from torch import nn\n"
+        "torch.manual_seed(0); m = nn.Sequential(nn.Linear(256, 64))\n"
+        "q = lowbit.compress(m, 'w1a1', progress=False); p = lowbit.pack(q); x = torch.randn(2, 256)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    with torch.no_grad(): ok = all(torch.equal(p(x), q(x)) for _ in range(3))\n"
+        "from lowbit.kernels import native\n"
+        "print(ok, native.available(), sum('reference kernel' in str(i.message) for i in w))\n"
+    )
+    # No compiler: the native library cannot be built, lowbit says so once and runs the reference kernel.
+    env = {**os.environ, "CXX": "/nonexistent/g++", "LOWBIT_KERNELS": "auto", "LOWBIT_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["True", "False", "1"], out.stderr
+
+
+@pytest.mark.slow
+def test_portable_build_without_simd_is_correct(tmp_path) -> None:
+    code = (
+        "import torch, lowbit; from torch import nn; from lowbit.kernels import native\n"
+        "from lowbit.kernels.dispatch import use_mode\n"
+        "torch.manual_seed(0); m = nn.Sequential(nn.Linear(512, 64))\n"
+        "ok = []\n"
+        "for preset in ('w1a1', 'w4g128', 'ternary', 'w8a8'):\n"
+        "    q = lowbit.compress(m, preset, progress=False); p = lowbit.pack(q); x = torch.randn(3, 512)\n"
+        "    with torch.no_grad(), use_mode('native'): y = p(x)\n"
+        "    ok.append(bool((y - q(x)).abs().max() <= 2e-5 * q(x).abs().max()))\n"
+        "print(all(ok), native.build_info()['isa'])\n"
+    )
+    env = {**os.environ, "LOWBIT_KERNELS": "portable", "LOWBIT_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.stdout.split() == ["True", "scalar"], out.stderr
+
+
+def test_bad_mode_is_refused(monkeypatch) -> None:
+    from lowbit.kernels.dispatch import mode
+
+    monkeypatch.setenv("LOWBIT_KERNELS", "fast")
+    with pytest.raises(ValueError, match="LOWBIT_KERNELS"):
+        mode()
