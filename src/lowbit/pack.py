@@ -64,11 +64,31 @@ def pack_layer(layer: QuantLayer) -> QuantLayer:
     return new
 
 
-def pack(model: nn.Module) -> nn.Module:
+KERNEL_ACTIVATIONS = ("exact", "int8")
+
+
+def pack(model: nn.Module, *, kernel_activations: str = "exact") -> nn.Module:
     """A deep copy of ``model`` with every quantized layer bit-packed, in eval mode with its parameters frozen:
     a packed model is an inference artifact, and its layers run native kernels only where no gradient is
-    wanted (`lowbit.kernels.dispatch`)."""
+    wanted (`lowbit.kernels.dispatch`).
+
+    ``kernel_activations="int8"`` lets weight-only int and binary layers quantize their input per token to int8
+    inside the native kernel (ONNX Runtime's ``accuracy_level=4``): much faster on CPUs, but the outputs then
+    differ from the simulated model by that rounding; the default ``"exact"`` computes what the simulated model
+    computes. `set_kernel_activations` changes it later."""
     packed = copy.deepcopy(model)
     for name, layer in quant_layers(packed):
         set_submodule(packed, name, pack_layer(layer))
+    set_kernel_activations(packed, kernel_activations)
     return packed.eval().requires_grad_(False)
+
+
+def set_kernel_activations(model: nn.Module, value: str) -> nn.Module:
+    """Set how the packed layers of ``model`` feed weight-only native kernels: ``"exact"`` or ``"int8"``."""
+    if value not in KERNEL_ACTIVATIONS:
+        raise ValueError(f"kernel_activations must be one of {', '.join(KERNEL_ACTIVATIONS)}, got {value!r}")
+    for layer in model.modules():
+        if isinstance(layer, PackedMixin):
+            layer.kernel_activations = value  # type: ignore[assignment]
+            layer._dispatch = False  # type: ignore[assignment]  # route and timings are re-derived
+    return model

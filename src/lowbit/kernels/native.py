@@ -124,7 +124,7 @@ def _load() -> None:
         _reason = f"cannot read source or create cache dir: {exc}"
         return
     errors = []
-    portable = os.environ.get("LOWBIT_KERNELS", "").lower() == "portable"
+    portable = os.environ.get("LOWBIT_KERNELS", "").lower() == "portable"  # what a CPU without AVX2 gets
     for flags in (_FLAGS_PORTABLE,) if portable else (_FLAGS, _FLAGS_PORTABLE):
         key = hashlib.sha256("\0".join([source, " ".join(flags), cc_version, _cpu_flags()]).encode()).hexdigest()[:24]
         path = cache / f"lowbit_kernels-{key}.so"
@@ -178,8 +178,16 @@ def _ptr(t: torch.Tensor) -> int:
 
 
 def _as(t, dtype: torch.dtype) -> torch.Tensor:
-    t = torch.as_tensor(t)
-    return t.to(dtype).contiguous()
+    """t as a contiguous CPU tensor of dtype (no copy when it already is one: this is on the hot path)."""
+    if not (isinstance(t, torch.Tensor) and t.dtype == dtype and t.is_cpu and t.is_contiguous()):
+        t = torch.as_tensor(t).to(device="cpu", dtype=dtype).contiguous()
+    return t
+
+
+def _vec(t) -> torch.Tensor:
+    """Per-row scale vector as contiguous fp32 1-D."""
+    t = _as(t, torch.float32)
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def _out(m: int, n: int) -> torch.Tensor:
@@ -269,7 +277,7 @@ def matmul_w8a8(xq: torch.Tensor, sx: torch.Tensor, p: PreparedW8, threads: int 
     """y = (sx[m]*s[n]) * float32(sum_k xq q) with xq int8 in [-127, 127]."""
     lib = _need()
     xq = _as(xq, torch.int8)
-    sx = _as(sx, torch.float32).reshape(-1)
+    sx = _vec(sx)
     M, K = xq.shape
     assert K == p.K and sx.numel() == M
     y = _out(M, p.N)
@@ -369,7 +377,7 @@ def matmul_wna8(xq: torch.Tensor, sx: torch.Tensor, p: PreparedWN, threads: int 
     """y = sx[m] * sum_g s_g * float32(sum_{k in g} xq_k q_k - z_g sum_{k in g} xq_k)."""
     lib = _need()
     xq = _as(xq, torch.int8)
-    sx = _as(sx, torch.float32).reshape(-1)
+    sx = _vec(sx)
     M, K = xq.shape
     assert K == p.K and sx.numel() == M
     y = _out(M, p.N)
@@ -413,7 +421,7 @@ def matmul_ternary(xq: torch.Tensor, sx: torch.Tensor, p: PreparedTernary, threa
     """y = (sx[m]*sw[n]) * float32(sum_k xq t)."""
     lib = _need()
     xq = _as(xq, torch.int8)
-    sx = _as(sx, torch.float32).reshape(-1)
+    sx = _vec(sx)
     M, K = xq.shape
     assert K == p.K and sx.numel() == M
     y = _out(M, p.N)
@@ -461,7 +469,7 @@ def matmul_w1a1(xbits: torch.Tensor, bx: torch.Tensor, p: PreparedBinary, thread
     lib = _need()
     assert p.plain is not None, "prepare_binary(..., layouts) without 'a1'"
     xb = pack_signs(xbits) if xbits.dtype == torch.bool else _as(xbits, torch.int64)
-    bx = _as(bx, torch.float32).reshape(-1)
+    bx = _vec(bx)
     M = xb.shape[0]
     assert xb.shape[1] == p.plain.shape[1] and bx.numel() == M
     y = _out(M, p.N)
@@ -474,7 +482,7 @@ def matmul_w1a8(xq: torch.Tensor, sx: torch.Tensor, p: PreparedBinary, threads: 
     lib = _need()
     assert p.inter is not None, "prepare_binary(..., layouts) without 'a8'/'a32'"
     xq = _as(xq, torch.int8)
-    sx = _as(sx, torch.float32).reshape(-1)
+    sx = _vec(sx)
     M, K = xq.shape
     assert K == p.K and sx.numel() == M
     y = _out(M, p.N)

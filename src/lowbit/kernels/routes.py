@@ -15,7 +15,9 @@ rescale.
 | binary | binary per token / int8 per token / float | ``w1a1`` (XNOR-popcount) / ``w1a8`` / ``w1a32`` |
 
 Everything else (fp8, fp4, int6, convolutions, static activations) has no route: the layer runs its dense
-reference path.
+reference path. A weight-only int or binary layer whose ``kernel_activations`` is ``"int8"`` (`lowbit.pack(...,
+kernel_activations="int8")`) takes the ``…a8`` kernel, quantizing its input per token to int8 inside the kernel as
+ONNX Runtime's ``accuracy_level=4`` does: faster on CPUs, at the cost of that rounding (not in the simulated model).
 
 Example:
     >>> import torch
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 
 from lowbit.formats.layout import to_units
+from lowbit.formats.registry import ACT_FORMATS
 from lowbit.formats.qtensor import encode, fit_params
 from lowbit.formats.spec import QuantSpec
 
@@ -91,6 +94,8 @@ def route_for(layer: nn.Module) -> Route | None:
         return None
     w: QuantSpec = layer.weight_spec
     act: QuantSpec | None = layer.act_spec
+    if act is None and getattr(layer, "kernel_activations", "exact") == "int8" and w.kind in ("int", "binary"):
+        act = ACT_FORMATS["int8_token"]  # opt-in: weight-only layers take int8 inputs inside the kernel
     if act is not None and not (_is_int8_token(act) or _is_binary_token(act)):
         return None
     n, k = layer._matrix_shape

@@ -101,6 +101,7 @@ class PackedLinear(PackedMixin, QuantLinear):
         super().__init__(*args, **kwargs)
         self._init_packed(zero_format)
         self._dispatch: Any = False
+        self.kernel_activations = "exact"  # or "int8": see lowbit.pack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from lowbit.kernels.dispatch import dispatch_linear

@@ -1,0 +1,329 @@
+"""Native kernels (`lowbit.kernels.native`): every kernel against a straightforward torch reference of its formula.
+
+Integer kernels (w8a8, ternary, w1a1, w1a8) are compared with torch.equal (bit-exact), float ones with a
+tolerance relative to |x|.|w| per output.
+"""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowbit.kernels import native
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# Only a machine without a C++ compiler may lack the native kernels; with one, a failed build is a test failure.
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler: lowbit uses the reference kernels"
+)
+
+
+def test_native_kernels_build_where_a_compiler_exists():
+    assert native.available(), native.unavailable_reason()
+
+
+MS = [1, 3, 17]
+THREADS = [1, 2]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def exact_dot(a, b):
+    """Exact integer a @ b.T via float64 (all sums here are far below 2^53), returned as int64."""
+    return (a.double() @ b.double().T).round().long()
+
+
+def close(y, ref, scale, rtol=1e-4):
+    """|y - ref| <= rtol * scale elementwise, scale = |x|.|w| style magnitude (M, N)."""
+    err = (y.double() - ref.double()).abs()
+    assert torch.all(err <= rtol * scale.double() + 1e-30), f"max rel err {(err / scale.double()).max():.3g}"
+
+
+def rand_xq(M, K, g):
+    xq = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
+    sx = torch.rand(M, generator=g) * 0.1 + 0.01
+    return xq, sx
+
+
+# ------------------------------------------------------------------------------------------------ int8
+
+
+@pytest.mark.parametrize("K,N", [(64, 16), (100, 33), (4096, 7), (37, 5)])
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("threads", THREADS)
+def test_w8a32(K, N, M, threads):
+    g = gen(K * 1000 + N + M)
+    q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    s = torch.rand(N, generator=g) + 0.1
+    x = torch.randn(M, K, generator=g)
+    p = native.prepare_w8(q, s)
+    y = native.matmul_w8a32(x, p, threads)
+    ref = s[None, :].double() * (x.double() @ q.double().T)
+    close(y, ref, (x.double().abs() @ q.double().abs().T) * s.double())
+
+
+@pytest.mark.parametrize("K,N", [(64, 16), (100, 33), (4096, 7), (37, 5)])
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("threads", THREADS)
+def test_w8a8(K, N, M, threads):
+    g = gen(K * 1000 + N + M + 1)
+    q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    q[0, :] = -128  # extreme codes
+    s = torch.rand(N, generator=g) + 0.1
+    xq, sx = rand_xq(M, K, g)
+    xq[0, : K // 2] = -127
+    p = native.prepare_w8(q, s)
+    y = native.matmul_w8a8(xq, sx, p, threads)
+    ref = (sx[:, None] * s[None, :]) * exact_dot(xq, q).to(torch.float32)
+    assert torch.equal(y, ref)
+
+
+def test_quantize_rows_int8():
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5], [-3.0, 1.5, 0.0]])
+    xq, sx = native.quantize_rows_int8(x)
+    assert sx[0] == 1.0 and torch.equal(xq[0], torch.zeros(3, dtype=torch.int8))
+    assert torch.allclose(sx[1], torch.tensor(2.0 / 127)) and xq[1].tolist() == [64, -127, 32]  # 63.5 -> 64 (even)
+    assert xq.dtype == torch.int8 and xq.abs().max() <= 127
+
+
+# ------------------------------------------------------------------------------------------------ int2/3/4 groups
+
+
+def wn_case(bits, group, K, N, M, seed):
+    g = gen(seed)
+    G = K // group
+    q = torch.randint(0, 2**bits, (N, K), generator=g, dtype=torch.uint8)
+    s = torch.rand(N, G, generator=g) * 0.1 + 0.01
+    z = torch.randint(0, 2**bits, (N, G), generator=g).float()
+    return q, s, z
+
+
+def wn_weight(q, s, z, group):
+    sk = s.repeat_interleave(group, dim=1).double()
+    zk = z.repeat_interleave(group, dim=1).double()
+    return (q.double() - zk) * sk
+
+
+WN_SHAPES = [(32, 64, 5), (32, 96, 9), (64, 320, 3), (128, 768, 6), (32, 1024, 4), (128, 128, 2), (64, 4096, 3)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group,K,N", WN_SHAPES)
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("threads", THREADS)
+def test_wna32(bits, group, K, N, M, threads):
+    q, s, z = wn_case(bits, group, K, N, M, bits * 7 + K + N + M)
+    x = torch.randn(M, K, generator=gen(K + M))
+    p = native.prepare_wn(q, s, z, bits, group)
+    y = native.matmul_wna32(x, p, threads)
+    w = wn_weight(q, s, z, group)
+    ref = x.double() @ w.T
+    scale = x.double().abs() @ w.abs().T + 1e-6
+    close(y, ref, scale)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group,K,N", WN_SHAPES)
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("threads", THREADS)
+def test_wna8(bits, group, K, N, M, threads):
+    q, s, z = wn_case(bits, group, K, N, M, bits * 11 + K + N + M)
+    xq, sx = rand_xq(M, K, gen(K + M + 5))
+    p = native.prepare_wn(q, s, z, bits, group)
+    y = native.matmul_wna8(xq, sx, p, threads)
+    # reference: exact int per-group sums d (M, N, G), then the float formula
+    G = K // group
+    xg = xq.long().reshape(M, G, group)
+    qg = q.long().reshape(N, G, group)
+    d = torch.einsum("mgk,ngk->mng", xg, qg) - z.long()[None] * xg.sum(-1)[:, None, :]
+    ref = sx.double()[:, None] * (d.double() * s.double()[None]).sum(-1)
+    scale = sx.double()[:, None] * (d.double().abs() * s.double()[None]).sum(-1) + 1e-6
+    close(y, ref, scale)
+
+
+def test_wn_rejects_bad_group():
+    with pytest.raises(AssertionError):
+        native.prepare_wn(torch.zeros(2, 96, dtype=torch.uint8), torch.ones(2, 1), torch.zeros(2, 1), 4, 64)
+
+
+# ------------------------------------------------------------------------------------------------ ternary
+
+
+@pytest.mark.parametrize("K,N", [(64, 8), (100, 13), (4096, 5), (130, 3), (384, 64)])
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_ternary(K, N, M, threads, per_row):
+    g = gen(K + N * 3 + M)
+    t = torch.randint(-1, 2, (N, K), generator=g, dtype=torch.int8)
+    sw = torch.rand(N, generator=g) + 0.5 if per_row else torch.tensor(0.37)
+    xq, sx = rand_xq(M, K, g)
+    p = native.prepare_ternary(t, sw)
+    y = native.matmul_ternary(xq, sx, p, threads)
+    swn = sw if per_row else sw.expand(N)
+    ref = (sx[:, None] * swn[None, :]) * exact_dot(xq, t).to(torch.float32)
+    assert torch.equal(y, ref)
+
+
+# ------------------------------------------------------------------------------------------------ binary
+
+BIN_SHAPES = [(8, 5), (64, 16), (100, 9), (256, 7), (300, 33), (4096, 6)]
+
+
+def sign_pm(b):
+    return b.double() * 2 - 1
+
+
+@pytest.mark.parametrize("K,N", BIN_SHAPES)
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("prepacked", [False, True])
+def test_w1a1(K, N, M, threads, prepacked):
+    g = gen(K * 5 + N + M)
+    bw = torch.rand(N, K, generator=g) > 0.5
+    bxb = torch.rand(M, K, generator=g) > 0.5
+    a = torch.rand(N, generator=g) + 0.1
+    bx = torch.rand(M, generator=g) + 0.1
+    p = native.prepare_binary(bw, a, layouts=("a1",))
+    xin = native.pack_signs(bxb) if prepacked else bxb
+    y = native.matmul_w1a1(xin, bx, p, threads)
+    pop = (bxb[:, None, :] ^ bw[None, :, :]).sum(-1)  # (M, N) popcount of XOR
+    ref = (bx[:, None] * a[None, :]) * (K - 2 * pop).to(torch.float32)
+    assert torch.equal(y, ref)
+    # the XNOR identity equals the +-1 dot product
+    assert torch.equal((K - 2 * pop).double(), sign_pm(bxb) @ sign_pm(bw).T)
+
+
+def test_pack_signs_layout():
+    b = torch.zeros(2, 70, dtype=torch.bool)
+    b[0, 0] = b[0, 63] = b[1, 64] = b[1, 69] = True
+    w = native.pack_signs(b)
+    assert w.shape == (2, 4) and w.dtype == torch.int64
+    assert w[0, 0].item() == (1 | -(1 << 63)) and w[0, 1:].eq(0).all()
+    assert w[1, 0].item() == 0 and w[1, 1].item() == (1 | 1 << 5)
+
+
+@pytest.mark.parametrize("K,N", BIN_SHAPES)
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("threads", THREADS)
+def test_w1a8(K, N, M, threads):
+    g = gen(K * 7 + N + M)
+    bw = torch.rand(N, K, generator=g) > 0.5
+    a = torch.rand(N, generator=g) + 0.1
+    xq, sx = rand_xq(M, K, g)
+    p = native.prepare_binary(bw, a, layouts=("a8",))
+    y = native.matmul_w1a8(xq, sx, p, threads)
+    s1 = exact_dot(xq, bw.to(torch.int8))
+    ref = (sx[:, None] * a[None, :]) * (2 * s1 - xq.long().sum(1, keepdim=True)).to(torch.float32)
+    assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("K,N", BIN_SHAPES)
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("threads", THREADS)
+def test_w1a32(K, N, M, threads):
+    g = gen(K * 9 + N + M)
+    bw = torch.rand(N, K, generator=g) > 0.5
+    a = torch.rand(N, generator=g) + 0.1
+    x = torch.randn(M, K, generator=g)
+    p = native.prepare_binary(bw, a, layouts=("a32",))
+    y = native.matmul_w1a32(x, p, threads)
+    ref = a[None, :].double() * (x.double() @ sign_pm(bw).T)
+    scale = a[None, :].double() * x.double().abs().sum(1, keepdim=True)
+    close(y, ref, scale)
+
+
+# ------------------------------------------------------------------------------------------------ large M tiles
+
+
+@pytest.mark.parametrize("M", [64, 70, 131])
+def test_large_m_all(M):
+    """Crosses the 64-row M-block boundary for every kernel."""
+    g = gen(M)
+    K, N = 256, 12
+    x = torch.randn(M, K, generator=g)
+    xq, sx = native.quantize_rows_int8(x)
+    q8 = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    s8 = torch.rand(N, generator=g) + 0.1
+    p8 = native.prepare_w8(q8, s8)
+    assert torch.equal(native.matmul_w8a8(xq, sx, p8, 2), (sx[:, None] * s8) * exact_dot(xq, q8).float())
+    close(
+        native.matmul_w8a32(x, p8, 2),
+        (x.double() @ q8.double().T) * s8.double(),
+        (x.double().abs() @ q8.double().abs().T) * s8.double(),
+    )
+    q, s, z = wn_case(4, 64, K, N, M, 3)
+    pw = native.prepare_wn(q, s, z, 4, 64)
+    w = wn_weight(q, s, z, 64)
+    close(native.matmul_wna32(x, pw, 2), x.double() @ w.T, x.double().abs() @ w.abs().T)
+    bw = torch.rand(N, K, generator=g) > 0.5
+    a = torch.rand(N, generator=g)
+    pb = native.prepare_binary(bw, a, layouts=("a1", "a8"))
+    bxb = x > 0
+    pop = (bxb[:, None, :] ^ bw[None, :, :]).sum(-1)
+    assert torch.equal(native.matmul_w1a1(bxb, sx, pb, 2), (sx[:, None] * a) * (K - 2 * pop).float())
+    s1 = exact_dot(xq, bw.to(torch.int8))
+    assert torch.equal(
+        native.matmul_w1a8(xq, sx, pb, 2), (sx[:, None] * a) * (2 * s1 - xq.long().sum(1, keepdim=True)).float()
+    )
+
+
+# ------------------------------------------------------------------------------------------------ build / fallback
+
+
+def _run_py(code, **env):
+    e = dict(os.environ, **env)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_build_info():
+    info = native.build_info()
+    assert info["path"] and pathlib.Path(info["path"]).exists()
+    assert info["isa"] in ("avx2", "scalar")
+    assert pathlib.Path(info["path"]).parent == pathlib.Path(os.environ["LOWBIT_CACHE_DIR"]) / "kernels"
+
+
+def test_second_import_uses_cache():
+    code = "from lowbit.kernels import native; i = native.build_info(); print(i['cached'], i['seconds'], i['path'])"
+    cached, seconds, path = _run_py(code).split()
+    assert cached == "True" and float(seconds) == 0.0 and path == native.build_info()["path"]
+
+
+def test_forced_reference_fallback():
+    code = (
+        "from lowbit.kernels import native; import torch\n"
+        "assert not native.available()\n"
+        "print(native.unavailable_reason())\n"
+        "p = native.prepare_w8(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2))\n"
+        "try:\n    native.matmul_w8a32(torch.zeros(1, 8), p)\nexcept RuntimeError as e:\n    print('raised')\n"
+        "b = native.pack_signs(torch.tensor([[True, False, True]]))\n"
+        "assert b[0, 0].item() == 5\n"
+    )
+    out = _run_py(code, LOWBIT_KERNELS="reference")
+    assert "LOWBIT_KERNELS=reference" in out and "raised" in out
+
+
+def test_scalar_path_matches(tmp_path):
+    """Build the portable path (no -march=native => no AVX2 on x86-64) and check a few kernels with it."""
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        pytest.skip("scalar build check is for x86-64")
+    code = (
+        "from lowbit.kernels import native; import torch\n"
+        "assert native.build_info()['isa'] == 'scalar', native.build_info()\n"
+        "from tests.kernels import test_native as t\n"
+        "for M in (1, 5):\n"
+        "    t.test_w8a8(100, 9, M, 2); t.test_w8a32(100, 9, M, 1); t.test_ternary(130, 3, M, 2, True)\n"
+        "    t.test_w1a1(300, 9, M, 2, False); t.test_w1a8(300, 9, M, 1); t.test_w1a32(300, 9, M, 2)\n"
+        "    for b in (2, 3, 4):\n"
+        "        t.test_wna8(b, 32, 96, 9, M, 2); t.test_wna32(b, 128, 768, 6, M, 1)\n"
+        "print('ok')\n"
+    )
+    assert _run_py(code, LOWBIT_CACHE_DIR=str(tmp_path), LOWBIT_KERNELS="portable").endswith("ok")
