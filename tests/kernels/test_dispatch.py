@@ -13,6 +13,7 @@ from torch import nn
 
 import lowbit
 from lowbit.formats import ACT_FORMATS, FORMATS
+from lowbit.kernels import native
 from lowbit.kernels.dispatch import bucket, layer_report, use_mode
 from lowbit.kernels.routes import int8_rows, route_for, sign_rows
 from lowbit.recipe import Recipe, Stage
@@ -95,8 +96,8 @@ def test_integer_accumulation_is_exact(weights: str, acts: str) -> None:
 def test_xnor_popcount_is_exact() -> None:
     q, p = packed_layer("binary", "binary_token", k=1000, n=64)
     x = torch.randn(5, 1000)
-    signs, bx = sign_rows(x, ACT_FORMATS["binary_token"])
-    sx, sw = signs.float() * 2 - 1, (q[0].codes > 0).float() * 2 - 1
+    _, bx = sign_rows(x, ACT_FORMATS["binary_token"])
+    sx, sw = (x >= 0).float() * 2 - 1, (q[0].codes > 0).float() * 2 - 1
     exact = (sx @ sw.T).long()
     with torch.no_grad(), use_mode("native"):
         y = p(x) - q[0].bias
@@ -159,6 +160,29 @@ def test_int8_kernel_activations_equal_the_int8_activation_model(weights: str, k
     assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
     with pytest.raises(ValueError, match="kernel_activations"):
         lowbit.pack(q_weight_only, kernel_activations="int4")
+
+
+@needs_native
+def test_c_activation_quantizer_is_bit_identical_to_the_simulated_one() -> None:
+    from lowbit.formats.layout import to_units
+    from lowbit.formats.qtensor import encode, fit_params
+
+    spec = ACT_FORMATS["int8_token"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1000, generator=g) * torch.logspace(-8, 6, 64)[:, None]
+    x[3] = 0.0
+    x[5, :7] = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5, 127.5, -127.5]) * float(x[5].abs().max()) / 127.5
+    x[7, 0] = float("inf")
+    u = to_units(x, "token", None)
+    s, _ = fit_params(u, spec, store=False)
+    want_q, want_s = encode(u, s, None, spec).reshape(x.shape).to(torch.int8), s.reshape(-1)
+    got_q, got_s = native.quantize_rows_symmetric(x, 127.0, 2.0**-20, 65504.0)
+    assert torch.equal(got_s, want_s)
+    assert torch.equal(got_q, want_q)
+    y = torch.randn(9, 1000, generator=g)
+    bits, scale = native.sign_rows(y, 2.0**-20, 65504.0)
+    assert torch.equal(bits, native.pack_signs(y >= 0))
+    torch.testing.assert_close(scale, y.abs().mean(-1), rtol=1e-6, atol=0)
 
 
 def test_bad_mode_is_refused(monkeypatch) -> None:

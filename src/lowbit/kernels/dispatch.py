@@ -133,7 +133,7 @@ def dispatch_linear(
     def native() -> torch.Tensor:
         y = disp.native(layer, x2d)
         if layer.bias is not None:
-            y = y + layer.bias
+            y.add_(layer.bias)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     key = (bucket(x2d.shape[0]), torch.get_num_threads())

@@ -13,6 +13,7 @@
 // ISA: the AVX2 path (#ifdef __AVX2__, needs AVX2+FMA) and a portable scalar path that works on the
 // same layouts (ARM, old x86). Integer kernels are exact (int32 sums); see each kernel for the final
 // float expression so a caller can reproduce results bit for bit.
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -650,6 +651,79 @@ LB_API void lb_pack_signs(const uint8_t* b, i64 R, i64 K, uint64_t* out) {
             dst[k / 32] = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(ld(src + k), 7));
 #endif
         for (; k < K; ++k) dst[k / 32] |= (uint32_t)(src[k] != 0) << (k & 31);
+    }
+}
+
+// --- Activation quantization, bit-identical to lowbit's torch path for symmetric per-token int8
+// (integer.fit + scales.runtime_scale + integer.encode): s = max|x| / qmax in fp32; NaN -> min_scale,
+// +inf -> max_scale, then s = max(s, min_scale); q = clamp(rint(x / s), -qmax - 1, qmax) (rint: ties to even,
+// as torch.round). A row containing NaN gets s = min_scale and its NaN entries code 0.
+LB_API void lb_quantize_rows_i8(const float* x, i64 M, i64 K, float qmax, float min_scale, float max_scale,
+                                int8_t* xq, float* sx) {
+    for (i64 m = 0; m < M; ++m) {
+        const float* xr = x + m * K;
+        float amax = 0.0f;
+        bool nan = false;
+        for (i64 k = 0; k < K; ++k) {
+            const float a = fabsf(xr[k]);
+            nan |= a != a;
+            amax = a > amax ? a : amax;
+        }
+        float s = amax / qmax;
+        if (nan) s = min_scale;
+        else if (s == INFINITY) s = max_scale;
+        if (s < min_scale) s = min_scale;
+        sx[m] = s;
+        int8_t* q = xq + m * K;
+        for (i64 k = 0; k < K; ++k) {
+            float v = rintf(xr[k] / s);
+            v = v < -qmax - 1.0f ? -qmax - 1.0f : v > qmax ? qmax : v;
+            q[k] = v == v ? (int8_t)v : 0;
+        }
+    }
+}
+
+// --- Signs of activation rows in the pack_signs layout (x >= 0 -> bit 1; NaN -> 0), straight from fp32, and,
+// when scale != NULL, the rows' mean |x| guarded as lowbit's runtime scales (NaN -> min_scale, +inf -> max_scale,
+// then >= min_scale). The mean is accumulated in double, so it can differ from torch's fp32 mean in the last bit.
+LB_API void lb_sign_rows(const float* x, i64 R, i64 K, uint64_t* out, float* scale, float min_scale,
+                         float max_scale) {
+    const i64 W = (K + 255) / 256 * 4;
+    for (i64 r = 0; r < R; ++r) {
+        const float* src = x + r * K;
+        uint32_t* dst = (uint32_t*)(out + r * W);
+        memset(dst, 0, W * 8);
+        i64 k = 0;
+        double acc = 0.0;
+#ifdef __AVX2__
+        const __m256 zero = _mm256_setzero_ps();
+        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+        for (; k + 32 <= K; k += 32) {
+            uint32_t bits = 0;
+            for (int j = 0; j < 4; ++j) {
+                const __m256 v = _mm256_loadu_ps(src + k + 8 * j);
+                bits |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ)) << (8 * j);
+                const __m256 av = _mm256_and_ps(v, absmask);
+                a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(av)));
+                a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(av, 1)));
+            }
+            dst[k / 32] = bits;
+        }
+        double t[4];
+        _mm256_storeu_pd(t, _mm256_add_pd(a0, a1));
+        acc = (t[0] + t[1]) + (t[2] + t[3]);
+#endif
+        for (; k < K; ++k) {
+            dst[k / 32] |= (uint32_t)(src[k] >= 0.0f) << (k & 31);
+            acc += fabs((double)src[k]);
+        }
+        if (scale) {
+            float s = (float)(acc / (double)K);
+            if (s != s) s = min_scale;
+            else if (s == INFINITY) s = max_scale;
+            scale[r] = s < min_scale ? min_scale : s;
+        }
     }
 }
 

@@ -97,6 +97,8 @@ def _bind(lib: ctypes.CDLL) -> None:
         "lb_ternary": ([P, P, I64, I64, P, P, I64, P, I], None),
         "lb_w1a1": ([P, P, I64, I64, P, P, I64, P, I], None),
         "lb_pack_signs": ([P, I64, I64, P], None),
+        "lb_quantize_rows_i8": ([P, I64, I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, P, P], None),
+        "lb_sign_rows": ([P, I64, I64, P, P, ctypes.c_float, ctypes.c_float], None),
         "lb_w1a8": ([P, P, I64, I64, P, P, I64, P, I], None),
         "lb_w1a32": ([P, I64, I64, P, P, I64, P, I], None),
     }
@@ -214,6 +216,35 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sx = torch.where(sx == 0, torch.ones_like(sx), sx)
     xq = torch.clamp(torch.round(x / sx[:, None]), -127, 127).to(torch.int8)
     return xq.contiguous(), sx.contiguous()
+
+
+def quantize_rows_symmetric(
+    x: torch.Tensor, qmax: float, min_scale: float, max_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 codes and fp32 scales, bit-identical to lowbit's per-token activation quantizer
+    (``s = max|x|/qmax`` guarded to ``[min_scale, …]``, ``q = clamp(round(x/s), −qmax−1, qmax)``), in one C pass."""
+    lib = _need()
+    x = _as(x, torch.float32)
+    M, K = x.shape
+    xq = torch.empty(M, K, dtype=torch.int8)
+    sx = torch.empty(M, dtype=torch.float32)
+    lib.lb_quantize_rows_i8(_ptr(x), M, K, qmax, min_scale, max_scale, _ptr(xq), _ptr(sx))
+    return xq, sx
+
+
+def sign_rows(
+    x: torch.Tensor, min_scale: float | None = None, max_scale: float = 65504.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Signs of fp32 rows (x >= 0 → 1) packed in the `pack_signs` layout, in one C pass; with ``min_scale`` also
+    each row's mean |x| guarded as a run-time scale (accumulated in double: it may differ from torch's fp32 mean
+    in the last bit)."""
+    lib = _need()
+    x = _as(x, torch.float32)
+    R, K = x.shape
+    out = torch.empty(R, _rup(K, 256) // 64, dtype=torch.int64)
+    scale = None if min_scale is None else torch.empty(R, dtype=torch.float32)
+    lib.lb_sign_rows(_ptr(x), R, K, _ptr(out), None if scale is None else _ptr(scale), min_scale or 0.0, max_scale)
+    return out, scale
 
 
 def pack_signs(b: torch.Tensor) -> torch.Tensor:

@@ -38,9 +38,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.formats import integer
 from lowbit.formats.layout import to_units
-from lowbit.formats.registry import ACT_FORMATS
 from lowbit.formats.qtensor import encode, fit_params
+from lowbit.formats.registry import ACT_FORMATS
+from lowbit.formats.scales import MAX_SCALE, MIN_SCALE, runtime_scale
 from lowbit.formats.spec import QuantSpec
 
 GROUPS = (32, 64, 128)
@@ -56,17 +58,30 @@ class Route:
 
 
 def int8_rows(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token int8 codes and fp32 scales of ``x`` (M, K), exactly as the simulated activation quantizer."""
+    """Per-token int8 codes and fp32 scales of ``x`` (M, K), exactly as the simulated activation quantizer (one C
+    pass when the native library is loaded, lowbit's torch functions otherwise)."""
+    from lowbit.kernels import native
+
+    if native.available():
+        _, qmax = integer.qrange(spec.bits, True)
+        return native.quantize_rows_symmetric(x, float(qmax), MIN_SCALE, MAX_SCALE)
     u = to_units(x.float(), "token", None)
     s, z = fit_params(u, spec, store=False)
     return encode(u, s, z, spec).reshape(x.shape).to(torch.int8).contiguous(), s.reshape(-1).contiguous()
 
 
 def sign_rows(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token signs (True = +1, zero → +1) and fp32 scales of ``x`` (M, K) for binary activations."""
-    u = to_units(x.float(), "token", None)
-    s, _ = fit_params(u, spec, store=False)
-    return (x >= 0).contiguous(), s.reshape(-1).contiguous()
+    """Per-token signs (zero → +1; packed words when the native library is loaded, else a bool tensor) and the
+    fp32 scales of ``x`` (M, K) for binary activations, as the simulated activation quantizer computes them (the
+    native mean |x| is accumulated in double and may differ from torch's in the last bit)."""
+    from lowbit.kernels import native
+
+    absmean = spec.scale_method != "none"
+    if native.available():
+        signs, scale = native.sign_rows(x, MIN_SCALE if absmean else None, MAX_SCALE)
+    else:
+        signs, scale = (x >= 0).contiguous(), runtime_scale(x.abs().mean(dim=-1)) if absmean else None
+    return signs, (torch.ones(x.shape[0]) if scale is None else scale.contiguous())
 
 
 def _is_int8_token(spec: QuantSpec | None) -> bool:
