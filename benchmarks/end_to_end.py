@@ -55,14 +55,13 @@ def ort_runners(model: torch.nn.Module, batch: Any, threads: int, tmp: str) -> d
     return out
 
 
-def bench(workload: str, batch_size: int, threads: int, presets: list[str], repeats: int) -> list[dict[str, Any]]:
-    torch.set_num_threads(threads)
+def build_models(workload: str, presets: list[str]) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
+    """fp32 and every packed preset of ``workload`` (compressed once), with each packed model's fidelity."""
     wl = get_workload(workload)
     base = wl.build()
-    batch = wl.example_batch(batch_size)
     calib = wl.calibration_batches(128)
     models: dict[str, torch.nn.Module] = {"fp32 PyTorch": base}
-    quality: dict[str, float] = {}
+    quality: dict[str, float] = {"fp32 PyTorch": 1.0}
     key = "cosine" if workload == "minilm" else "logit_cosine"
     for spec in presets:
         preset, _, acts = spec.partition("@")
@@ -71,15 +70,29 @@ def bench(workload: str, batch_size: int, threads: int, presets: list[str], repe
         with torch.no_grad():
             quality[f"lowbit {spec}"] = wl.evaluate(packed)[key]  # the packed model, on the kernels it runs
         models[f"lowbit {spec}"] = packed
+        print(f"{workload}: {spec} fidelity {quality[f'lowbit {spec}']:.4f}", flush=True)
+    return models, quality
+
+
+def bench(
+    workload: str,
+    models: dict[str, torch.nn.Module],
+    quality: dict[str, float],
+    batch_size: int,
+    threads: int,
+    repeats: int,
+) -> list[dict[str, Any]]:
+    torch.set_num_threads(threads)
+    batch = get_workload(workload).example_batch(batch_size)
     fns: dict[str, Any] = {}
     with torch.no_grad():
         for name, m in models.items():
-            run_model(m, batch)  # dispatch measures each layer's kernels once here
+            run_model(m, batch)  # dispatch measures each layer's kernels once per shape here
             fns[name] = lambda m=m: run_model(m, batch)
     with tempfile.TemporaryDirectory() as tmp:
-        fns.update(ort_runners(base, batch, threads, tmp))
+        fns.update(ort_runners(models["fp32 PyTorch"], batch, threads, tmp))
         with torch.no_grad():
-            stats = compare_latency(fns, repeats=repeats, threads=threads)
+            stats = compare_latency(fns, repeats=repeats, threads=threads, pause_s=0.02)
     fp32 = stats["fp32 PyTorch"].median_ms
     return [
         {
@@ -87,11 +100,11 @@ def bench(workload: str, batch_size: int, threads: int, presets: list[str], repe
             "batch": batch_size,
             "threads": threads,
             "path": name,
-            "ms": s.median_ms,
-            "speedup": fp32 / s.median_ms,
-            "quality": quality.get(name, 1.0 if name.endswith("fp32") or name == "fp32 PyTorch" else None),
+            "ms": st.median_ms,
+            "speedup": fp32 / st.median_ms,
+            "quality": quality.get(name, 1.0 if name == "ORT fp32" else None),
         }
-        for name, s in stats.items()
+        for name, st in stats.items()
     ]
 
 
@@ -122,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows: list[dict[str, Any]] = []
     for wl in args.workloads:
+        models, quality = build_models(wl, args.presets)
         for bs in args.batch_sizes:
             for threads in args.threads:
-                for r in bench(wl, bs, threads, args.presets, args.repeats):
+                for r in bench(wl, models, quality, bs, threads, args.repeats):
                     q = "" if r["quality"] is None else f"  fidelity {r['quality']:.4f}"
                     print(f"{wl:>10} b={bs:<3} t={threads} {r['path']:<24} {r['ms']:8.2f} ms {r['speedup']:5.2f}×{q}")
                     rows.append(r)

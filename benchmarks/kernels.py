@@ -53,6 +53,10 @@ FORMAT_ROWS: dict[str, tuple[str, str | None]] = {
     "w1a1": ("binary", "binary_token"),
 }
 Runner = Callable[[], None]
+#: Pause before each timed run: PyTorch's and ONNX Runtime's idle worker threads spin for a while after a call and
+#: would steal the second core from whichever contender runs next (measured: lowbit's int8 kernels at 2 threads
+#: ran 2× slower right after an ONNX Runtime session).
+IDLE_S = 0.02
 
 
 def lowbit_layers(k: int, n: int, weights: str, acts: str | None, count: int) -> list[nn.Module]:
@@ -139,12 +143,14 @@ def ort_runners(m: int, k: int, n: int, count: int, threads: int) -> dict[str, t
     return result
 
 
-def bench_shape(m: int, k: int, n: int, threads: int, formats: list[str], reps: int, stream_mib: int) -> list[dict]:
+def bench_shape(
+    m: int, k: int, n: int, threads: int, formats: list[str], reps: int, stream_mib: int, max_layers: int = 512
+) -> list[dict]:
     torch.set_num_threads(threads)
     stream = stream_mib << 20
 
     def count_for(nbytes: float) -> int:
-        return max(2, min(512, int(-(-stream // max(nbytes, 1)))))
+        return max(2, min(max_layers, int(-(-stream // max(nbytes, 1)))))
 
     x = torch.randn(m, k)
     runners: dict[str, tuple[Runner, int]] = {}
@@ -170,6 +176,7 @@ def bench_shape(m: int, k: int, n: int, threads: int, formats: list[str], reps: 
             run()  # warm-up: prepares kernel layouts, ORT allocations
         for _ in range(reps):
             for name, (run, count) in runners.items():
+                time.sleep(IDLE_S)  # let the previous contender's spinning worker threads go idle
                 t0 = time.perf_counter()
                 run()
                 times[name].append((time.perf_counter() - t0) / count)
@@ -207,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--stream-mib", type=int, default=96)
+    ap.add_argument(
+        "--max-layers", type=int, default=512, help="cap on the chain length (compute-bound large-M shapes)"
+    )
     ap.add_argument("--out", help="write the markdown table here")
     args = ap.parse_args(argv)
     if not native.available():
@@ -216,20 +226,20 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.shapes:
         m, k, n = (int(v) for v in shape.split("x"))
         for threads in args.threads:
-            new = bench_shape(m, k, n, threads, args.formats, args.reps, args.stream_mib)
+            new = bench_shape(m, k, n, threads, args.formats, args.reps, args.stream_mib, args.max_layers)
             for r in new:
                 print(
                     f"{r['shape']:>14} t={threads} {r['path']:<34} {r['ms']:8.3f} ms  {r['speedup']:6.2f}×", flush=True
                 )
             rows += new
-    text = markdown(rows, env)
+            if args.out:  # rewritten after every shape, so an interrupted run keeps what it measured
+                path = Path(args.out)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(markdown(rows, env))
+                os.replace(tmp, path)
     if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        print(f"wrote {path}")
+        print(f"wrote {args.out}")
     return 0
 
 

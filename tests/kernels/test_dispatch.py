@@ -116,6 +116,10 @@ def test_auto_dispatch_measures_once_and_picks_the_faster_path() -> None:
     assert [r["rows"] for r in report] == [1, 4]
     for r in report:
         assert r["path"] == ("w4a32" if r["native_ms"] < r["dense_ms"] else "reference")
+    if all(r["path"] == "reference" for r in report):  # memory: only what the chosen paths need stays
+        assert p[0]._dispatch.state is None
+    if report[-1]["path"] == "w4a32":
+        assert p[0]._cache is None
 
 
 def test_reference_mode_is_bit_exact_and_gradients_use_reference() -> None:

@@ -145,6 +145,11 @@ def dispatch_linear(
         native_ms, dense_ms = _best_ms(native), _best_ms(dense)
         decided = {"native_ms": native_ms, "dense_ms": dense_ms, "native": native_ms < dense_ms}
         disp.choice[key] = decided
+        # Keep only the weights the chosen paths need: the dequantized fp32 cache or the kernel layout.
+        if decided["native"]:
+            layer._cache = None
+        elif not any(c["native"] for c in disp.choice.values()):
+            disp.state = None
     return native() if decided["native"] else dense()
 
 

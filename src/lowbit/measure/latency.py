@@ -45,9 +45,17 @@ def _stats(samples: list[float], threads: int) -> LatencyStats:
 
 
 def compare_latency(
-    fns: dict[str, Callable[[], Any]], *, warmup: int = 3, repeats: int = 20, threads: int = 1
+    fns: dict[str, Callable[[], Any]],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    threads: int = 1,
+    pause_s: float = 0.0,
 ) -> dict[str, LatencyStats]:
-    """Time every candidate ``repeats`` times round-robin (so drift hits all alike) on ``threads`` threads."""
+    """Time every candidate ``repeats`` times round-robin (so drift hits all alike) on ``threads`` threads.
+
+    ``pause_s`` sleeps (untimed) before each run, so that worker threads one runtime leaves spinning (PyTorch,
+    ONNX Runtime, OpenMP) do not steal cores from the next candidate."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     samples: dict[str, list[float]] = {k: [] for k in fns}
@@ -58,6 +66,8 @@ def compare_latency(
                     fn()
             for _ in range(repeats):
                 for name, fn in fns.items():
+                    if pause_s:
+                        time.sleep(pause_s)
                     t0 = time.perf_counter()
                     fn()
                     samples[name].append((time.perf_counter() - t0) * 1e3)
