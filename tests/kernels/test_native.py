@@ -84,10 +84,14 @@ def test_w8a8(K, N, M, threads):
     assert torch.equal(y, ref)
 
 
+def quantize_rows_int8(x):
+    return native.quantize_rows_symmetric(x, 127.0, 2.0**-20, 65504.0)
+
+
 def test_quantize_rows_int8():
     x = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5], [-3.0, 1.5, 0.0]])
-    xq, sx = native.quantize_rows_int8(x)
-    assert sx[0] == 1.0 and torch.equal(xq[0], torch.zeros(3, dtype=torch.int8))
+    xq, sx = quantize_rows_int8(x)
+    assert sx[0] == 2.0**-20 and torch.equal(xq[0], torch.zeros(3, dtype=torch.int8))
     assert torch.allclose(sx[1], torch.tensor(2.0 / 127)) and xq[1].tolist() == [64, -127, 32]  # 63.5 -> 64 (even)
     assert xq.dtype == torch.int8 and xq.abs().max() <= 127
 
@@ -248,7 +252,7 @@ def test_large_m_all(M):
     g = gen(M)
     K, N = 256, 12
     x = torch.randn(M, K, generator=g)
-    xq, sx = native.quantize_rows_int8(x)
+    xq, sx = quantize_rows_int8(x)
     q8 = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
     s8 = torch.rand(N, generator=g) + 0.1
     p8 = native.prepare_w8(q8, s8)

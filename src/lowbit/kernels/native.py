@@ -7,7 +7,8 @@ Public API (all matmuls return a new fp32 tensor (M, N), bias NOT included; ``th
 "OpenMP default"):
 
     available() -> bool, unavailable_reason() -> str, build_info() -> dict
-    quantize_rows_int8(x) -> (xq int8 (M,K), sx fp32 (M,))
+    quantize_rows_symmetric(x, qmax, min_scale, max_scale) -> (xq int8 (M,K), sx fp32 (M,))
+    sign_rows(x, min_scale=None) -> (packed signs, mean|x| scales or None)
     pack_signs(b bool (R,K)) -> int64 tensor (R, ceil(K/256)*4) of packed sign bits (plain layout)
 
     prepare_w8(q, s)                  -> PreparedW8      ; matmul_w8a32(x, p, threads), matmul_w8a8(xq, sx, p, threads)
@@ -186,6 +187,14 @@ def _as(t, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
+def _int8_call(xq, sx, p) -> tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor]:
+    """Checked int8 activations (M, K), their per-row fp32 scales, M, K and the output buffer for prepared ``p``."""
+    xq, sx = _as(xq, torch.int8), _vec(sx)
+    M, K = xq.shape
+    assert K == p.K and sx.numel() == M, f"activations {tuple(xq.shape)} / {sx.numel()} scales do not fit K={p.K}"
+    return xq, sx, M, K, _out(M, p.N)
+
+
 def _vec(t) -> torch.Tensor:
     """Per-row scale vector as contiguous fp32 1-D."""
     t = _as(t, torch.float32)
@@ -207,15 +216,6 @@ def _rup(v: int, m: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # Activation helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8: sx = max|x_row|/127 (0 -> 1), xq = clamp(round(x/sx), -127, 127)."""
-    x = x.to(torch.float32)
-    sx = x.abs().amax(dim=1) / 127.0
-    sx = torch.where(sx == 0, torch.ones_like(sx), sx)
-    xq = torch.clamp(torch.round(x / sx[:, None]), -127, 127).to(torch.int8)
-    return xq.contiguous(), sx.contiguous()
 
 
 def quantize_rows_symmetric(
@@ -307,11 +307,7 @@ def matmul_w8a32(x: torch.Tensor, p: PreparedW8, threads: int = 1) -> torch.Tens
 def matmul_w8a8(xq: torch.Tensor, sx: torch.Tensor, p: PreparedW8, threads: int = 1) -> torch.Tensor:
     """y = (sx[m]*s[n]) * float32(sum_k xq q) with xq int8 in [-127, 127]."""
     lib = _need()
-    xq = _as(xq, torch.int8)
-    sx = _vec(sx)
-    M, K = xq.shape
-    assert K == p.K and sx.numel() == M
-    y = _out(M, p.N)
+    xq, sx, M, K, y = _int8_call(xq, sx, p)
     lib.lb_w8a8(_ptr(xq), _ptr(sx), M, K, _ptr(p.w), _ptr(p.s), p.N, p.Kp, _ptr(y), threads)
     return y
 
@@ -407,11 +403,7 @@ def matmul_wna32(x: torch.Tensor, p: PreparedWN, threads: int = 1) -> torch.Tens
 def matmul_wna8(xq: torch.Tensor, sx: torch.Tensor, p: PreparedWN, threads: int = 1) -> torch.Tensor:
     """y = sx[m] * sum_g s_g * float32(sum_{k in g} xq_k q_k - z_g sum_{k in g} xq_k)."""
     lib = _need()
-    xq = _as(xq, torch.int8)
-    sx = _vec(sx)
-    M, K = xq.shape
-    assert K == p.K and sx.numel() == M
-    y = _out(M, p.N)
+    xq, sx, M, K, y = _int8_call(xq, sx, p)
     rc = lib.lb_wna8(_ptr(xq), _ptr(sx), M, K, _ptr(p.blob), p.row_bytes, p.N, p.bits, p.group, _ptr(y), threads)
     if rc:
         raise ValueError(f"unsupported bits={p.bits} group={p.group}")
@@ -451,11 +443,7 @@ def prepare_ternary(t: torch.Tensor, sw) -> PreparedTernary:
 def matmul_ternary(xq: torch.Tensor, sx: torch.Tensor, p: PreparedTernary, threads: int = 1) -> torch.Tensor:
     """y = (sx[m]*sw[n]) * float32(sum_k xq t)."""
     lib = _need()
-    xq = _as(xq, torch.int8)
-    sx = _vec(sx)
-    M, K = xq.shape
-    assert K == p.K and sx.numel() == M
-    y = _out(M, p.N)
+    xq, sx, M, K, y = _int8_call(xq, sx, p)
     lib.lb_ternary(_ptr(xq), _ptr(sx), M, K, _ptr(p.w), _ptr(p.sw), p.N, _ptr(y), threads)
     return y
 
@@ -512,11 +500,7 @@ def matmul_w1a8(xq: torch.Tensor, sx: torch.Tensor, p: PreparedBinary, threads: 
     """y = (sx[m]*a[n]) * float32(2*sum_{bit=1} xq - sum_k xq)."""
     lib = _need()
     assert p.inter is not None, "prepare_binary(..., layouts) without 'a8'/'a32'"
-    xq = _as(xq, torch.int8)
-    sx = _vec(sx)
-    M, K = xq.shape
-    assert K == p.K and sx.numel() == M
-    y = _out(M, p.N)
+    xq, sx, M, K, y = _int8_call(xq, sx, p)
     lib.lb_w1a8(_ptr(xq), _ptr(sx), M, K, _ptr(p.inter), _ptr(p.a), p.N, _ptr(y), threads)
     return y
 
