@@ -119,14 +119,13 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     kernels = _packed_dispatch(model, res.workload, args) if getattr(args, "packed", False) else None
     if kernels is not None:
         model = kernels.pop("__model__")
+        kernels_slower = kernels.pop("__slower__")
     table = Table(title=f"{args.model}" + (f" with {args.recipe}" if args.recipe else ""))
     columns = ["layer", "type", "shape", "params", "MACs", "format", "activations"]
     if kernels is not None:
-        columns += ["kernel", "chosen", "kernel ms", "fp32 ms", "speed-up"]
+        columns += ["kernel", "chosen", "kernel ms", "dense ms", "fp32 ms", "vs fp32"]
     for col in columns:
-        table.add_column(
-            col, justify="right" if col in ("params", "MACs", "kernel ms", "fp32 ms", "speed-up") else "left"
-        )
+        table.add_column(col, justify="right" if col in ("params", "MACs") or col.endswith(("ms", "fp32")) else "left")
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLayer)] + [
         n for n, _ in quantizable_layers(model)
     ]
@@ -146,7 +145,7 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
             act,
         ]
         if kernels is not None:
-            row += kernels.get(name, ["-", "fp32", "-", "-", "-"])
+            row += kernels.get(name, ["-", "fp32", "-", "-", "-", "-"])
         table.add_row(*row)
     console.print(table)
     if kernels is not None:
@@ -154,9 +153,13 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
 
         info = native.build_info()
         state = f"native kernels: {info['isa']}" if native.available() else f"no native kernels ({info['reason']})"
+        slower = kernels_slower
         console.print(
-            f"{state}; batch {args.batch_size}, {args.threads} thread(s); 'chosen' is the faster of the kernel "
-            "and the dense reference path (fp32 matmul on the dequantized weight), measured once per shape"
+            f"{state}; batch {args.batch_size}, {args.threads} thread(s). 'chosen' is the faster of the kernel and "
+            "the dense reference path (fp32 matmul on the dequantized weight, after simulated activation "
+            "quantization where the format has it), measured once per shape; 'fp32 ms' is a float linear of the "
+            "same shape on the same input, 'vs fp32' its time over the chosen path's. "
+            + (f"Slower than fp32: {', '.join(slower)}." if slower else "No packed linear layer is slower than fp32.")
         )
     with torch.no_grad():
         total = sum(p.numel() for p in model.parameters())
@@ -182,16 +185,22 @@ def _packed_dispatch(model: Any, workload: Any, args: argparse.Namespace) -> dic
     with torch.no_grad():
         run_model(packed, batch)
     cells: dict[str, Any] = {"__model__": packed}
+    slower: list[str] = []
     for name, m in packed.named_modules():
         if not isinstance(m, PackedMixin):
             continue
         rows = layer_report(m)
         r = rows[-1]
         if r.get("native_ms") is None:
-            cells[name] = [r.get("kernel") or "-", r["path"], "-", "-", "-"]
+            cells[name] = [r.get("kernel") or "-", r["path"], "-", "-", "-", "-"]
         else:
-            ratio = r["dense_ms"] / r["native_ms"]
-            cells[name] = [r["kernel"], r["path"], f"{r['native_ms']:.3f}", f"{r['dense_ms']:.3f}", f"{ratio:.2f}×"]
+            chosen = min(r["native_ms"], r["dense_ms"])
+            ratio = r["fp32_ms"] / chosen
+            if ratio < 1:
+                slower.append(name)
+            ms = [f"{r[k]:.3f}" for k in ("native_ms", "dense_ms", "fp32_ms")]
+            cells[name] = [r["kernel"], r["path"], *ms, f"{ratio:.2f}×"]
+    cells["__slower__"] = slower
     return cells
 
 

@@ -15,7 +15,7 @@ import lowbit
 from lowbit.formats import ACT_FORMATS, FORMATS
 from lowbit.kernels import native
 from lowbit.kernels.dispatch import bucket, layer_report, use_mode
-from lowbit.kernels.routes import int8_rows, route_for, sign_rows
+from lowbit.kernels.routes import route_for
 from lowbit.recipe import Recipe, Stage
 
 needs_native = pytest.mark.skipif(
@@ -84,7 +84,7 @@ def test_native_output_matches_simulated(weights: str, acts: str | None, kernel:
 def test_integer_accumulation_is_exact(weights: str, acts: str) -> None:
     q, p = packed_layer(weights, acts, k=4096, n=64)
     x = torch.randn(3, 4096) * 3
-    xq, sx = int8_rows(x, ACT_FORMATS[acts])
+    xq, sx = native.quantize_rows_symmetric(x, 127.0, 2.0**-20, 65504.0)
     exact = xq.long() @ q[0].codes.long().T  # int64 reference sums
     scale = q[0].scale.reshape(-1).float()
     with torch.no_grad(), use_mode("native"):
@@ -96,7 +96,7 @@ def test_integer_accumulation_is_exact(weights: str, acts: str) -> None:
 def test_xnor_popcount_is_exact() -> None:
     q, p = packed_layer("binary", "binary_token", k=1000, n=64)
     x = torch.randn(5, 1000)
-    _, bx = sign_rows(x, ACT_FORMATS["binary_token"])
+    _, bx = native.sign_rows(x, 2.0**-20, 65504.0)
     sx, sw = (x >= 0).float() * 2 - 1, (q[0].codes > 0).float() * 2 - 1
     exact = (sx @ sw.T).long()
     with torch.no_grad(), use_mode("native"):
@@ -190,8 +190,42 @@ def test_c_activation_quantizer_is_bit_identical_to_the_simulated_one() -> None:
 
 
 def test_bad_mode_is_refused(monkeypatch) -> None:
+    from lowbit.kernels import dispatch
     from lowbit.kernels.dispatch import mode
 
+    monkeypatch.setattr(dispatch, "_env_mode", None)  # read LOWBIT_KERNELS afresh
     monkeypatch.setenv("LOWBIT_KERNELS", "fast")
     with pytest.raises(ValueError, match="LOWBIT_KERNELS"):
         mode()
+
+
+@needs_native
+@pytest.mark.parametrize("kernel_activations", ["exact", "int8"])
+def test_real_valued_zero_points_run_natively(kernel_activations: str) -> None:
+    # HQQ stores real (fp16) zero points: the kernel runs with zero points 0 and subtracts Σ_g s·z·Σ_g x.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(384, 96))
+    q = lowbit.compress(model, "w4g128-hqq", progress=False)
+    assert not torch.equal(q[0].zero, q[0].zero.round())
+    p = lowbit.pack(q, kernel_activations=kernel_activations)
+    assert p[0].zero_format == "fp16"
+    kernel = "w4a32" if kernel_activations == "exact" else "w4a8"
+    assert route_for(p[0]).kernel == kernel
+    x = torch.randn(5, 384)
+    with torch.no_grad(), use_mode("native"):
+        got = p(x)
+    if kernel_activations == "int8":  # the simulated reference: same weights, int8 per-token inputs
+        xq, sx = native.quantize_rows_symmetric(x, 127.0, 2.0**-20, 65504.0)
+        x = xq.float() * sx[:, None]
+    w = (q[0].codes.float() - q[0].zero.repeat_interleave(128, dim=1)) * q[0].scale.repeat_interleave(128, dim=1)
+    want = (x @ w.T + q[0].bias).detach()
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
+@needs_native
+def test_native_linear_checks_its_input() -> None:
+    _, p = packed_layer("int8", "int8_token")
+    with torch.no_grad(), use_mode("native"):
+        p(torch.randn(1, 384))
+    with pytest.raises(ValueError, match="384"):
+        native.linear(p[0]._dispatch.state, torch.randn(2, 100))

@@ -292,7 +292,9 @@ def test_build_info():
     info = native.build_info()
     assert info["path"] and pathlib.Path(info["path"]).exists()
     assert info["isa"] in ("avx2", "scalar")
-    assert pathlib.Path(info["path"]).parent == pathlib.Path(os.environ["LOWBIT_CACHE_DIR"]) / "kernels"
+    root = os.environ.get("LOWBIT_CACHE_DIR")
+    base = pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "lowbit"
+    assert pathlib.Path(info["path"]).parent == base / "kernels"
 
 
 def test_second_import_uses_cache():
@@ -328,6 +330,10 @@ def test_scalar_path_matches(tmp_path):
         "    t.test_w1a1(300, 9, M, 2, False); t.test_w1a8(300, 9, M, 1); t.test_w1a32(300, 9, M, 2)\n"
         "    for b in (2, 3, 4):\n"
         "        t.test_wna8(b, 32, 96, 9, M, 2); t.test_wna32(b, 128, 768, 6, M, 1)\n"
+        "from tests.kernels import test_dispatch as d\n"  # whole layers through lb_linear
+        "for w, a, k in d.CASES[:13]:\n"
+        "    d.test_native_output_matches_simulated(w, a, k, 3)\n"
+        "d.test_real_valued_zero_points_run_natively('int8')\n"
         "print('ok')\n"
     )
     assert _run_py(code, LOWBIT_CACHE_DIR=str(tmp_path), LOWBIT_KERNELS="portable").endswith("ok")

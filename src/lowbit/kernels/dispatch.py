@@ -30,23 +30,28 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lowbit.kernels.routes import Route, route_for
 
 MODES = ("auto", "native", "reference", "portable")
 REPEATS = 3
 _mode_override: list[str] = []
+_env_mode: str | None = None  # LOWBIT_KERNELS, read once: an environment lookup costs microseconds per layer call
 _warned: set[str] = set()
 
 
 def mode() -> str:
-    """The active dispatch mode (``use_mode`` beats ``LOWBIT_KERNELS``; default ``auto``)."""
+    """The active dispatch mode (``use_mode`` beats ``LOWBIT_KERNELS``, read at first use; default ``auto``)."""
+    global _env_mode
     if _mode_override:
         return _mode_override[-1]
-    value = os.environ.get("LOWBIT_KERNELS", "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"LOWBIT_KERNELS={value!r} is not one of {', '.join(MODES)}")
-    return value
+    if _env_mode is None:
+        value = os.environ.get("LOWBIT_KERNELS", "auto").strip().lower() or "auto"
+        if value not in MODES:
+            raise ValueError(f"LOWBIT_KERNELS={value!r} is not one of {', '.join(MODES)}")
+        _env_mode = value
+    return _env_mode
 
 
 @contextlib.contextmanager
@@ -99,15 +104,53 @@ def _best_ms(fn: Callable[[], Any]) -> float:
 class LayerDispatch:
     """Per-layer state: the route, its prepared weights (built once) and the decision per batch bucket."""
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, layer: Any) -> None:
         self.route = route
+        # weight-only layer without input scale / shift: its dense path is one F.linear on the cached weight
+        self.plain = layer.act is None and layer.input_scale is None and layer.input_shift is None
         self.state: Any = None
-        self.choice: dict[tuple[int, int], dict[str, Any]] = {}
+        self.choice: dict[tuple[int, int], dict[str, Any]] = {}  # (bucket, threads) → what was measured
+        self.decided: dict[tuple[int, int], bool] = {}  # (rows, threads) → native? (the per-call lookup)
+        from lowbit.kernels import native
 
-    def native(self, layer: Any, x2d: torch.Tensor) -> torch.Tensor:
+        self._linear = native.linear
+
+    def native(self, layer: Any, x2d: torch.Tensor, threads: int) -> torch.Tensor:
         if self.state is None:
             self.state = self.route.prepare(layer)
-        return self.route.run(x2d, self.state, torch.get_num_threads())
+        return self._linear(self.state, x2d, threads, layer.bias)
+
+    def dense(self, layer: Any, x: torch.Tensor, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
+        w = layer._cache if self.plain else None
+        return F.linear(x, w, layer.bias) if w is not None and w.is_cpu else dense()
+
+    def decide(
+        self, layer: Any, x: torch.Tensor, x2d: torch.Tensor, threads: int, dense: Callable[[], torch.Tensor], how: str
+    ) -> bool:
+        """Native or dense for this input's batch bucket: measured once per bucket in ``auto`` mode."""
+        key = (bucket(x2d.shape[0]), threads)
+        if how != "auto":
+            self.choice.setdefault(key, {"native_ms": None, "dense_ms": None, "fp32_ms": None, "native": True})
+            return True
+        c = self.choice.get(key)
+        if c is None or c["native_ms"] is None:
+            native_ms = _best_ms(lambda: self.native(layer, x2d, threads))
+            dense_ms = _best_ms(lambda: self.dense(layer, x, dense))
+            w = layer.weight_matrix()  # what an fp32 layer of this shape costs (for the report, not the choice)
+            fp32_ms = _best_ms(lambda: F.linear(x2d, w, layer.bias))
+            c = self.choice[key] = {
+                "native_ms": native_ms,
+                "dense_ms": dense_ms,
+                "fp32_ms": fp32_ms,
+                "native": native_ms < dense_ms,
+            }
+            # Keep only the weights the chosen paths need: the dequantized fp32 cache or the kernel layout.
+            if c["native"]:
+                layer._cache = None
+            elif not any(v["native"] for v in self.choice.values()):
+                self.state = None
+        self.decided[(x2d.shape[0], threads)] = c["native"]
+        return c["native"]
 
 
 def dispatch_linear(
@@ -115,42 +158,32 @@ def dispatch_linear(
 ) -> torch.Tensor:
     """Output of packed linear ``layer`` on ``x``: native kernel or ``dense()`` (the reference forward).
 
-    ``transform`` applies the layer's input scale / shift (everything before activation quantization).
+    ``transform`` applies the layer's input scale / shift (everything before activation quantization). This is
+    on every forward's path, so a decided call does little more than one dict lookup and one C call.
     """
-    current = mode()
-    if current == "reference" or (x.requires_grad and torch.is_grad_enabled()) or x.device.type != "cpu":
+    disp: LayerDispatch | None | bool = layer._dispatch
+    how = _mode_override[-1] if _mode_override else _env_mode or mode()
+    if how == "reference" or (x.requires_grad and torch.is_grad_enabled()) or not x.is_cpu:
         return dense()
-    disp: LayerDispatch | None | bool = getattr(layer, "_dispatch", False)
     if disp is False:
         route = route_for(layer)
-        disp = LayerDispatch(route) if route is not None and _native_ready() else None
+        disp = LayerDispatch(route, layer) if route is not None and _native_ready() else None
         layer._dispatch = disp
     if disp is None:
         return dense()
-    k = x.shape[-1]
-    x2d = transform(x).reshape(-1, k).float().contiguous()
-
-    def native() -> torch.Tensor:
-        y = disp.native(layer, x2d)
-        if layer.bias is not None:
-            y.add_(layer.bias)
-        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
-
-    key = (bucket(x2d.shape[0]), torch.get_num_threads())
-    if current in ("native", "portable"):
-        disp.choice.setdefault(key, {"native_ms": None, "dense_ms": None, "native": True})
-        return native()
-    decided = disp.choice.get(key)
-    if decided is None or decided["native_ms"] is None:
-        native_ms, dense_ms = _best_ms(native), _best_ms(dense)
-        decided = {"native_ms": native_ms, "dense_ms": dense_ms, "native": native_ms < dense_ms}
-        disp.choice[key] = decided
-        # Keep only the weights the chosen paths need: the dequantized fp32 cache or the kernel layout.
-        if decided["native"]:
-            layer._cache = None
-        elif not any(c["native"] for c in disp.choice.values()):
-            disp.state = None
-    return native() if decided["native"] else dense()
+    x2d = transform(x)
+    if x2d.dim() != 2:
+        x2d = x2d.reshape(-1, x.shape[-1])
+    threads = torch.get_num_threads()
+    use_native = disp.decided.get((x2d.shape[0], threads)) if how == "auto" else None
+    if use_native is None:
+        use_native = disp.decide(layer, x, x2d, threads, dense, how)
+    if not use_native:
+        return disp.dense(layer, x, dense)
+    y = disp.native(layer, x2d, threads)
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], -1)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def layer_report(layer: Any) -> list[dict[str, Any]]:
@@ -168,6 +201,7 @@ def layer_report(layer: Any) -> list[dict[str, Any]]:
             "path": disp.route.kernel if c["native"] else "reference",
             "native_ms": c["native_ms"],
             "dense_ms": c["dense_ms"],
+            "fp32_ms": c["fp32_ms"],
         }
         for (rows, threads), c in sorted(disp.choice.items())
     ]

@@ -163,7 +163,7 @@ LB_API int lb_isa(void) {
     return 0;
 #endif
 }
-LB_API int lb_abi_version(void) { return 1; }
+LB_API int lb_abi_version(void) { return 2; }
 
 // ================================================================================================
 // W8A32 — int8 per-channel weights, fp32 activations.
@@ -850,4 +850,121 @@ LB_API void lb_w1a32(const float* x, i64 M, i64 K, const uint8_t* w, const float
     });
     free(own);
     free(sxr);
+}
+
+// ================================================================================================
+// One call per layer forward: lb_linear(L, x, M, y, threads, bias) = act_quant(x) · W^T (+ bias), fp32 in / out.
+//   The activation quantization of the layer (int8 per row, or signs + mean |x| per row) happens here, in the
+//   same expressions as lb_quantize_rows_i8 / lb_sign_rows, then the weight kernel runs; so a Python caller
+//   pays one foreign call per layer instead of three to five tensor operations.
+//   Real-valued (non-integer) zero points of group-wise weights: the blob holds zero points 0 and `sz` the
+//   (N, G) fp32 products s_g * z_g; the kernel result is corrected by y[m,n] -= sum_g sz[n,g] * X[m,g], with
+//   X[m,g] the group sum of the activations the kernel saw (sx[m] * sum xq for int8, sum x for fp32).
+// ================================================================================================
+enum { LB_W8 = 1, LB_WN = 2, LB_TERNARY = 3, LB_BIN_PLAIN = 4, LB_BIN_INTER = 5 };
+enum { LB_ACT_F32 = 0, LB_ACT_I8 = 1, LB_ACT_SIGN = 2 };
+
+struct lb_layer {
+    int32_t wkind, akind;     // LB_W8 ... / LB_ACT_...
+    i64 N, K, ld;             // ld: Kp (W8) or row_bytes (WN); unused otherwise
+    const void* w;            // weight layout of native.py's prepare_*
+    const float* s;           // per-row scales (W8, TERNARY, BIN_*)
+    const float* sz;          // WN with real zero points: (N, G) s*z, else NULL
+    int32_t bits, group;      // WN
+    float qmax, min_scale, max_scale;  // activation quantizer (I8: qmax; SIGN: min_scale > 0 -> mean |x| scale)
+    int32_t sign_scale;       // SIGN: 1 -> per-row mean |x| scale, 0 -> scale 1
+};
+
+LB_API int lb_layer_size(void) { return (int)sizeof(lb_layer); }
+
+static void sz_correct(const lb_layer* L, const float* x, const int8_t* xq, const float* sx, i64 M, float* y,
+                       int threads) {
+    const i64 K = L->K, N = L->N, g = L->group, G = K / g;
+    float* X = (float*)scratch(sizeof(float) * M * G);
+    for (i64 m = 0; m < M; ++m)
+        for (i64 j = 0; j < G; ++j) {
+            if (xq) {
+                int32_t t = 0;
+                for (i64 i = 0; i < g; ++i) t += xq[m * K + j * g + i];
+                X[m * G + j] = sx[m] * (float)t;
+            } else {
+                float t = 0.f;
+                for (i64 i = 0; i < g; ++i) t += x[m * K + j * g + i];
+                X[m * G + j] = t;
+            }
+        }
+#pragma omp parallel for num_threads(nthreads(threads)) schedule(static) if (M * N * G > 65536)
+    for (i64 n = 0; n < N; ++n) {
+        const float* szn = L->sz + n * G;
+        for (i64 m = 0; m < M; ++m) {
+            float t = 0.f;
+            for (i64 j = 0; j < G; ++j) t += szn[j] * X[m * G + j];
+            y[m * N + n] -= t;
+        }
+    }
+    free(X);
+}
+
+// Returns 0, or -1 for a layer description no kernel handles, -2 when scratch memory could not be allocated.
+LB_API int lb_linear(const lb_layer* L, const float* x, i64 M, float* y, int threads, const float* bias) {
+    const i64 K = L->K, N = L->N;
+    int rc = 0;
+    int8_t* xq = nullptr;
+    float* sx = nullptr;
+    uint64_t* xb = nullptr;
+    if (L->akind == LB_ACT_I8) {
+        xq = (int8_t*)malloc(M * K + 64);
+        sx = (float*)malloc(sizeof(float) * M + 64);
+        if (!xq || !sx) rc = -2;
+        else lb_quantize_rows_i8(x, M, K, L->qmax, L->min_scale, L->max_scale, xq, sx);
+    } else if (L->akind == LB_ACT_SIGN) {
+        xb = (uint64_t*)malloc(sizeof(uint64_t) * M * ((K + 255) / 256 * 4) + 64);
+        sx = (float*)malloc(sizeof(float) * M + 64);
+        if (!xb || !sx) rc = -2;
+        else {
+            lb_sign_rows(x, M, K, xb, L->sign_scale ? sx : nullptr, L->min_scale, L->max_scale);
+            if (!L->sign_scale)
+                for (i64 m = 0; m < M; ++m) sx[m] = 1.0f;
+        }
+    } else if (L->akind != LB_ACT_F32) {
+        rc = -1;
+    }
+    if (rc == 0) {
+        const bool i8 = L->akind == LB_ACT_I8, f32 = L->akind == LB_ACT_F32;
+        switch (L->wkind) {
+            case LB_W8:
+                if (i8) lb_w8a8(xq, sx, M, K, (const int8_t*)L->w, L->s, N, L->ld, y, threads);
+                else if (f32) lb_w8a32(x, M, K, (const int8_t*)L->w, L->s, N, L->ld, y, threads);
+                else rc = -1;
+                break;
+            case LB_WN:
+                if (i8) rc = lb_wna8(xq, sx, M, K, (const uint8_t*)L->w, L->ld, N, L->bits, L->group, y, threads);
+                else if (f32) rc = lb_wna32(x, M, K, (const uint8_t*)L->w, L->ld, N, L->bits, L->group, y, threads);
+                else rc = -1;
+                if (rc == 0 && L->sz) sz_correct(L, x, xq, sx, M, y, threads);
+                break;
+            case LB_TERNARY:
+                if (i8) lb_ternary(xq, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
+                else rc = -1;
+                break;
+            case LB_BIN_PLAIN:
+                if (L->akind == LB_ACT_SIGN) lb_w1a1(xb, sx, M, K, (const uint64_t*)L->w, L->s, N, y, threads);
+                else rc = -1;
+                break;
+            case LB_BIN_INTER:
+                if (i8) lb_w1a8(xq, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
+                else if (f32) lb_w1a32(x, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
+                else rc = -1;
+                break;
+            default:
+                rc = -1;
+        }
+    }
+    if (rc == 0 && bias)
+        for (i64 m = 0; m < M; ++m)
+            for (i64 n = 0; n < N; ++n) y[m * N + n] += bias[n];
+    free(xq);
+    free(sx);
+    free(xb);
+    return rc;
 }

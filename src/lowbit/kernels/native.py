@@ -44,6 +44,33 @@ _CXX = os.environ.get("CXX", "g++")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _FLAGS_PORTABLE = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]  # retry when -march=native is refused
 
+ABI_VERSION = 2  # lb_abi_version() of the source this module binds
+
+
+class LayerDesc(ctypes.Structure):
+    """The C ``lb_layer``: one packed layer as `lb_linear` runs it (weights, scales, activation quantizer)."""
+
+    _fields_ = [
+        ("wkind", ctypes.c_int32),
+        ("akind", ctypes.c_int32),
+        ("N", ctypes.c_int64),
+        ("K", ctypes.c_int64),
+        ("ld", ctypes.c_int64),
+        ("w", ctypes.c_void_p),
+        ("s", ctypes.c_void_p),
+        ("sz", ctypes.c_void_p),
+        ("bits", ctypes.c_int32),
+        ("group", ctypes.c_int32),
+        ("qmax", ctypes.c_float),
+        ("min_scale", ctypes.c_float),
+        ("max_scale", ctypes.c_float),
+        ("sign_scale", ctypes.c_int32),
+    ]
+
+
+WKINDS = {"w8": 1, "wn": 2, "ternary": 3, "binary_plain": 4, "binary_inter": 5}
+AKINDS = {"f32": 0, "int8": 1, "sign": 2}
+
 _lib = None
 _reason = ""
 _info: dict = {"path": None, "seconds": 0.0, "cached": False, "isa": None, "flags": None}
@@ -102,6 +129,8 @@ def _bind(lib: ctypes.CDLL) -> None:
         "lb_sign_rows": ([P, I64, I64, P, P, ctypes.c_float, ctypes.c_float], None),
         "lb_w1a8": ([P, P, I64, I64, P, P, I64, P, I], None),
         "lb_w1a32": ([P, I64, I64, P, P, I64, P, I], None),
+        "lb_layer_size": ([], I),
+        "lb_linear": ([P, P, I64, P, I, P], I),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
@@ -143,6 +172,9 @@ def _load() -> None:
             continue
         seconds = 0.0 if cached else os.times().elapsed - t0
         COMPILE_SECONDS = seconds
+        if lib.lb_abi_version() != ABI_VERSION or lib.lb_layer_size() != ctypes.sizeof(LayerDesc):
+            errors.append(f"{path.name}: ABI {lib.lb_abi_version()} does not match this lowbit ({ABI_VERSION})")
+            continue
         isa = "avx2" if lib.lb_isa() == 2 else "scalar"
         _info.update(path=str(path), seconds=seconds, cached=cached, isa=isa, flags=" ".join(flags))
         _lib = lib
@@ -514,4 +546,80 @@ def matmul_w1a32(x: torch.Tensor, p: PreparedBinary, threads: int = 1) -> torch.
     assert K == p.K
     y = _out(M, p.N)
     lib.lb_w1a32(_ptr(x), M, K, _ptr(p.inter), _ptr(p.a), p.N, _ptr(y), threads)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
+# One foreign call per layer forward: activation quantization + kernel + bias (lb_linear)
+# ------------------------------------------------------------------------------------------------
+
+
+class NativeLinear:
+    """A prepared layer as `linear` runs it: the C ``lb_layer`` description and the tensors it points into
+    (held here, so they live as long as the description)."""
+
+    def __init__(self, desc: LayerDesc, keep: tuple) -> None:
+        self.desc, self._keep = desc, keep
+        self.addr = ctypes.addressof(desc)
+        self.N, self.K = int(desc.N), int(desc.K)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._keep if isinstance(t, torch.Tensor))
+
+
+def describe(
+    p: PreparedW8 | PreparedWN | PreparedTernary | PreparedBinary,
+    act: str,
+    *,
+    qmax: float = 127.0,
+    min_scale: float = 0.0,
+    max_scale: float = 65504.0,
+    sign_scale: bool = True,
+    sz: torch.Tensor | None = None,
+) -> NativeLinear:
+    """Bind prepared weights ``p`` and an activation mode (``"f32"``, ``"int8"``: symmetric per row with ``qmax``
+    and the scale guards, ``"sign"``: signs with mean |x| scales when ``sign_scale``) into one `NativeLinear`.
+    ``sz`` (N, K/group) fp32 = scale·zero for group-wise weights with real-valued zero points (the blob must
+    then hold zero points 0)."""
+    d = LayerDesc(akind=AKINDS[act], qmax=qmax, min_scale=min_scale, max_scale=max_scale, sign_scale=int(sign_scale))
+    keep: list = [p]
+    if isinstance(p, PreparedW8):
+        d.wkind, d.w, d.s, d.ld = WKINDS["w8"], _ptr(p.w), _ptr(p.s), p.Kp
+        keep += [p.w, p.s]
+    elif isinstance(p, PreparedWN):
+        d.wkind, d.w, d.ld, d.bits, d.group = WKINDS["wn"], _ptr(p.blob), p.row_bytes, p.bits, p.group
+        keep.append(p.blob)
+        if sz is not None:
+            sz = _as(sz, torch.float32).reshape(p.N, p.K // p.group).contiguous()
+            d.sz = _ptr(sz)
+            keep.append(sz)
+    elif isinstance(p, PreparedTernary):
+        d.wkind, d.w, d.s = WKINDS["ternary"], _ptr(p.w), _ptr(p.sw)
+        keep += [p.w, p.sw]
+    elif isinstance(p, PreparedBinary):
+        w = p.plain if act == "sign" else p.inter
+        assert w is not None, f"prepare_binary(..., layouts) lacks the layout for {act} activations"
+        d.wkind = WKINDS["binary_plain" if act == "sign" else "binary_inter"]
+        d.w, d.s = _ptr(w), _ptr(p.a)
+        keep += [w, p.a]
+    else:
+        raise TypeError(f"no native kernel for {type(p).__name__}")
+    d.N, d.K = p.N, p.K
+    return NativeLinear(d, tuple(keep))
+
+
+def linear(layer: NativeLinear, x: torch.Tensor, threads: int = 1, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = act_quant(x) · W^T (+ bias) for a 2-D fp32 ``x`` (M, K) in one C call (`lb_linear`)."""
+    lib = _need()
+    x = _as(x, torch.float32)
+    M, K = x.shape
+    if K != layer.K:
+        raise ValueError(f"input has {K} features, the layer expects {layer.K}")
+    y = torch.empty(M, layer.N, dtype=torch.float32)
+    if bias is not None:
+        bias = _as(bias, torch.float32)
+    rc = lib.lb_linear(layer.addr, x.data_ptr(), M, y.data_ptr(), threads, None if bias is None else bias.data_ptr())
+    if rc:
+        raise RuntimeError("lb_linear: " + ("out of memory" if rc == -2 else "layer description has no kernel"))
     return y

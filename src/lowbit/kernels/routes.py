@@ -1,16 +1,16 @@
 """Which native kernel computes a packed layer, and how its weights and inputs are handed over.
 
 A `Route` binds one packed layer to one kernel of `lowbit.kernels.native`: ``prepare`` turns the layer's codes,
-scales and zero points into the kernel's streaming layout (once), ``run`` takes the layer's input after its input
-scale / shift (a 2-D float matrix) and returns the output without bias. Activations are quantized here with the
-same functions as the simulated `ActQuantizer` (`fit_params` / `encode` at run time), so an integer kernel sees
-exactly the codes and scales the simulated layer uses and the results agree up to float rounding of the final
-rescale.
+scales and zero points into the kernel's streaming layout and describes its activation quantizer (once, a
+`native.NativeLinear`); `native.linear` then runs the layer on its input after the input scale / shift (a 2-D
+float matrix) in one C call: activation quantization (the same expressions as the simulated `ActQuantizer`, so
+an integer kernel sees exactly the codes and scales the simulated layer uses), kernel and bias. Results agree
+with the simulated layer up to float rounding of the final rescale.
 
 | weights | activations | kernel |
 |---|---|---|
 | int8 per channel | float / int8 per token | ``w8a32`` / ``w8a8`` |
-| int2 / int3 / int4, groups of 32, 64 or 128 | float / int8 per token | ``wNa32`` / ``wNa8`` |
+| int2 / int3 / int4, groups of 32 / 64 / 128, integer or real zeros | float / int8 per token | ``wNa32`` / ``wNa8`` |
 | ternary | int8 per token / float | ``ternary`` / ``w2a32`` (codes + 1 as 2-bit, zero 1) |
 | binary | binary per token / int8 per token / float | ``w1a1`` (XNOR-popcount) / ``w1a8`` / ``w1a32`` |
 
@@ -39,10 +39,8 @@ import torch
 from torch import nn
 
 from lowbit.formats import integer
-from lowbit.formats.layout import to_units
-from lowbit.formats.qtensor import encode, fit_params
 from lowbit.formats.registry import ACT_FORMATS
-from lowbit.formats.scales import MAX_SCALE, MIN_SCALE, runtime_scale
+from lowbit.formats.scales import MAX_SCALE, MIN_SCALE
 from lowbit.formats.spec import QuantSpec
 
 GROUPS = (32, 64, 128)
@@ -50,38 +48,10 @@ GROUPS = (32, 64, 128)
 
 @dataclass(frozen=True)
 class Route:
-    """One packed layer's native kernel: ``prepare(layer) → state`` once, then ``run(x2d, state, threads) → y``."""
+    """One packed layer's native kernel: ``prepare(layer)`` builds its `native.NativeLinear` once."""
 
     kernel: str
     prepare: Callable[[Any], Any]
-    run: Callable[[torch.Tensor, Any, int], torch.Tensor]
-
-
-def int8_rows(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token int8 codes and fp32 scales of ``x`` (M, K), exactly as the simulated activation quantizer (one C
-    pass when the native library is loaded, lowbit's torch functions otherwise)."""
-    from lowbit.kernels import native
-
-    if native.available():
-        _, qmax = integer.qrange(spec.bits, True)
-        return native.quantize_rows_symmetric(x, float(qmax), MIN_SCALE, MAX_SCALE)
-    u = to_units(x.float(), "token", None)
-    s, z = fit_params(u, spec, store=False)
-    return encode(u, s, z, spec).reshape(x.shape).to(torch.int8).contiguous(), s.reshape(-1).contiguous()
-
-
-def sign_rows(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token signs (zero → +1; packed words when the native library is loaded, else a bool tensor) and the
-    fp32 scales of ``x`` (M, K) for binary activations, as the simulated activation quantizer computes them (the
-    native mean |x| is accumulated in double and may differ from torch's in the last bit)."""
-    from lowbit.kernels import native
-
-    absmean = spec.scale_method != "none"
-    if native.available():
-        signs, scale = native.sign_rows(x, MIN_SCALE if absmean else None, MAX_SCALE)
-    else:
-        signs, scale = (x >= 0).contiguous(), runtime_scale(x.abs().mean(dim=-1)) if absmean else None
-    return signs, (torch.ones(x.shape[0]) if scale is None else scale.contiguous())
 
 
 def _is_int8_token(spec: QuantSpec | None) -> bool:
@@ -92,12 +62,32 @@ def _is_binary_token(spec: QuantSpec | None) -> bool:
     return spec is not None and spec.kind == "binary" and spec.dynamic
 
 
+def _act_mode(act: QuantSpec | None) -> tuple[str, dict[str, Any]]:
+    """The kernel's activation mode and quantizer constants for an activation spec (None: fp32 inputs)."""
+    if act is None:
+        return "f32", {}
+    if _is_binary_token(act):
+        return "sign", {"min_scale": MIN_SCALE, "max_scale": MAX_SCALE, "sign_scale": act.scale_method != "none"}
+    _, qmax = integer.qrange(act.bits, True)
+    return "int8", {"qmax": float(qmax), "min_scale": MIN_SCALE, "max_scale": MAX_SCALE}
+
+
 def _kernel_group(spec: QuantSpec, k: int) -> int | None:
     """The kernel group size of a group-wise format on rows of length ``k`` (one short group when k < size)."""
     if spec.granularity != "group" or spec.group_size is None:
         return None
     g = spec.group_size if k % spec.group_size == 0 else k if k < spec.group_size else None
     return g if g in GROUPS else None
+
+
+def _prepare_groups(lay: Any, bits: int, group: int) -> tuple[Any, torch.Tensor | None]:
+    """Group-wise weights in the wN layout; real-valued zero points go to the ``s·z`` correction instead."""
+    from lowbit.kernels import native
+
+    s, z = lay.scale.float(), lay.zero.float()
+    if bool(torch.equal(z, z.round())):
+        return native.prepare_wn(lay.codes.to(torch.uint8), s, z, bits, group), None
+    return native.prepare_wn(lay.codes.to(torch.uint8), s, torch.zeros_like(z), bits, group), s * z
 
 
 def route_for(layer: nn.Module) -> Route | None:
@@ -114,73 +104,56 @@ def route_for(layer: nn.Module) -> Route | None:
     if act is not None and not (_is_int8_token(act) or _is_binary_token(act)):
         return None
     n, k = layer._matrix_shape
-    zero = layer.zero
+    mode, kw = _act_mode(act)
+    suffix = {"f32": "a32", "int8": "a8", "sign": "a1"}[mode]
 
-    if w.kind == "int" and w.bits == 8 and w.symmetric and w.granularity == "channel" and not _is_binary_token(act):
-
-        def prep_w8(lay: Any) -> Any:
-            return native.prepare_w8(lay.codes.to(torch.int8), lay.scale.reshape(n).float())
-
-        if act is None:
-            return Route("w8a32", prep_w8, lambda x, p, t: native.matmul_w8a32(x, p, t))
-        return Route("w8a8", prep_w8, lambda x, p, t: native.matmul_w8a8(*int8_rows(x, act), p, t))
+    if w.kind == "int" and w.bits == 8 and w.symmetric and w.granularity == "channel" and mode != "sign":
+        return Route(
+            f"w8{suffix}",
+            lambda lay: native.describe(
+                native.prepare_w8(lay.codes.to(torch.int8), lay.scale.reshape(n).float()), mode, **kw
+            ),
+        )
 
     group = _kernel_group(w, k)
-    if (
-        w.kind == "int"
-        and w.bits in (2, 3, 4)
-        and not w.symmetric
-        and group is not None
-        and not _is_binary_token(act)
-        and bool(torch.equal(zero, zero.round()))
-    ):
+    if w.kind == "int" and w.bits in (2, 3, 4) and not w.symmetric and group is not None and mode != "sign":
+        bits, g = w.bits, group
 
         def prep_wn(lay: Any) -> Any:
-            return native.prepare_wn(lay.codes.to(torch.uint8), lay.scale.float(), lay.zero.float(), w.bits, group)
+            prepared, sz = _prepare_groups(lay, bits, g)
+            return native.describe(prepared, mode, sz=sz, **kw)
 
-        if act is None:
-            return Route(f"w{w.bits}a32", prep_wn, lambda x, p, t: native.matmul_wna32(x, p, t))
-        return Route(f"w{w.bits}a8", prep_wn, lambda x, p, t: native.matmul_wna8(*int8_rows(x, act), p, t))
+        return Route(f"w{bits}{suffix}", prep_wn)
 
-    if w.kind == "ternary" and not _is_binary_token(act):
-        if act is not None:
-            return Route(
-                "ternary",
-                lambda lay: native.prepare_ternary(lay.codes.to(torch.int8), lay.scale.reshape(-1).float()),
-                lambda x, p, t: native.matmul_ternary(*int8_rows(x, act), p, t),
-            )
-        group = next((g for g in reversed(GROUPS) if k % g == 0), None)
-        if group is None:
+    if w.kind == "ternary" and mode == "int8":
+        return Route(
+            "ternary",
+            lambda lay: native.describe(
+                native.prepare_ternary(lay.codes.to(torch.int8), lay.scale.reshape(-1).float()), mode, **kw
+            ),
+        )
+    if w.kind == "ternary" and mode == "f32":
+        tg = next((g for g in reversed(GROUPS) if k % g == 0), None)
+        if tg is None:
             return None
 
-        def prep_t2(lay: Any) -> Any:
-            s = lay.scale.reshape(-1).float().expand(n).reshape(n, 1).expand(n, k // group).contiguous()
-            return native.prepare_wn((lay.codes + 1).to(torch.uint8), s, torch.ones_like(s), 2, group)
+        def prep_t2(lay: Any) -> Any:  # codes + 1 as 2-bit with zero point 1
+            s = lay.scale.reshape(-1).float().expand(n).reshape(n, 1).expand(n, k // tg).contiguous()
+            prepared = native.prepare_wn((lay.codes + 1).to(torch.uint8), s, torch.ones_like(s), 2, tg)
+            return native.describe(prepared, mode)
 
-        return Route("w2a32", prep_t2, lambda x, p, t: native.matmul_wna32(x, p, t))
+        return Route("w2a32", prep_t2)
 
     if w.kind == "binary":
-
-        def prep_b(layouts: tuple[str, ...]) -> Callable[[Any], Any]:
-            return lambda lay: native.prepare_binary(
-                lay.codes > 0, lay.scale.reshape(-1).float().expand(n).contiguous(), layouts=layouts
-            )
-
-        if _is_binary_token(act):
-            return Route(
-                "w1a1",
-                prep_b(("a1",)),
-                lambda x, p, t: native.matmul_w1a1(*sign_rows(x, act), p, t),
-            )
-        if act is not None:
-            return Route(
-                "w1a8",
-                prep_b(("a8",)),
-                lambda x, p, t: native.matmul_w1a8(*int8_rows(x, act), p, t),
-            )
+        layout = ("a1",) if mode == "sign" else ("a8",)
         return Route(
-            "w1a32",
-            prep_b(("a32",)),
-            lambda x, p, t: native.matmul_w1a32(x, p, t),
+            f"w1{suffix}",
+            lambda lay: native.describe(
+                native.prepare_binary(
+                    lay.codes > 0, lay.scale.reshape(-1).float().expand(n).contiguous(), layouts=layout
+                ),
+                mode,
+                **kw,
+            ),
         )
     return None

@@ -32,6 +32,7 @@ import torch
 from lowbit.formats.layout import num_units
 from lowbit.formats.packing import code_offset, pack_codes, packed_nbytes, unpack_codes
 from lowbit.formats.spec import QuantSpec
+from lowbit.kernels.dispatch import dispatch_linear
 from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
 
 
@@ -104,8 +105,6 @@ class PackedLinear(PackedMixin, QuantLinear):
         self.kernel_activations = "exact"  # or "int8": see lowbit.pack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from lowbit.kernels.dispatch import dispatch_linear
-
         return dispatch_linear(self, x, self._scale_shift_input, lambda: QuantLinear.forward(self, x))
 
 

@@ -122,6 +122,8 @@ class QuantLayer(nn.Module):
         else:
             self.__dict__.pop(name, None)  # the plain None attribute set in __init__
             self.register_buffer(name, value)
+        if "_dispatch" in self.__dict__:
+            self._dispatch = False  # a packed layer's kernel route depends on it: derive it again
 
     def _per_channel(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return v.view(1, -1, 1, 1) if x.dim() == 4 and self._channels_first else v
