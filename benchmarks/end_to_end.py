@@ -26,8 +26,28 @@ from lowbit.measure.envinfo import _version, environment
 from lowbit.measure.latency import compare_latency
 from lowbit.zoo import get_workload
 
-#: Presets; ``@int8`` packs with ``kernel_activations="int8"`` (weight-only layers take int8 inputs in the kernel).
-PRESETS = ["w8a8", "w4g128-gptq", "w4g128-gptq@int8", "w2g64-gptq@int8", "ternary", "w1a1"]
+#: Presets; ``@int8`` packs with ``kernel_activations="int8"`` (weight-only layers take int8 inputs in the kernel);
+#: ``@ort`` exports the compressed model with `lowbit.export.onnx.export_onnx` (``accuracy_level=4``: int4 / int2
+#: weights as MatMulNBits with int8 accumulation) and runs it in ONNX Runtime.
+PRESETS = ["w8a8", "w4g128-gptq", "w4g128-gptq@int8", "w4g128-gptq@ort", "w2g64-gptq@int8", "ternary", "w1a1"]
+
+
+class OrtModule(torch.nn.Module):
+    """An ONNX Runtime session behind a module's call, so a workload's ``evaluate`` can measure its fidelity."""
+
+    def __init__(self, path: str, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        super().__init__()
+        self.path = path
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        feed = dict(zip(self.names, args, strict=False)) | {k: v for k, v in kwargs.items() if k in self.names}
+        return torch.from_numpy(self.session.run(None, {k: v.numpy() for k, v in feed.items()})[0])
 
 
 def ort_runners(model: torch.nn.Module, batch: Any, threads: int, tmp: str) -> dict[str, Any]:
@@ -64,12 +84,19 @@ def build_models(workload: str, presets: list[str]) -> tuple[dict[str, torch.nn.
     quality: dict[str, float] = {"fp32 PyTorch": 1.0}
     key = "cosine" if workload == "minilm" else "logit_cosine"
     for spec in presets:
-        preset, _, acts = spec.partition("@")
+        preset, _, how = spec.partition("@")
         q = lowbit.compress(base, preset, data=calib, progress=False)
-        packed = lowbit.pack(q, kernel_activations=acts or "exact")
+        if how == "ort":
+            from lowbit.export.onnx import export_onnx
+
+            path = f"{tempfile.mkdtemp()}/{preset}.onnx"
+            export_onnx(q, wl.example_batch(1), path, accuracy_level=4)
+            runtime: torch.nn.Module = OrtModule(path)
+        else:
+            runtime = lowbit.pack(q, kernel_activations=how or "exact")
         with torch.no_grad():
-            quality[f"lowbit {spec}"] = wl.evaluate(packed)[key]  # the packed model, on the kernels it runs
-        models[f"lowbit {spec}"] = packed
+            quality[f"lowbit {spec}"] = wl.evaluate(runtime)[key]  # the deployed model, on the kernels it runs
+        models[f"lowbit {spec}"] = runtime
         print(f"{workload}: {spec} fidelity {quality[f'lowbit {spec}']:.4f}", flush=True)
     return models, quality
 
@@ -83,6 +110,9 @@ def bench(
     repeats: int,
 ) -> list[dict[str, Any]]:
     torch.set_num_threads(threads)
+    for m in models.values():
+        if isinstance(m, OrtModule):
+            m.__init__(m.path, threads)  # a session with this run's thread count
     batch = get_workload(workload).example_batch(batch_size)
     fns: dict[str, Any] = {}
     with torch.no_grad():

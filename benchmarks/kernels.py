@@ -56,7 +56,7 @@ Runner = Callable[[], None]
 #: Pause before each timed run: PyTorch's and ONNX Runtime's idle worker threads spin for a while after a call and
 #: would steal the second core from whichever contender runs next (measured: lowbit's int8 kernels at 2 threads
 #: ran 2× slower right after an ONNX Runtime session).
-IDLE_S = 0.02
+IDLE_S = float(os.environ.get("IDLE_S", 0.02))
 
 
 def lowbit_layers(k: int, n: int, weights: str, acts: str | None, count: int) -> list[nn.Module]:

@@ -229,3 +229,21 @@ def test_native_linear_checks_its_input() -> None:
         p(torch.randn(1, 384))
     with pytest.raises(ValueError, match="384"):
         native.linear(p[0]._dispatch.state, torch.randn(2, 100))
+
+
+@needs_native
+@pytest.mark.parametrize(("weights", "shape"), [("int8", (3, 384)), ("ternary_absmean", (2, 5, 384))])
+def test_dense_fallback_quantizes_inputs_in_c_bit_identically(weights: str, shape: tuple[int, ...]) -> None:
+    # The chosen-dense path of an int8-activation layer: one C pass instead of the torch quantizer, same bits.
+    _, p = packed_layer(weights, "int8_token")
+    x = torch.randn(*shape) * torch.logspace(-3, 3, shape[-1])
+    x.view(-1, 384)[0, :4] = torch.tensor([float("inf"), 1.0, -2.0, 0.5])
+    with torch.no_grad(), use_mode("reference"):
+        want = p(x)
+    with torch.no_grad():
+        p(x)  # auto: builds the dispatch state
+        p[0].weight_matrix()  # the dequantized weight the dense path uses (freed when native won)
+        got = p[0]._dispatch.dense(p[0], x, lambda: None)
+    assert torch.equal(got, want)
+    fq = native.fake_quantize_rows_symmetric(torch.tensor([[float("nan"), 1.0, 3.0]]), 127.0, 2.0**-20, 65504.0)
+    assert torch.isnan(fq[0, 0]) and bool(torch.isfinite(fq[0, 1:]).all())  # NaN stays visible, as in torch

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels.routes import Route, route_for
+from lowbit.kernels.routes import Route, int8_token_constants, route_for
 
 MODES = ("auto", "native", "reference", "portable")
 REPEATS = 3
@@ -106,14 +106,17 @@ class LayerDispatch:
 
     def __init__(self, route: Route, layer: Any) -> None:
         self.route = route
-        # weight-only layer without input scale / shift: its dense path is one F.linear on the cached weight
+        # The dense path without QuantLinear.forward's generality: weight-only layers run one F.linear on the cached
+        # weight, int8-per-token layers first quantize their input in one C pass (bit-identical to ActQuantizer).
         self.plain = layer.act is None and layer.input_scale is None and layer.input_shift is None
+        self.int8_input = int8_token_constants(layer.act_spec) if layer.act is not None else None
         self.state: Any = None
         self.choice: dict[tuple[int, int], dict[str, Any]] = {}  # (bucket, threads) → what was measured
         self.decided: dict[tuple[int, int], bool] = {}  # (rows, threads) → native? (the per-call lookup)
         from lowbit.kernels import native
 
         self._linear = native.linear
+        self._fake_quant = native.fake_quantize_rows_symmetric
 
     def native(self, layer: Any, x2d: torch.Tensor, threads: int) -> torch.Tensor:
         if self.state is None:
@@ -121,8 +124,17 @@ class LayerDispatch:
         return self._linear(self.state, x2d, threads, layer.bias)
 
     def dense(self, layer: Any, x: torch.Tensor, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
-        w = layer._cache if self.plain else None
-        return F.linear(x, w, layer.bias) if w is not None and w.is_cpu else dense()
+        w = layer._cache
+        if w is None or not w.is_cpu:
+            return dense()
+        if self.plain:
+            return F.linear(x, w, layer.bias)
+        if self.int8_input is not None:
+            xt = layer._scale_shift_input(x)
+            x2d = xt.reshape(-1, xt.shape[-1]) if xt.dim() != 2 else xt
+            xq = self._fake_quant(x2d.float(), *self.int8_input)
+            return F.linear(xq if xt.dim() == 2 else xq.reshape(xt.shape), w, layer.bias).to(x.dtype)
+        return dense()
 
     def decide(
         self, layer: Any, x: torch.Tensor, x2d: torch.Tensor, threads: int, dense: Callable[[], torch.Tensor], how: str

@@ -676,28 +676,47 @@ LB_API void lb_pack_signs(const uint8_t* b, i64 R, i64 K, uint64_t* out) {
 // (integer.fit + scales.runtime_scale + integer.encode): s = max|x| / qmax in fp32; NaN -> min_scale,
 // +inf -> max_scale, then s = max(s, min_scale); q = clamp(rint(x / s), -qmax - 1, qmax) (rint: ties to even,
 // as torch.round). A row containing NaN gets s = min_scale and its NaN entries code 0.
+static inline float row_scale_i8(const float* xr, i64 K, float qmax, float min_scale, float max_scale) {
+    float amax = 0.0f;
+    bool nan = false;
+    for (i64 k = 0; k < K; ++k) {
+        const float a = fabsf(xr[k]);
+        nan |= a != a;
+        amax = a > amax ? a : amax;
+    }
+    float s = amax / qmax;
+    if (nan) s = min_scale;
+    else if (s == INFINITY) s = max_scale;
+    return s < min_scale ? min_scale : s;
+}
+
+static inline float code_i8(float x, float s, float qmax) {
+    const float v = rintf(x / s);
+    return v < -qmax - 1.0f ? -qmax - 1.0f : v > qmax ? qmax : v;  // NaN stays NaN
+}
+
 LB_API void lb_quantize_rows_i8(const float* x, i64 M, i64 K, float qmax, float min_scale, float max_scale,
                                 int8_t* xq, float* sx) {
     for (i64 m = 0; m < M; ++m) {
         const float* xr = x + m * K;
-        float amax = 0.0f;
-        bool nan = false;
-        for (i64 k = 0; k < K; ++k) {
-            const float a = fabsf(xr[k]);
-            nan |= a != a;
-            amax = a > amax ? a : amax;
-        }
-        float s = amax / qmax;
-        if (nan) s = min_scale;
-        else if (s == INFINITY) s = max_scale;
-        if (s < min_scale) s = min_scale;
-        sx[m] = s;
+        const float s = sx[m] = row_scale_i8(xr, K, qmax, min_scale, max_scale);
         int8_t* q = xq + m * K;
         for (i64 k = 0; k < K; ++k) {
-            float v = rintf(xr[k] / s);
-            v = v < -qmax - 1.0f ? -qmax - 1.0f : v > qmax ? qmax : v;
+            const float v = code_i8(xr[k], s, qmax);
             q[k] = v == v ? (int8_t)v : 0;
         }
+    }
+}
+
+// The same quantizer, dequantized in place of the codes (out = code * s in fp32, NaN kept): what the simulated
+// activation quantizer returns, in one pass (the dense fallback of a packed layer with int8 activations).
+LB_API void lb_fake_quant_rows_i8(const float* x, i64 M, i64 K, float qmax, float min_scale, float max_scale,
+                                  float* out) {
+    for (i64 m = 0; m < M; ++m) {
+        const float* xr = x + m * K;
+        const float s = row_scale_i8(xr, K, qmax, min_scale, max_scale);
+        float* o = out + m * K;
+        for (i64 k = 0; k < K; ++k) o[k] = code_i8(xr[k], s, qmax) * s;
     }
 }
 

@@ -127,6 +127,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         "lb_pack_signs": ([P, I64, I64, P], None),
         "lb_quantize_rows_i8": ([P, I64, I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, P, P], None),
         "lb_sign_rows": ([P, I64, I64, P, P, ctypes.c_float, ctypes.c_float], None),
+        "lb_fake_quant_rows_i8": ([P, I64, I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, P], None),
         "lb_w1a8": ([P, P, I64, I64, P, P, I64, P, I], None),
         "lb_w1a32": ([P, I64, I64, P, P, I64, P, I], None),
         "lb_layer_size": ([], I),
@@ -262,6 +263,16 @@ def quantize_rows_symmetric(
     sx = torch.empty(M, dtype=torch.float32)
     lib.lb_quantize_rows_i8(_ptr(x), M, K, qmax, min_scale, max_scale, _ptr(xq), _ptr(sx))
     return xq, sx
+
+
+def fake_quantize_rows_symmetric(x: torch.Tensor, qmax: float, min_scale: float, max_scale: float) -> torch.Tensor:
+    """`quantize_rows_symmetric` dequantized (code · scale, fp32) in one C pass: bit-identical to the simulated
+    per-token activation quantizer's output (NaN entries stay NaN)."""
+    lib = _need()
+    x = _as(x, torch.float32)
+    out = torch.empty_like(x)
+    lib.lb_fake_quant_rows_i8(_ptr(x), x.shape[0], x.shape[1], qmax, min_scale, max_scale, _ptr(out))
+    return out
 
 
 def sign_rows(

@@ -55,11 +55,26 @@ class Route:
 
 
 def _is_int8_token(spec: QuantSpec | None) -> bool:
-    return spec is not None and spec.kind == "int" and spec.bits == 8 and spec.symmetric and spec.dynamic
+    return (
+        spec is not None
+        and spec.kind == "int"
+        and spec.bits == 8
+        and spec.symmetric
+        and spec.dynamic
+        and spec.granularity == "token"
+    )
 
 
 def _is_binary_token(spec: QuantSpec | None) -> bool:
-    return spec is not None and spec.kind == "binary" and spec.dynamic
+    return spec is not None and spec.kind == "binary" and spec.dynamic and spec.granularity == "token"
+
+
+def int8_token_constants(act: QuantSpec | None) -> tuple[float, float, float] | None:
+    """``(qmax, min_scale, max_scale)`` of a dynamic symmetric per-token int8 activation quantizer, else None."""
+    if not _is_int8_token(act):
+        return None
+    assert act is not None
+    return float(integer.qrange(act.bits, True)[1]), MIN_SCALE, MAX_SCALE
 
 
 def _act_mode(act: QuantSpec | None) -> tuple[str, dict[str, Any]]:
