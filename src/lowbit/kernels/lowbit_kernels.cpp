@@ -602,7 +602,8 @@ static inline void w1a1_tile(const uint64_t* xb, const uint64_t* wb, i64 W, i64 
     uint64_t c[MT][NT];
     for (int m = 0; m < MT; ++m)
         for (int n = 0; n < NT; ++n) c[m][n] = 0;
-    for (i64 j = 0; j < W; ++j) {
+    const i64 used = (K + 63) / 64;  // words past K are zero in both operands: skip the layout's padding
+    for (i64 j = 0; j < used; ++j) {
 #ifdef __AVX2__
         if ((j & 7) == 0)
             for (int n = 0; n < NT; ++n) LB_PF(wb + n * W + j);
