@@ -707,7 +707,23 @@ LB_API void lb_pack_signs(const uint8_t* b, i64 R, i64 K, uint64_t* out) {
 static inline float row_scale_i8(const float* xr, i64 K, float qmax, float min_scale, float max_scale) {
     float amax = 0.0f;
     bool nan = false;
-    for (i64 k = 0; k < K; ++k) {
+    i64 k = 0;
+#ifdef __AVX2__
+    {
+        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256 vmax = _mm256_setzero_ps(), vnan = _mm256_setzero_ps();
+        for (; k + 8 <= K; k += 8) {
+            const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xr + k), absmask);
+            vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+            vmax = _mm256_max_ps(a, vmax);  // a NaN lane keeps vmax (second operand), as the scalar loop
+        }
+        float t[8];
+        _mm256_storeu_ps(t, vmax);
+        for (int i = 0; i < 8; ++i) amax = t[i] > amax ? t[i] : amax;
+        nan = _mm256_movemask_ps(vnan) != 0;
+    }
+#endif
+    for (; k < K; ++k) {
         const float a = fabsf(xr[k]);
         nan |= a != a;
         amax = a > amax ? a : amax;
@@ -722,6 +738,13 @@ static inline float code_i8(float x, float s, float qmax) {
     const float v = rintf(x / s);
     return v < -qmax - 1.0f ? -qmax - 1.0f : v > qmax ? qmax : v;  // NaN stays NaN
 }
+#ifdef __AVX2__
+// The same for 8 lanes: IEEE division and round-half-even are what the scalar code does, so the bits agree.
+static inline __m256 code_i8x8(__m256 x, __m256 s, __m256 lo, __m256 hi) {
+    const __m256 v = _mm256_round_ps(_mm256_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_min_ps(hi, _mm256_max_ps(lo, v));  // max/min return their 2nd operand on NaN: NaN stays
+}
+#endif
 
 LB_API void lb_quantize_rows_i8(const float* x, i64 M, i64 K, float qmax, float min_scale, float max_scale,
                                 int8_t* xq, float* sx) {
@@ -729,7 +752,18 @@ LB_API void lb_quantize_rows_i8(const float* x, i64 M, i64 K, float qmax, float 
         const float* xr = x + m * K;
         const float s = sx[m] = row_scale_i8(xr, K, qmax, min_scale, max_scale);
         int8_t* q = xq + m * K;
-        for (i64 k = 0; k < K; ++k) {
+        i64 k = 0;
+#ifdef __AVX2__
+        const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-qmax - 1.0f), hi = _mm256_set1_ps(qmax);
+        for (; k + 8 <= K; k += 8) {
+            __m256 v = code_i8x8(_mm256_loadu_ps(xr + k), vs, lo, hi);
+            v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));  // NaN -> code 0
+            const __m256i i = _mm256_cvtps_epi32(v);                 // exact: v is an integer in [-128, 127]
+            const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+            _mm_storel_epi64((__m128i*)(q + k), _mm_packs_epi16(w, w));
+        }
+#endif
+        for (; k < K; ++k) {
             const float v = code_i8(xr[k], s, qmax);
             q[k] = v == v ? (int8_t)v : 0;
         }
@@ -744,7 +778,13 @@ LB_API void lb_fake_quant_rows_i8(const float* x, i64 M, i64 K, float qmax, floa
         const float* xr = x + m * K;
         const float s = row_scale_i8(xr, K, qmax, min_scale, max_scale);
         float* o = out + m * K;
-        for (i64 k = 0; k < K; ++k) o[k] = code_i8(xr[k], s, qmax) * s;
+        i64 k = 0;
+#ifdef __AVX2__
+        const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-qmax - 1.0f), hi = _mm256_set1_ps(qmax);
+        for (; k + 8 <= K; k += 8)
+            _mm256_storeu_ps(o + k, _mm256_mul_ps(code_i8x8(_mm256_loadu_ps(xr + k), vs, lo, hi), vs));
+#endif
+        for (; k < K; ++k) o[k] = code_i8(xr[k], s, qmax) * s;
     }
 }
 
