@@ -153,13 +153,16 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
 
         info = native.build_info()
         state = f"native kernels: {info['isa']}" if native.available() else f"no native kernels ({info['reason']})"
-        slower = kernels_slower
         console.print(
             f"{state}; batch {args.batch_size}, {args.threads} thread(s). 'chosen' is the faster of the kernel and "
             "the dense reference path (fp32 matmul on the dequantized weight, after simulated activation "
             "quantization where the format has it), measured once per shape; 'fp32 ms' is a float linear of the "
             "same shape on the same input, 'vs fp32' its time over the chosen path's. "
-            + (f"Slower than fp32: {', '.join(slower)}." if slower else "No packed linear layer is slower than fp32.")
+            + (
+                f"Slower than fp32: {', '.join(kernels_slower)}."
+                if kernels_slower
+                else "No packed linear layer is slower than fp32."
+            )
         )
     with torch.no_grad():
         total = sum(p.numel() for p in model.parameters())
