@@ -73,9 +73,10 @@ def pack(model: nn.Module, *, kernel_activations: str = "exact") -> nn.Module:
     wanted (`lowbit.kernels.dispatch`).
 
     ``kernel_activations="int8"`` lets weight-only int and binary layers quantize their input per token to int8
-    inside the native kernel (ONNX Runtime's ``accuracy_level=4``): much faster on CPUs, but the outputs then
-    differ from the simulated model by that rounding; the default ``"exact"`` computes what the simulated model
-    computes. `set_kernel_activations` changes it later."""
+    inside the native kernel (ONNX Runtime's ``accuracy_level=4``), and in the dense path dispatch may pick instead,
+    so the outputs do not depend on that choice: much faster on CPUs, but they differ from the simulated model by
+    that rounding (``LOWBIT_KERNELS=reference`` still computes the simulated model); the default ``"exact"``
+    computes what the simulated model computes. `set_kernel_activations` changes it later."""
     packed = copy.deepcopy(model)
     for name, layer in quant_layers(packed):
         set_submodule(packed, name, pack_layer(layer))

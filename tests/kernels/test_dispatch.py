@@ -247,3 +247,18 @@ def test_dense_fallback_quantizes_inputs_in_c_bit_identically(weights: str, shap
     assert torch.equal(got, want)
     fq = native.fake_quantize_rows_symmetric(torch.tensor([[float("nan"), 1.0, 3.0]]), 127.0, 2.0**-20, 65504.0)
     assert torch.isnan(fq[0, 0]) and bool(torch.isfinite(fq[0, 1:]).all())  # NaN stays visible, as in torch
+
+
+@needs_native
+def test_int8_kernel_activations_do_not_depend_on_the_chosen_path() -> None:
+    # kernel_activations="int8": the dense path quantizes the input too, so dispatch's choice cannot change outputs.
+    q, _ = packed_layer("int4_g128", None)
+    fast = lowbit.pack(q, kernel_activations="int8")
+    x = torch.randn(6, 384)
+    with torch.no_grad(), use_mode("native"):
+        native_y = fast(x)
+    with torch.no_grad():
+        dense_y = fast[0]._dispatch.dense(fast[0], x, lambda: None)
+    assert float((native_y - dense_y).abs().max()) <= 2e-5 * float(dense_y.abs().max())
+    with torch.no_grad():
+        assert float((q(x) - dense_y).abs().max()) > 1e-6  # the int8 rounding is really there

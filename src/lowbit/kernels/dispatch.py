@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lowbit.formats.registry import ACT_FORMATS
 from lowbit.kernels.routes import Route, int8_token_constants, route_for
 
 MODES = ("auto", "native", "reference", "portable")
@@ -108,8 +109,16 @@ class LayerDispatch:
         self.route = route
         # The dense path without QuantLinear.forward's generality: weight-only layers run one F.linear on the cached
         # weight, int8-per-token layers first quantize their input in one C pass (bit-identical to ActQuantizer).
+        # A weight-only layer packed with kernel_activations="int8" quantizes its input on both paths, so its output
+        # does not depend on which one dispatch picked.
+        int8_kernel_input = layer.act is None and route.kernel.endswith("a8")
         self.plain = layer.act is None and layer.input_scale is None and layer.input_shift is None
-        self.int8_input = int8_token_constants(layer.act_spec) if layer.act is not None else None
+        self.plain = self.plain and not int8_kernel_input
+        self.int8_input = (
+            int8_token_constants(ACT_FORMATS["int8_token"] if int8_kernel_input else layer.act_spec)
+            if layer.act is not None or int8_kernel_input
+            else None
+        )
         self.state: Any = None
         self.choice: dict[tuple[int, int], dict[str, Any]] = {}  # (bucket, threads) → what was measured
         self.decided: dict[tuple[int, int], bool] = {}  # (rows, threads) → native? (the per-call lookup)
@@ -124,8 +133,12 @@ class LayerDispatch:
         return self._linear(self.state, x2d, threads, layer.bias)
 
     def dense(self, layer: Any, x: torch.Tensor, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if not self.plain and self.int8_input is None:
+            return dense()
         w = layer._cache
-        if w is None or not w.is_cpu:
+        if w is None:
+            w = layer.weight_matrix()
+        if not w.is_cpu:
             return dense()
         if self.plain:
             return F.linear(x, w, layer.bias)
