@@ -262,3 +262,26 @@ def test_int8_kernel_activations_do_not_depend_on_the_chosen_path() -> None:
     assert float((native_y - dense_y).abs().max()) <= 2e-5 * float(dense_y.abs().max())
     with torch.no_grad():
         assert float((q(x) - dense_y).abs().max()) > 1e-6  # the int8 rounding is really there
+
+
+@needs_native
+def test_copies_and_pickles_of_a_used_packed_model_derive_their_own_kernels() -> None:
+    import copy
+    import gc
+    import io
+
+    _, p = packed_layer("binary", "binary_token")
+    x = torch.randn(2, 384)
+    with torch.no_grad(), use_mode("native"):
+        want = p(x)
+        twin = copy.deepcopy(p)  # the original's kernel state holds raw pointers: the copy must not share them
+        buf = io.BytesIO()
+        torch.save(p, buf)
+        del p
+        gc.collect()
+        assert twin[0]._dispatch is False
+        assert torch.equal(twin(x), want)
+        buf.seek(0)
+        assert torch.equal(torch.load(buf, weights_only=False)(x), want)
+    with pytest.raises(TypeError, match="raw pointers"):
+        copy.deepcopy(twin[0]._dispatch.state)

@@ -127,6 +127,11 @@ class LayerDispatch:
         self._linear = native.linear
         self._fake_quant = native.fake_quantize_rows_symmetric
 
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        # A copied or pickled layer derives its route again (the prepared state holds raw pointers into this
+        # layer's tensors, which a copy must not share): the copy's ``_dispatch`` is ``False``.
+        return bool, ()
+
     def native(self, layer: Any, x2d: torch.Tensor, threads: int) -> torch.Tensor:
         if self.state is None:
             self.state = self.route.prepare(layer)

@@ -35,6 +35,7 @@ import pathlib
 import subprocess
 import tempfile
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -577,6 +578,9 @@ class NativeLinear:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._keep if isinstance(t, torch.Tensor))
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a NativeLinear holds raw pointers into its tensors: describe() a copy of the weights")
 
 
 def describe(
