@@ -13,6 +13,7 @@ from torch import nn
 
 import lowbit
 from lowbit.formats import ACT_FORMATS, FORMATS
+from lowbit.kernels import layer as native_layer
 from lowbit.kernels import native
 from lowbit.kernels.dispatch import bucket, layer_report, use_mode
 from lowbit.kernels.routes import route_for
@@ -228,7 +229,7 @@ def test_native_linear_checks_its_input() -> None:
     with torch.no_grad(), use_mode("native"):
         p(torch.randn(1, 384))
     with pytest.raises(ValueError, match="384"):
-        native.linear(p[0]._dispatch.state, torch.randn(2, 100))
+        native_layer.linear(p[0]._dispatch.state, torch.randn(2, 100))
 
 
 @needs_native

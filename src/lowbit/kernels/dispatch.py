@@ -122,9 +122,10 @@ class LayerDispatch:
         self.state: Any = None
         self.choice: dict[tuple[int, int], dict[str, Any]] = {}  # (bucket, threads) → what was measured
         self.decided: dict[tuple[int, int], bool] = {}  # (rows, threads) → native? (the per-call lookup)
+        from lowbit.kernels import layer as native_layer
         from lowbit.kernels import native
 
-        self._linear = native.linear
+        self._linear = native_layer.linear
         self._fake_quant = native.fake_quantize_rows_symmetric
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:

@@ -2,7 +2,7 @@
 
 A `Route` binds one packed layer to one kernel of `lowbit.kernels.native`: ``prepare`` turns the layer's codes,
 scales and zero points into the kernel's streaming layout and describes its activation quantizer (once, a
-`native.NativeLinear`); `native.linear` then runs the layer on its input after the input scale / shift (a 2-D
+`layer.NativeLinear`); `layer.linear` then runs the layer on its input after the input scale / shift (a 2-D
 float matrix) in one C call: activation quantization (the same expressions as the simulated `ActQuantizer`, so
 an integer kernel sees exactly the codes and scales the simulated layer uses), kernel and bias. Results agree
 with the simulated layer up to float rounding of the final rescale.
@@ -48,7 +48,7 @@ GROUPS = (32, 64, 128)
 
 @dataclass(frozen=True)
 class Route:
-    """One packed layer's native kernel: ``prepare(layer)`` builds its `native.NativeLinear` once."""
+    """One packed layer's native kernel: ``prepare(layer)`` builds its `layer.NativeLinear` once."""
 
     kernel: str
     prepare: Callable[[Any], Any]
@@ -83,8 +83,10 @@ def _act_mode(act: QuantSpec | None) -> tuple[str, dict[str, Any]]:
         return "f32", {}
     if _is_binary_token(act):
         return "sign", {"min_scale": MIN_SCALE, "max_scale": MAX_SCALE, "sign_scale": act.scale_method != "none"}
-    _, qmax = integer.qrange(act.bits, True)
-    return "int8", {"qmax": float(qmax), "min_scale": MIN_SCALE, "max_scale": MAX_SCALE}
+    constants = int8_token_constants(act)
+    assert constants is not None  # route_for passes only int8-per-token or binary-per-token specs here
+    qmax, min_scale, max_scale = constants
+    return "int8", {"qmax": qmax, "min_scale": min_scale, "max_scale": max_scale}
 
 
 def _kernel_group(spec: QuantSpec, k: int) -> int | None:
@@ -107,6 +109,7 @@ def _prepare_groups(lay: Any, bits: int, group: int) -> tuple[Any, torch.Tensor 
 
 def route_for(layer: nn.Module) -> Route | None:
     """The native route of a packed linear layer, or None when its format has no fast kernel."""
+    from lowbit.kernels import layer as native_layer
     from lowbit.kernels import native
     from lowbit.nn.packed import PackedLinear
 
@@ -125,7 +128,7 @@ def route_for(layer: nn.Module) -> Route | None:
     if w.kind == "int" and w.bits == 8 and w.symmetric and w.granularity == "channel" and mode != "sign":
         return Route(
             f"w8{suffix}",
-            lambda lay: native.describe(
+            lambda lay: native_layer.describe(
                 native.prepare_w8(lay.codes.to(torch.int8), lay.scale.reshape(n).float()), mode, **kw
             ),
         )
@@ -136,14 +139,14 @@ def route_for(layer: nn.Module) -> Route | None:
 
         def prep_wn(lay: Any) -> Any:
             prepared, sz = _prepare_groups(lay, bits, g)
-            return native.describe(prepared, mode, sz=sz, **kw)
+            return native_layer.describe(prepared, mode, sz=sz, **kw)
 
         return Route(f"w{bits}{suffix}", prep_wn)
 
     if w.kind == "ternary" and mode == "int8":
         return Route(
             "ternary",
-            lambda lay: native.describe(
+            lambda lay: native_layer.describe(
                 native.prepare_ternary(lay.codes.to(torch.int8), lay.scale.reshape(-1).float()), mode, **kw
             ),
         )
@@ -155,7 +158,7 @@ def route_for(layer: nn.Module) -> Route | None:
         def prep_t2(lay: Any) -> Any:  # codes + 1 as 2-bit with zero point 1
             s = lay.scale.reshape(-1).float().expand(n).reshape(n, 1).expand(n, k // tg).contiguous()
             prepared = native.prepare_wn((lay.codes + 1).to(torch.uint8), s, torch.ones_like(s), 2, tg)
-            return native.describe(prepared, mode)
+            return native_layer.describe(prepared, mode)
 
         return Route("w2a32", prep_t2)
 
@@ -163,7 +166,7 @@ def route_for(layer: nn.Module) -> Route | None:
         layout = ("a1",) if mode == "sign" else ("a8",)
         return Route(
             f"w1{suffix}",
-            lambda lay: native.describe(
+            lambda lay: native_layer.describe(
                 native.prepare_binary(
                     lay.codes > 0, lay.scale.reshape(-1).float().expand(n).contiguous(), layouts=layout
                 ),

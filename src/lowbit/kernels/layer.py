@@ -1,0 +1,110 @@
+"""One packed layer as the C entry ``lb_linear`` runs it: activation quantization, kernel and bias in one call.
+
+`describe` binds weights prepared by `lowbit.kernels.native` (``prepare_w8`` / ``prepare_wn`` / ``prepare_ternary``
+/ ``prepare_binary``) and the layer's activation quantizer into a `NativeLinear` once; `linear` then runs it.
+
+Example:
+    >>> import torch
+    >>> from lowbit.kernels import layer, native
+    >>> if native.available():
+    ...     p = native.prepare_w8(torch.randint(-127, 128, (8, 64), dtype=torch.int8), torch.ones(8))
+    ...     d = layer.describe(p, "int8", min_scale=2.0**-20)
+    ...     tuple(layer.linear(d, torch.randn(3, 64)).shape)
+    ... else:
+    ...     (3, 8)
+    (3, 8)
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+
+from lowbit.kernels.native import (
+    AKINDS,
+    WKINDS,
+    LayerDesc,
+    PreparedBinary,
+    PreparedTernary,
+    PreparedW8,
+    PreparedWN,
+    _as,
+    _need,
+    _ptr,
+)
+
+
+class NativeLinear:
+    """A prepared layer as `linear` runs it: the C ``lb_layer`` description and the tensors it points into
+    (held here, so they live as long as the description)."""
+
+    def __init__(self, desc: LayerDesc, keep: tuple) -> None:
+        self.desc, self._keep = desc, keep
+        self.addr = ctypes.addressof(desc)
+        self.N, self.K = int(desc.N), int(desc.K)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._keep if isinstance(t, torch.Tensor))
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a NativeLinear holds raw pointers into its tensors: describe() a copy of the weights")
+
+
+def describe(
+    p: PreparedW8 | PreparedWN | PreparedTernary | PreparedBinary,
+    act: str,
+    *,
+    qmax: float = 127.0,
+    min_scale: float = 0.0,
+    max_scale: float = 65504.0,
+    sign_scale: bool = True,
+    sz: torch.Tensor | None = None,
+) -> NativeLinear:
+    """Bind prepared weights ``p`` and an activation mode (``"f32"``, ``"int8"``: symmetric per row with ``qmax``
+    and the scale guards, ``"sign"``: signs with mean |x| scales when ``sign_scale``) into one `NativeLinear`.
+    ``sz`` (N, K/group) fp32 = scale·zero for group-wise weights with real-valued zero points (the blob must
+    then hold zero points 0)."""
+    d = LayerDesc(akind=AKINDS[act], qmax=qmax, min_scale=min_scale, max_scale=max_scale, sign_scale=int(sign_scale))
+    keep: list = [p]
+    if isinstance(p, PreparedW8):
+        d.wkind, d.w, d.s, d.ld = WKINDS["w8"], _ptr(p.w), _ptr(p.s), p.Kp
+        keep += [p.w, p.s]
+    elif isinstance(p, PreparedWN):
+        d.wkind, d.w, d.ld, d.bits, d.group = WKINDS["wn"], _ptr(p.blob), p.row_bytes, p.bits, p.group
+        keep.append(p.blob)
+        if sz is not None:
+            sz = _as(sz, torch.float32).reshape(p.N, p.K // p.group).contiguous()
+            d.sz = _ptr(sz)
+            keep.append(sz)
+    elif isinstance(p, PreparedTernary):
+        d.wkind, d.w, d.s = WKINDS["ternary"], _ptr(p.w), _ptr(p.sw)
+        keep += [p.w, p.sw]
+    elif isinstance(p, PreparedBinary):
+        w = p.plain if act == "sign" else p.inter
+        assert w is not None, f"prepare_binary(..., layouts) lacks the layout for {act} activations"
+        d.wkind = WKINDS["binary_plain" if act == "sign" else "binary_inter"]
+        d.w, d.s = _ptr(w), _ptr(p.a)
+        keep += [w, p.a]
+    else:
+        raise TypeError(f"no native kernel for {type(p).__name__}")
+    d.N, d.K = p.N, p.K
+    return NativeLinear(d, tuple(keep))
+
+
+def linear(layer: NativeLinear, x: torch.Tensor, threads: int = 1, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = act_quant(x) · W^T (+ bias) for a 2-D fp32 ``x`` (M, K) in one C call (`lb_linear`)."""
+    lib = _need()
+    x = _as(x, torch.float32)
+    M, K = x.shape
+    if K != layer.K:
+        raise ValueError(f"input has {K} features, the layer expects {layer.K}")
+    y = torch.empty(M, layer.N, dtype=torch.float32)
+    if bias is not None:
+        bias = _as(bias, torch.float32)
+    rc = lib.lb_linear(layer.addr, x.data_ptr(), M, y.data_ptr(), threads, None if bias is None else bias.data_ptr())
+    if rc:
+        raise RuntimeError("lb_linear: " + ("out of memory" if rc == -2 else "layer description has no kernel"))
+    return y
