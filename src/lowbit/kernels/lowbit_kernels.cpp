@@ -56,7 +56,8 @@ static inline int nthreads(int t) { return t > 0 ? t : omp_get_max_threads(); }
 
 // Software prefetch of the weight stream, PF_BYTES ahead of the line being read. The AVX2 tiles issue it inside
 // their k loops, one prefetch per 64 bytes of weights as they consume them (LB_PF); a burst of a whole row's
-// prefetches at the row start (prefetch_rows, kept for the scalar path) overflows the core's miss buffers.
+// prefetches at the row start (prefetch_rows, kept for the scalar path) was slower, presumably because it
+// overflows the core's miss buffers.
 // Measured on a Zen 1 core, M=1 4096x4096 W8A8 streamed from memory: 2.6 ms with the burst, 1.4 ms in the loop
 // (~11 GB/s; the hardware prefetcher alone: ~7 GB/s).
 #ifndef LB_PF_LOCALITY
