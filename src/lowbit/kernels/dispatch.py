@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.formats.registry import ACT_FORMATS
+from lowbit.formats.spec import QuantSpec
+from lowbit.kernels.fakequant import fake_quantize_fast
 from lowbit.kernels.routes import Route, int8_token_constants, route_for
 
 MODES = ("auto", "native", "reference", "portable")
@@ -114,19 +116,14 @@ class LayerDispatch:
         int8_kernel_input = layer.act is None and route.kernel.endswith("a8")
         self.plain = layer.act is None and layer.input_scale is None and layer.input_shift is None
         self.plain = self.plain and not int8_kernel_input
-        self.int8_input = (
-            int8_token_constants(ACT_FORMATS["int8_token"] if int8_kernel_input else layer.act_spec)
-            if layer.act is not None or int8_kernel_input
-            else None
-        )
+        int8_input = ACT_FORMATS["int8_token"] if int8_kernel_input else layer.act_spec
+        self.int8_input: QuantSpec | None = int8_input if int8_token_constants(int8_input) is not None else None
         self.state: Any = None
         self.choice: dict[tuple[int, int], dict[str, Any]] = {}  # (bucket, threads) → what was measured
         self.decided: dict[tuple[int, int], bool] = {}  # (rows, threads) → native? (the per-call lookup)
         from lowbit.kernels import layer as native_layer
-        from lowbit.kernels import native
 
         self._linear = native_layer.linear
-        self._fake_quant = native.fake_quantize_rows_symmetric
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
         # A copied or pickled layer derives its route again (the prepared state holds raw pointers into this
@@ -149,10 +146,9 @@ class LayerDispatch:
         if self.plain:
             return F.linear(x, w, layer.bias)
         if self.int8_input is not None:
-            xt = layer._scale_shift_input(x)
-            x2d = xt.reshape(-1, xt.shape[-1]) if xt.dim() != 2 else xt
-            xq = self._fake_quant(x2d.float(), *self.int8_input)
-            return F.linear(xq if xt.dim() == 2 else xq.reshape(xt.shape), w, layer.bias).to(x.dtype)
+            xt = layer._scale_shift_input(x).float()
+            xq = fake_quantize_fast(xt, self.int8_input)
+            return dense() if xq is None else F.linear(xq, w, layer.bias).to(x.dtype)
         return dense()
 
     def decide(

@@ -169,7 +169,7 @@ LB_API int lb_isa(void) {
     return 0;
 #endif
 }
-LB_API int lb_abi_version(void) { return 2; }
+LB_API int lb_abi_version(void) { return 3; }
 
 // ================================================================================================
 // W8A32 — int8 per-channel weights, fp32 activations.
@@ -786,6 +786,61 @@ LB_API void lb_fake_quant_rows_i8(const float* x, i64 M, i64 K, float qmax, floa
             _mm256_storeu_ps(o + k, _mm256_mul_ps(code_i8x8(_mm256_loadu_ps(xr + k), vs, lo, hi), vs));
 #endif
         for (; k < K; ++k) o[k] = code_i8(xr[k], s, qmax) * s;
+    }
+}
+
+// --- Low-bit float (ExMy: FP8 E4M3 / E5M2, FP6, FP4) per-row fake quantization, bit-identical to lowbit's torch
+// path (lowfloat.fit with runtime scales, lowfloat.encode / decode): s = row_scale_i8(x, max_value) (amax / max,
+// the same guards); v = x / s; mag = min(|v|, max); e = clamp(floor(log2(max(mag, 2^emin))), emin, emax) (read
+// from the exponent bits: exact where torch's log2 rounds up to the next power of two, the rounding below then
+// lands on that same power of two); step = 2^(e - man); r = min(rint(mag / step) * step, max); out = ±r * s.
+// A zero result is +0 and a NaN input gives +max * s, as the torch path's code lookup does.
+static inline float fp_code_value(float v, int man, int emin, int emax, float maxv) {
+    if (v != v) return maxv;
+    float mag = fabsf(v);
+    mag = mag > maxv ? maxv : mag;
+    const float t = mag < ldexpf(1.0f, emin) ? ldexpf(1.0f, emin) : mag;
+    int e;
+    frexpf(t, &e);  // t = f * 2^e, f in [0.5, 1): floor(log2 t) = e - 1
+    e = std::min(emax, std::max(emin, e - 1));
+    const float step = ldexpf(1.0f, e - man);
+    float r = rintf(mag / step) * step;
+    r = r > maxv ? maxv : r;
+    return (v < 0.0f && r != 0.0f) ? -r : r;
+}
+
+LB_API void lb_fake_quant_rows_fp(const float* x, i64 M, i64 K, int man, int emin, int emax, float maxv,
+                                  float min_scale, float max_scale, float* out) {
+    for (i64 m = 0; m < M; ++m) {
+        const float* xr = x + m * K;
+        const float s = row_scale_i8(xr, K, maxv, min_scale, max_scale);
+        float* o = out + m * K;
+        i64 k = 0;
+#ifdef __AVX2__
+        const __m256 vs = _mm256_set1_ps(s), vmax = _mm256_set1_ps(maxv), tmin = _mm256_set1_ps(ldexpf(1.0f, emin));
+        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        const __m256 signmask = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+        const __m256i lo = _mm256_set1_epi32(emin + 127), hi = _mm256_set1_epi32(emax + 127);
+        const __m256i vman = _mm256_set1_epi32(man), b254 = _mm256_set1_epi32(254);
+        for (; k + 8 <= K; k += 8) {
+            const __m256 v = _mm256_div_ps(_mm256_loadu_ps(xr + k), vs);
+            const __m256 ok = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
+            const __m256 mag = _mm256_min_ps(_mm256_and_ps(v, absmask), vmax);  // NaN lane -> max (2nd operand)
+            const __m256 t = _mm256_max_ps(mag, tmin);
+            __m256i eb = _mm256_srli_epi32(_mm256_castps_si256(t), 23);  // biased exponent; t is normal
+            eb = _mm256_min_epi32(hi, _mm256_max_epi32(lo, eb));
+            const __m256i sb = _mm256_sub_epi32(eb, vman);               // biased exponent of step
+            const __m256 step = _mm256_castsi256_ps(_mm256_slli_epi32(sb, 23));
+            const __m256 inv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(b254, sb), 23));  // 1/step
+            __m256 r = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(mag, inv), _MM_FROUND_TO_NEAREST_INT |
+                                                                                  _MM_FROUND_NO_EXC), step);
+            r = _mm256_min_ps(r, vmax);
+            const __m256 neg = _mm256_and_ps(_mm256_and_ps(v, signmask), ok);  // sign of non-NaN lanes
+            r = _mm256_or_ps(r, _mm256_and_ps(neg, _mm256_cmp_ps(r, _mm256_setzero_ps(), _CMP_NEQ_OQ)));
+            _mm256_storeu_ps(o + k, _mm256_mul_ps(r, vs));
+        }
+#endif
+        for (; k < K; ++k) o[k] = fp_code_value(xr[k] / s, man, emin, emax, maxv) * s;
     }
 }
 

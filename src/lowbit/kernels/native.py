@@ -48,7 +48,7 @@ _CXX = os.environ.get("CXX", "g++")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _FLAGS_PORTABLE = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]  # retry when -march=native is refused
 
-ABI_VERSION = 2  # lb_abi_version() of the source this module binds
+ABI_VERSION = 3  # lb_abi_version() of the source this module binds
 
 
 class LayerDesc(ctypes.Structure):
@@ -118,7 +118,7 @@ def _compile(flags: list[str], dest: pathlib.Path) -> None:
 
 
 def _bind(lib: ctypes.CDLL) -> None:
-    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     sig = {
         "lb_isa": ([], I),
         "lb_abi_version": ([], I),
@@ -132,6 +132,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         "lb_quantize_rows_i8": ([P, I64, I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, P, P], None),
         "lb_sign_rows": ([P, I64, I64, P, P, ctypes.c_float, ctypes.c_float], None),
         "lb_fake_quant_rows_i8": ([P, I64, I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, P], None),
+        "lb_fake_quant_rows_fp": ([P, I64, I64, I, I, I, F, F, F, P], None),
         "lb_w1a8": ([P, P, I64, I64, P, P, I64, P, I], None),
         "lb_w1a32": ([P, I64, I64, P, P, I64, P, I], None),
         "lb_layer_size": ([], I),
@@ -276,6 +277,21 @@ def fake_quantize_rows_symmetric(x: torch.Tensor, qmax: float, min_scale: float,
     x = _as(x, torch.float32)
     out = torch.empty_like(x)
     lib.lb_fake_quant_rows_i8(_ptr(x), x.shape[0], x.shape[1], qmax, min_scale, max_scale, _ptr(out))
+    return out
+
+
+def fake_quantize_rows_fp(
+    x: torch.Tensor, man_bits: int, emin: int, emax: int, max_value: float, min_scale: float, max_scale: float
+) -> torch.Tensor:
+    """Per-row low-bit float (ExMy) fake quantization in one C pass: bit-identical to `lowbit.formats.lowfloat`'s
+    ``fit`` (run-time scales) → ``encode`` → ``decode`` for ``man_bits`` mantissa bits, normal exponents
+    ``emin`` … ``emax`` and largest value ``max_value``."""
+    lib = _need()
+    x = _as(x, torch.float32)
+    out = torch.empty_like(x)
+    lib.lb_fake_quant_rows_fp(
+        _ptr(x), x.shape[0], x.shape[1], man_bits, emin, emax, max_value, min_scale, max_scale, _ptr(out)
+    )
     return out
 
 
