@@ -130,10 +130,10 @@ class LayerDispatch:
         # layer's tensors, which a copy must not share): the copy's ``_dispatch`` is ``False``.
         return bool, ()
 
-    def native(self, layer: Any, x2d: torch.Tensor, threads: int) -> torch.Tensor:
+    def native(self, layer: Any, x: torch.Tensor, threads: int) -> torch.Tensor:
         if self.state is None:
             self.state = self.route.prepare(layer)
-        return self._linear(self.state, x2d, threads, layer.bias)
+        return self._linear(self.state, x, threads, layer.bias)
 
     def dense(self, layer: Any, x: torch.Tensor, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
         if not self.plain and self.int8_input is None:
@@ -152,19 +152,27 @@ class LayerDispatch:
         return dense()
 
     def decide(
-        self, layer: Any, x: torch.Tensor, x2d: torch.Tensor, threads: int, dense: Callable[[], torch.Tensor], how: str
+        self,
+        layer: Any,
+        x: torch.Tensor,
+        xt: torch.Tensor,
+        rows: int,
+        threads: int,
+        dense: Callable[[], torch.Tensor],
+        how: str,
     ) -> bool:
-        """Native or dense for this input's batch bucket: measured once per bucket in ``auto`` mode."""
-        key = (bucket(x2d.shape[0]), threads)
+        """Native or dense for ``rows`` input rows (``xt``: the input after the layer's scale / shift): measured
+        once per batch bucket in ``auto`` mode."""
+        key = (bucket(rows), threads)
         if how != "auto":
             self.choice.setdefault(key, {"native_ms": None, "dense_ms": None, "fp32_ms": None, "native": True})
             return True
         c = self.choice.get(key)
         if c is None or c["native_ms"] is None:
-            native_ms = _best_ms(lambda: self.native(layer, x2d, threads))
+            native_ms = _best_ms(lambda: self.native(layer, xt, threads))
             dense_ms = _best_ms(lambda: self.dense(layer, x, dense))
             w = layer.weight_matrix()  # what an fp32 layer of this shape costs (for the report, not the choice)
-            fp32_ms = _best_ms(lambda: F.linear(x2d, w, layer.bias))
+            fp32_ms = _best_ms(lambda: F.linear(xt, w, layer.bias))
             c = self.choice[key] = {
                 "native_ms": native_ms,
                 "dense_ms": dense_ms,
@@ -176,7 +184,7 @@ class LayerDispatch:
                 layer._cache = None
             elif not any(v["native"] for v in self.choice.values()):
                 self.state = None
-        self.decided[(x2d.shape[0], threads)] = c["native"]
+        self.decided[(rows, threads)] = c["native"]
         return c["native"]
 
 
@@ -198,18 +206,15 @@ def dispatch_linear(
         layer._dispatch = disp
     if disp is None:
         return dense()
-    x2d = transform(x)
-    if x2d.dim() != 2:
-        x2d = x2d.reshape(-1, x.shape[-1])
+    xt = transform(x)
+    rows = xt.numel() // xt.shape[-1] if xt.dim() and xt.shape[-1] else 0
     threads = torch.get_num_threads()
-    use_native = disp.decided.get((x2d.shape[0], threads)) if how == "auto" else None
+    use_native = disp.decided.get((rows, threads)) if how == "auto" else None
     if use_native is None:
-        use_native = disp.decide(layer, x, x2d, threads, dense, how)
+        use_native = disp.decide(layer, x, xt, rows, threads, dense, how)
     if not use_native:
         return disp.dense(layer, x, dense)
-    y = disp.native(layer, x2d, threads)
-    if x.dim() != 2:
-        y = y.reshape(*x.shape[:-1], -1)
+    y = disp.native(layer, xt, threads)  # (..., N) straight from (..., K): no reshapes on the hot path
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 

@@ -95,16 +95,25 @@ def describe(
 
 
 def linear(layer: NativeLinear, x: torch.Tensor, threads: int = 1, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = act_quant(x) · W^T (+ bias) for a 2-D fp32 ``x`` (M, K) in one C call (`lb_linear`)."""
-    lib = _need()
-    x = _as(x, torch.float32)
-    M, K = x.shape
-    if K != layer.K:
-        raise ValueError(f"input has {K} features, the layer expects {layer.K}")
-    y = torch.empty(M, layer.N, dtype=torch.float32)
-    if bias is not None:
+    """y = act_quant(x) · W^T (+ bias) in one C call (`lb_linear`), for fp32 ``x`` of shape (..., K): the leading
+    dimensions are rows, as in ``F.linear``, and ``y`` has shape (..., N).
+
+    This runs on every packed-layer forward, so it reshapes nothing and checks only what a wrong pointer would
+    break (each tensor operation costs microseconds, as much as a small layer's kernel)."""
+    if x.dtype is not torch.float32 or not x.is_contiguous():
+        x = _as(x, torch.float32)
+    shape = x.shape
+    if not shape or shape[-1] != layer.K:
+        raise ValueError(f"input of shape {tuple(shape)}: the layer expects (..., {layer.K})")
+    if torch.get_default_dtype() is torch.float32:
+        y = torch.empty(*shape[:-1], layer.N)  # without the dtype keyword: half the call's cost here
+    else:
+        y = torch.empty(*shape[:-1], layer.N, dtype=torch.float32)
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
         bias = _as(bias, torch.float32)
-    rc = lib.lb_linear(layer.addr, x.data_ptr(), M, y.data_ptr(), threads, None if bias is None else bias.data_ptr())
+    rc = _need().lb_linear(
+        layer.addr, x.data_ptr(), x.numel() // layer.K, y.data_ptr(), threads, None if bias is None else bias.data_ptr()
+    )
     if rc:
         raise RuntimeError("lb_linear: " + ("out of memory" if rc == -2 else "layer description has no kernel"))
     return y
