@@ -8,7 +8,9 @@ time per layer is the chain's time / L. Contenders are timed in alternation insi
 Contenders: fp32 ``torch.nn.functional.linear``; PyTorch's int8 dynamic quantization; ONNX Runtime (when
 installed) dynamic int8 and ``MatMulNBits`` 4-/2-bit with int8 accumulation (accuracy_level 4); lowbit's packed
 layers (``lowbit.pack``) forced onto their native kernel, the real product path including activation quantization
-(int8 per token / signs) and Python overhead.
+(int8 per token / signs) and Python overhead. A "memory read" row sums the fp32 chain without a matmul: the
+machine's streaming bandwidth at that thread count, the ceiling of every memory-bound row; the "weights GB/s"
+column (weight bytes per layer / time) shows how close each contender gets to it.
 
     python benchmarks/kernels.py --threads 1 2 --out benchmarks/results/kernels.md
     python benchmarks/kernels.py --shapes 1x4096x4096 --formats w4g128 w1a1 --threads 1
@@ -154,22 +156,31 @@ def bench_shape(
 
     x = torch.randn(m, k)
     runners: dict[str, tuple[Runner, int]] = {}
+    weight_bytes: dict[str, float] = {}  # bytes of weights (codes + scales) one layer of each contender reads
     n_fp = count_for(k * n * 4)
     ws = [torch.randn(n, k) * 0.02 for _ in range(n_fp)]
     runners["fp32 PyTorch"] = (chain(n_fp, lambda i: F.linear(x, ws[i])), n_fp)
+    # What reading the same bytes costs with no arithmetic to speak of: this machine's streaming bandwidth at this
+    # thread count, the ceiling of every memory-bound row (its "vs fp32" is not a layer's speed-up).
+    runners["memory read (fp32 sum, no matmul)"] = (chain(n_fp, lambda i: ws[i].sum()), n_fp)
+    weight_bytes["fp32 PyTorch"] = weight_bytes["memory read (fp32 sum, no matmul)"] = k * n * 4
     n_q = count_for(k * n)
     dq = [
         torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(k, n)), {nn.Linear}, torch.qint8)
         for _ in range(n_q)
     ]
     runners["PyTorch dynamic int8"] = (chain(n_q, lambda i: dq[i](x)), n_q)
+    weight_bytes["PyTorch dynamic int8"] = weight_bytes["ORT dynamic int8"] = k * n + n * 4
     runners.update(ort_runners(m, k, n, n_q, threads))
+    for bits, block in ((4, 32), (2, 64)):
+        weight_bytes[f"ORT MatMulNBits {bits}-bit g{block} acc4"] = k * n * bits / 8 + k // block * n * 4
     for name in formats:
         weights, acts = FORMAT_ROWS[name]
         bits = FORMATS[weights].effective_code_bits
         count = count_for(k * n * bits / 8)
         layers = lowbit_layers(k, n, weights, acts, count)
         runners[f"lowbit {name}"] = (chain(count, lambda i, layers=layers: layers[i](x)), count)
+        weight_bytes[f"lowbit {name}"] = k * n * bits / 8
     times: dict[str, list[float]] = {name: [] for name in runners}
     with torch.no_grad(), use_mode("native"):
         for run, _ in runners.values():
@@ -189,6 +200,7 @@ def bench_shape(
             "layers": runners[name][1],
             "ms": statistics.median(t) * 1e3,
             "speedup": fp32 / statistics.median(t),
+            "gbps": weight_bytes.get(name, float("nan")) / statistics.median(t) / 1e9,
         }
         for name, t in times.items()
     ]
@@ -199,10 +211,14 @@ def markdown(rows: list[dict], env: dict) -> str:
         f"CPU: {env.get('cpu')}; torch {env.get('torch')}; onnxruntime {_version('onnxruntime')}; "
         f"native kernels: {native.build_info().get('isa')}\n\n"
     )
-    lines = ["| shape (MxKxN) | threads | path | layers in chain | ms / layer | vs fp32 |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| shape (MxKxN) | threads | path | layers in chain | ms / layer | vs fp32 | weights GB/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
-            f"| {r['shape']} | {r['threads']} | {r['path']} | {r['layers']} | {r['ms']:.3f} | {r['speedup']:.2f}× |"
+            f"| {r['shape']} | {r['threads']} | {r['path']} | {r['layers']} | {r['ms']:.3f} | {r['speedup']:.2f}× "
+            f"| {r['gbps']:.1f} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -229,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             new = bench_shape(m, k, n, threads, args.formats, args.reps, args.stream_mib, args.max_layers)
             for r in new:
                 print(
-                    f"{r['shape']:>14} t={threads} {r['path']:<34} {r['ms']:8.3f} ms  {r['speedup']:6.2f}×", flush=True
+                    f"{r['shape']:>14} t={threads} {r['path']:<34} {r['ms']:8.3f} ms  {r['speedup']:6.2f}×"
+                    f"  {r['gbps']:5.1f} GB/s",
+                    flush=True,
                 )
             rows += new
             if args.out:  # rewritten after every shape, so an interrupted run keeps what it measured
