@@ -8,9 +8,9 @@ time per layer is the chain's time / L. Contenders are timed in alternation insi
 Contenders: fp32 ``torch.nn.functional.linear``; PyTorch's int8 dynamic quantization; ONNX Runtime (when
 installed) dynamic int8 and ``MatMulNBits`` 4-/2-bit with int8 accumulation (accuracy_level 4); lowbit's packed
 layers (``lowbit.pack``) forced onto their native kernel, the real product path including activation quantization
-(int8 per token / signs) and Python overhead. A "memory read" row sums the fp32 chain without a matmul: the
-machine's streaming bandwidth at that thread count, the ceiling of every memory-bound row; the "weights GB/s"
-column (weight bytes per layer / time) shows how close each contender gets to it.
+(int8 per token / signs) and Python overhead. A "memory read" row sums the fp32 chain without a matmul
+(``torch.sum``): a reference for the streaming bandwidth at that thread count, not a strict ceiling (fp32's GEMV,
+which prefetches, can stream faster); the "weights GB/s" column is weight bytes per layer / time.
 
     python benchmarks/kernels.py --threads 1 2 --out benchmarks/results/kernels.md
     python benchmarks/kernels.py --shapes 1x4096x4096 --formats w4g128 w1a1 --threads 1
@@ -160,8 +160,8 @@ def bench_shape(
     n_fp = count_for(k * n * 4)
     ws = [torch.randn(n, k) * 0.02 for _ in range(n_fp)]
     runners["fp32 PyTorch"] = (chain(n_fp, lambda i: F.linear(x, ws[i])), n_fp)
-    # What reading the same bytes costs with no arithmetic to speak of: this machine's streaming bandwidth at this
-    # thread count, the ceiling of every memory-bound row (its "vs fp32" is not a layer's speed-up).
+    # What reading the same bytes costs with next to no arithmetic: a reference for this machine's streaming
+    # bandwidth at this thread count (its "vs fp32" is not a layer's speed-up).
     runners["memory read (fp32 sum, no matmul)"] = (chain(n_fp, lambda i: ws[i].sum()), n_fp)
     weight_bytes["fp32 PyTorch"] = weight_bytes["memory read (fp32 sum, no matmul)"] = k * n * 4
     n_q = count_for(k * n)

@@ -123,3 +123,20 @@ def test_act_quantizer_takes_the_fast_path_without_grad_and_keeps_gradients_with
     xg = x.clone().requires_grad_(True)
     q(xg).sum().backward()  # the torch path (straight-through rounding) keeps autograd working
     assert len(calls) == 1 and xg.grad is not None
+
+
+def test_traced_models_record_the_torch_path() -> None:
+    """torch.jit.trace cannot see the C pass: a traced simulated or packed model must still depend on its input."""
+    import lowbit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    for m in (
+        lowbit.compress(model, "w8a8", progress=False),
+        lowbit.pack(lowbit.compress(model, "w8a8", progress=False)),
+    ):
+        with torch.no_grad():
+            m(torch.randn(3, 32))  # a packed model has decided its kernels before tracing
+            traced = torch.jit.trace(m, torch.randn(3, 32), check_trace=False)
+            x = torch.randn(3, 32)
+            assert torch.allclose(traced(x), m(x), rtol=1e-5, atol=1e-6)

@@ -69,6 +69,13 @@ def use_mode(value: str) -> Iterator[None]:
         _mode_override.pop()
 
 
+def capturing_graph() -> bool:
+    """True while ``torch.jit.trace`` / ``torch.compile`` / ``torch.export`` records the model: a foreign C call
+    writing into a tensor is invisible to them (a traced graph would keep an uninitialised output), so layers run
+    their PyTorch reference path then."""
+    return torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
+
+
 def bucket(rows: int) -> int:
     """Batch-size bucket: the next power of two, capped at 4096."""
     return min(4096, 1 << max(0, rows - 1).bit_length())
@@ -198,7 +205,7 @@ def dispatch_linear(
     """
     disp: LayerDispatch | None | bool = layer._dispatch
     how = _mode_override[-1] if _mode_override else _env_mode or mode()
-    if how == "reference" or (x.requires_grad and torch.is_grad_enabled()) or not x.is_cpu:
+    if how == "reference" or (x.requires_grad and torch.is_grad_enabled()) or not x.is_cpu or capturing_graph():
         return dense()
     if disp is False:
         route = route_for(layer)

@@ -1,7 +1,8 @@
 """Dynamic per-token activation fake quantization in one C pass, bit-identical to the PyTorch path.
 
 `ActQuantizer` (the simulated activation quantizer of every quantized layer) calls `fake_quantize_fast` first;
-it returns None where the C pass does not apply — no native library, ``LOWBIT_KERNELS=reference``, a tensor that
+it returns None where the C pass does not apply — no native library, ``LOWBIT_KERNELS=reference``, a model being
+traced or compiled (``torch.jit.trace``, ``torch.compile``: they cannot see a foreign call), a tensor that
 is not fp32 on the CPU, or a spec other than dynamic per-token symmetric integer or low-bit float (FP8 / FP6 /
 FP4) — and the caller falls back to `lowbit.formats.qtensor.fake_quantize`. Either way the values are the same
 (tested bit for bit), so a packed model and its simulated original agree whichever path runs; the C pass only
@@ -45,7 +46,7 @@ def _plan(spec: QuantSpec) -> tuple[str, tuple] | None:
 def _enabled() -> bool:
     from lowbit.kernels import dispatch, native
 
-    return dispatch.mode() != "reference" and native.available()
+    return dispatch.mode() != "reference" and native.available() and not dispatch.capturing_graph()
 
 
 def fake_quantize_fast(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
