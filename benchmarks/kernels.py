@@ -3,7 +3,8 @@
 Each contender runs a chain of L distinct layers of shape (M, K) × (K, N) whose weights together exceed
 ``--stream-mib`` (default 96 MiB, 12× this machine's L3), so weights stream from memory as in a real model; the
 time per layer is the chain's time / L. Contenders are timed in alternation inside the same loop (median of
-``--reps`` passes), and every row is reported as a ratio to fp32 PyTorch measured in that same run.
+``--reps`` passes; each timed chain right after an untimed one, steady state as in back-to-back inference), and
+every row is reported as a ratio to fp32 PyTorch measured in that same run.
 
 Contenders: fp32 ``torch.nn.functional.linear``; PyTorch's int8 dynamic quantization; ONNX Runtime (when
 installed) dynamic int8 and ``MatMulNBits`` 4-/2-bit with int8 accumulation (accuracy_level 4); lowbit's packed
@@ -55,9 +56,14 @@ FORMAT_ROWS: dict[str, tuple[str, str | None]] = {
     "w1a1": ("binary", "binary_token"),
 }
 Runner = Callable[[], None]
-#: Pause before each timed run: PyTorch's and ONNX Runtime's idle worker threads spin for a while after a call and
+#: Pause before each contender: PyTorch's and ONNX Runtime's idle worker threads spin for a while after a call and
 #: would steal the second core from whichever contender runs next (measured: lowbit's int8 kernels at 2 threads
-#: ran 2× slower right after an ONNX Runtime session).
+#: ran 2× slower right after an ONNX Runtime session). After the pause every contender runs its chain once untimed
+#: and then once timed: on this VM a vCPU left idle for tens of milliseconds wakes late, which made the first
+#: multi-threaded call after any pause slower whatever ran before it (a throw-away test: lowbit W8A8 on 2 threads
+#: took about twice as long per layer after a 20 ms pause as after a 200 ms one). The warm-up run leaves the tail of
+#: the chain in cache, but the timed run starts at its head and the chain is many times the L3: nothing it reads is
+#: still cached.
 IDLE_S = float(os.environ.get("IDLE_S", 0.02))
 
 
@@ -188,6 +194,7 @@ def bench_shape(
         for _ in range(reps):
             for name, (run, count) in runners.items():
                 time.sleep(IDLE_S)  # let the previous contender's spinning worker threads go idle
+                run()  # untimed: wakes this contender's threads (see IDLE_S)
                 t0 = time.perf_counter()
                 run()
                 times[name].append((time.perf_counter() - t0) / count)
