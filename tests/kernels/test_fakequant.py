@@ -125,6 +125,7 @@ def test_act_quantizer_takes_the_fast_path_without_grad_and_keeps_gradients_with
     assert len(calls) == 1 and xg.grad is not None
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_traced_models_record_the_torch_path() -> None:
     """torch.jit.trace cannot see the C pass: a traced simulated or packed model must still depend on its input."""
     import lowbit

@@ -56,9 +56,9 @@ def fake_quantize_fast(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
     tracked: callers use it only where autograd is off or ``x`` needs no gradient.
     """
     plan = _plan(spec)
-    if plan is None or x.dtype != torch.float32 or not x.is_cpu or x.dim() == 0 or x.numel() == 0:
+    if plan is None or not _enabled():  # _enabled first: under tracing, x's sizes are traced values
         return None
-    if not _enabled():
+    if x.dtype != torch.float32 or not x.is_cpu or x.dim() == 0 or x.numel() == 0:
         return None
     from lowbit.kernels import native
 
