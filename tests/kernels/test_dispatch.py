@@ -244,7 +244,7 @@ def test_dense_fallback_quantizes_inputs_in_c_bit_identically(weights: str, shap
     with torch.no_grad():
         p(x)  # auto: builds the dispatch state
         p[0].weight_matrix()  # the dequantized weight the dense path uses (freed when native won)
-        got = p[0]._dispatch.dense(p[0], x, lambda: None)
+        got = p[0]._dispatch.dense(p[0], x, p[0]._scale_shift_input(x), lambda: None)
     assert torch.equal(got, want)
     fq = native.fake_quantize_rows_symmetric(torch.tensor([[float("nan"), 1.0, 3.0]]), 127.0, 2.0**-20, 65504.0)
     assert torch.isnan(fq[0, 0]) and bool(torch.isfinite(fq[0, 1:]).all())  # NaN stays visible, as in torch
@@ -259,7 +259,7 @@ def test_int8_kernel_activations_do_not_depend_on_the_chosen_path() -> None:
     with torch.no_grad(), use_mode("native"):
         native_y = fast(x)
     with torch.no_grad():
-        dense_y = fast[0]._dispatch.dense(fast[0], x, lambda: None)
+        dense_y = fast[0]._dispatch.dense(fast[0], x, x, lambda: None)
     assert float((native_y - dense_y).abs().max()) <= 2e-5 * float(dense_y.abs().max())
     with torch.no_grad():
         assert float((q(x) - dense_y).abs().max()) > 1e-6  # the int8 rounding is really there

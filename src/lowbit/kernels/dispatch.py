@@ -142,7 +142,8 @@ class LayerDispatch:
             self.state = self.route.prepare(layer)
         return self._linear(self.state, x, threads, layer.bias)
 
-    def dense(self, layer: Any, x: torch.Tensor, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def dense(self, layer: Any, x: torch.Tensor, xt: torch.Tensor, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The dense path on input ``x`` (``xt``: ``x`` after the layer's input scale / shift, already computed)."""
         if not self.plain and self.int8_input is None:
             return dense()
         w = layer._cache
@@ -153,8 +154,7 @@ class LayerDispatch:
         if self.plain:
             return F.linear(x, w, layer.bias)
         if self.int8_input is not None:
-            xt = layer._scale_shift_input(x).float()
-            xq = fake_quantize_fast(xt, self.int8_input)
+            xq = fake_quantize_fast(xt.float(), self.int8_input)
             return dense() if xq is None else F.linear(xq, w, layer.bias).to(x.dtype)
         return dense()
 
@@ -177,7 +177,7 @@ class LayerDispatch:
         c = self.choice.get(key)
         if c is None or c["native_ms"] is None:
             native_ms = _best_ms(lambda: self.native(layer, xt, threads))
-            dense_ms = _best_ms(lambda: self.dense(layer, x, dense))
+            dense_ms = _best_ms(lambda: self.dense(layer, x, xt, dense))
             w = layer.weight_matrix()  # what an fp32 layer of this shape costs (for the report, not the choice)
             fp32_ms = _best_ms(lambda: F.linear(xt, w, layer.bias))
             c = self.choice[key] = {
@@ -220,7 +220,7 @@ def dispatch_linear(
     if use_native is None:
         use_native = disp.decide(layer, x, xt, rows, threads, dense, how)
     if not use_native:
-        return disp.dense(layer, x, dense)
+        return disp.dense(layer, x, xt, dense)
     y = disp.native(layer, xt, threads)  # (..., N) straight from (..., K): no reshapes on the hot path
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 

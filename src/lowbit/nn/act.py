@@ -22,6 +22,7 @@ from torch import nn
 from lowbit.errors import ModelError
 from lowbit.formats.qtensor import decode, encode, fake_quantize
 from lowbit.formats.spec import QuantSpec
+from lowbit.kernels.fakequant import fake_quantize_fast
 
 
 class ActQuantizer(nn.Module):
@@ -65,8 +66,6 @@ class ActQuantizer(nn.Module):
             return x
         if self.spec.dynamic:
             if not (x.requires_grad and torch.is_grad_enabled()):
-                from lowbit.kernels.fakequant import fake_quantize_fast
-
                 fast = fake_quantize_fast(x, self.spec)  # the same values in one C pass, where it applies
                 if fast is not None:
                     return fast
