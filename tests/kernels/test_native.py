@@ -204,6 +204,22 @@ def test_w1a1(K, N, M, threads, prepacked):
     assert torch.equal((K - 2 * pop).double(), sign_pm(bxb) @ sign_pm(bw).T)
 
 
+@pytest.mark.parametrize("K,N,M", [(8200, 70, 9), (384, 130, 300), (40, 1, 2)])
+def test_w1a1_bias_and_several_table_blocks(K, N, M):
+    """The kernel adds the bias itself; K = 8200 keeps 6 rows' tables per block (M = 9 spans two), M = 300 at
+    K = 384 also; N = 70 / 130 leave a partly used 64-row weight block."""
+    g = gen(K + N + M)
+    bw = torch.rand(N, K, generator=g) > 0.5
+    bxb = torch.rand(M, K, generator=g) > 0.5
+    a, bx, bias = torch.rand(N, generator=g) + 0.1, torch.rand(M, generator=g) + 0.1, torch.randn(N, generator=g)
+    p = native.prepare_binary(bw, a, layouts=("a1",))
+    assert p.blocked.shape == ((N + 63) // 64, (K + 255) // 256 * 32, 64)
+    pop = (bxb[:, None, :] ^ bw[None, :, :]).sum(-1)
+    ref = (bx[:, None] * a[None, :]) * (K - 2 * pop).to(torch.float32) + bias
+    for threads in (1, 2):
+        assert torch.equal(native.matmul_w1a1(bxb, bx, p, threads, bias), ref)
+
+
 def test_pack_signs_layout():
     b = torch.zeros(2, 70, dtype=torch.bool)
     b[0, 0] = b[0, 63] = b[1, 64] = b[1, 69] = True

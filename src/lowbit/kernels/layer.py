@@ -83,7 +83,7 @@ def describe(
         d.wkind, d.w, d.s = WKINDS["ternary"], _ptr(p.w), _ptr(p.sw)
         keep += [p.w, p.sw]
     elif isinstance(p, PreparedBinary):
-        w = p.plain if act == "sign" else p.inter
+        w = p.blocked if act == "sign" else p.inter
         assert w is not None, f"prepare_binary(..., layouts) lacks the layout for {act} activations"
         d.wkind = WKINDS["binary_plain" if act == "sign" else "binary_inter"]
         d.w, d.s = _ptr(w), _ptr(p.a)

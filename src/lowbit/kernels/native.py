@@ -48,7 +48,7 @@ _CXX = os.environ.get("CXX", "g++")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _FLAGS_PORTABLE = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]  # retry when -march=native is refused
 
-ABI_VERSION = 3  # lb_abi_version() of the source this module binds
+ABI_VERSION = 4  # lb_abi_version() of the source this module binds
 
 
 class LayerDesc(ctypes.Structure):
@@ -127,7 +127,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         "lb_wna8": ([P, P, I64, I64, P, I64, I64, I, I, P, I], I),
         "lb_wna32": ([P, I64, I64, P, I64, I64, I, I, P, I], I),
         "lb_ternary": ([P, P, I64, I64, P, P, I64, P, I], None),
-        "lb_w1a1": ([P, P, I64, I64, P, P, I64, P, I], None),
+        "lb_w1a1": ([P, P, I64, I64, P, P, I64, P, I, P], I),
         "lb_pack_signs": ([P, I64, I64, P], None),
         "lb_quantize_rows_i8": ([P, I64, I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, P, P], None),
         "lb_sign_rows": ([P, I64, I64, P, P, ctypes.c_float, ctypes.c_float], None),
@@ -517,45 +517,55 @@ def matmul_ternary(xq: torch.Tensor, sx: torch.Tensor, p: PreparedTernary, threa
 
 
 class PreparedBinary:
-    """plain: int64 (N, Kp/64) (pack_signs layout, for w1a1) or None;
+    """blocked: uint8 (ceil(N/64), Kp/8, 64) or None (for w1a1): rows in blocks of 64, byte r of step p = byte p of
+    row 64·block + r's signs (bit i = k 8p + i; N padded with zero rows);
     inter: uint8 (N, Kp/8) interleaved layout (for w1a8 / w1a32) or None; a: fp32 (N,); Kp = K rounded up to 256."""
 
-    def __init__(self, plain, inter, a, N, K):
-        self.plain, self.inter, self.a, self.N, self.K = plain, inter, a, N, K
+    def __init__(self, blocked, inter, a, N, K):
+        self.blocked, self.inter, self.a, self.N, self.K = blocked, inter, a, N, K
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.plain, self.inter) if t is not None) + 4 * self.N
+        return sum(t.numel() * t.element_size() for t in (self.blocked, self.inter) if t is not None) + 4 * self.N
 
 
 def prepare_binary(b: torch.Tensor, a: torch.Tensor, layouts=("a1", "a8")) -> PreparedBinary:
-    """b bool (N, K) (True = +1), a fp32 (N,). layouts: 'a1' -> plain bits (w1a1), 'a8' or 'a32' ->
+    """b bool (N, K) (True = +1), a fp32 (N,). layouts: 'a1' -> blocked bytes (w1a1), 'a8' or 'a32' ->
     interleaved bits (w1a8 and w1a32 share it): per 256-k block, uint32 lane i bit j = b[base + 8j + i]."""
     bn = _as(b, torch.bool).numpy()
     N, K = bn.shape
     Kp = _rup(K, 256)
-    plain = inter = None
+    blocked = inter = None
+    bp = np.zeros((_rup(N, 64) if "a1" in layouts else N, Kp), np.bool_)
+    bp[:N, :K] = bn
     if "a1" in layouts:
-        plain = pack_signs(torch.from_numpy(bn))
+        rows = np.packbits(bp, axis=-1, bitorder="little")  # (N64, Kp/8): byte p holds k = 8p .. 8p+7
+        blocked = _t(np.ascontiguousarray(rows.reshape(-1, 64, Kp // 8).transpose(0, 2, 1)))
     if "a8" in layouts or "a32" in layouts:
-        bp = np.zeros((N, Kp), np.bool_)
-        bp[:, :K] = bn
-        lanes = bp.reshape(N, Kp // 256, 32, 8).transpose(0, 1, 3, 2)  # (N, block, lane i, bit j)
+        lanes = bp[:N].reshape(N, Kp // 256, 32, 8).transpose(0, 1, 3, 2)  # (N, block, lane i, bit j)
         inter = _t(np.packbits(lanes, axis=-1, bitorder="little").reshape(N, Kp // 8))
-    return PreparedBinary(plain, inter, _as(a, torch.float32).reshape(N), N, K)
+    return PreparedBinary(blocked, inter, _as(a, torch.float32).reshape(N), N, K)
 
 
-def matmul_w1a1(xbits: torch.Tensor, bx: torch.Tensor, p: PreparedBinary, threads: int = 1) -> torch.Tensor:
+def matmul_w1a1(
+    xbits: torch.Tensor, bx: torch.Tensor, p: PreparedBinary, threads: int = 1, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """xbits: bool (M, K) signs (packed here) or int64 (M, W) from pack_signs; bx fp32 (M,).
-    y = (bx[m]*a[n]) * float32(K - 2*popcount(bw ^ bx))."""
+    y = (bx[m]*a[n]) * float32(K - 2*popcount(bw ^ bx)) (+ bias[n], one more fp32 rounding)."""
     lib = _need()
-    assert p.plain is not None, "prepare_binary(..., layouts) without 'a1'"
+    assert p.blocked is not None, "prepare_binary(..., layouts) without 'a1'"
     xb = pack_signs(xbits) if xbits.dtype == torch.bool else _as(xbits, torch.int64)
     bx = _vec(bx)
     M = xb.shape[0]
-    assert xb.shape[1] == p.plain.shape[1] and bx.numel() == M
+    assert xb.shape[1] == _rup(p.K, 256) // 64 and bx.numel() == M
+    bias = None if bias is None else _vec(bias)
+    assert bias is None or bias.numel() == p.N
     y = _out(M, p.N)
-    lib.lb_w1a1(_ptr(xb), _ptr(bx), M, p.K, _ptr(p.plain), _ptr(p.a), p.N, _ptr(y), threads)
+    rc = lib.lb_w1a1(
+        _ptr(xb), _ptr(bx), M, p.K, _ptr(p.blocked), _ptr(p.a), p.N, _ptr(y), threads, None if bias is None else _ptr(bias)
+    )
+    if rc:
+        raise MemoryError("lb_w1a1: out of memory for the activation tables")
     return y
 
 
