@@ -561,9 +561,8 @@ def matmul_w1a1(
     bias = None if bias is None else _vec(bias)
     assert bias is None or bias.numel() == p.N
     y = _out(M, p.N)
-    rc = lib.lb_w1a1(
-        _ptr(xb), _ptr(bx), M, p.K, _ptr(p.blocked), _ptr(p.a), p.N, _ptr(y), threads, None if bias is None else _ptr(bias)
-    )
+    b = None if bias is None else _ptr(bias)
+    rc = lib.lb_w1a1(_ptr(xb), _ptr(bx), M, p.K, _ptr(p.blocked), _ptr(p.a), p.N, _ptr(y), threads, b)
     if rc:
         raise MemoryError("lb_w1a1: out of memory for the activation tables")
     return y
