@@ -58,14 +58,15 @@ FORMAT_ROWS: dict[str, tuple[str, str | None]] = {
 Runner = Callable[[], None]
 #: Pause before each contender: PyTorch's and ONNX Runtime's idle worker threads spin for a while after a call and
 #: would steal the second core from whichever contender runs next (measured: lowbit's int8 kernels at 2 threads
-#: ran 2× slower right after an ONNX Runtime session). After the pause every contender runs its chain once untimed
-#: and then once timed: on this VM a vCPU left idle for tens of milliseconds wakes late, which made the first
-#: multi-threaded call after any pause slower whatever ran before it (a throw-away test: lowbit W8A8 on 2 threads
-#: took about twice as long per layer after a 20 ms pause as after a 200 ms one). The warm-up run leaves the tail of
-#: the chain in cache, but the timed run starts at its head and the chain is many times the L3: nothing it reads is
-#: still cached. 20 ms was not enough: with it, W1A1's 2-thread GEMV (0.15 ms a layer) ran at 0.33 ms after the ONNX
-#: Runtime contenders and at 0.155 ms with a 300 ms pause (session 6), so some worker keeps spinning for longer.
+#: ran 2× slower right after an ONNX Runtime session; with a 20 ms pause W1A1's 2-thread GEMV still ran at half
+#: speed in session 6, hence 300 ms).
 IDLE_S = float(os.environ.get("IDLE_S", 0.3))
+#: After the pause every contender runs its chain untimed for at least this long, then once timed. On this VM a
+#: vCPU left idle stays slow for a while after it wakes: a 2-thread ternary chain (0.40 ms a layer when busy) ran
+#: at 0.55–0.64 ms in most timed runs that followed a pause and one untimed pass of 12 ms, and at 0.40 ms in every
+#: run after 100 ms of untimed work (session 6, a throw-away script). The warm-up leaves the tail of the chain in
+#: cache, but the timed run starts at its head and the chain is many times the L3: nothing it reads is still cached.
+WARM_S = float(os.environ.get("WARM_S", 0.1))
 
 
 def lowbit_layers(k: int, n: int, weights: str, acts: str | None, count: int) -> list[nn.Module]:
@@ -195,7 +196,10 @@ def bench_shape(
         for _ in range(reps):
             for name, (run, count) in runners.items():
                 time.sleep(IDLE_S)  # let the previous contender's spinning worker threads go idle
-                run()  # untimed: wakes this contender's threads (see IDLE_S)
+                warm_until = time.perf_counter() + WARM_S
+                run()  # untimed, for at least WARM_S: wakes this contender's threads and the vCPUs (see WARM_S)
+                while time.perf_counter() < warm_until:
+                    run()
                 t0 = time.perf_counter()
                 run()
                 times[name].append((time.perf_counter() - t0) / count)
