@@ -85,7 +85,7 @@ def describe(
     elif isinstance(p, PreparedBinary):
         w = p.blocked if act == "sign" else p.inter
         assert w is not None, f"prepare_binary(..., layouts) lacks the layout for {act} activations"
-        d.wkind = WKINDS["binary_plain" if act == "sign" else "binary_inter"]
+        d.wkind = WKINDS["binary_blocked" if act == "sign" else "binary_inter"]
         d.w, d.s = _ptr(w), _ptr(p.a)
         keep += [w, p.a]
     else:

@@ -1118,7 +1118,7 @@ LB_API void lb_w1a32(const float* x, i64 M, i64 K, const uint8_t* w, const float
 //   (N, G) fp32 products s_g * z_g; the kernel result is corrected by y[m,n] -= sum_g sz[n,g] * X[m,g], with
 //   X[m,g] the group sum of the activations the kernel saw (sx[m] * sum xq for int8, sum x for fp32).
 // ================================================================================================
-enum { LB_W8 = 1, LB_WN = 2, LB_TERNARY = 3, LB_BIN_PLAIN = 4, LB_BIN_INTER = 5 };
+enum { LB_W8 = 1, LB_WN = 2, LB_TERNARY = 3, LB_BIN_BLOCKED = 4, LB_BIN_INTER = 5 };
 enum { LB_ACT_F32 = 0, LB_ACT_I8 = 1, LB_ACT_SIGN = 2 };
 
 struct lb_layer {
@@ -1204,7 +1204,7 @@ LB_API int lb_linear(const lb_layer* L, const float* x, i64 M, float* y, int thr
                 if (i8) lb_ternary(xq, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
                 else rc = -1;
                 break;
-            case LB_BIN_PLAIN:
+            case LB_BIN_BLOCKED:
                 if (L->akind == LB_ACT_SIGN) rc = lb_w1a1(xb, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads, bias);
                 else rc = -1;
                 bias = nullptr;  // added by the kernel

@@ -72,7 +72,7 @@ class LayerDesc(ctypes.Structure):
     ]
 
 
-WKINDS = {"w8": 1, "wn": 2, "ternary": 3, "binary_plain": 4, "binary_inter": 5}
+WKINDS = {"w8": 1, "wn": 2, "ternary": 3, "binary_blocked": 4, "binary_inter": 5}
 AKINDS = {"f32": 0, "int8": 1, "sign": 2}
 
 _lib = None
