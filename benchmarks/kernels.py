@@ -3,8 +3,9 @@
 Each contender runs a chain of L distinct layers of shape (M, K) × (K, N) whose weights together exceed
 ``--stream-mib`` (default 96 MiB, 12× this machine's L3), so weights stream from memory as in a real model; the
 time per layer is the chain's time / L. Contenders are timed in alternation inside the same loop (median of
-``--reps`` passes; each timed chain right after an untimed one, steady state as in back-to-back inference), and
-every row is reported as a ratio to fp32 PyTorch measured in that same run.
+``--reps`` passes; each timed chain after a pause and ≥ ``WARM_S`` of untimed runs, steady state as in back-to-back
+inference), and every row is reported as a ratio to fp32 PyTorch measured in that same run. Each (shape, threads)
+pass also records the VM's steal time from ``/proc/stat`` (last column).
 
 Contenders: fp32 ``torch.nn.functional.linear``; PyTorch's int8 dynamic quantization; ONNX Runtime (when
 installed) dynamic int8 and ``MatMulNBits`` 4-/2-bit with int8 accumulation (accuracy_level 4); lowbit's packed
@@ -218,19 +219,37 @@ def bench_shape(
     ]
 
 
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(steal, total) CPU time in jiffies since boot from ``/proc/stat`` (Linux), or None elsewhere. Steal is time
+    this VM's vCPUs were ready but the host ran something else: a pass with a few percent of it is not comparable
+    with one without."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_percent(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float:
+    if before is None or after is None or after[1] <= before[1]:
+        return float("nan")
+    return 100.0 * (after[0] - before[0]) / (after[1] - before[1])
+
+
 def markdown(rows: list[dict], env: dict) -> str:
     head = (
         f"CPU: {env.get('cpu')}; torch {env.get('torch')}; onnxruntime {_version('onnxruntime')}; "
         f"native kernels: {native.build_info().get('isa')}\n\n"
     )
     lines = [
-        "| shape (MxKxN) | threads | path | layers in chain | ms / layer | vs fp32 | weights GB/s |",
-        "|---|---|---|---|---|---|---|",
+        "| shape (MxKxN) | threads | path | layers in chain | ms / layer | vs fp32 | weights GB/s | VM steal % |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['threads']} | {r['path']} | {r['layers']} | {r['ms']:.3f} | {r['speedup']:.2f}× "
-            f"| {r['gbps']:.1f} |"
+            f"| {r['gbps']:.1f} | {r['steal']:.1f} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -254,8 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.shapes:
         m, k, n = (int(v) for v in shape.split("x"))
         for threads in args.threads:
+            before = cpu_jiffies()
             new = bench_shape(m, k, n, threads, args.formats, args.reps, args.stream_mib, args.max_layers)
+            steal = steal_percent(before, cpu_jiffies())
+            print(f"{m}x{k}x{n} t={threads}: VM steal {steal:.1f} % of CPU time during this pass", flush=True)
             for r in new:
+                r["steal"] = steal
                 print(
                     f"{r['shape']:>14} t={threads} {r['path']:<34} {r['ms']:8.3f} ms  {r['speedup']:6.2f}×"
                     f"  {r['gbps']:5.1f} GB/s",
