@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lowbit.formats import FORMATS, QuantSpec, dequantize, fake_quantize, quantize
+from lowbit.kernels.dispatch import use_mode
 from lowbit.methods.ptq.awq_math import awq_clip_search, awq_scale_search
 from lowbit.methods.ptq.hqq_math import hqq_quantize
 from lowbit.methods.ptq.smoothquant_math import smooth_scales
@@ -93,7 +94,5 @@ def test_hqq_real_zero_points_lower_error_than_integer_ones_and_pack_exactly() -
     q = lowbit.compress(m, "w3g64-hqq", progress=False)
     assert zero_format_of(q[0]) == "fp16"  # real-valued zero points survive packing at fp16
     x = torch.randn(4, 128)
-    from lowbit.kernels.dispatch import use_mode
-
     with use_mode("reference"):  # exactness of the packed storage; auto dispatch may pick the native kernel by timing
         assert torch.equal(lowbit.pack(q)(x), q(x))

@@ -34,12 +34,15 @@ static const i64 MB = 64;  // activation rows per M-block (64 x 4096 fp32 = 1 Mi
 // Common helpers
 // ------------------------------------------------------------------------------------------------
 
-// 64-byte aligned scratch, rounded up to a whole number of cache lines, zero-filled.
-static void* scratch(size_t bytes) {
+// 64-byte aligned scratch, rounded up to a whole number of cache lines (at least one), not initialised.
+static void* scratch_uninit(size_t bytes) {
     size_t b = (bytes + 63) & ~size_t(63);
-    if (b == 0) b = 64;
-    void* p = aligned_alloc(64, b);
-    if (p) memset(p, 0, b);
+    return aligned_alloc(64, b ? b : 64);
+}
+// The same, zero-filled.
+static void* scratch(size_t bytes) {
+    void* p = scratch_uninit(bytes);
+    if (p) memset(p, 0, (bytes + 63) & ~size_t(63));
     return p;
 }
 
@@ -750,7 +753,7 @@ LB_API int lb_w1a1(const uint64_t* xb, const float* bxs, i64 M, i64 K, const uin
     // GEMV itself.
     const int nt = nthreads(threads);
     const i64 lut_bytes = (mbl * steps * 32 + 63) / 64 * 64;
-    uint8_t* luts = (uint8_t*)scratch(lut_bytes * nt);
+    uint8_t* luts = (uint8_t*)scratch_uninit(lut_bytes * nt);  // every table is written before it is read
     if (!luts) return -2;
 #pragma omp parallel num_threads(nt)
     {
