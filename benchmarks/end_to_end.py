@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,22 @@ from lowbit.zoo import get_workload
 
 #: Presets; ``@int8`` packs with ``kernel_activations="int8"`` (weight-only layers take int8 inputs in the kernel);
 #: ``@ort`` exports the compressed model with `lowbit.export.onnx.export_onnx` (``accuracy_level=4``: int4 / int2
-#: weights as MatMulNBits with int8 accumulation) and runs it in ONNX Runtime.
-PRESETS = ["w8a8", "w4g128-gptq", "w4g128-gptq@int8", "w4g128-gptq@ort", "w2g64-gptq@int8", "ternary", "w1a1"]
+#: weights as MatMulNBits with int8 accumulation) and runs it in ONNX Runtime; ``+compile`` runs the packed model
+#: under ``torch.compile`` (the packed layers stay native kernels, as the custom op ``lowbit::packed_linear``; the
+#: rest of the graph is fused by inductor). ``fp32+compile`` adds the fp32 model under ``torch.compile``.
+PRESETS = [
+    "fp32+compile",
+    "w8a8",
+    "w8a8+compile",
+    "w4g128-gptq",
+    "w4g128-gptq@int8",
+    "w4g128-gptq@int8+compile",
+    "w4g128-gptq@ort",
+    "w2g64-gptq@int8",
+    "ternary",
+    "w1a1",
+    "w1a1+compile",
+]
 
 
 class OrtModule(torch.nn.Module):
@@ -84,6 +99,15 @@ def build_models(workload: str, presets: list[str]) -> tuple[dict[str, torch.nn.
     quality: dict[str, float] = {"fp32 PyTorch": 1.0}
     key = "cosine" if workload == "minilm" else "logit_cosine"
     for spec in presets:
+        spec_eager, plus, _ = spec.partition("+compile")
+        if plus:  # the same model under torch.compile: same kernels, so the eager model's fidelity
+            eager_name = "fp32 PyTorch" if spec_eager == "fp32" else f"lowbit {spec_eager}"
+            if eager_name not in models:
+                raise SystemExit(f"{spec}: list {spec_eager} before it in --presets")
+            name = f"{eager_name}+compile"
+            models[name] = torch.compile(models[eager_name])
+            quality[name] = quality[eager_name]
+            continue
         preset, _, how = spec.partition("@")
         q = lowbit.compress(base, preset, data=calib, progress=False)
         if how == "ort":
@@ -117,7 +141,10 @@ def bench(
     fns: dict[str, Any] = {}
     with torch.no_grad():
         for name, m in models.items():
-            run_model(m, batch)  # dispatch measures each layer's kernels once per shape here
+            t0 = time.perf_counter()
+            run_model(m, batch)  # dispatch measures each layer's kernels once per shape here (and compiles)
+            if name.endswith("+compile"):
+                print(f"{workload} b={batch_size} t={threads}: {name} compiled in {time.perf_counter() - t0:.1f} s")
             fns[name] = lambda m=m: run_model(m, batch)
     with tempfile.TemporaryDirectory() as tmp:
         fns.update(ort_runners(models["fp32 PyTorch"], batch, threads, tmp))

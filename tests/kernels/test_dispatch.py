@@ -286,3 +286,38 @@ def test_copies_and_pickles_of_a_used_packed_model_derive_their_own_kernels() ->
         assert torch.equal(torch.load(buf, weights_only=False)(x), want)
     with pytest.raises(TypeError, match="raw pointers"):
         copy.deepcopy(twin[0]._dispatch.state)
+
+
+def _small_packed(preset: str) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.LayerNorm(256), nn.Linear(256, 64))
+    return lowbit.pack(lowbit.compress(m, preset, progress=False))
+
+
+@needs_native
+@pytest.mark.slow
+def test_torch_compile_keeps_the_native_kernels() -> None:
+    """A compiled packed model is one graph (fullgraph) whose linear layers run the native kernels at run time."""
+    q = _small_packed("w8a8")
+    x = torch.randn(5, 256)
+    with use_mode("native"), torch.no_grad():
+        compiled = torch.compile(q, fullgraph=True)
+        y = compiled(x)
+        assert [layer_report(q[i])[0]["path"] for i in (0, 3)] == ["w8a8", "w8a8"]  # run only by the compiled graph
+        ref = q(x)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)  # same kernels; GELU / LayerNorm fused by inductor
+    with use_mode("reference"), torch.no_grad():
+        assert (y - q(x)).abs().max() < 1e-3  # and the simulated model's output up to the kernels' rounding
+
+
+@needs_native
+def test_torch_export_records_the_reference_path() -> None:
+    """An exported program is self-contained: no lowbit op in its graph, same output as the reference kernels."""
+    q = _small_packed("w4g128")
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        ep = torch.export.export(q, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("lowbit" in t for t in targets) and "aten.linear.default" in targets
+    with use_mode("reference"), torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), q(x))
