@@ -375,16 +375,19 @@ static inline void wna8_tile(const uint8_t* row, i64 G, const int8_t* x, i64 Kp,
         }
     };
     // A last block of fewer than 8 groups (K = 384 with groups of 128, ...): group by group, so no accumulator
-    // array is indexed at run time (that spilled d[][] to the stack and made such rows ~2x slower).
-    float zc[MT] = {0};
+    // array is indexed at run time (that spilled d[][] to the stack and made such rows ~2x slower). The zero-point
+    // term sum_j s_j z_j sum(x in group j) is one vector expression per row (missing groups have s = z = 0).
     auto partial = [&](i64 b, const int nb) __attribute__((always_inline)) {
         const uint8_t* codes = p;
         p += wn_code_bytes<BITS>(nb * GU);
         const float* scp = (const float*)p;
-        const uint8_t* zp = p + 32;
+        const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(scp), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                                                    _mm_loadl_epi64((const __m128i*)(p + 32)))));
         p += 40;
         const i64 k0 = b * 8 * GU * 32;
         const __m256i ones = _mm256_set1_epi16(1);
+        for (int m = 0; m < MT; ++m)
+            acc[m] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(ld(sxg + m * ldg + 8 * b)), sz, acc[m]);
         for (int j = 0; j < nb; ++j) {
             __m256i dj[MT];
             for (int m = 0; m < MT; ++m) dj[m] = _mm256_setzero_si256();
@@ -395,10 +398,8 @@ static inline void wna8_tile(const uint8_t* row, i64 G, const int8_t* x, i64 Kp,
                     dj[m] = keep(_mm256_add_epi16(dj[m], _mm256_maddubs_epi16(w, ld(x + m * Kp + k0 + 32 * u))));
             }
             const __m256 sj = _mm256_set1_ps(scp[j]);
-            for (int m = 0; m < MT; ++m) {
+            for (int m = 0; m < MT; ++m)
                 acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(dj[m], ones)), sj, acc[m]);
-                zc[m] += scp[j] * (float)((int32_t)zp[j] * sxg[m * ldg + 8 * b + j]);
-            }
         }
     };
     for (i64 b = 0; b < NB; ++b) {
@@ -406,7 +407,7 @@ static inline void wna8_tile(const uint8_t* row, i64 G, const int8_t* x, i64 Kp,
         if (nb == 8) block(b, 8);
         else partial(b, (int)nb);
     }
-    for (int m = 0; m < MT; ++m) y[m * N] = sx[m] * (hsum_ps(acc[m]) - zc[m]);
+    for (int m = 0; m < MT; ++m) y[m * N] = sx[m] * hsum_ps(acc[m]);
 #else
     float acc[MT] = {0};
     for (i64 b = 0; b < NB; ++b) {
