@@ -31,6 +31,7 @@ examples:
   lowbit compress minilm --recipe w4g128 --out minilm-w4
   lowbit inspect minilm --recipe w3g64          what a recipe would do to each layer
   lowbit eval minilm-w4                         quality, size, BitOPs, latency vs fp32
+  lowbit eval minilm-w4 --compile               the same, both models under torch.compile
 """
 
 
@@ -109,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="for module:function models: module:function returning data")
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument(
+        "--compile",
+        action="store_true",
+        help="time both models under torch.compile (packed layers keep lowbit's kernels; compiling takes seconds)",
+    )
     e.add_argument("--json", action="store_true", help="print the result row as JSON")
 
     x = sub.add_parser(

@@ -222,9 +222,10 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
         model = compress(res.model, recipe, data=res.workload.calibration_batches(128))
         label = recipe.name
     batch = res.workload.example_batch(args.batch_size)
-    rows = [measure_variant(res.workload, base, base, "fp32", batch=batch, threads=args.threads)]
+    opts = {"batch": batch, "threads": args.threads, "compile": args.compile}
+    rows = [measure_variant(res.workload, base, base, "fp32", **opts)]
     if model is not base:
-        rows.append(measure_variant(res.workload, base, model, label, batch=batch, threads=args.threads))
+        rows.append(measure_variant(res.workload, base, model, label, **opts))
     if args.json:
         print(json.dumps(rows[-1]))
     else:

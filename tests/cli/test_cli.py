@@ -82,6 +82,9 @@ def test_compress_inspect_eval_and_damaged_checkpoint(capsys, tmp_path: Path) ->
     rc, text, _ = _run(capsys, "eval", str(out), "--json")
     row = json.loads(text.strip().splitlines()[-1])
     assert rc == 0 and row["quality"]["accuracy"] > 0.95 and row["bits_per_weight"] < 8
+    rc, text, _ = _run(capsys, "eval", str(out), "--json", "--compile")
+    compiled = json.loads(text.strip().splitlines()[-1])
+    assert rc == 0 and compiled["latency_kind"] == "packed+compile" and compiled["latency_ms"] > 0
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
     rc, _, err = _run(capsys, "eval", str(out))

@@ -57,14 +57,21 @@ def measure_variant(
     repeats: int = 20,
     fp32_quality: dict[str, float] | None = None,
     compress_seconds: float | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
-    """One result row (the schema of ``results.jsonl``) for ``model`` measured against ``base``."""
+    """One result row (the schema of ``results.jsonl``) for ``model`` measured against ``base``.
+
+    ``compile``: time both models under ``torch.compile`` (compiled during the untimed warm-up; packed layers stay
+    on lowbit's kernels, see `lowbit.kernels.dispatch`); the row's ``latency_kind`` then ends in ``+compile``."""
     quality = workload.evaluate(model)
     size, base_size = model_size(model), model_size(base)
     ops = count_ops(model, _runner(model, batch))
     runtime, kind = deployed(model) if label != "fp32" else (model, "fp32")
+    timed_base = base
+    if compile:
+        timed_base, runtime, kind = torch.compile(base), torch.compile(runtime), kind + "+compile"
     lat = compare_latency(
-        {"fp32": _runner(base, batch), label: _runner(runtime, batch)}, threads=threads, repeats=repeats
+        {"fp32": _runner(timed_base, batch), label: _runner(runtime, batch)}, threads=threads, repeats=repeats
     )
     row: dict[str, Any] = {
         "workload": workload.name,

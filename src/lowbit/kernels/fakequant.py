@@ -46,7 +46,7 @@ def _plan(spec: QuantSpec) -> tuple[str, tuple] | None:
 def _enabled() -> bool:
     from lowbit.kernels import dispatch, native
 
-    return dispatch.mode() != "reference" and native.available() and not dispatch.capturing_graph()
+    return dispatch.mode() != "reference" and native.available()
 
 
 def fake_quantize_fast(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
@@ -55,8 +55,10 @@ def fake_quantize_fast(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
     ``x`` of any rank is viewed as rows of its last dimension, as the PyTorch path does. Gradients are not
     tracked: callers use it only where autograd is off or ``x`` needs no gradient.
     """
+    if torch._C._get_tracing_state() is not None or torch.compiler.is_compiling():
+        return None  # traced / compiled: the PyTorch path, which the graph can record (dispatch.capturing_graph)
     plan = _plan(spec)
-    if plan is None or not _enabled():  # _enabled first: under tracing, x's sizes are traced values
+    if plan is None or not _enabled():
         return None
     if x.dtype != torch.float32 or not x.is_cpu or x.dim() == 0 or x.numel() == 0:
         return None
