@@ -131,6 +131,19 @@ static inline int32_t hsum_epi32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 // Lane j of the result = sum of the 8 lanes of v[j] (8 horizontal sums at once).
+// y[m * N] = sx[m] * (sum of acc[m]'s lanes) for the MT rows of a tile; four rows share one hadd tree.
+template <int MT>
+static inline void store_sums(const __m256* acc, const float* sx, float* y, i64 N) {
+    if (MT == 4) {
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        const __m128 r = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), _mm_loadu_ps(sx));
+        alignas(16) float t[4];
+        _mm_store_ps(t, r);
+        for (int m = 0; m < 4; ++m) y[m * N] = t[m];
+    } else {
+        for (int m = 0; m < MT; ++m) y[m * N] = sx[m] * hsum_ps(acc[m]);
+    }
+}
 static inline __m256 reduce8_ps(const __m256* v) {
     __m256 a0 = _mm256_hadd_ps(v[0], v[1]), a1 = _mm256_hadd_ps(v[2], v[3]);
     __m256 a2 = _mm256_hadd_ps(v[4], v[5]), a3 = _mm256_hadd_ps(v[6], v[7]);
@@ -407,7 +420,7 @@ static inline void wna8_tile(const uint8_t* row, i64 G, const int8_t* x, i64 Kp,
         if (nb == 8) block(b, 8);
         else partial(b, (int)nb);
     }
-    for (int m = 0; m < MT; ++m) y[m * N] = sx[m] * hsum_ps(acc[m]);
+    store_sums<MT>(acc, sx, y, N);
 #else
     float acc[MT] = {0};
     for (i64 b = 0; b < NB; ++b) {
