@@ -56,7 +56,7 @@ def fake_quantize_fast(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
     tracked: callers use it only where autograd is off or ``x`` needs no gradient.
     """
     if torch._C._get_tracing_state() is not None or torch.compiler.is_compiling():
-        return None  # traced / compiled: the PyTorch path, which the graph can record (dispatch.capturing_graph)
+        return None  # traced / compiled: the PyTorch path, which the graph can record (a C call it cannot)
     plan = _plan(spec)
     if plan is None or not _enabled():
         return None

@@ -130,7 +130,6 @@ static inline int32_t hsum_epi32(__m256i v) {
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
     return _mm_cvtsi128_si32(s);
 }
-// Lane j of the result = sum of the 8 lanes of v[j] (8 horizontal sums at once).
 // y[m * N] = sx[m] * (sum of acc[m]'s lanes) for the MT rows of a tile; four rows share one hadd tree.
 template <int MT>
 static inline void store_sums(const __m256* acc, const float* sx, float* y, i64 N) {
@@ -144,6 +143,7 @@ static inline void store_sums(const __m256* acc, const float* sx, float* y, i64 
         for (int m = 0; m < MT; ++m) y[m * N] = sx[m] * hsum_ps(acc[m]);
     }
 }
+// Lane j of the result = sum of the 8 lanes of v[j] (8 horizontal sums at once).
 static inline __m256 reduce8_ps(const __m256* v) {
     __m256 a0 = _mm256_hadd_ps(v[0], v[1]), a1 = _mm256_hadd_ps(v[2], v[3]);
     __m256 a2 = _mm256_hadd_ps(v[4], v[5]), a3 = _mm256_hadd_ps(v[6], v[7]);
