@@ -353,3 +353,20 @@ def test_scalar_path_matches(tmp_path):
         "print('ok')\n"
     )
     assert _run_py(code, LOWBIT_CACHE_DIR=str(tmp_path), LOWBIT_KERNELS="portable").endswith("ok")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_wna8_extreme_codes_do_not_wrap(bits, group, sign):
+    """All codes at their maximum against activations at ±127: the int16 group sums (folded two groups at a time in
+    partial blocks) must stay exact. K = 3 groups (a pair and a single) and 11 groups (a block of 8 and 3)."""
+    for K in (3 * group, 11 * group):
+        M, N, G = 4, 5, K // group
+        q = torch.full((N, K), 2**bits - 1, dtype=torch.uint8)
+        s = torch.ones(N, G)
+        z = torch.zeros(N, G)
+        xq = torch.full((M, K), 127 * sign, dtype=torch.int8)
+        sx = torch.ones(M)
+        y = native.matmul_wna8(xq, sx, native.prepare_wn(q, s, z, bits, group), 1)
+        assert torch.equal(y, torch.full((M, N), float(sign * 127 * (2**bits - 1) * K)))

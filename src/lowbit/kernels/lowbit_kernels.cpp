@@ -401,15 +401,35 @@ static inline void wna8_tile(const uint8_t* row, i64 G, const int8_t* x, i64 Kp,
         const __m256i ones = _mm256_set1_epi16(1);
         for (int m = 0; m < MT; ++m)
             acc[m] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(ld(sxg + m * ldg + 8 * b)), sz, acc[m]);
-        for (int j = 0; j < nb; ++j) {
-            __m256i dj[MT];
-            for (int m = 0; m < MT; ++m) dj[m] = _mm256_setzero_si256();
+        // int16 pair sums of group j (GU units) into d[]
+        auto group = [&](int j, __m256i* d) __attribute__((always_inline)) {
+            for (int m = 0; m < MT; ++m) d[m] = _mm256_setzero_si256();
             for (int t = 0; t < GU; ++t) {
                 const int u = j * GU + t;
                 const __m256i w = wn_unit<BITS>(codes, u);
                 for (int m = 0; m < MT; ++m)
-                    dj[m] = keep(_mm256_add_epi16(dj[m], _mm256_maddubs_epi16(w, ld(x + m * Kp + k0 + 32 * u))));
+                    d[m] = keep(_mm256_add_epi16(d[m], _mm256_maddubs_epi16(w, ld(x + m * Kp + k0 + 32 * u))));
             }
+        };
+        int j = 0;
+        // Two groups at a time: vphaddw folds them into one vector (per 128-bit half: 4 sums of group j, 4 of
+        // j + 1; each <= 2 * GU * 3810 < 2^15), so one vpmaddwd / convert / FMA serves both, with the scales
+        // laid out [s_j, s_j, s_j+1, s_j+1] per half.
+        for (; j + 2 <= nb; j += 2) {
+            __m256i da[MT], db[MT];
+            group(j, da);
+            group(j + 1, db);
+            const __m128 s2 = _mm_castpd_ps(_mm_load_sd((const double*)(scp + j)));
+            const __m128 s4 = _mm_unpacklo_ps(s2, s2);
+            const __m256 sp = _mm256_insertf128_ps(_mm256_castps128_ps256(s4), s4, 1);
+            for (int m = 0; m < MT; ++m) {
+                const __m256i h = _mm256_madd_epi16(_mm256_hadd_epi16(da[m], db[m]), ones);
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), sp, acc[m]);
+            }
+        }
+        if (j < nb) {
+            __m256i dj[MT];
+            group(j, dj);
             const __m256 sj = _mm256_set1_ps(scp[j]);
             for (int m = 0; m < MT; ++m)
                 acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(dj[m], ones)), sj, acc[m]);
