@@ -69,7 +69,9 @@ def measure_variant(
     runtime, kind = deployed(model) if label != "fp32" else (model, "fp32")
     timed_base = base
     if compile:
-        timed_base, runtime, kind = torch.compile(base), torch.compile(runtime), kind + "+compile"
+        timed_base = torch.compile(base)
+        runtime = timed_base if runtime is base else torch.compile(runtime)  # the fp32 row: one compiled model
+        kind += "+compile"
     lat = compare_latency(
         {"fp32": _runner(timed_base, batch), label: _runner(runtime, batch)}, threads=threads, repeats=repeats
     )
