@@ -321,3 +321,45 @@ def test_torch_export_records_the_reference_path() -> None:
     assert not any("lowbit" in t for t in targets) and "aten.linear.default" in targets
     with use_mode("reference"), torch.no_grad():
         torch.testing.assert_close(ep.module()(x), q(x))
+
+
+@needs_native
+@pytest.mark.parametrize("native_path", [True, False])
+def test_decided_layers_take_the_short_path_with_the_same_output(monkeypatch, native_path: bool) -> None:
+    """Once dispatch has decided a (rows, threads), a call runs only the chosen kernel (`LayerDispatch.hot`), with
+    the output the full dispatch gives; anything unusual (another mode, autograd, a strided input, a new shape)
+    still goes through the full path."""
+    import lowbit.nn.packed as packed_mod
+
+    _, p = packed_layer("int4_g128", None)
+    layer = p[0]
+    x = torch.randn(2, 5, 384)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        with use_mode("native" if native_path else "reference"):
+            want = p(x)
+        p(x)  # auto: measures and decides (10 rows)
+        layer._dispatch.decided[(10, threads)] = native_path  # pin the decision under test (timing is not)
+        if native_path:
+            layer._dispatch.state = layer._dispatch.state or layer._dispatch.route.prepare(layer)
+        elif layer._cache is None:
+            layer._cache = layer.weight_matrix()
+        full_path_calls: list[int] = []
+        real = packed_mod.dispatch_linear
+
+        def counting(*args, **kwargs):
+            full_path_calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(packed_mod, "dispatch_linear", counting)
+        torch.testing.assert_close(p(x), want, rtol=0, atol=0 if not native_path else 1e-5)
+        assert full_path_calls == []
+        layer.bias = nn.Parameter(layer.bias + 1.0)  # a replaced parameter is seen at once
+        torch.testing.assert_close(p(x), want + 1.0, rtol=0, atol=1e-5)
+        assert full_path_calls == []
+        p(x.transpose(0, 1).contiguous().transpose(0, 1))  # strided
+        p(torch.randn(3, 384))  # rows not decided yet
+        with use_mode("reference"):
+            p(x)
+    p(x.clone().requires_grad_(True))
+    assert len(full_path_calls) == 4

@@ -105,6 +105,11 @@ class PackedLinear(PackedMixin, QuantLinear):
         self.kernel_activations = "exact"  # or "int8": see lowbit.pack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        disp = self._dispatch
+        if disp:
+            y = disp.hot(self, x)
+            if y is not None:
+                return y
         return dispatch_linear(self, x, self._scale_shift_input, lambda: QuantLinear.forward(self, x))
 
 
