@@ -123,7 +123,7 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     table = Table(title=f"{args.model}" + (f" with {args.recipe}" if args.recipe else ""))
     columns = ["layer", "type", "shape", "params", "MACs", "format", "activations"]
     if kernels is not None:
-        columns += ["kernel", "chosen", "kernel ms", "dense ms", "fp32 ms", "vs fp32"]
+        columns += ["kernel", "chosen", "kernel ms", "dense ms", "layer ms", "fp32 ms", "vs fp32"]
     for col in columns:
         table.add_column(col, justify="right" if col in ("params", "MACs") or col.endswith(("ms", "fp32")) else "left")
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLayer)] + [
@@ -145,7 +145,7 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
             act,
         ]
         if kernels is not None:
-            row += kernels.get(name, ["-", "fp32", "-", "-", "-", "-"])
+            row += kernels.get(name, ["-", "fp32", "-", "-", "-", "-", "-"])
         table.add_row(*row)
     console.print(table)
     if kernels is not None:
@@ -156,12 +156,14 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
         console.print(
             f"{state}; batch {args.batch_size}, {args.threads} thread(s). 'chosen' is the faster of the kernel and "
             "the dense reference path (fp32 matmul on the dequantized weight, after simulated activation "
-            "quantization where the format has it), measured once per shape; 'fp32 ms' is a float linear of the "
-            "same shape on the same input, 'vs fp32' its time over the chosen path's. "
+            "quantization where the format has it), as dispatch measured them once per shape ('kernel ms', "
+            "'dense ms'; convolutions have no native kernel). 'layer ms' is the packed layer's whole call and "
+            "'fp32 ms' an nn.Linear / nn.Conv2d call of the same shape, timed in alternation on the layer's input; "
+            "'vs fp32' is their ratio. "
             + (
                 f"Slower than fp32: {', '.join(kernels_slower)}."
                 if kernels_slower
-                else "No packed linear layer is slower than fp32."
+                else "No packed layer is slower than fp32."
             )
         )
     with torch.no_grad():
@@ -173,11 +175,29 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _fp32_twin(layer: Any) -> Any:
+    """An ``nn.Linear`` / ``nn.Conv2d`` with ``layer``'s dequantized weight and bias: the layer's cost in fp32."""
+    from torch import nn
+
+    from lowbit.nn.packed import PackedConv2d
+
+    if isinstance(layer, PackedConv2d):
+        twin: Any = nn.Conv2d(**layer.conv_args(), bias=layer.bias is not None)
+    else:
+        twin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    twin.weight.data = layer.weight.detach().clone().reshape(twin.weight.shape)
+    if layer.bias is not None:
+        twin.bias.data = layer.bias.detach().clone()
+    return twin
+
+
 def _packed_dispatch(model: Any, workload: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Pack ``model``, run one batch so dispatch measures every layer, and return per-layer table cells."""
+    """Pack ``model``, run one batch so dispatch measures every layer, and return per-layer table cells: what
+    dispatch measured (kernel and dense path) and the packed layer's whole call against an fp32 twin's, timed in
+    alternation on the layer's own input."""
     import torch
 
-    from lowbit.kernels.dispatch import layer_report
+    from lowbit.kernels.dispatch import layer_report, race
     from lowbit.nn.packed import PackedMixin
     from lowbit.pack import pack
     from lowbit.zoo import run_model
@@ -185,24 +205,27 @@ def _packed_dispatch(model: Any, workload: Any, args: argparse.Namespace) -> dic
     packed = pack(model)
     torch.set_num_threads(args.threads)
     batch = workload.example_batch(args.batch_size)
+    inputs: dict[str, torch.Tensor] = {}
+    layers = {name: m for name, m in packed.named_modules() if isinstance(m, PackedMixin)}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: inputs.setdefault(n, a[0])) for n, m in layers.items()]
     with torch.no_grad():
         run_model(packed, batch)
-    cells: dict[str, Any] = {"__model__": packed}
-    slower: list[str] = []
-    for name, m in packed.named_modules():
-        if not isinstance(m, PackedMixin):
-            continue
-        rows = layer_report(m)
-        r = rows[-1]
-        if r.get("native_ms") is None:
-            cells[name] = [r.get("kernel") or "-", r["path"], "-", "-", "-", "-"]
-        else:
-            chosen = min(r["native_ms"], r["dense_ms"])
-            ratio = r["fp32_ms"] / chosen
-            if ratio < 1:
+        for h in hooks:
+            h.remove()
+        run_model(packed, batch)  # the decided paths, without the hooks
+        cells: dict[str, Any] = {"__model__": packed}
+        slower: list[str] = []
+        for name, m in layers.items():
+            x = inputs[name]
+            twin = _fp32_twin(m)
+            layer_ms, fp32_ms = race(lambda m=m, x=x: m(x), lambda t=twin, x=x: t(x))
+            if fp32_ms < layer_ms:
                 slower.append(name)
-            ms = [f"{r[k]:.3f}" for k in ("native_ms", "dense_ms", "fp32_ms")]
-            cells[name] = [r["kernel"], r["path"], *ms, f"{ratio:.2f}×"]
+            r = layer_report(m)[-1]
+            measured = [f"{r[k]:.3f}" if r.get(k) is not None else "-" for k in ("native_ms", "dense_ms")]
+            kernel = r.get("kernel") or "-"
+            times = [f"{layer_ms:.3f}", f"{fp32_ms:.3f}", f"{fp32_ms / layer_ms:.2f}×"]
+            cells[name] = [kernel, r["path"], *measured, *times]
     cells["__slower__"] = slower
     return cells
 

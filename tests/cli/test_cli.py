@@ -73,6 +73,9 @@ def test_compress_inspect_eval_and_damaged_checkpoint(capsys, tmp_path: Path) ->
     assert rc == 0 and "int4 asym g128" in text
     rc, text, _ = _run(capsys, "inspect", str(out), "--packed", "--batch-size", "4")
     assert rc == 0 and "chosen" in text and "PackedConv2d" in text
+    conv_row = next(line for line in text.splitlines() if "features.3" in line)
+    assert "reference" in conv_row and conv_row.rstrip(" │").endswith("×")  # a conv is timed against fp32 too
+    assert "Slower than fp32" in text or "No packed layer is slower than fp32" in text
     onnx_file = tmp_path / "cnn.onnx"
     rc, text, _ = _run(capsys, "export", str(out), "--onnx", str(onnx_file))
     assert rc == 0 and "MatMulNBits bits=4" in text and onnx_file.stat().st_size > 0

@@ -80,3 +80,28 @@ def test_packed_checkpoint_shape_mismatch_is_refused(tmp_path) -> None:
     spec_path.write_text(json.dumps(spec))
     with pytest.raises(CheckpointError, match="wrong shape"):
         load(tmp_path / "ck", model=base)
+
+
+@pytest.mark.parametrize(("weights", "acts"), [("int4_g128", None), ("int8", "int8_token"), ("binary", "binary_token")])
+def test_packed_conv_keeps_its_weight_view_until_the_weights_change(weights: str, acts: str | None) -> None:
+    """PackedConv2d's forward keeps a 4-D view of its cached weight: every call equals the simulated conv bit for
+    bit, and loading other weights is seen at once."""
+    base = _model()
+    stage = {"method": "rtn", "weights": weights, "activations": acts, "keep_first_last": False}
+    recipe = Recipe.from_dict({"stages": [stage]})
+    q = lowbit.compress(base, recipe, progress=False)
+    p = lowbit.pack(q)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(p[2](p[1](p[0](x))), q[2](q[1](q[0](x))))
+        torch.manual_seed(1)
+        other = lowbit.pack(lowbit.compress(_model().apply(_reinit), recipe, progress=False))
+        p[2].load_state_dict(other[2].state_dict())
+        h = torch.randn(4, 16, 6, 6)
+        assert torch.equal(p[2](h), other[2](h)) and not torch.equal(p[2](h), q[2](h))
+
+
+def _reinit(m: nn.Module) -> None:
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        m.reset_parameters()

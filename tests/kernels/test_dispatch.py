@@ -327,8 +327,8 @@ def test_torch_export_records_the_reference_path() -> None:
 @pytest.mark.parametrize("native_path", [True, False])
 def test_decided_layers_take_the_short_path_with_the_same_output(monkeypatch, native_path: bool) -> None:
     """Once dispatch has decided a (rows, threads), a call runs only the chosen kernel (`LayerDispatch.hot`), with
-    the output the full dispatch gives; anything unusual (another mode, autograd, a strided input, a new shape)
-    still goes through the full path."""
+    the output the full dispatch gives; anything unusual (another mode, a new shape; for the kernel also autograd
+    or a strided input) still goes through the full path."""
     import lowbit.nn.packed as packed_mod
 
     _, p = packed_layer("int4_g128", None)
@@ -357,9 +357,28 @@ def test_decided_layers_take_the_short_path_with_the_same_output(monkeypatch, na
         layer.bias = nn.Parameter(layer.bias + 1.0)  # a replaced parameter is seen at once
         torch.testing.assert_close(p(x), want + 1.0, rtol=0, atol=1e-5)
         assert full_path_calls == []
-        p(x.transpose(0, 1).contiguous().transpose(0, 1))  # strided
         p(torch.randn(3, 384))  # rows not decided yet
         with use_mode("reference"):
             p(x)
-    p(x.clone().requires_grad_(True))
-    assert len(full_path_calls) == 4
+        p(x.transpose(0, 1).contiguous().transpose(0, 1))  # strided: the kernel needs the full path's copy
+    xg = x.clone().requires_grad_(True)
+    p(xg).sum().backward()  # autograd: the reference path (for a plain dense layer that is the same F.linear)
+    assert xg.grad is not None
+    assert len(full_path_calls) == (4 if native_path else 2)
+
+
+def test_race_alternates_and_gives_fast_calls_more_rounds() -> None:
+    import time
+
+    from lowbit.kernels import dispatch
+
+    calls: list[str] = []
+    fast = lambda: calls.append("f")  # noqa: E731
+    slow = lambda: (calls.append("s"), time.sleep(0.004))  # noqa: E731
+    f_ms, s_ms = dispatch.race(fast, slow)
+    assert s_ms >= 4.0 > f_ms
+    assert calls[:4] == ["f", "s", "f", "s"]  # in alternation, from the warm-up on
+    assert len(calls) == 2 * (1 + dispatch.REPEATS)  # a round of ≥ the budget: the minimum number of rounds
+    calls.clear()
+    dispatch.race(fast)
+    assert len(calls) == 1 + dispatch.MAX_ROUNDS

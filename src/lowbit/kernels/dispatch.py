@@ -2,11 +2,12 @@
 whichever measured faster on this machine.
 
 The first call of a layer at a new batch-size bucket (1, 2, 4, …, 4096 rows) times both paths on that very
-input (one warm-up, then the best of ``REPEATS``) and remembers the winner for the layer, so the cost is paid
-once per shape; `layer_report` returns what was measured (``lowbit inspect --packed``). The mode comes from
-``LOWBIT_KERNELS`` or `use_mode`: ``auto`` (measure, the default), ``native`` (always the native kernel where one
-exists: parity tests), ``portable`` (like ``native``, with the library built without SIMD: what a CPU without AVX2
-gets) or ``reference`` (never: the plain PyTorch reference kernel).
+input (in alternation after a warm-up, the best of 3–30 rounds: more for small layers, whose calls vary most)
+and remembers the winner for the layer, so the cost is paid once per shape; `layer_report` returns what was
+measured (``lowbit inspect --packed``). A decided call then runs only its chosen path (`LayerDispatch.hot`).
+The mode comes from ``LOWBIT_KERNELS`` or `use_mode`: ``auto`` (measure, the default), ``native`` (always the
+native kernel where one exists: parity tests), ``portable`` (like ``native``, with the library built without SIMD:
+what a CPU without AVX2 gets) or ``reference`` (never: the plain PyTorch reference kernel).
 
 Under ``torch.compile`` a packed linear layer becomes one opaque custom op, ``lowbit::packed_linear``, which runs
 the same dispatch at run time: the compiled graph fuses everything around the layers (GELU, LayerNorm, residual
@@ -46,6 +47,8 @@ from lowbit.kernels.routes import Route, int8_token_constants, route_for
 
 MODES = ("auto", "native", "reference", "portable")
 REPEATS = 3
+MAX_ROUNDS = 30
+RACE_BUDGET_S = 0.005
 _mode_override: list[str] = []
 _env_mode: str | None = None  # LOWBIT_KERNELS, read once: an environment lookup costs microseconds per layer call
 _warned: set[str] = set()
@@ -101,14 +104,23 @@ def _native_ready() -> bool:
     return False
 
 
-def _best_ms(fn: Callable[[], Any]) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
+def race(*fns: Callable[[], Any]) -> list[float]:
+    """Best time in ms of each of ``fns``, timed in alternation (one call of each per round, so a slow spell of a
+    shared machine hits all of them alike) after a warm-up round: at least ``REPEATS`` rounds, more for fast calls
+    (up to ``MAX_ROUNDS``, about ``RACE_BUDGET_S`` in all), since a call of a few microseconds varies by tens of
+    percent from one call to the next."""
+    t0 = time.perf_counter()
+    for fn in fns:
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    warm = time.perf_counter() - t0
+    rounds = max(REPEATS, min(MAX_ROUNDS, int(RACE_BUDGET_S / max(warm, 1e-9))))
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return [b * 1e3 for b in best]
 
 
 class LayerDispatch:
@@ -148,35 +160,30 @@ class LayerDispatch:
             return None
         if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
             return None
-        if x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous():
-            return None
-        if x.requires_grad and torch.is_grad_enabled():
-            return None
         shape = x.shape
-        if not shape:
-            return None
-        k = shape[-1]
+        k = shape[-1] if shape else 0
         rows = x.numel() // k if k else 0
-        threads = torch.get_num_threads()
-        native = self.decided.get((rows, threads))
+        native = self.decided.get((rows, torch.get_num_threads()))
         bias = layer._parameters.get("bias")
-        if native:
-            st = self.state
-            if st is None or k != st.K or (bias is not None and bias.dtype is not torch.float32):
-                return None
-            if torch.get_default_dtype() is torch.float32:
-                y = torch.empty(*shape[:-1], st.N)  # without the dtype keyword: half the call's cost here
-            else:
-                y = torch.empty(*shape[:-1], st.N, dtype=torch.float32)
-            b = None if bias is None else bias.data_ptr()
-            if self._lb_linear(st.addr, x.data_ptr(), rows, y.data_ptr(), threads, b):
-                return None  # the full path raises the error
-            return y
-        if native is False and self.plain:
-            w = layer._cache
-            if w is not None and w.is_cpu:
-                return F.linear(x, w, bias)
-        return None
+        if native is False:
+            # A plain layer's reference forward is exactly this (any dtype, device or autograd state is F.linear's).
+            w = layer._cache if self.plain else None
+            return F.linear(x, w, bias) if w is not None and w.device == x.device else None
+        if native is None or x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous():
+            return None
+        if (x.requires_grad and torch.is_grad_enabled()) or (bias is not None and bias.dtype is not torch.float32):
+            return None
+        st = self.state
+        if st is None or k != st.K:
+            return None
+        if torch.get_default_dtype() is torch.float32:
+            y = torch.empty(*shape[:-1], st.N)  # without the dtype keyword: half the call's cost here
+        else:
+            y = torch.empty(*shape[:-1], st.N, dtype=torch.float32)
+        b = None if bias is None else bias.data_ptr()
+        if self._lb_linear(st.addr, x.data_ptr(), rows, y.data_ptr(), torch.get_num_threads(), b):
+            return None  # the full path raises the error
+        return y
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
         # A copied or pickled layer derives its route again (the prepared state holds raw pointers into this
@@ -222,10 +229,12 @@ class LayerDispatch:
             return True
         c = self.choice.get(key)
         if c is None or c["native_ms"] is None:
-            native_ms = _best_ms(lambda: self.native(layer, xt, threads))
-            dense_ms = _best_ms(lambda: self.dense(layer, x, xt, dense))
             w = layer.weight_matrix()  # what an fp32 layer of this shape costs (for the report, not the choice)
-            fp32_ms = _best_ms(lambda: F.linear(xt, w, layer.bias))
+            native_ms, dense_ms, fp32_ms = race(
+                lambda: self.native(layer, xt, threads),
+                lambda: self.dense(layer, x, xt, dense),
+                lambda: F.linear(xt, w, layer.bias),
+            )
             c = self.choice[key] = {
                 "native_ms": native_ms,
                 "dense_ms": dense_ms,

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import torch
 
@@ -43,10 +44,17 @@ def _plan(spec: QuantSpec) -> tuple[str, tuple] | None:
     return None
 
 
-def _enabled() -> bool:
-    from lowbit.kernels import dispatch, native
+_modules: tuple[Any, Any] | None = None  # (dispatch, native), imported at first use (dispatch imports this module)
 
-    return dispatch.mode() != "reference" and native.available()
+
+def _enabled() -> bool:
+    global _modules
+    if _modules is None:
+        from lowbit.kernels import dispatch, native
+
+        _modules = (dispatch, native)
+    dispatch, native = _modules
+    return native.available() and dispatch.mode() != "reference"
 
 
 def fake_quantize_fast(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
@@ -60,16 +68,15 @@ def fake_quantize_fast(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
     plan = _plan(spec)
     if plan is None or not _enabled():
         return None
-    if x.dtype != torch.float32 or not x.is_cpu or x.dim() == 0 or x.numel() == 0:
+    if x.dtype is not torch.float32 or not x.is_cpu or x.dim() == 0 or x.numel() == 0:
         return None
-    from lowbit.kernels import native
-
     kind, constants = plan
     # Straight to the C entry: reshape / empty_like / _as checks each cost microseconds per call here.
     if not x.is_contiguous():
         x = x.contiguous()
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty(x.shape) if torch.get_default_dtype() is torch.float32 else torch.empty_like(x)
     k = x.shape[-1]
-    fn = native._need().lb_fake_quant_rows_i8 if kind == "int" else native._need().lb_fake_quant_rows_fp
+    lib = _modules[1]._need()  # type: ignore[index]  # loaded: _enabled() checked it
+    fn = lib.lb_fake_quant_rows_i8 if kind == "int" else lib.lb_fake_quant_rows_fp
     fn(x.data_ptr(), x.numel() // k, k, *constants, out.data_ptr())
     return out
