@@ -150,9 +150,10 @@ class LayerDispatch:
 
     def hot(self, layer: Any, x: torch.Tensor) -> torch.Tensor | None:
         """The forward of a layer already decided for this input's (rows, threads) in ``auto`` mode, with nothing
-        else on its path: the one C call (native) or one ``F.linear`` on the cached weight (plain dense). ``None``
-        when anything needs the full `dispatch_linear` (another mode, compilation or tracing, autograd, a non-fp32,
-        strided or non-CPU input, a new shape, an input scale or activation quantizer on the dense path).
+        else on its path: the one C call (native) or one ``F.linear`` on the cached weight (plain dense: that is
+        the layer's reference forward, whatever the input). ``None`` when anything needs the full `dispatch_linear`:
+        another mode, compilation or tracing, a row count not decided yet, an input scale / shift, an activation
+        quantizer on the dense path, or for the kernel autograd or a non-fp32, strided or non-CPU input.
 
         A small layer's kernel takes a few microseconds, as long as a few Python calls, so this is the whole
         per-call cost of a decided layer (a MiniLM forward makes 37 of these calls, a digits ViT's 9)."""
