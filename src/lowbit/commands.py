@@ -212,7 +212,6 @@ def _packed_dispatch(model: Any, workload: Any, args: argparse.Namespace) -> dic
         run_model(packed, batch)
         for h in hooks:
             h.remove()
-        run_model(packed, batch)  # the decided paths, without the hooks
         cells: dict[str, Any] = {"__model__": packed}
         slower: list[str] = []
         for name, m in layers.items():

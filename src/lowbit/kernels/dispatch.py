@@ -164,7 +164,8 @@ class LayerDispatch:
         shape = x.shape
         k = shape[-1] if shape else 0
         rows = x.numel() // k if k else 0
-        native = self.decided.get((rows, torch.get_num_threads()))
+        threads = torch.get_num_threads()
+        native = self.decided.get((rows, threads))
         bias = layer._parameters.get("bias")
         if native is False:
             # A plain layer's reference forward is exactly this (any dtype, device or autograd state is F.linear's).
@@ -182,7 +183,7 @@ class LayerDispatch:
         else:
             y = torch.empty(*shape[:-1], st.N, dtype=torch.float32)
         b = None if bias is None else bias.data_ptr()
-        if self._lb_linear(st.addr, x.data_ptr(), rows, y.data_ptr(), torch.get_num_threads(), b):
+        if self._lb_linear(st.addr, x.data_ptr(), rows, y.data_ptr(), threads, b):
             return None  # the full path raises the error
         return y
 
