@@ -84,15 +84,16 @@ def test_packed_checkpoint_shape_mismatch_is_refused(tmp_path) -> None:
 
 @pytest.mark.parametrize(("weights", "acts"), [("int4_g128", None), ("int8", "int8_token"), ("binary", "binary_token")])
 def test_packed_conv_keeps_its_weight_view_until_the_weights_change(weights: str, acts: str | None) -> None:
-    """PackedConv2d's forward keeps a 4-D view of its cached weight: every call equals the simulated conv bit for
-    bit, and loading other weights is seen at once."""
+    """PackedConv2d's forward keeps a 4-D view of its cached weight (weight-only) or its dispatch state (per-patch
+    activations, here on the reference kernel): every call equals the simulated conv bit for bit, and loading other
+    weights is seen at once."""
     base = _model()
     stage = {"method": "rtn", "weights": weights, "activations": acts, "keep_first_last": False}
     recipe = Recipe.from_dict({"stages": [stage]})
     q = lowbit.compress(base, recipe, progress=False)
     p = lowbit.pack(q)
     x = torch.randn(4, 1, 8, 8)
-    with torch.no_grad():
+    with torch.no_grad(), use_mode("reference" if acts else "auto"):
         for _ in range(3):
             assert torch.equal(p[2](p[1](p[0](x))), q[2](q[1](q[0](x))))
         torch.manual_seed(1)

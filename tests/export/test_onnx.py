@@ -154,19 +154,21 @@ def test_input_scale_and_shift_are_exported(tmp_path: Path) -> None:
     [
         ("int8", None, "QDQ int8", WEIGHT_ONLY_TOL),
         ("int8", "int8_static", "QDQ int8", ACT_TOL),
-        ("int8", "int8_token", "QDQ int8", ACT_TOL),
+        # per-token activations of a conv are per patch: patches × weight matrix (grouped: block-diagonal, fp32)
+        ("int8", "int8_token", ("QDQ int8", "fp32 (dequantized)"), ACT_TOL),
         ("int4", None, "QDQ int4 (int8 container)", WEIGHT_ONLY_TOL),
         ("int4_g32", None, "fp32 (dequantized)", WEIGHT_ONLY_TOL),  # the first conv (27 columns) is one group
     ],
 )
-def test_conv_model(tmp_path: Path, weights: str, acts, conv_path: str, tol: float) -> None:
+def test_conv_model(tmp_path: Path, weights: str, acts, conv_path, tol: float) -> None:
     calib = [torch.randn(16, 3, 12, 12) for _ in range(2)]
     q = lowbit.compress(convnet(), recipe(weights, acts), data=calib, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = export_onnx(q, torch.randn(2, 3, 12, 12), tmp_path / "c.onnx")
     paths = [e.weights for e in report.layers if e.type == "Conv2d"]
-    assert paths[1:] == [conv_path] * 2 and paths[0] in (conv_path, "QDQ int4 (int8 container)")
+    plain, grouped = conv_path if isinstance(conv_path, tuple) else (conv_path, conv_path)
+    assert paths[1:] == [plain, grouped] and paths[0] in (plain, "QDQ int4 (int8 container)")
     x = torch.randn(5, 3, 12, 12)
     assert rel_err(session(tmp_path / "c.onnx").run(None, {"input": x.numpy()})[0], q(x)) <= tol
 

@@ -80,6 +80,56 @@ def test_native_output_matches_simulated(weights: str, acts: str | None, kernel:
     assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
 
 
+def packed_conv(weights: str, acts: str | None, groups: int = 1) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 16, 3, stride=(1, 2), padding=(1, 2), dilation=(2, 1), groups=groups))
+    recipe = Recipe(stages=(Stage(method="rtn", weights=FORMATS[weights], activations=acts and ACT_FORMATS[acts]),))
+    q = lowbit.compress(model, recipe, progress=False)
+    return q, lowbit.pack(q)
+
+
+CONV_CASES = [
+    ("int8", "int8_token", "w8a8"),
+    ("ternary_absmean", "int8_token", "ternary"),
+    ("binary", "binary_token", "w1a1"),
+    ("int4_g32", "int8_token", "w4a8"),  # 32·9 patch columns: nine groups of 32
+]
+
+
+@needs_native
+@pytest.mark.parametrize(("weights", "acts", "kernel"), CONV_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_with_per_patch_activations_runs_the_linear_kernel_on_its_patches(
+    weights: str, acts: str, kernel: str, channels_last: bool
+) -> None:
+    """A conv whose activations are quantized per patch is a linear layer over its patches (cut in C): same kernel
+    routes, same parity with the simulated layer; a decided call takes the short path with the same output."""
+    q, p = packed_conv(weights, acts)
+    x = torch.randn(3, 32, 9, 10)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    want = q(x).detach()
+    with torch.no_grad(), use_mode("native"):
+        got = p(x)
+    assert route_for(p[0]).kernel == kernel and layer_report(p[0])[0]["path"] == kernel
+    assert got.shape == want.shape and got.is_contiguous()
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+    with torch.no_grad():
+        first = p(x)  # auto: measured once for these rows, then decided
+        assert p[0]._dispatch.decided and torch.equal(p(x), first)
+    with torch.no_grad(), use_mode("reference"):
+        assert torch.equal(p(x), want)  # the reference path is the simulated layer, bit for bit
+
+
+def test_grouped_or_weight_only_convs_have_no_kernel_route() -> None:
+    assert route_for(packed_conv("int8", "int8_token", groups=4)[1][0]) is None
+    assert route_for(packed_conv("int8", None)[1][0]) is None
+    q, p = packed_conv("int8", "int8_token", groups=4)
+    x = torch.randn(2, 32, 9, 10)
+    with torch.no_grad():
+        assert torch.equal(p(x), q(x))
+
+
 @needs_native
 @pytest.mark.parametrize(("weights", "acts"), [("int8", "int8_token"), ("ternary_absmean", "int8_token")])
 def test_integer_accumulation_is_exact(weights: str, acts: str) -> None:

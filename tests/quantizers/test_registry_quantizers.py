@@ -44,6 +44,26 @@ def test_export_reproduces_qat_forward(wq: str, aq: str | None) -> None:
     assert torch.allclose(out, ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("wq", ["ternary", "xnor"])
+@pytest.mark.parametrize("aq", ["int8_token", "xnor", "bnn", "react"])
+def test_conv_export_reproduces_qat_forward(wq: str, aq: str) -> None:
+    """A QAT conv with per-token activations quantizes each patch (one scale per output position, padding
+    included), as the deployed QuantConv2d does: the exported layer computes the trained function."""
+    from lowbit.nn import QuantConv2d
+
+    torch.manual_seed(4)
+    layer = QATConv2d.from_float(nn.Conv2d(6, 8, 3, padding=1), weight=wq, act=aq)
+    layer.set_progress(1.0)
+    x = torch.randn(3, 6, 7, 7).relu() + 0.1
+    layer(x)  # first batch sets binary thresholds
+    with torch.no_grad():
+        ref = layer(x)
+        exported = layer.to_quant_layer()
+        assert isinstance(exported, QuantConv2d) and exported.patch_tokens
+        out = exported(x)
+    assert torch.allclose(out, ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
+
+
 def test_conv_qat_layer() -> None:
     conv = QATConv2d(nn.Conv2d(3, 4, 3, padding=1), weight="xnor", act="react")
     y = conv(torch.randn(2, 3, 6, 6))

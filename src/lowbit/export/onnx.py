@@ -264,8 +264,14 @@ def _rewrite(proto: Any, layers: list[tuple[str, QuantLayer]], opset: int, level
         name, layer = layers[index]
         b = _Builder(name or "layer", opset)
         x = _emit_input(b, layer, node.input[0])
-        act = _emit_act(b, layer, x)
-        entry = _emit_weights(b, layer, act, node.output[0], level)
+        if isinstance(layer, QuantConv2d) and layer.patch_tokens:  # per-token = per patch: a matmul over patches
+            act = _emit_act(b, layer, _emit_patches(b, layer, x))
+            y = f"{b.prefix}/patch_matmul"
+            entry = _emit_weights(b, layer, act, y, level, matrix=True)
+            b.op("Transpose", y, out=node.output[0], perm=[0, 3, 1, 2])
+        else:
+            act = _emit_act(b, layer, x)
+            entry = _emit_weights(b, layer, act, node.output[0], level)
         report.layers.append(LayerExport(name, "Conv2d" if isinstance(layer, QuantConv2d) else "Linear",
                                          layer.weight_spec.label() if layer.weight_spec else "fp32",
                                          entry, _act_label(layer)))  # fmt: skip
@@ -301,6 +307,18 @@ def _emit_input(b: _Builder, layer: QuantLayer, x: str) -> str:
             v = vec.detach().float().numpy()
             x = b.op(op, x, b.const(v.reshape(1, -1, 1, 1) if conv else v, "in"))
     return x
+
+
+def _emit_patches(b: _Builder, layer: QuantConv2d, x: str) -> str:
+    """The input's patches ``(N, OH, OW, C·kh·kw)`` in `lowbit.nn.patches` order: a depthwise ``Conv`` whose
+    kh·kw filters per channel are one-hot (exact: each output is one input value or padding zero), then a
+    ``Transpose``."""
+    kh, kw = layer.kernel_size
+    c = layer.in_channels
+    eye = np.eye(kh * kw, dtype=np.float32).reshape(kh * kw, 1, kh, kw)
+    attrs = {**_conv_attrs(layer), "group": c}
+    p = b.op("Conv", x, b.const(np.tile(eye, (c, 1, 1, 1)), "patch_taps"), **attrs)
+    return b.op("Transpose", p, perm=[0, 2, 3, 1])
 
 
 def _emit_act(b: _Builder, layer: QuantLayer, x: str) -> str:
@@ -349,10 +367,13 @@ def _int_qdq(b: _Builder, x: str, scale: str, zero: str | None, qmin: int, qmax:
     return b.op("Mul", q if zero is None else b.op("Sub", q, zero), scale)
 
 
-def _emit_weights(b: _Builder, layer: QuantLayer, x: str, out: str, level: int) -> str:
-    """Weight storage + the matmul / conv; returns the path label."""
-    spec, conv = layer.weight_spec, isinstance(layer, QuantConv2d)
+def _emit_weights(b: _Builder, layer: QuantLayer, x: str, out: str, level: int, matrix: bool = False) -> str:
+    """Weight storage + the matmul / conv; returns the path label. ``matrix``: a convolution as the matmul of its
+    patches (``x``: ``(N, OH, OW, C·kh·kw)``) with its flattened weight."""
+    spec, conv = layer.weight_spec, isinstance(layer, QuantConv2d) and not matrix
     rows, cols = layer._matrix_shape
+    if matrix and getattr(layer, "groups", 1) > 1:  # grouped: one block-diagonal matrix over the whole patch
+        return _emit_block_diagonal(b, layer, x, out)
     bias = None if layer.bias is None else b.const(layer.bias.detach().float().numpy(), "bias")
     zero = None if getattr(layer, "zero", None) is None else layer.zero.detach().float()
     integral = zero is None or bool(torch.equal(zero, zero.round()))
@@ -380,7 +401,7 @@ def _emit_weights(b: _Builder, layer: QuantLayer, x: str, out: str, level: int) 
     elif nbits:
         return _emit_nbits(b, layer, x, out, bias, level)
     else:
-        w = layer.weight.detach().float().numpy()
+        w = (layer.weight if conv else layer.weight_matrix()).detach().float().numpy()
         weight = b.const(w if conv else np.ascontiguousarray(w.T), "weight")
     if conv:
         args = [x, weight] + ([bias] if bias else [])
@@ -390,6 +411,23 @@ def _emit_weights(b: _Builder, layer: QuantLayer, x: str, out: str, level: int) 
         if bias:
             b.op("Add", y, bias, out=out)
     return label
+
+
+def _emit_block_diagonal(b: _Builder, layer: QuantLayer, x: str, out: str) -> str:
+    """A grouped convolution's patches times its dequantized weight laid out block-diagonally (zeros between the
+    groups, so each group's slice of a patch meets only its own output channels)."""
+    w = layer.weight_matrix().detach().float()
+    g = layer.groups
+    o, kg = w.shape
+    full = torch.zeros(o, kg * g)
+    for i in range(g):
+        rows = slice(i * o // g, (i + 1) * o // g)
+        full[rows, i * kg : (i + 1) * kg] = w[rows]
+    weight = b.const(np.ascontiguousarray(full.numpy().T), "weight")
+    y = b.op("MatMul", x, weight, out=None if layer.bias is not None else out)
+    if layer.bias is not None:
+        b.op("Add", y, b.const(layer.bias.detach().float().numpy(), "bias"), out=out)
+    return "fp32 (dequantized)"
 
 
 def _nbits_bits(spec: QuantSpec) -> int:

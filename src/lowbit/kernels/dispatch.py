@@ -104,6 +104,18 @@ def _native_ready() -> bool:
     return False
 
 
+def native_patches_ready() -> bool:
+    """Whether a packed convolution may cut its input's patches in C (`native.im2col`, the same values as the
+    PyTorch path): not in ``reference`` mode, not while compiling or tracing (a graph cannot see a C call), and
+    only with the native library loaded."""
+    how = _mode_override[-1] if _mode_override else _env_mode or mode()
+    if how == "reference" or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+        return False
+    from lowbit.kernels import native
+
+    return native.available()
+
+
 def race(*fns: Callable[[], Any]) -> list[float]:
     """Best time in ms of each of ``fns``, timed in alternation (one call of each per round, so a slow spell of a
     shared machine hits all of them alike) after a warm-up round: at least ``REPEATS`` rounds, more for fast calls
@@ -141,7 +153,9 @@ class LayerDispatch:
         self.choice: dict[tuple[int, int], dict[str, Any]] = {}  # (bucket, threads) → what was measured
         self.decided: dict[tuple[int, int], bool] = {}  # (rows, threads) → native? (the per-call lookup)
         # `hot` serves layers whose input goes to the kernel untouched (no explicit input scale / shift).
-        self.direct_input = layer.input_scale is None and layer.input_shift is None
+        # (A convolution's input scale / shift is applied before its patches are cut: its patches are direct.)
+        unscaled = layer.input_scale is None and layer.input_shift is None
+        self.direct_input = getattr(layer, "patch_tokens", False) or unscaled
         from lowbit.kernels import layer as native_layer
         from lowbit.kernels import native as native_lib
 

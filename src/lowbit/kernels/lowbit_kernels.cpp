@@ -827,6 +827,67 @@ LB_API int lb_w1a1(const uint64_t* xb, const float* bxs, i64 M, i64 K, const uin
     return 0;
 }
 
+// --- Convolution patches (im2col): out (N*OH*OW, C*KH*KW) fp32, row (n, oh, ow), column (c, i, j) -- the order of
+// torch's F.unfold and of a conv weight flattened to (O, C*KH*KW). x is read through element strides (sn, sc, sh,
+// sw), so any memory format works; taps outside the input (the padding) are 0. PT / PL: top / left padding (the
+// bottom / right padding follows from OH / OW). KWC > 0: the kernel width as a compile-time constant (the copy of
+// a patch row then unrolls), 0: any width.
+template <int KWC>
+static void im2col_rows(const float* x, i64 C, i64 H, i64 W, i64 sn, i64 sc, i64 sh, i64 sw, i64 KH, i64 KW_,
+                        i64 SH, i64 SW, i64 PT, i64 PL, i64 DH, i64 DW, i64 OH, i64 OW, float* out, i64 r0, i64 r1) {
+    const i64 KW = KWC > 0 ? KWC : KW_, K = C * KH * KW, step = DW * sw;
+    for (i64 r = r0; r < r1; ++r) {
+        const i64 n = r / (OH * OW), o = r % (OH * OW), h0 = (o / OW) * SH - PT, w0 = (o % OW) * SW - PL;
+        i64 jlo = 0, jhi = KW;  // taps j in [jlo, jhi) fall inside the row, the others on the padding
+        while (jlo < KW && w0 + jlo * DW < 0) ++jlo;
+        while (jhi > jlo && w0 + (jhi - 1) * DW >= W) --jhi;
+        const bool inside = jlo == 0 && jhi == KW;
+        float* dst = out + r * K;
+        const float* xn = x + n * sn + w0 * sw;
+        for (i64 c = 0; c < C; ++c) {
+            const float* xc = xn + c * sc;
+            for (i64 i = 0; i < KH; ++i, dst += KW) {
+                const i64 h = h0 + i * DH;
+                if (h < 0 || h >= H) {
+                    for (i64 j = 0; j < KW; ++j) dst[j] = 0.f;
+                } else if (inside) {
+                    const float* xh = xc + h * sh;
+                    for (i64 j = 0; j < KW; ++j) dst[j] = xh[j * step];
+                } else {
+                    const float* xh = xc + h * sh;
+                    for (i64 j = 0; j < KW; ++j) dst[j] = (j >= jlo && j < jhi) ? xh[j * step] : 0.f;
+                }
+            }
+        }
+    }
+}
+
+// g: the geometry as 18 integers {N, C, H, W, sn, sc, sh, sw, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW} (one
+// argument: converting 18 separate arguments costs the caller several microseconds per call).
+LB_API void lb_im2col(const float* x, const i64* g, float* out, int threads) {
+    const i64 N = g[0], C = g[1], H = g[2], W = g[3], sn = g[4], sc = g[5], sh = g[6], sw = g[7], KH = g[8], KW = g[9];
+    const i64 SH = g[10], SW = g[11], PT = g[12], PL = g[13], DH = g[14], DW = g[15], OH = g[16], OW = g[17];
+    const i64 rows = N * OH * OW;
+    auto run = [&](i64 r0, i64 r1) {
+        switch (KW) {
+            case 1: im2col_rows<1>(x, C, H, W, sn, sc, sh, sw, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, out, r0, r1); break;
+            case 2: im2col_rows<2>(x, C, H, W, sn, sc, sh, sw, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, out, r0, r1); break;
+            case 3: im2col_rows<3>(x, C, H, W, sn, sc, sh, sw, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, out, r0, r1); break;
+            default: im2col_rows<0>(x, C, H, W, sn, sc, sh, sw, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, out, r0, r1);
+        }
+    };
+    if (threads == 1 || rows * C * KH * KW < (1 << 16)) {
+        run(0, rows);
+        return;
+    }
+#pragma omp parallel num_threads(nthreads(threads))
+    {
+        i64 lo, hi;
+        my_rows(rows, 1, &lo, &hi);
+        run(lo, hi);
+    }
+}
+
 // Pack bool rows (bytes 0/1, shape (R, K)) into plain-layout uint64 words (R, W), W = ceil(K/256)*4.
 LB_API void lb_pack_signs(const uint8_t* b, i64 R, i64 K, uint64_t* out) {
     const i64 W = (K + 255) / 256 * 4;

@@ -137,6 +137,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         "lb_w1a32": ([P, I64, I64, P, P, I64, P, I], None),
         "lb_layer_size": ([], I),
         "lb_linear": ([P, P, I64, P, I, P], I),
+        "lb_im2col": ([P, P, P, I], None),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
@@ -308,6 +309,48 @@ def sign_rows(
     scale = None if min_scale is None else torch.empty(R, dtype=torch.float32)
     lib.lb_sign_rows(_ptr(x), R, K, _ptr(out), None if scale is None else _ptr(scale), min_scale or 0.0, max_scale)
     return out, scale
+
+
+class Im2col:
+    """Patches of fp32 ``(N, C, H, W)`` maps of one shape and strides as ``(N, OH·OW, C·kh·kw)``, cut in one C pass:
+    the same values as `lowbit.nn.patches.conv_patches` (``pads``: top, bottom, left, right; ``out_size``: OH,
+    OW). The geometry is converted for C once, here: a small convolution's patches take ~10 µs, as long as
+    converting its 18 integers on every call would."""
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int, int],
+        strides: tuple[int, int, int, int],
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        pads: tuple[int, int, int, int],
+        dilation: tuple[int, int],
+        out_size: tuple[int, int],
+    ) -> None:
+        self._args = (tuple(shape), tuple(strides), tuple(kernel), tuple(stride), tuple(pads), tuple(dilation))
+        self._args += (tuple(out_size),)
+        n, c, h, w = shape
+        oh, ow = out_size
+        self.shape, self.strides = tuple(shape), tuple(strides)
+        self.out_shape = (n, oh * ow, c * kernel[0] * kernel[1])
+        self._geometry = (ctypes.c_int64 * 18)(
+            n, c, h, w, *strides, *kernel, *stride, pads[0], pads[2], *dilation, oh, ow
+        )
+        self._fn = _need().lb_im2col
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return Im2col, self._args  # a copy builds its own C geometry
+
+    def __call__(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+        if x.dtype is not torch.float32 or tuple(x.shape) != self.shape or x.stride() != self.strides:
+            raise ValueError(f"this Im2col cuts fp32 maps of shape {self.shape}, strides {self.strides}")
+        out = (
+            torch.empty(self.out_shape)
+            if torch.get_default_dtype() is torch.float32
+            else torch.empty(self.out_shape, dtype=torch.float32)
+        )
+        self._fn(x.data_ptr(), self._geometry, out.data_ptr(), threads)
+        return out
 
 
 def pack_signs(b: torch.Tensor) -> torch.Tensor:

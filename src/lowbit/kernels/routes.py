@@ -111,9 +111,10 @@ def route_for(layer: nn.Module) -> Route | None:
     """The native route of a packed linear layer, or None when its format has no fast kernel."""
     from lowbit.kernels import layer as native_layer
     from lowbit.kernels import native
-    from lowbit.nn.packed import PackedLinear
+    from lowbit.nn.packed import PackedConv2d, PackedLinear
 
-    if not isinstance(layer, PackedLinear):
+    conv_as_linear = isinstance(layer, PackedConv2d) and layer.groups == 1 and layer.patch_tokens
+    if not (isinstance(layer, PackedLinear) or conv_as_linear):
         return None
     w: QuantSpec = layer.weight_spec
     act: QuantSpec | None = layer.act_spec

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from lowbit.formats.layout import num_units
 from lowbit.formats.packing import code_offset, pack_codes, packed_nbytes, unpack_codes
 from lowbit.formats.spec import QuantSpec
-from lowbit.kernels.dispatch import dispatch_linear
+from lowbit.kernels.dispatch import dispatch_linear, native_patches_ready
+from lowbit.nn.patches import conv_output_size, conv_padding, conv_patches, patches_to_map
 from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
 
 
@@ -115,15 +116,20 @@ class PackedLinear(PackedMixin, QuantLinear):
 
 
 class PackedConv2d(PackedMixin, QuantConv2d):
-    """`QuantConv2d` stored bit-packed; its forward is the reference one (no native conv kernel: a per-token
-    activation scale along the input's last dimension does not factor out of a convolution's sum)."""
+    """`QuantConv2d` stored bit-packed. With per-token (per-patch) activations and ``groups=1`` it runs as a packed
+    linear layer over the input's patches (`lowbit.nn.patches`; patches cut in one C pass), so dispatch picks a
+    native kernel where one is faster; otherwise its forward is the reference one on the cached weight."""
 
     def __init__(self, *args: Any, zero_format: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._init_packed(zero_format)
+        self._dispatch: Any = False
         self._conv_weight: tuple[Any, Any] = (None, None)  # 4-D view of the cached dequantized weight, that weight
+        self._im2col: dict[tuple, tuple[Any, tuple[int, int]]] = {}  # (input shape, strides) → (C patch cutter, OH×OW)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.patch_tokens:
+            return self._patch_forward(x)
         # QuantConv2d.forward less its per-call bookkeeping (a small conv takes ~20 µs, the bookkeeping ~10):
         # the 4-D weight view is kept while the cached weight is the same tensor.
         c = self._cache
@@ -136,3 +142,34 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         act = self.act
         xq = x if act is None else act(x)
         return F.conv2d(xq, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _patch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups != 1:
+            return QuantConv2d.forward(self, x)
+        u, (oh, ow) = self._patches(self._scale_shift_input(x))
+        disp = self._dispatch
+        y = disp.hot(self, u) if disp else None
+        if y is None:
+            y = dispatch_linear(self, u, _unchanged, lambda: F.linear(self.act(u), self.weight_matrix(), self.bias))
+        return patches_to_map(y, oh, ow)
+
+    def _patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The input's patches: one C pass where it can run, `conv_patches` otherwise (same values)."""
+        grad = x.requires_grad and torch.is_grad_enabled()
+        if x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 4 or grad or not native_patches_ready():
+            return conv_patches(x, self.kernel_size, self.stride, self.padding, self.dilation)
+        key = (x.shape, x.stride())
+        plan = self._im2col.get(key)
+        if plan is None:
+            from lowbit.kernels.native import Im2col
+
+            size = (x.shape[2], x.shape[3])
+            pads = conv_padding(size, self.kernel_size, self.dilation, self.padding)
+            out = conv_output_size(size, self.kernel_size, self.stride, pads, self.dilation)
+            cut = Im2col(x.shape, x.stride(), self.kernel_size, self.stride, pads, self.dilation, out)
+            plan = self._im2col[key] = (cut, out)
+        return plan[0](x, torch.get_num_threads()), plan[1]
+
+
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x  # a conv's input scale / shift is applied per channel before its patches are cut

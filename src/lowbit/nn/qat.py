@@ -27,6 +27,7 @@ from torch import nn
 from lowbit.formats.qtensor import QTensor, quantize
 from lowbit.formats.registry import ACT_FORMATS
 from lowbit.formats.spec import QuantSpec
+from lowbit.nn.patches import conv_patches, patch_linear, patches_to_map
 from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
 from lowbit.quantizers import registry as R
 
@@ -181,6 +182,15 @@ class QATConv2d(QATLayer):
         return cls(mod, **cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act_quant
+        if isinstance(a, (R.TokenInt8Act, R.BinaryAct)):
+            # Per-token activations of a convolution are per patch (`lowbit.nn.patches`), as the deployed layer
+            # computes them: shift per channel, take the patches (zero padding), then quantize each patch.
+            xs = a.shifted(x) if isinstance(a, R.BinaryAct) else x
+            u, (oh, ow) = conv_patches(xs, self.kernel_size, self.stride, self.padding, self.dilation)
+            uq = a.binarize(u) if isinstance(a, R.BinaryAct) else a(u)
+            w = self.quantized_weight()
+            return patches_to_map(patch_linear(uq, w.reshape(w.shape[0], -1), self.bias, self.groups), oh, ow)
         return F.conv2d(
             self._input(x), self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups
         )

@@ -30,6 +30,7 @@ from lowbit.formats.layout import num_units
 from lowbit.formats.qtensor import QTensor, code_dtype, dequantize
 from lowbit.formats.spec import QuantSpec
 from lowbit.nn.act import ActQuantizer
+from lowbit.nn.patches import conv_patches, patch_linear, patches_to_map
 
 
 class QuantLayer(nn.Module):
@@ -268,7 +269,20 @@ class QuantConv2d(QuantLayer):
         kh, kw = self.kernel_size
         return self.weight_matrix().reshape(self.out_channels, self.in_channels // self.groups, kh, kw)
 
+    @property
+    def patch_tokens(self) -> bool:
+        """True when the input is quantized per token, which for a convolution means per patch (one scale per
+        output position, see `lowbit.nn.patches`): the layer then runs as patches × weight matrix."""
+        act = self.act
+        return act is not None and act.spec.dynamic and act.spec.granularity == "token"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.patch_tokens:
+            u, (oh, ow) = conv_patches(
+                self._scale_shift_input(x), self.kernel_size, self.stride, self.padding, self.dilation
+            )
+            y = patch_linear(self.act(u), self.weight_matrix(), self.bias, self.groups)
+            return patches_to_map(y, oh, ow)
         return F.conv2d(
             self._quantize_input(x), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
         )
