@@ -116,7 +116,13 @@ def test_conv_with_per_patch_activations_runs_the_linear_kernel_on_its_patches(
     assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
     with torch.no_grad():
         first = p(x)  # auto: measured once for these rows, then decided
-        assert p[0]._dispatch.decided and torch.equal(p(x), first)
+        disp = p[0]._dispatch
+        assert disp.decided and torch.equal(p(x), first)
+        # decided native (as where the kernel wins): the whole conv is one C call (lb_conv), same values
+        disp.decided = dict.fromkeys(disp.decided, True)
+        disp.state = disp.state or disp.route.prepare(p[0])
+        assert disp.hot_conv(p[0], x, p[0]._im2col[(x.shape, x.stride())]) is not None
+        assert torch.equal(p(x), got)
     with torch.no_grad(), use_mode("reference"):
         assert torch.equal(p(x), want)  # the reference path is the simulated layer, bit for bit
 

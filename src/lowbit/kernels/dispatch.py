@@ -161,6 +161,7 @@ class LayerDispatch:
 
         self._linear = native_layer.linear
         self._lb_linear = native_lib._need().lb_linear
+        self._lb_conv = native_lib._need().lb_conv
 
     def hot(self, layer: Any, x: torch.Tensor) -> torch.Tensor | None:
         """The forward of a layer already decided for this input's (rows, threads) in ``auto`` mode, with nothing
@@ -198,6 +199,32 @@ class LayerDispatch:
             y = torch.empty(*shape[:-1], st.N, dtype=torch.float32)
         b = None if bias is None else bias.data_ptr()
         if self._lb_linear(st.addr, x.data_ptr(), rows, y.data_ptr(), threads, b):
+            return None  # the full path raises the error
+        return y
+
+    def hot_conv(self, layer: Any, x: torch.Tensor, cut: Any) -> torch.Tensor | None:
+        """`hot` for a convolution with per-patch activations whose patch count is decided native: patches, kernel
+        and the move into an ``(N, O, OH, OW)`` map in one C call (`lb_conv`); ``cut``: the `native.Im2col` of
+        this input's shape and strides. ``None`` where `hot` would say None, or when the patches go dense."""
+        if _mode_override or _env_mode != "auto":
+            return None
+        if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+            return None
+        threads = torch.get_num_threads()
+        if self.decided.get((cut.rows, threads)) is not True:
+            return None
+        if x.dtype is not torch.float32 or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
+            return None
+        bias = layer._parameters.get("bias")
+        st = self.state
+        if (bias is not None and bias.dtype is not torch.float32) or st is None or cut.k != st.K:
+            return None
+        if torch.get_default_dtype() is torch.float32:
+            y = torch.empty(cut.map_shape)
+        else:
+            y = torch.empty(cut.map_shape, dtype=torch.float32)
+        b = None if bias is None else bias.data_ptr()
+        if self._lb_conv(st.addr, x.data_ptr(), cut.geometry, y.data_ptr(), threads, b):
             return None  # the full path raises the error
         return y
 

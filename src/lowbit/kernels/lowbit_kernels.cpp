@@ -1336,3 +1336,35 @@ LB_API int lb_linear(const lb_layer* L, const float* x, i64 M, float* y, int thr
     free(xb);
     return rc;
 }
+
+// A convolution whose activations are quantized per patch, as one call: its patches (lb_im2col, geometry g), the
+// layer (lb_linear) on them, and the (N, OH*OW, O) result written as the (N, O, OH, OW) map y. L->K must equal
+// C*KH*KW. Returns lb_linear's code (-2: out of memory).
+LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, int threads, const float* bias) {
+    const i64 N = g[0], L_ = g[16] * g[17], K = L->K, O = L->N, rows = N * L_;
+    if (g[1] * g[8] * g[9] != K) return -1;
+    float* patches = (float*)malloc(sizeof(float) * rows * K + 64);
+    float* rowmajor = (float*)malloc(sizeof(float) * rows * O + 64);
+    int rc = (patches && rowmajor) ? 0 : -2;
+    if (rc == 0) {
+        lb_im2col(x, g, patches, threads);
+        rc = lb_linear(L, patches, rows, rowmajor, threads, bias);
+    }
+    if (rc == 0) {
+        // (n, l, o) -> (n, o, l), in 8 x 8 blocks so both sides are read / written a cache line at a time
+#pragma omp parallel for num_threads(nthreads(threads)) schedule(static) if (threads != 1 && rows * O >= (1 << 16))
+        for (i64 n = 0; n < N; ++n) {
+            const float* src = rowmajor + n * L_ * O;
+            float* dst = y + n * O * L_;
+            for (i64 l0 = 0; l0 < L_; l0 += 8)
+                for (i64 o0 = 0; o0 < O; o0 += 8) {
+                    const i64 l1 = std::min(L_, l0 + 8), o1 = std::min(O, o0 + 8);
+                    for (i64 o = o0; o < o1; ++o)
+                        for (i64 l = l0; l < l1; ++l) dst[o * L_ + l] = src[l * O + o];
+                }
+        }
+    }
+    free(patches);
+    free(rowmajor);
+    return rc;
+}

@@ -138,6 +138,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         "lb_layer_size": ([], I),
         "lb_linear": ([P, P, I64, P, I, P], I),
         "lb_im2col": ([P, P, P, I], None),
+        "lb_conv": ([P, P, P, P, I, P], I),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
@@ -332,8 +333,10 @@ class Im2col:
         n, c, h, w = shape
         oh, ow = out_size
         self.shape, self.strides = tuple(shape), tuple(strides)
-        self.out_shape = (n, oh * ow, c * kernel[0] * kernel[1])
-        self._geometry = (ctypes.c_int64 * 18)(
+        self.out_size, self.rows, self.k = (oh, ow), n * oh * ow, c * kernel[0] * kernel[1]
+        self.out_shape = (n, oh * ow, self.k)
+        #: the geometry as `lb_im2col` / `lb_conv` read it
+        self.geometry = (ctypes.c_int64 * 18)(
             n, c, h, w, *strides, *kernel, *stride, pads[0], pads[2], *dilation, oh, ow
         )
         self._fn = _need().lb_im2col
@@ -349,7 +352,7 @@ class Im2col:
             if torch.get_default_dtype() is torch.float32
             else torch.empty(self.out_shape, dtype=torch.float32)
         )
-        self._fn(x.data_ptr(), self._geometry, out.data_ptr(), threads)
+        self._fn(x.data_ptr(), self.geometry, out.data_ptr(), threads)
         return out
 
 

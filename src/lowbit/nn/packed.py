@@ -125,7 +125,7 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         self._init_packed(zero_format)
         self._dispatch: Any = False
         self._conv_weight: tuple[Any, Any] = (None, None)  # 4-D view of the cached dequantized weight, that weight
-        self._im2col: dict[tuple, tuple[Any, tuple[int, int]]] = {}  # (input shape, strides) → (C patch cutter, OH×OW)
+        self._im2col: dict[tuple, Any] = {}  # (input shape, strides) → its C patch cutter (`native.Im2col`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.patch_tokens:
@@ -146,8 +146,14 @@ class PackedConv2d(PackedMixin, QuantConv2d):
     def _patch_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.groups != 1:
             return QuantConv2d.forward(self, x)
-        u, (oh, ow) = self._patches(self._scale_shift_input(x))
+        x = self._scale_shift_input(x)
         disp = self._dispatch
+        if disp:
+            cut = self._im2col.get((x.shape, x.stride()))
+            y = None if cut is None else disp.hot_conv(self, x, cut)  # decided: one C call for the whole conv
+            if y is not None:
+                return y
+        u, (oh, ow) = self._patches(x)
         y = disp.hot(self, u) if disp else None
         if y is None:
             y = dispatch_linear(self, u, _unchanged, lambda: F.linear(self.act(u), self.weight_matrix(), self.bias))
@@ -159,16 +165,18 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         if x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 4 or grad or not native_patches_ready():
             return conv_patches(x, self.kernel_size, self.stride, self.padding, self.dilation)
         key = (x.shape, x.stride())
-        plan = self._im2col.get(key)
-        if plan is None:
+        cut = self._im2col.get(key)
+        if cut is None:
             from lowbit.kernels.native import Im2col
 
             size = (x.shape[2], x.shape[3])
             pads = conv_padding(size, self.kernel_size, self.dilation, self.padding)
             out = conv_output_size(size, self.kernel_size, self.stride, pads, self.dilation)
-            cut = Im2col(x.shape, x.stride(), self.kernel_size, self.stride, pads, self.dilation, out)
-            plan = self._im2col[key] = (cut, out)
-        return plan[0](x, torch.get_num_threads()), plan[1]
+            cut = self._im2col[key] = Im2col(
+                x.shape, x.stride(), self.kernel_size, self.stride, pads, self.dilation, out
+            )
+            cut.map_shape = (x.shape[0], self.out_channels, *out)
+        return cut(x, torch.get_num_threads()), cut.out_size
 
 
 def _unchanged(x: torch.Tensor) -> torch.Tensor:
