@@ -157,7 +157,8 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
             f"{state}; batch {args.batch_size}, {args.threads} thread(s). 'chosen' is the faster of the kernel and "
             "the dense reference path (fp32 matmul on the dequantized weight, after simulated activation "
             "quantization where the format has it), as dispatch measured them once per shape ('kernel ms', "
-            "'dense ms'; convolutions have no native kernel). 'layer ms' is the packed layer's whole call and "
+            "'dense ms'; a convolution with per-token activations runs them on its patches, one row per output "
+            "position; other convolutions have no native kernel). 'layer ms' is the packed layer's whole call and "
             "'fp32 ms' an nn.Linear / nn.Conv2d call of the same shape, timed in alternation on the layer's input; "
             "'vs fp32' is their ratio. "
             + (

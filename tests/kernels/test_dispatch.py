@@ -367,6 +367,23 @@ def test_torch_compile_keeps_the_native_kernels() -> None:
 
 
 @needs_native
+@pytest.mark.slow
+def test_torch_compile_keeps_the_native_kernels_of_per_patch_convolutions() -> None:
+    """Inside a compiled graph a per-patch conv's patches are PyTorch ops and its matmul is ``lowbit::packed_linear``
+    on them, which runs the conv's linear kernel; export records the plain reference path."""
+    q, p = packed_conv("int8", "int8_token")
+    x = torch.randn(2, 32, 9, 10)
+    with use_mode("native"), torch.no_grad():
+        y = torch.compile(p, fullgraph=True)(x)
+        assert layer_report(p[0])[0]["path"] == "w8a8"
+        torch.testing.assert_close(y, p(x), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        ep = torch.export.export(p, (x,))
+        assert not any("lowbit" in str(n.target) for n in ep.graph.nodes if n.op == "call_function")
+        torch.testing.assert_close(ep.module()(x), q(x))
+
+
+@needs_native
 def test_torch_export_records_the_reference_path() -> None:
     """An exported program is self-contained: no lowbit op in its graph, same output as the reference kernels."""
     q = _small_packed("w4g128")

@@ -314,7 +314,8 @@ def packed_linear_op(x: torch.Tensor, layer_key: int, n_out: int) -> torch.Tenso
             "lowbit::packed_linear: the packed layer this compiled graph was traced with no longer exists; "
             "compile the model again"
         )
-    return layer.forward(x)
+    on_patches = getattr(layer, "patch_linear", None)  # a convolution: x holds its patches
+    return layer.forward(x) if on_patches is None else on_patches(x)
 
 
 # Registered with the low-level `torch.library.Library` rather than `torch.library.custom_op`: a call through the

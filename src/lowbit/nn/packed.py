@@ -154,10 +154,16 @@ class PackedConv2d(PackedMixin, QuantConv2d):
             if y is not None:
                 return y
         u, (oh, ow) = self._patches(x)
+        return patches_to_map(self.patch_linear(u), oh, ow)
+
+    def patch_linear(self, u: torch.Tensor) -> torch.Tensor:
+        """The layer on its input's patches ``(N, OH·OW, in·kh·kw)`` → ``(N, OH·OW, out)``: a packed linear layer's
+        forward (dispatch to a native kernel or the dense path; inside a compiled graph, ``lowbit::packed_linear``)."""
+        disp = self._dispatch
         y = disp.hot(self, u) if disp else None
         if y is None:
             y = dispatch_linear(self, u, _unchanged, lambda: F.linear(self.act(u), self.weight_matrix(), self.bias))
-        return patches_to_map(y, oh, ow)
+        return y
 
     def _patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """The input's patches: one C pass where it can run, `conv_patches` otherwise (same values)."""
