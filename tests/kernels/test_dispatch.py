@@ -369,8 +369,8 @@ def test_torch_compile_keeps_the_native_kernels() -> None:
 @needs_native
 @pytest.mark.slow
 def test_torch_compile_keeps_the_native_kernels_of_per_patch_convolutions() -> None:
-    """Inside a compiled graph a per-patch conv's patches are PyTorch ops and its matmul is ``lowbit::packed_linear``
-    on them, which runs the conv's linear kernel; export records the plain reference path."""
+    """Inside a compiled graph a per-patch conv is one opaque ``lowbit::packed_conv`` call, which runs the eager
+    conv (patches cut in C, the linear kernel); export records the plain reference path."""
     q, p = packed_conv("int8", "int8_token")
     x = torch.randn(2, 32, 9, 10)
     with use_mode("native"), torch.no_grad():

@@ -330,6 +330,39 @@ def _packed_linear_shape(x: torch.Tensor, layer_key: int, n_out: int) -> torch.T
     return x.new_empty((*x.shape[:-1], n_out))
 
 
+def packed_conv_op(x: torch.Tensor, layer_key: int, n_out: int, out_hw: list[int]) -> torch.Tensor:
+    """``lowbit::packed_conv``: a packed convolution with per-patch activations inside a compiled graph, i.e. its
+    eager forward (patches cut in C, kernel or dense path) on ``x`` (N, C, H, W), giving (N, ``n_out``, *out_hw)."""
+    layer = _op_layers.get(layer_key)
+    if layer is None:
+        raise RuntimeError(
+            "lowbit::packed_conv: the packed layer this compiled graph was traced with no longer exists; "
+            "compile the model again"
+        )
+    return layer.forward(x)
+
+
+_lib.define("packed_conv(Tensor x, int layer_key, int n_out, SymInt[] out_hw) -> Tensor")
+_lib.impl("packed_conv", packed_conv_op, "CPU")
+
+
+@torch.library.register_fake("lowbit::packed_conv", lib=_lib)
+def _packed_conv_shape(x: torch.Tensor, layer_key: int, n_out: int, out_hw: list[int]) -> torch.Tensor:
+    return x.new_empty((x.shape[0], n_out, *out_hw))
+
+
+def compiled_conv(layer: Any, x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor | None:
+    """While a graph is being compiled: a per-patch packed conv as one opaque ``lowbit::packed_conv`` call (its
+    eager forward, native kernels included, when the graph runs), or None where the graph must record the
+    reference path (export, ``reference`` mode, autograd, a non-CPU input)."""
+    how = _mode_override[-1] if _mode_override else _env_mode or mode()
+    if torch.compiler.is_exporting() or how == "reference" or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    if not x.is_cpu:
+        return None
+    return torch.ops.lowbit.packed_conv(x, _op_key(layer), layer.out_channels, list(out_hw))
+
+
 def dispatch_linear(
     layer: Any, x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor], dense: Callable[[], torch.Tensor]
 ) -> torch.Tensor:

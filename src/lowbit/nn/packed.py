@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from lowbit.formats.layout import num_units
 from lowbit.formats.packing import code_offset, pack_codes, packed_nbytes, unpack_codes
 from lowbit.formats.spec import QuantSpec
-from lowbit.kernels.dispatch import dispatch_linear, native_patches_ready
+from lowbit.kernels.dispatch import compiled_conv, dispatch_linear, native_patches_ready
 from lowbit.nn.patches import conv_output_size, conv_padding, conv_patches, patches_to_map
 from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
 
@@ -128,6 +128,12 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         self._im2col: dict[tuple, Any] = {}  # (input shape, strides) → its C patch cutter (`native.Im2col`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        disp = self._dispatch  # only a conv with per-patch activations gets one
+        if disp and self.input_scale is None and self.input_shift is None and not torch.compiler.is_compiling():
+            cut = self._im2col.get((x.shape, x.stride()))
+            y = None if cut is None else disp.hot_conv(self, x, cut)  # decided: one C call for the whole conv
+            if y is not None:
+                return y
         if self.patch_tokens:
             return self._patch_forward(x)
         # QuantConv2d.forward less its per-call bookkeeping (a small conv takes ~20 µs, the bookkeeping ~10):
@@ -146,6 +152,12 @@ class PackedConv2d(PackedMixin, QuantConv2d):
     def _patch_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.groups != 1:
             return QuantConv2d.forward(self, x)
+        if torch.compiler.is_compiling():  # one opaque op: inductor's patches (unfold) are slower than the C ones
+            size = (x.shape[2], x.shape[3])
+            pads = conv_padding(size, self.kernel_size, self.dilation, self.padding)
+            y = compiled_conv(self, x, conv_output_size(size, self.kernel_size, self.stride, pads, self.dilation))
+            if y is not None:
+                return y
         x = self._scale_shift_input(x)
         disp = self._dispatch
         if disp:
