@@ -105,7 +105,7 @@ def _native_ready() -> bool:
 
 
 def native_patches_ready() -> bool:
-    """Whether a packed convolution may cut its input's patches in C (`native.im2col`, the same values as the
+    """Whether a packed convolution may cut its input's patches in C (`native.Im2col`, the same values as the
     PyTorch path): not in ``reference`` mode, not while compiling or tracing (a graph cannot see a C call), and
     only with the native library loaded."""
     how = _mode_override[-1] if _mode_override else _env_mode or mode()
@@ -314,8 +314,7 @@ def packed_linear_op(x: torch.Tensor, layer_key: int, n_out: int) -> torch.Tenso
             "lowbit::packed_linear: the packed layer this compiled graph was traced with no longer exists; "
             "compile the model again"
         )
-    on_patches = getattr(layer, "patch_linear", None)  # a convolution: x holds its patches
-    return layer.forward(x) if on_patches is None else on_patches(x)
+    return layer.forward(x)
 
 
 # Registered with the low-level `torch.library.Library` rather than `torch.library.custom_op`: a call through the

@@ -315,8 +315,9 @@ def sign_rows(
 class Im2col:
     """Patches of fp32 ``(N, C, H, W)`` maps of one shape and strides as ``(N, OH·OW, C·kh·kw)``, cut in one C pass:
     the same values as `lowbit.nn.patches.conv_patches` (``pads``: top, bottom, left, right; ``out_size``: OH,
-    OW). The geometry is converted for C once, here: a small convolution's patches take ~10 µs, as long as
-    converting its 18 integers on every call would."""
+    OW; ``n_out``: the output channels of the conv that reads them, for `lb_conv`). The geometry is converted for C
+    once, here: a small convolution's patches take ~10 µs, as long as converting its 18 integers on every call
+    would."""
 
     def __init__(
         self,
@@ -327,14 +328,16 @@ class Im2col:
         pads: tuple[int, int, int, int],
         dilation: tuple[int, int],
         out_size: tuple[int, int],
+        n_out: int = 0,
     ) -> None:
         self._args = (tuple(shape), tuple(strides), tuple(kernel), tuple(stride), tuple(pads), tuple(dilation))
-        self._args += (tuple(out_size),)
+        self._args += (tuple(out_size), n_out)
         n, c, h, w = shape
         oh, ow = out_size
         self.shape, self.strides = tuple(shape), tuple(strides)
         self.out_size, self.rows, self.k = (oh, ow), n * oh * ow, c * kernel[0] * kernel[1]
         self.out_shape = (n, oh * ow, self.k)
+        self.map_shape = (n, n_out, oh, ow)  # the output map of a conv with n_out channels on these patches
         #: the geometry as `lb_im2col` / `lb_conv` read it
         self.geometry = (ctypes.c_int64 * 18)(
             n, c, h, w, *strides, *kernel, *stride, pads[0], pads[2], *dilation, oh, ow

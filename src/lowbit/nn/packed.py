@@ -128,12 +128,6 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         self._im2col: dict[tuple, Any] = {}  # (input shape, strides) → its C patch cutter (`native.Im2col`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        disp = self._dispatch  # only a conv with per-patch activations gets one
-        if disp and self.input_scale is None and self.input_shift is None and not torch.compiler.is_compiling():
-            cut = self._im2col.get((x.shape, x.stride()))
-            y = None if cut is None else disp.hot_conv(self, x, cut)  # decided: one C call for the whole conv
-            if y is not None:
-                return y
         if self.patch_tokens:
             return self._patch_forward(x)
         # QuantConv2d.forward less its per-call bookkeeping (a small conv takes ~20 µs, the bookkeeping ~10):
@@ -170,7 +164,7 @@ class PackedConv2d(PackedMixin, QuantConv2d):
 
     def patch_linear(self, u: torch.Tensor) -> torch.Tensor:
         """The layer on its input's patches ``(N, OH·OW, in·kh·kw)`` → ``(N, OH·OW, out)``: a packed linear layer's
-        forward (dispatch to a native kernel or the dense path; inside a compiled graph, ``lowbit::packed_linear``)."""
+        forward: dispatch to a native kernel or the dense path."""
         disp = self._dispatch
         y = disp.hot(self, u) if disp else None
         if y is None:
@@ -191,9 +185,8 @@ class PackedConv2d(PackedMixin, QuantConv2d):
             pads = conv_padding(size, self.kernel_size, self.dilation, self.padding)
             out = conv_output_size(size, self.kernel_size, self.stride, pads, self.dilation)
             cut = self._im2col[key] = Im2col(
-                x.shape, x.stride(), self.kernel_size, self.stride, pads, self.dilation, out
+                x.shape, x.stride(), self.kernel_size, self.stride, pads, self.dilation, out, self.out_channels
             )
-            cut.map_shape = (x.shape[0], self.out_channels, *out)
         return cut(x, torch.get_num_threads()), cut.out_size
 
 
