@@ -45,14 +45,17 @@ def test_export_reproduces_qat_forward(wq: str, aq: str | None) -> None:
 
 
 @pytest.mark.parametrize("wq", ["ternary", "xnor"])
-@pytest.mark.parametrize("aq", ["int8_token", "xnor", "bnn", "react"])
-def test_conv_export_reproduces_qat_forward(wq: str, aq: str) -> None:
+@pytest.mark.parametrize("aq", ["int8_token", "xnor", "bnn", "react", "biper"])
+@pytest.mark.parametrize(("stride", "dilation"), [(1, 1), (2, 1), (1, 2)])
+def test_conv_export_reproduces_qat_forward(wq: str, aq: str, stride: int, dilation: int) -> None:
     """A QAT conv with per-token activations quantizes each patch (one scale per output position, padding
-    included), as the deployed QuantConv2d does: the exported layer computes the trained function."""
+    included), as the deployed QuantConv2d does — binary ones in the factored form (signs, +1 padding, XNOR's K)
+    when the conv is not dilated: the exported layer computes the trained function."""
     from lowbit.nn import QuantConv2d
 
     torch.manual_seed(4)
-    layer = QATConv2d.from_float(nn.Conv2d(6, 8, 3, padding=1), weight=wq, act=aq)
+    conv = nn.Conv2d(6, 8, 3, padding=1, stride=stride, dilation=dilation)
+    layer = QATConv2d.from_float(conv, weight=wq, act=aq)
     layer.set_progress(1.0)
     x = torch.randn(3, 6, 7, 7).relu() + 0.1
     layer(x)  # first batch sets binary thresholds

@@ -27,7 +27,7 @@ from torch import nn
 from lowbit.formats.qtensor import QTensor, quantize
 from lowbit.formats.registry import ACT_FORMATS
 from lowbit.formats.spec import QuantSpec
-from lowbit.nn.patches import conv_patches, patch_linear, patches_to_map
+from lowbit.nn.patches import conv_padding, conv_patches, patch_linear, patches_to_map
 from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
 from lowbit.quantizers import registry as R
 
@@ -183,6 +183,8 @@ class QATConv2d(QATLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.act_quant
+        if isinstance(a, R.BinaryAct) and tuple(self.dilation) == (1, 1):
+            return self._binary_forward(a, x)
         if isinstance(a, (R.TokenInt8Act, R.BinaryAct)):
             # Per-token activations of a convolution are per patch (`lowbit.nn.patches`), as the deployed layer
             # computes them: shift per channel, take the patches (zero padding), then quantize each patch.
@@ -194,6 +196,22 @@ class QATConv2d(QATLayer):
         return F.conv2d(
             self._input(x), self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups
         )
+
+    def _binary_forward(self, a: R.BinaryAct, x: torch.Tensor) -> torch.Tensor:
+        """The per-patch binary conv without its patches (as fast as a plain conv, for training): the signs are
+        elementwise, the padding reads +1, and an XNOR scale (mean |x| over each patch, no gradient) is one factor
+        per output position, XNOR-Net's K: the mean over each kh×kw window of the channel mean of |x|."""
+        xs = a.shifted(x)
+        token = isinstance(a, R.SignAct) and a.scale == "token"
+        signs = a.sign(xs) if token else a.binarize(xs)
+        size = (x.shape[2], x.shape[3])
+        top, bottom, left, right = conv_padding(size, self.kernel_size, self.dilation, self.padding)
+        pads = (left, right, top, bottom)
+        y = F.conv2d(F.pad(signs, pads, value=1.0), self.quantized_weight(), None, self.stride, 0, 1, self.groups)
+        if token:
+            k = F.avg_pool2d(F.pad(xs.detach().abs().mean(1, keepdim=True), pads), self.kernel_size, self.stride)
+            y = y * k
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     def _float_twin(self) -> nn.Module:
         return nn.Conv2d(
