@@ -135,6 +135,8 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
         w = m.weight
         fmt = m.weight_spec.label() if isinstance(m, QuantLayer) and m.weight_spec else "fp32"
         act = m.act_spec.label() if isinstance(m, QuantLayer) and m.act_spec else "float"
+        if getattr(m, "patch_tokens", False):
+            act = act.replace("per-token", "per-patch")  # a conv's tokens are its patches (lowbit.nn.patches)
         row = [
             name,
             type(m).__name__,

@@ -64,6 +64,13 @@ def test_unknown_preset(capsys, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_inspect_shows_per_patch_convolutions_on_their_kernel(capsys) -> None:
+    rc, text, _ = _run(capsys, "inspect", "digits-cnn", "--recipe", "w8a8", "--packed")
+    conv_row = next(line for line in text.splitlines() if "features.3" in line)
+    assert rc == 0 and "int8 sym per-patch dynamic" in conv_row and "w8a8" in conv_row.split("│")[8]
+
+
+@pytest.mark.slow
 def test_compress_inspect_eval_and_damaged_checkpoint(capsys, tmp_path: Path) -> None:
     out = tmp_path / "cnn-w4"
     rc, text, _ = _run(capsys, "compress", "digits-cnn", "--recipe", "w4g128-gptq", "--out", str(out))
