@@ -68,7 +68,7 @@ def test_w8a32(K, N, M, threads):
     close(y, ref, (x.double().abs() @ q.double().abs().T) * s.double())
 
 
-@pytest.mark.parametrize("K,N", [(64, 16), (100, 33), (4096, 7), (37, 5)])
+@pytest.mark.parametrize("K,N", [(64, 16), (100, 33), (4096, 7), (37, 5), (9, 32), (96, 43)])  # K <= 96: row8 tiles
 @pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("threads", THREADS)
 def test_w8a8(K, N, M, threads):
