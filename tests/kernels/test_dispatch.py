@@ -138,9 +138,10 @@ def test_grouped_or_weight_only_convs_have_no_kernel_route() -> None:
 
 @needs_native
 @pytest.mark.parametrize(("weights", "acts"), [("int8", "int8_token"), ("ternary_absmean", "int8_token")])
-def test_integer_accumulation_is_exact(weights: str, acts: str) -> None:
-    q, p = packed_layer(weights, acts, k=4096, n=64)
-    x = torch.randn(3, 4096) * 3
+@pytest.mark.parametrize("k", [4096, 64])  # 64: short rows (8-row tiles; ternary on the int8 layout)
+def test_integer_accumulation_is_exact(weights: str, acts: str, k: int) -> None:
+    q, p = packed_layer(weights, acts, k=k, n=44)
+    x = torch.randn(3, k) * 3
     xq, sx = native.quantize_rows_symmetric(x, 127.0, 2.0**-20, 65504.0)
     exact = xq.long() @ q[0].codes.long().T  # int64 reference sums
     scale = q[0].scale.reshape(-1).float()

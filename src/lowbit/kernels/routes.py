@@ -46,6 +46,11 @@ from lowbit.formats.spec import QuantSpec
 GROUPS = (32, 64, 128)
 
 
+#: Ternary layers with rows this short run the int8 kernel on their {-1, 0, 1} codes: it has 8-row tiles for rows
+#: of <= 96 (one reduction per 8 outputs), where the 2-bit kernel pads each row to 128 and sums each output alone.
+SHORT_ROWS = 96
+
+
 @dataclass(frozen=True)
 class Route:
     """One packed layer's native kernel: ``prepare(layer)`` builds its `layer.NativeLinear` once."""
@@ -145,6 +150,13 @@ def route_for(layer: nn.Module) -> Route | None:
         return Route(f"w{bits}{suffix}", prep_wn)
 
     if w.kind == "ternary" and mode == "int8":
+        if k <= SHORT_ROWS:  # the int8 layout's 8-row tiles: same int32 sums, same final product, so the same bits
+            return Route(
+                "ternary",
+                lambda lay: native_layer.describe(
+                    native.prepare_w8(lay.codes.to(torch.int8), lay.scale.reshape(-1).float().expand(n)), mode, **kw
+                ),
+            )
         return Route(
             "ternary",
             lambda lay: native_layer.describe(
