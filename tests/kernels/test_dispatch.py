@@ -127,6 +127,27 @@ def test_conv_with_per_patch_activations_runs_the_linear_kernel_on_its_patches(
         assert torch.equal(p(x), want)  # the reference path is the simulated layer, bit for bit
 
 
+@needs_native
+def test_per_patch_conv_applies_its_input_scale_and_shift_before_cutting_patches() -> None:
+    """AWQ / SmoothQuant input scales and binary thresholds act per channel on the map, before its patches are cut
+    (so padding stays 0): packed (native) and simulated layers agree, and the decided one-call path too."""
+    q, p = packed_conv("binary", "binary_token")
+    scale, shift = torch.rand(32) + 0.5, torch.randn(32) * 0.1
+    for layer in (q[0], p[0]):
+        layer.set_input_scale(scale)
+        layer.set_input_shift(shift)
+    x = torch.randn(2, 32, 9, 10)
+    with torch.no_grad():
+        want = q(x)
+        with use_mode("native"):
+            assert float((p(x) - want).abs().max()) <= 2e-5 * float(want.abs().max())
+        p(x)
+        disp = p[0]._dispatch
+        disp.decided = dict.fromkeys(disp.decided, True)
+        disp.state = disp.state or disp.route.prepare(p[0])
+        assert float((p(x) - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
 def test_grouped_or_weight_only_convs_have_no_kernel_route() -> None:
     assert route_for(packed_conv("int8", "int8_token", groups=4)[1][0]) is None
     assert route_for(packed_conv("int8", None)[1][0]) is None
