@@ -41,7 +41,9 @@ from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
 from lowbit.recipe import Recipe
 from lowbit.report.atomic import atomic_dir
 
-FORMAT_VERSION = 1
+#: 2: a convolution's per-token activations are quantized per patch (`lowbit.nn.patches`); version 1 quantized
+#: them along the input's last dimension, so a version-1 checkpoint holding such a convolution is refused.
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "lowbit.json"
 
@@ -106,11 +108,13 @@ def read_spec(directory: str | Path) -> dict[str, Any]:
             "the checkpoint is damaged, save it again"
         ) from None
     version = spec.get("format_version") if isinstance(spec, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in (1, FORMAT_VERSION):
         raise CheckpointError(
             f"{spec_path}: checkpoint format version {version!r} is not supported by this lowbit "
-            f"(reads version {FORMAT_VERSION})"
+            f"(reads versions 1 and {FORMAT_VERSION})"
         )
+    if version == 1:
+        _check_version_1(spec, spec_path)
     weights = directory / spec.get("weights", {}).get("file", WEIGHTS_FILE)
     if not weights.is_file():
         raise CheckpointError(
@@ -128,6 +132,24 @@ def read_spec(directory: str | Path) -> dict[str, Any]:
             "re-create the checkpoint with lowbit.save"
         )
     return spec
+
+
+def _check_version_1(spec: dict[str, Any], spec_path: Path) -> None:
+    """A version-1 checkpoint computes what it did unless it holds a convolution with per-token activations."""
+    for name, entry in (spec.get("layers") or {}).items():
+        act = entry.get("activations") if isinstance(entry, dict) else None
+        if (
+            entry.get("type") == "Conv2d"
+            and isinstance(act, dict)
+            and act.get("dynamic")
+            and act.get("granularity") == "token"
+        ):
+            raise CheckpointError(
+                f"{spec_path}: layer '{name}' is a convolution with per-token activations saved by an older lowbit "
+                "(format 1), which quantized them along the input's last dimension; this lowbit quantizes them per "
+                "patch (one scale per output position), so the layer would compute another function: compress "
+                "the model again"
+            )
 
 
 def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:

@@ -11,6 +11,7 @@ from torch import nn
 import lowbit
 from lowbit.errors import CheckpointError
 from lowbit.io import load, save
+from lowbit.recipe import Recipe
 
 
 def _model() -> nn.Module:
@@ -84,6 +85,28 @@ def test_future_version_and_no_source(tmp_path) -> None:
     (ck / "lowbit.json").write_text(json.dumps(spec))
     with pytest.raises(CheckpointError, match="version 99"):
         load(ck, model=base)
+
+
+@pytest.mark.parametrize(("acts", "refused"), [("int8_token", True), (None, False)])
+def test_format_1_checkpoints_load_unless_a_conv_has_per_token_activations(tmp_path, acts, refused: bool) -> None:
+    """Format 1 quantized a conv's per-token activations along the image width; format 2 per patch. A format-1
+    checkpoint whose convolutions do not quantize activations per token still means the same and loads."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    recipe = Recipe.from_dict({"stages": [{"method": "rtn", "weights": "int8", "activations": acts,
+                                           "keep_first_last": False}]})  # fmt: skip
+    q = lowbit.compress(base, recipe, progress=False)
+    save(q, tmp_path / "ck")
+    spec = json.loads((tmp_path / "ck" / "lowbit.json").read_text())
+    spec["format_version"] = 1
+    (tmp_path / "ck" / "lowbit.json").write_text(json.dumps(spec))
+    if refused:
+        with pytest.raises(CheckpointError, match="layer '0' is a convolution with per-token activations"):
+            load(tmp_path / "ck", model=base)
+    else:
+        x = torch.randn(2, 1, 8, 8)
+        with torch.no_grad():
+            assert torch.equal(load(tmp_path / "ck", model=base)(x), q(x))
 
 
 def test_save_over_existing_keeps_a_complete_checkpoint(tmp_path) -> None:
