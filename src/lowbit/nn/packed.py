@@ -181,6 +181,8 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         if cut is None:
             from lowbit.kernels.native import Im2col
 
+            if len(self._im2col) >= 64:  # inputs of many sizes: keep the cache small
+                self._im2col.clear()
             size = (x.shape[2], x.shape[3])
             pads = conv_padding(size, self.kernel_size, self.dilation, self.padding)
             out = conv_output_size(size, self.kernel_size, self.stride, pads, self.dilation)
