@@ -148,6 +148,24 @@ def test_per_patch_conv_applies_its_input_scale_and_shift_before_cutting_patches
         assert float((p(x) - want).abs().max()) <= 2e-5 * float(want.abs().max())
 
 
+@needs_native
+def test_one_call_conv_works_in_chunks_of_whole_images() -> None:
+    """lb_conv cuts the patches of ~8 MiB of images at a time (here 12 images of 0.9 MiB of patches each: chunks of
+    9 and 3), so its scratch memory is bounded; the output is the same as one pass."""
+    q, p = packed_conv("int8", "int8_token")
+    x = torch.randn(12, 32, 40, 40)
+    with torch.no_grad():
+        with use_mode("native"):
+            whole = p(x)  # patches cut in one pass, kernel on all rows (not lb_conv)
+        p(x)
+        disp = p[0]._dispatch
+        disp.decided = dict.fromkeys(disp.decided, True)
+        disp.state = disp.state or disp.route.prepare(p[0])
+        cut = p[0]._im2col[(x.shape, x.stride())]
+        chunked = disp.hot_conv(p[0], x, cut)
+    assert chunked is not None and torch.equal(chunked, whole)
+
+
 def test_grouped_or_weight_only_convs_have_no_kernel_route() -> None:
     assert route_for(packed_conv("int8", "int8_token", groups=4)[1][0]) is None
     assert route_for(packed_conv("int8", None)[1][0]) is None

@@ -875,7 +875,8 @@ LB_API int lb_w1a1(const uint64_t* xb, const float* bxs, i64 M, i64 K, const uin
 // a patch row then unrolls), 0: any width.
 template <int KWC>
 static void im2col_rows(const float* x, i64 C, i64 H, i64 W, i64 sn, i64 sc, i64 sh, i64 sw, i64 KH, i64 KW_,
-                        i64 SH, i64 SW, i64 PT, i64 PL, i64 DH, i64 DW, i64 OH, i64 OW, float* out, i64 r0, i64 r1) {
+                        i64 SH, i64 SW, i64 PT, i64 PL, i64 DH, i64 DW, i64 OH, i64 OW, float* out, i64 base, i64 r0,
+                        i64 r1) {
     const i64 KW = KWC > 0 ? KWC : KW_, K = C * KH * KW, step = DW * sw;
     for (i64 r = r0; r < r1; ++r) {
         const i64 n = r / (OH * OW), o = r % (OH * OW), h0 = (o / OW) * SH - PT, w0 = (o % OW) * SW - PL;
@@ -883,7 +884,7 @@ static void im2col_rows(const float* x, i64 C, i64 H, i64 W, i64 sn, i64 sc, i64
         while (jlo < KW && w0 + jlo * DW < 0) ++jlo;
         while (jhi > jlo && w0 + (jhi - 1) * DW >= W) --jhi;
         const bool inside = jlo == 0 && jhi == KW;
-        float* dst = out + r * K;
+        float* dst = out + (r - base) * K;
         const float* xn = x + n * sn + w0 * sw;
         for (i64 c = 0; c < C; ++c) {
             const float* xc = xn + c * sc;
@@ -903,30 +904,35 @@ static void im2col_rows(const float* x, i64 C, i64 H, i64 W, i64 sn, i64 sc, i64
     }
 }
 
-// g: the geometry as 18 integers {N, C, H, W, sn, sc, sh, sw, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW} (one
-// argument: converting 18 separate arguments costs the caller several microseconds per call).
-LB_API void lb_im2col(const float* x, const i64* g, float* out, int threads) {
-    const i64 N = g[0], C = g[1], H = g[2], W = g[3], sn = g[4], sc = g[5], sh = g[6], sw = g[7], KH = g[8], KW = g[9];
+// Rows [r0, r1) of the patches of geometry g into out (row r0 first). g: the geometry as 18 integers {N, C, H, W,
+// sn, sc, sh, sw, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW} (one argument: converting 18 separate arguments costs
+// the caller several microseconds per call).
+static void im2col_range(const float* x, const i64* g, float* out, i64 r0, i64 r1, int threads) {
+    const i64 C = g[1], H = g[2], W = g[3], sn = g[4], sc = g[5], sh = g[6], sw = g[7], KH = g[8], KW = g[9];
     const i64 SH = g[10], SW = g[11], PT = g[12], PL = g[13], DH = g[14], DW = g[15], OH = g[16], OW = g[17];
-    const i64 rows = N * OH * OW;
-    auto run = [&](i64 r0, i64 r1) {
+    auto run = [&](i64 a, i64 b) {
         switch (KW) {
-            case 1: im2col_rows<1>(x, C, H, W, sn, sc, sh, sw, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, out, r0, r1); break;
-            case 2: im2col_rows<2>(x, C, H, W, sn, sc, sh, sw, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, out, r0, r1); break;
-            case 3: im2col_rows<3>(x, C, H, W, sn, sc, sh, sw, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, out, r0, r1); break;
-            default: im2col_rows<0>(x, C, H, W, sn, sc, sh, sw, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, out, r0, r1);
+            case 1: im2col_rows<1>(x, C, H, W, sn, sc, sh, sw, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, out, r0, a, b); break;
+            case 2: im2col_rows<2>(x, C, H, W, sn, sc, sh, sw, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, out, r0, a, b); break;
+            case 3: im2col_rows<3>(x, C, H, W, sn, sc, sh, sw, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, out, r0, a, b); break;
+            default: im2col_rows<0>(x, C, H, W, sn, sc, sh, sw, KH, KW, SH, SW, PT, PL, DH, DW, OH, OW, out, r0, a, b);
         }
     };
+    const i64 rows = r1 - r0;
     if (threads == 1 || rows * C * KH * KW < (1 << 16)) {
-        run(0, rows);
+        run(r0, r1);
         return;
     }
 #pragma omp parallel num_threads(nthreads(threads))
     {
         i64 lo, hi;
         my_rows(rows, 1, &lo, &hi);
-        run(lo, hi);
+        run(r0 + lo, r0 + hi);
     }
+}
+
+LB_API void lb_im2col(const float* x, const i64* g, float* out, int threads) {
+    im2col_range(x, g, out, 0, g[0] * g[16] * g[17], threads);
 }
 
 // Pack bool rows (bytes 0/1, shape (R, K)) into plain-layout uint64 words (R, W), W = ceil(K/256)*4.
@@ -1378,25 +1384,29 @@ LB_API int lb_linear(const lb_layer* L, const float* x, i64 M, float* y, int thr
     return rc;
 }
 
-// A convolution whose activations are quantized per patch, as one call: its patches (lb_im2col, geometry g), the
-// layer (lb_linear) on them, and the (N, OH*OW, O) result written as the (N, O, OH, OW) map y. L->K must equal
-// C*KH*KW. Returns lb_linear's code (-2: out of memory).
+// A convolution whose activations are quantized per patch, as one call: its patches (geometry g), the layer
+// (lb_linear) on them, and the (N, OH*OW, O) result written as the (N, O, OH, OW) map y. L->K must equal
+// C*KH*KW. Whole images are processed in chunks of about CONV_CHUNK_BYTES of patches, so the scratch memory stays
+// bounded however large the batch (one image's patches at least). Returns lb_linear's code (-2: out of memory).
+static const i64 CONV_CHUNK_BYTES = 8 << 20;
 LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, int threads, const float* bias) {
-    const i64 N = g[0], L_ = g[16] * g[17], K = L->K, O = L->N, rows = N * L_;
+    const i64 N = g[0], L_ = g[16] * g[17], K = L->K, O = L->N;
     if (g[1] * g[8] * g[9] != K) return -1;
-    float* patches = (float*)malloc(sizeof(float) * rows * K + 64);
-    float* rowmajor = (float*)malloc(sizeof(float) * rows * O + 64);
+    const i64 per_image = L_ * std::max(K, O) * (i64)sizeof(float);
+    const i64 images = std::max<i64>(1, std::min<i64>(N, CONV_CHUNK_BYTES / std::max<i64>(per_image, 1)));
+    float* patches = (float*)malloc(sizeof(float) * images * L_ * K + 64);
+    float* rowmajor = (float*)malloc(sizeof(float) * images * L_ * O + 64);
     int rc = (patches && rowmajor) ? 0 : -2;
-    if (rc == 0) {
-        lb_im2col(x, g, patches, threads);
-        rc = lb_linear(L, patches, rows, rowmajor, threads, bias);
-    }
-    if (rc == 0) {
+    for (i64 n0 = 0; rc == 0 && n0 < N; n0 += images) {
+        const i64 nb = std::min(images, N - n0);
+        im2col_range(x, g, patches, n0 * L_, (n0 + nb) * L_, threads);
+        rc = lb_linear(L, patches, nb * L_, rowmajor, threads, bias);
+        if (rc) break;
         // (n, l, o) -> (n, o, l), in 8 x 8 blocks so both sides are read / written a cache line at a time
-#pragma omp parallel for num_threads(nthreads(threads)) schedule(static) if (threads != 1 && rows * O >= (1 << 16))
-        for (i64 n = 0; n < N; ++n) {
+#pragma omp parallel for num_threads(nthreads(threads)) schedule(static) if (threads != 1 && nb * L_ * O >= (1 << 16))
+        for (i64 n = 0; n < nb; ++n) {
             const float* src = rowmajor + n * L_ * O;
-            float* dst = y + n * O * L_;
+            float* dst = y + (n0 + n) * O * L_;
             for (i64 l0 = 0; l0 < L_; l0 += 8)
                 for (i64 o0 = 0; o0 < O; o0 += 8) {
                     const i64 l1 = std::min(L_, l0 + 8), o1 = std::min(O, o0 + 8);
