@@ -176,6 +176,23 @@ def test_grouped_or_weight_only_convs_have_no_kernel_route() -> None:
 
 
 @needs_native
+@pytest.mark.parametrize(("weights", "acts", "kernel"), [c for c in CASES if c[1] is not None])
+def test_a_nan_input_row_gives_a_nan_output_row_as_in_the_simulated_layer(weights: str, acts: str, kernel) -> None:
+    """int8 codes would hide a NaN (its code is 0): the kernels give NaN rows where the input row held one, as the
+    simulated layer (whose fake-quantized input keeps the NaN) does; binary activations read NaN as −1 with the
+    guarded scale in both; the other rows are untouched."""
+    q, p = packed_layer(weights, acts)
+    x = torch.randn(4, 384)
+    x[2, 7] = float("nan")
+    with torch.no_grad(), use_mode("native"):
+        got = p(x)
+    want = q(x).detach()
+    assert got.isnan().any(-1).tolist() == want.isnan().all(-1).tolist() == [False, False, acts == "int8_token", False]
+    keep = ~want.isnan().any(-1)
+    assert float((got[keep] - want[keep]).abs().max()) <= 2e-5 * float(want[keep].abs().max())
+
+
+@needs_native
 @pytest.mark.parametrize(("weights", "acts"), [("int8", "int8_token"), ("ternary_absmean", "int8_token")])
 @pytest.mark.parametrize("k", [4096, 64])  # 64: short rows (8-row tiles; ternary on the int8 layout)
 def test_integer_accumulation_is_exact(weights: str, acts: str, k: int) -> None:
@@ -495,3 +512,13 @@ def test_race_alternates_and_gives_fast_calls_more_rounds() -> None:
     calls.clear()
     dispatch.race(fast)
     assert len(calls) == 1 + dispatch.MAX_ROUNDS
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_an_empty_batch_gives_an_empty_output(conv: bool) -> None:
+    """Zero rows (an empty batch) pass through quantized activations, the packed paths and the patch cutter."""
+    q, p = packed_conv("int8", "int8_token") if conv else packed_layer("int8", "int8_token")
+    x = torch.randn(0, 32, 9, 10) if conv else torch.randn(0, 384)
+    with torch.no_grad():
+        want = q(x)
+        assert want.shape[0] == 0 and torch.equal(p(x), want)

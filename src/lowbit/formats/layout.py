@@ -43,7 +43,7 @@ def to_units(x: torch.Tensor, granularity: str, group_size: int | None = None) -
 def from_units(u: torch.Tensor, shape: torch.Size | tuple[int, int]) -> torch.Tensor:
     """Invert `to_units`: back to the original 2-D ``shape`` (padding removed)."""
     rows, cols = int(shape[0]), int(shape[1])
-    if u.shape[0] == 1 and u.shape[1] == 1 and rows != 1:
+    if (u.shape[0] == 1 and u.shape[1] == 1 and rows != 1) or u.numel() == 0:  # per tensor, or no rows at all
         return u.reshape(rows, cols)
     return u.reshape(rows, -1)[:, :cols]
 

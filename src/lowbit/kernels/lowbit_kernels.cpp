@@ -955,7 +955,8 @@ LB_API void lb_pack_signs(const uint8_t* b, i64 R, i64 K, uint64_t* out) {
 // (integer.fit + scales.runtime_scale + integer.encode): s = max|x| / qmax in fp32; NaN -> min_scale,
 // +inf -> max_scale, then s = max(s, min_scale); q = clamp(rint(x / s), -qmax - 1, qmax) (rint: ties to even,
 // as torch.round). A row containing NaN gets s = min_scale and its NaN entries code 0.
-static inline float row_scale_i8(const float* xr, i64 K, float qmax, float min_scale, float max_scale) {
+static inline float row_scale_i8(const float* xr, i64 K, float qmax, float min_scale, float max_scale,
+                                 bool* has_nan = nullptr) {
     float amax = 0.0f;
     bool nan = false;
     i64 k = 0;
@@ -979,6 +980,7 @@ static inline float row_scale_i8(const float* xr, i64 K, float qmax, float min_s
         nan |= a != a;
         amax = a > amax ? a : amax;
     }
+    if (has_nan) *has_nan = nan;
     float s = amax / qmax;
     if (nan) s = min_scale;
     else if (s == INFINITY) s = max_scale;
@@ -997,11 +999,14 @@ static inline __m256 code_i8x8(__m256 x, __m256 s, __m256 lo, __m256 hi) {
 }
 #endif
 
-LB_API void lb_quantize_rows_i8(const float* x, i64 M, i64 K, float qmax, float min_scale, float max_scale,
-                                int8_t* xq, float* sx) {
+// nan_rows (optional): 1 for each row holding a NaN (its codes are 0 there), else 0.
+static void quantize_rows_i8(const float* x, i64 M, i64 K, float qmax, float min_scale, float max_scale, int8_t* xq,
+                             float* sx, uint8_t* nan_rows) {
     for (i64 m = 0; m < M; ++m) {
         const float* xr = x + m * K;
-        const float s = sx[m] = row_scale_i8(xr, K, qmax, min_scale, max_scale);
+        bool nan = false;
+        const float s = sx[m] = row_scale_i8(xr, K, qmax, min_scale, max_scale, &nan);
+        if (nan_rows) nan_rows[m] = nan;
         int8_t* q = xq + m * K;
         i64 k = 0;
 #ifdef __AVX2__
@@ -1019,6 +1024,11 @@ LB_API void lb_quantize_rows_i8(const float* x, i64 M, i64 K, float qmax, float 
             q[k] = v == v ? (int8_t)v : 0;
         }
     }
+}
+
+LB_API void lb_quantize_rows_i8(const float* x, i64 M, i64 K, float qmax, float min_scale, float max_scale,
+                                int8_t* xq, float* sx) {
+    quantize_rows_i8(x, M, K, qmax, min_scale, max_scale, xq, sx, nullptr);
 }
 
 // The same quantizer, dequantized in place of the codes (out = code * s in fp32, NaN kept): what the simulated
@@ -1325,11 +1335,15 @@ LB_API int lb_linear(const lb_layer* L, const float* x, i64 M, float* y, int thr
     int8_t* xq = nullptr;
     float* sx = nullptr;
     uint64_t* xb = nullptr;
+    // int8 activations: rows holding a NaN give NaN outputs, as the simulated layer's (whose fake-quantized input
+    // keeps the NaN; its code here is 0). Sign activations need nothing: the simulated sign reads NaN as -1 and
+    // its run-time scale guard turns a NaN mean into the smallest scale, as lb_sign_rows does.
+    uint8_t* nan_rows = L->akind == LB_ACT_I8 ? (uint8_t*)malloc(M + 64) : nullptr;
     if (L->akind == LB_ACT_I8) {
         xq = (int8_t*)malloc(M * K + 64);
         sx = (float*)malloc(sizeof(float) * M + 64);
-        if (!xq || !sx) rc = -2;
-        else lb_quantize_rows_i8(x, M, K, L->qmax, L->min_scale, L->max_scale, xq, sx);
+        if (!xq || !sx || !nan_rows) rc = -2;
+        else quantize_rows_i8(x, M, K, L->qmax, L->min_scale, L->max_scale, xq, sx, nan_rows);
     } else if (L->akind == LB_ACT_SIGN) {
         xb = (uint64_t*)malloc(sizeof(uint64_t) * M * ((K + 255) / 256 * 4) + 64);
         sx = (float*)malloc(sizeof(float) * M + 64);
@@ -1378,6 +1392,11 @@ LB_API int lb_linear(const lb_layer* L, const float* x, i64 M, float* y, int thr
 #pragma omp parallel for num_threads(nthreads(threads)) schedule(static) if (M * N >= 262144)
         for (i64 m = 0; m < M; ++m)
             for (i64 n = 0; n < N; ++n) y[m * N + n] += bias[n];
+    if (rc == 0 && nan_rows)
+        for (i64 m = 0; m < M; ++m)
+            if (nan_rows[m])
+                for (i64 n = 0; n < N; ++n) y[m * N + n] = NAN;
+    free(nan_rows);
     free(xq);
     free(sx);
     free(xb);
