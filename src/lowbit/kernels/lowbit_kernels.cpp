@@ -1329,33 +1329,59 @@ static void sz_correct(const lb_layer* L, const float* x, const int8_t* xq, cons
 }
 
 // Returns 0, or -1 for a layer description no kernel handles, -2 when scratch memory could not be allocated.
-LB_API int lb_linear(const lb_layer* L, const float* x, i64 M, float* y, int threads, const float* bias) {
-    const i64 K = L->K, N = L->N;
-    int rc = 0;
+// A layer's quantized activations: int8 codes + row scales (+ the rows that held a NaN), or packed signs + scales.
+struct ActRows {
     int8_t* xq = nullptr;
     float* sx = nullptr;
     uint64_t* xb = nullptr;
     // int8 activations: rows holding a NaN give NaN outputs, as the simulated layer's (whose fake-quantized input
     // keeps the NaN; its code here is 0). Sign activations need nothing: the simulated sign reads NaN as -1 and
     // its run-time scale guard turns a NaN mean into the smallest scale, as lb_sign_rows does.
-    uint8_t* nan_rows = L->akind == LB_ACT_I8 ? (uint8_t*)malloc(M + 64) : nullptr;
-    if (L->akind == LB_ACT_I8) {
-        xq = (int8_t*)malloc(M * K + 64);
-        sx = (float*)malloc(sizeof(float) * M + 64);
-        if (!xq || !sx || !nan_rows) rc = -2;
-        else quantize_rows_i8(x, M, K, L->qmax, L->min_scale, L->max_scale, xq, sx, nan_rows);
-    } else if (L->akind == LB_ACT_SIGN) {
-        xb = (uint64_t*)malloc(sizeof(uint64_t) * M * ((K + 255) / 256 * 4) + 64);
-        sx = (float*)malloc(sizeof(float) * M + 64);
-        if (!xb || !sx) rc = -2;
-        else {
-            lb_sign_rows(x, M, K, xb, L->sign_scale ? sx : nullptr, L->min_scale, L->max_scale);
-            if (!L->sign_scale)
-                for (i64 m = 0; m < M; ++m) sx[m] = 1.0f;
-        }
-    } else if (L->akind != LB_ACT_F32) {
-        rc = -1;
+    uint8_t* nan_rows = nullptr;
+    ~ActRows() {
+        free(xq);
+        free(sx);
+        free(xb);
+        free(nan_rows);
     }
+    // Buffers for M rows of K values in L's activation mode; false when out of memory.
+    bool alloc(const lb_layer* L, i64 M, i64 K) {
+        if (L->akind == LB_ACT_I8) {
+            xq = (int8_t*)malloc(M * K + 64);
+            sx = (float*)malloc(sizeof(float) * M + 64);
+            nan_rows = (uint8_t*)malloc(M + 64);
+            return xq && sx && nan_rows;
+        }
+        if (L->akind == LB_ACT_SIGN) {
+            xb = (uint64_t*)malloc(sizeof(uint64_t) * M * ((K + 255) / 256 * 4) + 64);
+            sx = (float*)malloc(sizeof(float) * M + 64);
+            return xb && sx;
+        }
+        return true;
+    }
+    // Quantize rows [0, M) of x into rows [r, r + M) of the buffers.
+    void fill(const lb_layer* L, const float* x, i64 M, i64 K, i64 r) {
+        if (L->akind == LB_ACT_I8) {
+            quantize_rows_i8(x, M, K, L->qmax, L->min_scale, L->max_scale, xq + r * K, sx + r, nan_rows + r);
+        } else if (L->akind == LB_ACT_SIGN) {
+            lb_sign_rows(x, M, K, xb + r * ((K + 255) / 256 * 4), L->sign_scale ? sx + r : nullptr, L->min_scale,
+                         L->max_scale);
+            if (!L->sign_scale)
+                for (i64 m = 0; m < M; ++m) sx[r + m] = 1.0f;
+        }
+    }
+};
+
+// The kernel of layer L on M rows: fp32 x for float activations, the quantized rows in a otherwise (x may then be
+// null); then the bias, and NaN rows.
+static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 M, float* y, int threads,
+                       const float* bias) {
+    const i64 K = L->K, N = L->N;
+    const int8_t* xq = a.xq;
+    const float* sx = a.sx;
+    const uint64_t* xb = a.xb;
+    const uint8_t* nan_rows = a.nan_rows;
+    int rc = (L->akind == LB_ACT_I8 || L->akind == LB_ACT_SIGN || L->akind == LB_ACT_F32) ? 0 : -1;
     if (rc == 0) {
         const bool i8 = L->akind == LB_ACT_I8, f32 = L->akind == LB_ACT_F32;
         switch (L->wkind) {
@@ -1396,30 +1422,58 @@ LB_API int lb_linear(const lb_layer* L, const float* x, i64 M, float* y, int thr
         for (i64 m = 0; m < M; ++m)
             if (nan_rows[m])
                 for (i64 n = 0; n < N; ++n) y[m * N + n] = NAN;
-    free(nan_rows);
-    free(xq);
-    free(sx);
-    free(xb);
     return rc;
 }
 
+LB_API int lb_linear(const lb_layer* L, const float* x, i64 M, float* y, int threads, const float* bias) {
+    ActRows a;
+    if (!a.alloc(L, M, L->K)) return -2;
+    a.fill(L, x, M, L->K, 0);
+    return linear_core(L, x, a, M, y, threads, bias);
+}
+
 // A convolution whose activations are quantized per patch, as one call: its patches (geometry g), the layer
-// (lb_linear) on them, and the (N, OH*OW, O) result written as the (N, O, OH, OW) map y. L->K must equal
-// C*KH*KW. Whole images are processed in chunks of about CONV_CHUNK_BYTES of patches, so the scratch memory stays
-// bounded however large the batch (one image's patches at least). Returns lb_linear's code (-2: out of memory).
+// (linear_core) on them, and the (N, OH*OW, O) result written as the (N, O, OH, OW) map y. L->K must equal
+// C*KH*KW. With quantized activations each patch is cut into a small buffer and quantized at once, so only its
+// codes (int8, or 1-bit signs) are stored, not the fp32 patches (4x / 32x less memory traffic); the codes and scales
+// are those lb_linear computes from the fp32 patches. Whole images are processed in chunks of about
+// CONV_CHUNK_BYTES of patches, so the scratch memory stays bounded however large the batch (one image at least).
+// Returns linear_core's code (-2: out of memory).
 static const i64 CONV_CHUNK_BYTES = 8 << 20;
 LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, int threads, const float* bias) {
     const i64 N = g[0], L_ = g[16] * g[17], K = L->K, O = L->N;
     if (g[1] * g[8] * g[9] != K) return -1;
+    const bool f32 = L->akind == LB_ACT_F32;
     const i64 per_image = L_ * std::max(K, O) * (i64)sizeof(float);
     const i64 images = std::max<i64>(1, std::min<i64>(N, CONV_CHUNK_BYTES / std::max<i64>(per_image, 1)));
-    float* patches = (float*)malloc(sizeof(float) * images * L_ * K + 64);
+    float* patches = f32 ? (float*)malloc(sizeof(float) * images * L_ * K + 64) : nullptr;
     float* rowmajor = (float*)malloc(sizeof(float) * images * L_ * O + 64);
-    int rc = (patches && rowmajor) ? 0 : -2;
+    ActRows a;
+    int rc = ((patches || !f32) && rowmajor && a.alloc(L, images * L_, K)) ? 0 : -2;
     for (i64 n0 = 0; rc == 0 && n0 < N; n0 += images) {
-        const i64 nb = std::min(images, N - n0);
-        im2col_range(x, g, patches, n0 * L_, (n0 + nb) * L_, threads);
-        rc = lb_linear(L, patches, nb * L_, rowmajor, threads, bias);
+        const i64 nb = std::min(images, N - n0), r0 = n0 * L_, rows = nb * L_;
+        if (f32) {
+            im2col_range(x, g, patches, r0, r0 + rows, threads);
+        } else {
+            int failed = 0;
+#pragma omp parallel num_threads(nthreads(threads)) if (threads != 1 && rows * K >= (1 << 16))
+            {
+                float* row = (float*)malloc(sizeof(float) * K + 64);  // one patch, in L1
+                if (!row) failed = 1;
+                i64 lo, hi;
+                my_rows(rows, 1, &lo, &hi);
+                for (i64 r = lo; row && r < hi; ++r) {
+                    im2col_range(x, g, row, r0 + r, r0 + r + 1, 1);
+                    a.fill(L, row, 1, K, r);
+                }
+                free(row);
+            }
+            if (failed) {
+                rc = -2;
+                break;
+            }
+        }
+        rc = linear_core(L, patches, a, rows, rowmajor, threads, bias);
         if (rc) break;
         // (n, l, o) -> (n, o, l), in 8 x 8 blocks so both sides are read / written a cache line at a time
 #pragma omp parallel for num_threads(nthreads(threads)) schedule(static) if (threads != 1 && nb * L_ * O >= (1 << 16))
