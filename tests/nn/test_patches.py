@@ -13,6 +13,7 @@ from torch import nn
 from lowbit.formats import ACT_FORMATS, FORMATS
 from lowbit.formats.qtensor import quantize
 from lowbit.kernels import native
+from lowbit.kernels.im2col import Im2col
 from lowbit.nn.patches import conv_output_size, conv_padding, conv_patches, patch_linear, patches_to_map
 from lowbit.nn.qlayers import QuantConv2d, QuantLinear
 
@@ -50,7 +51,7 @@ def test_c_patches_equal_pytorch_patches(geometry, channels_last: bool) -> None:
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     pads = conv_padding(size, k, d, p)
-    cut = native.Im2col(x.shape, x.stride(), k, s, pads, d, conv_output_size(size, k, s, pads, d))
+    cut = Im2col(x.shape, x.stride(), k, s, pads, d, conv_output_size(size, k, s, pads, d))
     assert torch.equal(cut(x), conv_patches(x, k, s, p, d)[0])
     assert torch.equal(copy.deepcopy(cut)(x), cut(x))  # a copy rebuilds its own C geometry
     with pytest.raises(ValueError, match="cuts fp32 maps of shape"):

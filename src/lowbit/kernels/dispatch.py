@@ -105,7 +105,7 @@ def _native_ready() -> bool:
 
 
 def native_patches_ready() -> bool:
-    """Whether a packed convolution may cut its input's patches in C (`native.Im2col`, the same values as the
+    """Whether a packed convolution may cut its input's patches in C (`kernels.im2col.Im2col`, the same values as the
     PyTorch path): not in ``reference`` mode, not while compiling or tracing (a graph cannot see a C call), and
     only with the native library loaded."""
     how = _mode_override[-1] if _mode_override else _env_mode or mode()
@@ -204,7 +204,7 @@ class LayerDispatch:
 
     def hot_conv(self, layer: Any, x: torch.Tensor, cut: Any) -> torch.Tensor | None:
         """`hot` for a convolution with per-patch activations whose patch count is decided native: patches, kernel
-        and the move into an ``(N, O, OH, OW)`` map in one C call (`lb_conv`); ``cut``: the `native.Im2col` of
+        and the move into an ``(N, O, OH, OW)`` map in one C call (`lb_conv`); ``cut``: the `kernels.im2col.Im2col` of
         this input's shape and strides. ``None`` where `hot` would say None, or when the patches go dense."""
         if _mode_override or _env_mode != "auto":
             return None
@@ -308,13 +308,18 @@ def packed_linear_op(x: torch.Tensor, layer_key: int, n_out: int) -> torch.Tenso
     """``lowbit::packed_linear``: a packed linear layer inside a compiled graph, i.e. its eager forward (dispatch to
     the native kernel or the dense path) on ``x`` (..., K), giving (..., ``n_out``). ``layer_key`` comes from
     `_op_key` at trace time."""
+    return _traced_layer(layer_key, "packed_linear").forward(x)
+
+
+def _traced_layer(layer_key: int, op: str) -> Any:
+    """The packed layer a compiled graph's ``lowbit::<op>`` call was traced with."""
     layer = _op_layers.get(layer_key)
     if layer is None:
         raise RuntimeError(
-            "lowbit::packed_linear: the packed layer this compiled graph was traced with no longer exists; "
+            f"lowbit::{op}: the packed layer this compiled graph was traced with no longer exists; "
             "compile the model again"
         )
-    return layer.forward(x)
+    return layer
 
 
 # Registered with the low-level `torch.library.Library` rather than `torch.library.custom_op`: a call through the
@@ -332,13 +337,7 @@ def _packed_linear_shape(x: torch.Tensor, layer_key: int, n_out: int) -> torch.T
 def packed_conv_op(x: torch.Tensor, layer_key: int, n_out: int, out_hw: list[int]) -> torch.Tensor:
     """``lowbit::packed_conv``: a packed convolution with per-patch activations inside a compiled graph, i.e. its
     eager forward (patches cut in C, kernel or dense path) on ``x`` (N, C, H, W), giving (N, ``n_out``, *out_hw)."""
-    layer = _op_layers.get(layer_key)
-    if layer is None:
-        raise RuntimeError(
-            "lowbit::packed_conv: the packed layer this compiled graph was traced with no longer exists; "
-            "compile the model again"
-        )
-    return layer.forward(x)
+    return _traced_layer(layer_key, "packed_conv").forward(x)
 
 
 _lib.define("packed_conv(Tensor x, int layer_key, int n_out, SymInt[] out_hw) -> Tensor")

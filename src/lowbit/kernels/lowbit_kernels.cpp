@@ -1432,48 +1432,42 @@ LB_API int lb_linear(const lb_layer* L, const float* x, i64 M, float* y, int thr
     return linear_core(L, x, a, M, y, threads, bias);
 }
 
-// A convolution whose activations are quantized per patch, as one call: its patches (geometry g), the layer
-// (linear_core) on them, and the (N, OH*OW, O) result written as the (N, O, OH, OW) map y. L->K must equal
-// C*KH*KW. With quantized activations each patch is cut into a small buffer and quantized at once, so only its
-// codes (int8, or 1-bit signs) are stored, not the fp32 patches (4x / 32x less memory traffic); the codes and scales
-// are those lb_linear computes from the fp32 patches. Whole images are processed in chunks of about
-// CONV_CHUNK_BYTES of patches, so the scratch memory stays bounded however large the batch (one image at least).
-// Returns linear_core's code (-2: out of memory).
+// A convolution whose activations are quantized per patch (int8 or signs), as one call: each patch (geometry g) is
+// cut into a small buffer and quantized at once, so only its codes are stored, not fp32 patches (4x / 32x less
+// memory traffic) -- the codes and scales lb_linear computes from the fp32 patches; then the kernel (linear_core)
+// and the (N, OH*OW, O) result written as the (N, O, OH, OW) map y. L->K must equal C*KH*KW. Whole images are
+// processed in chunks of about CONV_CHUNK_BYTES of patches, so the scratch memory stays bounded however large the
+// batch (one image at least). Returns linear_core's code (-1: float activations or a shape mismatch; -2: out of
+// memory).
 static const i64 CONV_CHUNK_BYTES = 8 << 20;
 LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, int threads, const float* bias) {
     const i64 N = g[0], L_ = g[16] * g[17], K = L->K, O = L->N;
-    if (g[1] * g[8] * g[9] != K) return -1;
-    const bool f32 = L->akind == LB_ACT_F32;
+    if (g[1] * g[8] * g[9] != K || L->akind == LB_ACT_F32) return -1;
     const i64 per_image = L_ * std::max(K, O) * (i64)sizeof(float);
     const i64 images = std::max<i64>(1, std::min<i64>(N, CONV_CHUNK_BYTES / std::max<i64>(per_image, 1)));
-    float* patches = f32 ? (float*)malloc(sizeof(float) * images * L_ * K + 64) : nullptr;
     float* rowmajor = (float*)malloc(sizeof(float) * images * L_ * O + 64);
     ActRows a;
-    int rc = ((patches || !f32) && rowmajor && a.alloc(L, images * L_, K)) ? 0 : -2;
+    int rc = (rowmajor && a.alloc(L, images * L_, K)) ? 0 : -2;
     for (i64 n0 = 0; rc == 0 && n0 < N; n0 += images) {
         const i64 nb = std::min(images, N - n0), r0 = n0 * L_, rows = nb * L_;
-        if (f32) {
-            im2col_range(x, g, patches, r0, r0 + rows, threads);
-        } else {
-            int failed = 0;
+        int failed = 0;
 #pragma omp parallel num_threads(nthreads(threads)) if (threads != 1 && rows * K >= (1 << 16))
-            {
-                float* row = (float*)malloc(sizeof(float) * K + 64);  // one patch, in L1
-                if (!row) failed = 1;
-                i64 lo, hi;
-                my_rows(rows, 1, &lo, &hi);
-                for (i64 r = lo; row && r < hi; ++r) {
-                    im2col_range(x, g, row, r0 + r, r0 + r + 1, 1);
-                    a.fill(L, row, 1, K, r);
-                }
-                free(row);
+        {
+            float* row = (float*)malloc(sizeof(float) * K + 64);  // one patch, in L1
+            if (!row) failed = 1;
+            i64 lo, hi;
+            my_rows(rows, 1, &lo, &hi);
+            for (i64 r = lo; row && r < hi; ++r) {
+                im2col_range(x, g, row, r0 + r, r0 + r + 1, 1);
+                a.fill(L, row, 1, K, r);
             }
-            if (failed) {
-                rc = -2;
-                break;
-            }
+            free(row);
         }
-        rc = linear_core(L, patches, a, rows, rowmajor, threads, bias);
+        if (failed) {
+            rc = -2;
+            break;
+        }
+        rc = linear_core(L, nullptr, a, rows, rowmajor, threads, bias);
         if (rc) break;
         // (n, l, o) -> (n, o, l), in 8 x 8 blocks so both sides are read / written a cache line at a time
 #pragma omp parallel for num_threads(nthreads(threads)) schedule(static) if (threads != 1 && nb * L_ * O >= (1 << 16))
@@ -1488,7 +1482,6 @@ LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, in
                 }
         }
     }
-    free(patches);
     free(rowmajor);
     return rc;
 }

@@ -125,7 +125,7 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         self._init_packed(zero_format)
         self._dispatch: Any = False
         self._conv_weight: tuple[Any, Any] = (None, None)  # 4-D view of the cached dequantized weight, that weight
-        self._im2col: dict[tuple, Any] = {}  # (input shape, strides) → its C patch cutter (`native.Im2col`)
+        self._im2col: dict[tuple, Any] = {}  # (input shape, strides) → its C patch cutter (`kernels.im2col.Im2col`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.patch_tokens:
@@ -179,7 +179,7 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         key = (x.shape, x.stride())
         cut = self._im2col.get(key)
         if cut is None:
-            from lowbit.kernels.native import Im2col
+            from lowbit.kernels.im2col import Im2col
 
             if len(self._im2col) >= 64:  # inputs of many sizes: keep the cache small
                 self._im2col.clear()
