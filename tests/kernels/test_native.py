@@ -346,6 +346,9 @@ def test_scalar_path_matches(tmp_path):
         "    t.test_w1a1(300, 9, M, 2, False); t.test_w1a8(300, 9, M, 1); t.test_w1a32(300, 9, M, 2)\n"
         "    for b in (2, 3, 4):\n"
         "        t.test_wna8(b, 32, 96, 9, M, 2); t.test_wna32(b, 128, 768, 6, M, 1)\n"
+        "from tests.kernels import test_panels as tp\n"
+        "for nonneg in (False, True):\n"
+        "    tp.test_panel_kernel_is_exact_and_equals_the_row_kernel(100, 33, 7, 2, nonneg)\n"
         "from tests.kernels import test_dispatch as d\n"  # whole layers through lb_linear
         "for w, a, k in d.CASES[:13]:\n"
         "    d.test_native_output_matches_simulated(w, a, k, 3)\n"

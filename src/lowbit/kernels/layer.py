@@ -34,6 +34,7 @@ from lowbit.kernels.native import (
     _need,
     _ptr,
 )
+from lowbit.kernels.panels import PreparedPanels
 
 
 class NativeLinear:
@@ -62,11 +63,13 @@ def describe(
     max_scale: float = 65504.0,
     sign_scale: bool = True,
     sz: torch.Tensor | None = None,
+    panels: PreparedPanels | None = None,
 ) -> NativeLinear:
     """Bind prepared weights ``p`` and an activation mode (``"f32"``, ``"int8"``: symmetric per row with ``qmax``
     and the scale guards, ``"sign"``: signs with mean |x| scales when ``sign_scale``) into one `NativeLinear`.
     ``sz`` (N, K/group) fp32 = scale·zero for group-wise weights with real-valued zero points (the blob must
-    then hold zero points 0)."""
+    then hold zero points 0). ``panels``: the same int8 (or ternary) codes in the many-row layout of
+    `kernels.panels`, run from 4 input rows on (int8 activations only)."""
     d = LayerDesc(akind=AKINDS[act], qmax=qmax, min_scale=min_scale, max_scale=max_scale, sign_scale=int(sign_scale))
     keep: list = [p]
     if isinstance(p, PreparedW8):
@@ -90,6 +93,10 @@ def describe(
         keep += [w, p.a]
     else:
         raise TypeError(f"no native kernel for {type(p).__name__}")
+    if panels is not None and act == "int8":
+        assert (panels.N, panels.K) == (p.N, p.K), "panels of another layer"
+        d.wp, d.sp, d.pld = _ptr(panels.wp), _ptr(panels.sp), panels.Kp
+        keep += [panels.wp, panels.sp]
     d.N, d.K = p.N, p.K
     return NativeLinear(d, tuple(keep))
 

@@ -198,7 +198,7 @@ LB_API int lb_isa(void) {
     return 0;
 #endif
 }
-LB_API int lb_abi_version(void) { return 4; }
+LB_API int lb_abi_version(void) { return 5; }
 
 // ================================================================================================
 // W8A32 — int8 per-channel weights, fp32 activations.
@@ -327,6 +327,131 @@ LB_API void lb_w8a8(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_
     run_rows(M, N, threads, w, Kp, [=](auto mt, i64 m, i64 n) {
         w8a8_tile<decltype(mt)::value>(xp + m * Kp, Kp, w + n * Kp, sx + m, s[n], y + m * N + n, N);
     });
+    free(own);
+}
+
+// ================================================================================================
+// W8A8 on many rows: the same int8 weights in panels of 16 output columns, 4 consecutive k per column:
+//   panel p (columns 16p .. 16p+15, zero past N), k-quad q: byte p*16*Kp + 64q + 4j + t = w[16p + j][4q + t]
+//   sp: the scales padded to whole panels (zero past N).
+// A tile is 4 rows x 16 columns: one broadcast of x[m][4q .. 4q+3] meets 8 columns per vector and each column's
+// int32 sum stays in its lane (no horizontal sums, weights read once per 4 rows). A row block whose codes are all
+// >= 0 (inputs after a ReLU) skips the sign trick: maddubs(x as u8 <= 127, w) pairs are <= 2*127*127 < 2^15.
+// The int32 sums and the final expression (sx[m] * s[n]) * (float)acc are w8a8_tile's, so the outputs are the
+// same bits. Used from PANEL_ROWS rows on: below that the weights are streamed once per call anyway and the
+// row layout's tiles (prefetch tuned for memory-bound calls) serve.
+// ================================================================================================
+static constexpr i64 PANEL_ROWS = 4;
+
+#ifdef __AVX2__
+template <int MR, bool NONNEG>
+static inline void w8a8_panel_tile(const int8_t* x, i64 Kp, const int8_t* wp, const float* sx, const float* sp,
+                                   float* y, i64 N, i64 ncols) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[MR][2];
+    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    for (i64 k = 0; k < Kp; k += 4) {
+        const __m256i w0 = ld(wp + 16 * k), w1 = ld(wp + 16 * k + 32);
+        if (NONNEG) {
+            for (int m = 0; m < MR; ++m) {
+                int32_t xv;
+                memcpy(&xv, x + m * Kp + k, 4);
+                const __m256i xb = _mm256_set1_epi32(xv);
+                acc[m][0] = keep(_mm256_add_epi32(acc[m][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w0), ones)));
+                acc[m][1] = keep(_mm256_add_epi32(acc[m][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w1), ones)));
+            }
+        } else {
+            const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
+            for (int m = 0; m < MR; ++m) {
+                int32_t xv;
+                memcpy(&xv, x + m * Kp + k, 4);
+                const __m256i xb = _mm256_set1_epi32(xv);
+                const __m256i p0 = _mm256_maddubs_epi16(a0, _mm256_sign_epi8(xb, w0));
+                const __m256i p1 = _mm256_maddubs_epi16(a1, _mm256_sign_epi8(xb, w1));
+                acc[m][0] = keep(_mm256_add_epi32(acc[m][0], _mm256_madd_epi16(p0, ones)));
+                acc[m][1] = keep(_mm256_add_epi32(acc[m][1], _mm256_madd_epi16(p1, ones)));
+            }
+        }
+    }
+    const __m256 s0 = _mm256_loadu_ps(sp), s1 = _mm256_loadu_ps(sp + 8);
+    for (int m = 0; m < MR; ++m) {
+        const __m256 r = _mm256_set1_ps(sx[m]);
+        const __m256 y0 = _mm256_mul_ps(_mm256_mul_ps(r, s0), _mm256_cvtepi32_ps(acc[m][0]));
+        const __m256 y1 = _mm256_mul_ps(_mm256_mul_ps(r, s1), _mm256_cvtepi32_ps(acc[m][1]));
+        if (ncols == 16) {
+            _mm256_storeu_ps(y + m * N, y0);
+            _mm256_storeu_ps(y + m * N + 8, y1);
+        } else {
+            alignas(32) float t[16];
+            _mm256_store_ps(t, y0);
+            _mm256_store_ps(t + 8, y1);
+            memcpy(y + m * N, t, sizeof(float) * ncols);
+        }
+    }
+}
+
+// Whether rows [0, rows) of x (row stride Kp) hold no negative code.
+static inline bool rows_nonneg(const int8_t* x, i64 rows, i64 Kp) {
+    __m256i any = _mm256_setzero_si256();
+    for (i64 m = 0; m < rows; ++m)
+        for (i64 k = 0; k < Kp; k += 32) any = _mm256_or_si256(any, ld(x + m * Kp + k));
+    return _mm256_movemask_epi8(any) == 0;
+}
+
+template <int MR>
+static inline void w8a8_panel_rows(const int8_t* x, i64 Kp, const int8_t* wp, const float* sx, const float* sp,
+                                   float* y, i64 N, i64 p0, i64 p1, bool nonneg) {
+    for (i64 p = p0; p < p1; ++p) {
+        const i64 ncols = std::min<i64>(16, N - 16 * p);
+        if (nonneg)
+            w8a8_panel_tile<MR, true>(x, Kp, wp + p * 16 * Kp, sx, sp + 16 * p, y + 16 * p, N, ncols);
+        else
+            w8a8_panel_tile<MR, false>(x, Kp, wp + p * 16 * Kp, sx, sp + 16 * p, y + 16 * p, N, ncols);
+    }
+}
+#endif
+
+LB_API void lb_w8a8_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_t* wp, const float* sp,
+                          i64 N, i64 Kp, float* y, int threads) {
+    int8_t* own;
+    const int8_t* xp = pad_rows(xq, M, K, Kp, &own);
+    const i64 P = (N + 15) / 16;
+#ifdef __AVX2__
+    // Panels in chunks that stay in L2 while every row block of this thread passes over them.
+    const i64 chunk = std::max<i64>(1, (192 * 1024) / (16 * Kp));
+    const i64 blocks = (M + 3) / 4;
+#pragma omp parallel num_threads(nthreads(threads)) if (threads != 1 && M * N * Kp >= (1 << 18))
+    {
+        // Rows split between threads when there are enough, else the panels.
+        const i64 nth = omp_get_num_threads();
+        i64 b0 = 0, b1 = blocks, q0 = 0, q1 = P;
+        if (blocks >= 2 * nth) my_rows(blocks, 1, &b0, &b1);
+        else my_rows(P, 1, &q0, &q1);
+        for (i64 c0 = q0; c0 < q1; c0 += chunk) {
+            const i64 c1 = std::min(q1, c0 + chunk);
+            for (i64 b = b0; b < b1; ++b) {
+                const i64 m = 4 * b, mr = std::min<i64>(4, M - m);
+                const int8_t* xm = xp + m * Kp;
+                const bool nonneg = rows_nonneg(xm, mr, Kp);
+                switch (mr) {
+                    case 4: w8a8_panel_rows<4>(xm, Kp, wp, sx + m, sp, y + m * N, N, c0, c1, nonneg); break;
+                    case 3: w8a8_panel_rows<3>(xm, Kp, wp, sx + m, sp, y + m * N, N, c0, c1, nonneg); break;
+                    case 2: w8a8_panel_rows<2>(xm, Kp, wp, sx + m, sp, y + m * N, N, c0, c1, nonneg); break;
+                    default: w8a8_panel_rows<1>(xm, Kp, wp, sx + m, sp, y + m * N, N, c0, c1, nonneg); break;
+                }
+            }
+        }
+    }
+#else
+    for (i64 m = 0; m < M; ++m)
+        for (i64 n = 0; n < N; ++n) {
+            const int8_t* wc = wp + (n / 16) * 16 * Kp + 4 * (n % 16);
+            int32_t t = 0;
+            for (i64 k = 0; k < Kp; ++k) t += (int32_t)xp[m * Kp + k] * (int32_t)wc[16 * (k & ~3) + (k & 3)];
+            y[m * N + n] = (sx[m] * sp[n]) * (float)t;
+        }
+    (void)P;
+#endif
     free(own);
 }
 
@@ -1296,6 +1421,9 @@ struct lb_layer {
     int32_t bits, group;      // WN
     float qmax, min_scale, max_scale;  // activation quantizer (I8: qmax; SIGN: min_scale > 0 -> mean |x| scale)
     int32_t sign_scale;       // SIGN: 1 -> per-row mean |x| scale, 0 -> scale 1
+    const int8_t* wp;         // I8 activations on W8 / TERNARY: the int8 codes as 16-column panels, or NULL
+    const float* sp;          //   (lb_w8a8_panel, from PANEL_ROWS rows on), their scales padded to 16 columns
+    i64 pld;                  //   and the panels' K (a multiple of 32)
 };
 
 LB_API int lb_layer_size(void) { return (int)sizeof(lb_layer); }
@@ -1386,7 +1514,8 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
         const bool i8 = L->akind == LB_ACT_I8, f32 = L->akind == LB_ACT_F32;
         switch (L->wkind) {
             case LB_W8:
-                if (i8) lb_w8a8(xq, sx, M, K, (const int8_t*)L->w, L->s, N, L->ld, y, threads);
+                if (i8 && L->wp && M >= PANEL_ROWS) lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, N, L->pld, y, threads);
+                else if (i8) lb_w8a8(xq, sx, M, K, (const int8_t*)L->w, L->s, N, L->ld, y, threads);
                 else if (f32) lb_w8a32(x, M, K, (const int8_t*)L->w, L->s, N, L->ld, y, threads);
                 else rc = -1;
                 break;
@@ -1397,7 +1526,8 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
                 if (rc == 0 && L->sz) sz_correct(L, x, xq, sx, M, y, threads);
                 break;
             case LB_TERNARY:
-                if (i8) lb_ternary(xq, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
+                if (i8 && L->wp && M >= PANEL_ROWS) lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, N, L->pld, y, threads);
+                else if (i8) lb_ternary(xq, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
                 else rc = -1;
                 break;
             case LB_BIN_BLOCKED:

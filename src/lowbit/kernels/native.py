@@ -48,7 +48,7 @@ _CXX = os.environ.get("CXX", "g++")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _FLAGS_PORTABLE = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]  # retry when -march=native is refused
 
-ABI_VERSION = 4  # lb_abi_version() of the source this module binds
+ABI_VERSION = 5  # lb_abi_version() of the source this module binds
 
 
 class LayerDesc(ctypes.Structure):
@@ -69,6 +69,9 @@ class LayerDesc(ctypes.Structure):
         ("min_scale", ctypes.c_float),
         ("max_scale", ctypes.c_float),
         ("sign_scale", ctypes.c_int32),
+        ("wp", ctypes.c_void_p),
+        ("sp", ctypes.c_void_p),
+        ("pld", ctypes.c_int64),
     ]
 
 
@@ -124,6 +127,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         "lb_abi_version": ([], I),
         "lb_w8a32": ([P, I64, I64, P, P, I64, I64, P, I], None),
         "lb_w8a8": ([P, P, I64, I64, P, P, I64, I64, P, I], None),
+        "lb_w8a8_panel": ([P, P, I64, I64, P, P, I64, I64, P, I], None),
         "lb_wna8": ([P, P, I64, I64, P, I64, I64, I, I, P, I], I),
         "lb_wna32": ([P, I64, I64, P, I64, I64, I, I, P, I], I),
         "lb_ternary": ([P, P, I64, I64, P, P, I64, P, I], None),

@@ -51,6 +51,13 @@ GROUPS = (32, 64, 128)
 SHORT_ROWS = 96
 
 
+#: Ternary layers with rows up to this long (K) also get int8 panels for calls of 4+ rows (`kernels.panels`): there the
+#: panels' lane-wise sums beat the 2-bit kernel's per-output reductions; on longer rows the 2-bit kernel, which
+#: streams a quarter of the bytes, stays ahead (measured on Zen 1: panels 1.1-2.0x at K <= 576, 0.8-0.9x at
+#: K = 1152-2304 and 0.3-0.6x at 4096, signed inputs).
+TERNARY_PANEL_K = 768
+
+
 @dataclass(frozen=True)
 class Route:
     """One packed layer's native kernel: ``prepare(layer)`` builds its `layer.NativeLinear` once."""
@@ -115,7 +122,7 @@ def _prepare_groups(lay: Any, bits: int, group: int) -> tuple[Any, torch.Tensor 
 def route_for(layer: nn.Module) -> Route | None:
     """The native route of a packed linear layer, or None when its format has no fast kernel."""
     from lowbit.kernels import layer as native_layer
-    from lowbit.kernels import native
+    from lowbit.kernels import native, panels
     from lowbit.nn.packed import PackedConv2d, PackedLinear
 
     conv_as_linear = isinstance(layer, PackedConv2d) and layer.groups == 1 and layer.patch_tokens
@@ -131,13 +138,17 @@ def route_for(layer: nn.Module) -> Route | None:
     mode, kw = _act_mode(act)
     suffix = {"f32": "a32", "int8": "a8", "sign": "a1"}[mode]
 
+    def with_panels(codes: torch.Tensor, scale: torch.Tensor) -> dict[str, Any]:
+        """The many-row layout of int8 codes (`kernels.panels`) for a layer with int8 activations."""
+        return {"panels": panels.prepare_panels(codes, scale)} if mode == "int8" else {}
+
     if w.kind == "int" and w.bits == 8 and w.symmetric and w.granularity == "channel" and mode != "sign":
-        return Route(
-            f"w8{suffix}",
-            lambda lay: native_layer.describe(
-                native.prepare_w8(lay.codes.to(torch.int8), lay.scale.reshape(n).float()), mode, **kw
-            ),
-        )
+
+        def prep_w8(lay: Any) -> Any:
+            codes, scale = lay.codes.to(torch.int8), lay.scale.reshape(n).float()
+            return native_layer.describe(native.prepare_w8(codes, scale), mode, **with_panels(codes, scale), **kw)
+
+        return Route(f"w8{suffix}", prep_w8)
 
     group = _kernel_group(w, k)
     if w.kind == "int" and w.bits in (2, 3, 4) and not w.symmetric and group is not None and mode != "sign":
@@ -150,19 +161,18 @@ def route_for(layer: nn.Module) -> Route | None:
         return Route(f"w{bits}{suffix}", prep_wn)
 
     if w.kind == "ternary" and mode == "int8":
-        if k <= SHORT_ROWS:  # the int8 layout's 8-row tiles: same int32 sums, same final product, so the same bits
-            return Route(
-                "ternary",
-                lambda lay: native_layer.describe(
-                    native.prepare_w8(lay.codes.to(torch.int8), lay.scale.reshape(-1).float().expand(n)), mode, **kw
-                ),
-            )
-        return Route(
-            "ternary",
-            lambda lay: native_layer.describe(
-                native.prepare_ternary(lay.codes.to(torch.int8), lay.scale.reshape(-1).float()), mode, **kw
-            ),
-        )
+
+        def prep_ternary(lay: Any) -> Any:
+            codes, scale = lay.codes.to(torch.int8), lay.scale.reshape(-1).float()
+            # Short rows: the int8 layout's 8-row tiles (same int32 sums, same final product, so the same bits).
+            if k <= SHORT_ROWS:
+                prepared = native.prepare_w8(codes, scale.expand(n))
+            else:
+                prepared = native.prepare_ternary(codes, scale)
+            extra = with_panels(codes, scale.expand(n)) if k <= TERNARY_PANEL_K else {}
+            return native_layer.describe(prepared, mode, **extra, **kw)
+
+        return Route("ternary", prep_ternary)
     if w.kind == "ternary" and mode == "f32":
         tg = next((g for g in reversed(GROUPS) if k % g == 0), None)
         if tg is None:

@@ -1,0 +1,68 @@
+"""int8 weights as 16-column panels: the layout of the many-row W8A8 kernel (``lb_w8a8_panel``).
+
+The row layout of `native.prepare_w8` streams each weight row once per call, which suits one or a few input rows
+(decoding, batch 1). With many rows (a convolution's patches, a batch of tokens) the work is compute-bound, and
+there the panel layout wins: 16 output columns × 4 consecutive k per 64 bytes, so one broadcast of 4 activation
+codes meets 8 columns per vector, each column's int32 sum stays in its lane (no horizontal sums), and a tile of
+4 rows × 16 columns reads its weights once. Rows whose codes are all non-negative (inputs after a ReLU) skip the
+sign trick of the signed × signed product. The int32 sums and the final ``(sx·s)·acc`` are those of the row
+kernels, so the outputs are the same bits (W8A8 and ternary codes alike). `layer.describe` adds the panels to a
+layer's description; `lb_linear` / `lb_conv` use them from 4 input rows on.
+
+Example:
+    >>> import torch
+    >>> from lowbit.kernels import native, panels
+    >>> q = torch.randint(-127, 128, (40, 100), dtype=torch.int8)
+    >>> if native.available():
+    ...     p = panels.prepare_panels(q, torch.rand(40))
+    ...     xq, sx = torch.randint(-127, 128, (9, 100), dtype=torch.int8), torch.rand(9)
+    ...     y = panels.matmul_w8a8_panel(xq, sx, p)
+    ...     ref = native.matmul_w8a8(xq, sx, native.prepare_w8(q, p.sp[:40]))
+    ...     bool(torch.equal(y, ref))
+    ... else:
+    ...     True
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels.native import _as, _int8_call, _need, _ptr, _rup, _vec
+
+#: Output columns per panel (two AVX2 vectors of int32 sums).
+PANEL = 16
+
+
+class PreparedPanels:
+    """wp: int8 (N/16, Kp/4, 16, 4) panels, N padded to 16 columns and K to Kp (a multiple of 32) with zeros;
+    sp: fp32 scales (padded N,), zero past N."""
+
+    def __init__(self, wp: torch.Tensor, sp: torch.Tensor, N: int, K: int, Kp: int) -> None:
+        self.wp, self.sp, self.N, self.K, self.Kp = wp, sp, N, K, Kp
+
+    @property
+    def nbytes(self) -> int:
+        return self.wp.numel() + 4 * self.sp.numel()
+
+
+def prepare_panels(q: torch.Tensor, s: torch.Tensor) -> PreparedPanels:
+    """Panels of int8 codes ``q`` (N, K) in [-127, 127] with per-row scales ``s`` (N,) (a per-tensor scale:
+    expanded)."""
+    q = _as(q, torch.int8)
+    N, K = q.shape
+    Np, Kp = _rup(N, PANEL), _rup(K, 32)
+    w = torch.zeros(Np, Kp, dtype=torch.int8)
+    w[:N, :K] = q
+    wp = w.view(Np // PANEL, PANEL, Kp // 4, 4).permute(0, 2, 1, 3).contiguous()
+    sp = torch.zeros(Np, dtype=torch.float32)
+    sp[:N] = _vec(s).expand(N) if s.numel() == 1 else _vec(s)
+    return PreparedPanels(wp, sp, N, K, Kp)
+
+
+def matmul_w8a8_panel(xq: torch.Tensor, sx: torch.Tensor, p: PreparedPanels, threads: int = 1) -> torch.Tensor:
+    """y = (sx[m]·s[n]) · float32(Σ_k xq·q) for int8 ``xq`` (M, K) in [-127, 127] (any M; `lb_linear` uses it
+    from 4 rows on)."""
+    xq, sx, M, K, y = _int8_call(xq, sx, p)
+    _need().lb_w8a8_panel(_ptr(xq), _ptr(sx), M, K, _ptr(p.wp), _ptr(p.sp), p.N, p.Kp, _ptr(y), threads)
+    return y

@@ -1,0 +1,83 @@
+"""The many-row W8A8 kernel (`lowbit.kernels.panels`): exact integer sums, the row kernels' bits, and its use by
+whole layers (`lb_linear` from 4 rows on, W8A8 and ternary)."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from lowbit.kernels import native, panels
+from tests.kernels.test_native import exact_dot, gen, rand_xq
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler: lowbit uses the reference kernels"
+)
+
+SHAPES = [(64, 16), (100, 33), (9, 32), (576, 64), (37, 5), (1152, 130)]  # N not a multiple of 16; K not of 32
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("M", [1, 4, 7, 50])  # whole 4-row blocks and remainders of 1-3 rows
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("nonneg", [False, True])  # codes all >= 0 take the kernel's sign-free product
+def test_panel_kernel_is_exact_and_equals_the_row_kernel(K, N, M, threads, nonneg):
+    g = gen(K * 7 + N + M)
+    q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    q[0, :] = -128  # extreme codes
+    s = torch.rand(N, generator=g) + 0.1
+    xq, sx = rand_xq(M, K, g)
+    if nonneg:
+        xq = xq.abs()
+        xq[0, : K // 2] = 127
+    else:
+        xq[0, : K // 2] = -127
+    y = panels.matmul_w8a8_panel(xq, sx, panels.prepare_panels(q, s), threads)
+    ref = (sx[:, None] * s[None, :]) * exact_dot(xq, q).to(torch.float32)
+    assert torch.equal(y, ref)
+    assert torch.equal(y, native.matmul_w8a8(xq, sx, native.prepare_w8(q, s), threads))
+
+
+def test_one_negative_code_in_a_block_takes_the_signed_product():
+    # The sign-free product reads codes as unsigned: a single negative code must switch the block to the sign trick.
+    K, N = 64, 16
+    g = gen(5)
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    xq = torch.randint(0, 128, (8, K), generator=g, dtype=torch.int8)
+    xq[6, 63] = -1
+    sx, s = torch.ones(8), torch.ones(N)
+    y = panels.matmul_w8a8_panel(xq, sx, panels.prepare_panels(q, s))
+    assert torch.equal(y, exact_dot(xq, q).to(torch.float32))
+
+
+def test_ternary_codes_on_panels_match_the_ternary_kernel():
+    g = gen(11)
+    t = torch.randint(-1, 2, (70, 384), generator=g, dtype=torch.int8)
+    xq, sx = rand_xq(9, 384, g)
+    sw = torch.tensor(0.37)
+    y = panels.matmul_w8a8_panel(xq, sx, panels.prepare_panels(t, sw))
+    assert torch.equal(y, native.matmul_ternary(xq, sx, native.prepare_ternary(t, sw)))
+
+
+def _packed(preset, k, n):
+    import lowbit
+    from torch import nn
+
+    torch.manual_seed(0)
+    return lowbit.pack(lowbit.compress(nn.Sequential(nn.Linear(k, n)), preset, progress=False))[0]
+
+
+@pytest.mark.parametrize("preset,k,has_panels", [("w8a8", 200, True), ("ternary", 384, True), ("ternary", 1024, False)])
+def test_layers_with_int8_activations_get_panels(preset, k, has_panels):
+    from lowbit.kernels.routes import route_for
+
+    layer = _packed(preset, k, 40)
+    prepared = route_for(layer).prepare(layer)
+    assert bool(prepared.desc.wp) is has_panels
+    x = torch.randn(13, k)
+    x[3] = x[3].abs()  # a row without negative codes next to signed ones
+    from lowbit.kernels import layer as native_layer
+
+    many = native_layer.linear(prepared, x)  # 13 rows: panels where the layer has them
+    one_by_one = torch.cat([native_layer.linear(prepared, x[i : i + 1]) for i in range(13)])  # row kernels
+    assert torch.equal(many, one_by_one)
