@@ -60,8 +60,9 @@ def test_ternary_codes_on_panels_match_the_ternary_kernel():
 
 
 def _packed(preset, k, n):
-    import lowbit
     from torch import nn
+
+    import lowbit
 
     torch.manual_seed(0)
     return lowbit.pack(lowbit.compress(nn.Sequential(nn.Linear(k, n)), preset, progress=False))[0]
