@@ -75,10 +75,10 @@ def test_layers_with_int8_activations_get_panels(preset, k, has_panels):
     layer = _packed(preset, k, 40)
     prepared = route_for(layer).prepare(layer)
     assert bool(prepared.desc.wp) is has_panels
-    x = torch.randn(13, k)
+    x = torch.randn(40, k)  # ternary layers run panels from 32 rows on, W8A8 layers from 4
     x[3] = x[3].abs()  # a row without negative codes next to signed ones
     from lowbit.kernels import layer as native_layer
 
-    many = native_layer.linear(prepared, x)  # 13 rows: panels where the layer has them
-    one_by_one = torch.cat([native_layer.linear(prepared, x[i : i + 1]) for i in range(13)])  # row kernels
+    many = native_layer.linear(prepared, x)  # panels where the layer has them
+    one_by_one = torch.cat([native_layer.linear(prepared, x[i : i + 1]) for i in range(40)])  # row kernels
     assert torch.equal(many, one_by_one)

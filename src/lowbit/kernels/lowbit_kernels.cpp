@@ -341,7 +341,8 @@ LB_API void lb_w8a8(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_
 // same bits. Used from PANEL_ROWS rows on: below that the weights are streamed once per call anyway and the
 // row layout's tiles (prefetch tuned for memory-bound calls) serve.
 // ================================================================================================
-static constexpr i64 PANEL_ROWS = 4;
+// Ternary layers keep their 2-bit kernel (a quarter of the bytes, int16 sums) below TERNARY_PANEL_ROWS rows.
+static constexpr i64 PANEL_ROWS = 4, TERNARY_PANEL_ROWS = 32;
 
 #ifdef __AVX2__
 template <int MR, bool NONNEG>
@@ -1526,7 +1527,8 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
                 if (rc == 0 && L->sz) sz_correct(L, x, xq, sx, M, y, threads);
                 break;
             case LB_TERNARY:
-                if (i8 && L->wp && M >= PANEL_ROWS) lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, N, L->pld, y, threads);
+                if (i8 && L->wp && M >= TERNARY_PANEL_ROWS)
+                    lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, N, L->pld, y, threads);
                 else if (i8) lb_ternary(xq, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
                 else rc = -1;
                 break;

@@ -51,10 +51,10 @@ GROUPS = (32, 64, 128)
 SHORT_ROWS = 96
 
 
-#: Ternary layers with rows up to this long (K) also get int8 panels for calls of 4+ rows (`kernels.panels`): there the
-#: panels' lane-wise sums beat the 2-bit kernel's per-output reductions; on longer rows the 2-bit kernel, which
-#: streams a quarter of the bytes, stays ahead (measured on Zen 1: panels 1.1-2.0x at K <= 576, 0.8-0.9x at
-#: K = 1152-2304 and 0.3-0.6x at 4096, signed inputs).
+#: Ternary layers with rows up to this long (K) also get int8 panels (`kernels.panels`), which `lb_linear` runs
+#: for calls of 32+ rows: there the panels' lane-wise sums beat the 2-bit kernel's per-output reductions, while on
+#: longer rows, or fewer of them, the 2-bit kernel (a quarter of the bytes, int16 sums) stays ahead
+#: (`python benchmarks/panels.py`; results in benchmarks/results/panels-*.md).
 TERNARY_PANEL_K = 768
 
 

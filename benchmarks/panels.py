@@ -1,0 +1,83 @@
+"""The many-row W8A8 kernel (`lowbit.kernels.panels`) against the row kernels and fp32 ``F.linear``, in one run.
+
+For each (M, K, N): the int8 row kernel (``lb_w8a8``), the panel kernel on signed codes and on non-negative codes
+(inputs after a ReLU: its sign-free product), the 2-bit ternary kernel (``lb_ternary``) on ternary codes, and fp32
+``F.linear`` (MKL), timed in alternation (`lowbit.kernels.dispatch.race`, best of rounds). Activation quantization
+is not included (the same for every int8 path). Shapes: decoding (M = 1-16 rows of 4096²), MiniLM at batch 32
+(K = 384), the patches of a VGG-style CNN's convolutions (M = output positions, K = 9·C), the digits models.
+
+    python benchmarks/panels.py --threads 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import native, panels
+from lowbit.kernels.dispatch import race
+from lowbit.measure.envinfo import environment
+
+SHAPES = [
+    (4, 4096, 4096),
+    (16, 4096, 4096),
+    (16, 384, 1536),
+    (640, 384, 1536),
+    (1576, 384, 1536),
+    (3136, 576, 64),
+    (3136, 576, 128),
+    (784, 1152, 256),
+    (196, 2304, 256),
+    (64, 288, 64),
+    (32, 128, 10),
+]
+
+
+def _row(M: int, K: int, N: int, threads: int, g: torch.Generator) -> str:
+    """One table row: every path on random codes of one shape, timed in alternation."""
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    t = torch.randint(-1, 2, (N, K), generator=g, dtype=torch.int8)
+    s = torch.rand(N, generator=g) + 0.1
+    xq = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
+    xpos, sx = xq.abs(), torch.rand(M, generator=g)
+    rows, pan = native.prepare_w8(q, s), panels.prepare_panels(q, s)
+    tern, tpan = native.prepare_ternary(t, s), panels.prepare_panels(t, s)
+    xf, wf = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    row, panel, pos, t2, tp, fp = race(
+        lambda: native.matmul_w8a8(xq, sx, rows, threads),
+        lambda: panels.matmul_w8a8_panel(xq, sx, pan, threads),
+        lambda: panels.matmul_w8a8_panel(xpos, sx, pan, threads),
+        lambda: native.matmul_ternary(xq, sx, tern, threads),
+        lambda: panels.matmul_w8a8_panel(xq, sx, tpan, threads),
+        lambda: F.linear(xf, wf),
+    )
+    return (
+        f"| {threads} | {M} | {K} | {N} | {row:.3f} | {panel:.3f} | {pos:.3f} | {t2:.3f} | {tp:.3f} | {fp:.3f} "
+        f"| {row / panel:.2f}× | {fp / panel:.2f}× | {fp / pos:.2f}× | {t2 / tp:.2f}× |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    args = ap.parse_args(argv)
+    if not native.available():
+        raise SystemExit(f"native kernels unavailable: {native.unavailable_reason()}")
+    env = environment()
+    print(f"CPU: {env.get('cpu', '?')}; torch {torch.__version__}; native kernels: {native.build_info()['isa']}")
+    print("ms per call; ratios: row-kernel time / panel time, and fp32 time / panel time (> 1: panels faster)")
+    print("| threads | M | K | N | row | panel | panel ≥0 | ternary 2-bit | ternary panel | fp32 | panel vs row "
+          "| panel vs fp32 | panel ≥0 vs fp32 | ternary panel vs 2-bit |")  # fmt: skip
+    print("|---" * 14 + "|")
+    g = torch.Generator().manual_seed(0)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for M, K, N in SHAPES:
+            print(_row(M, K, N, threads, g))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
