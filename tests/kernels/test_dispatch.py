@@ -166,6 +166,35 @@ def test_one_call_conv_works_in_chunks_of_whole_images() -> None:
     assert chunked is not None and torch.equal(chunked, whole)
 
 
+@needs_native
+@pytest.mark.parametrize("weights", ["int8", "ternary_absmean"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_call_conv_writes_the_map_from_the_panels(weights: str, threads: int) -> None:
+    """W8A8 and ternary convs write their (N, O, OH, OW) map straight from the panel kernel (4-row tiles stored
+    transposed; 42 patches per image: a partial last block), then the bias and the NaN rows: the same bits as the
+    kernel on the patch rows followed by the move into the map."""
+    q, p = packed_conv(weights, "int8_token")
+    x = torch.randn(3, 32, 9, 10)
+    x[1, 5, 4, 4] = float("nan")  # NaN patches: NaN outputs in every channel at those positions
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            with use_mode("native"):
+                rows_then_map = p(x)  # patches cut in C, the kernel on their rows, then the map
+            state = p[0]._dispatch.state
+            assert state.desc.wp  # the layer has panels
+            cut = p[0]._im2col[(x.shape, x.stride())]
+            direct = torch.empty(cut.map_shape)
+            rc = native._need().lb_conv(  # what a decided call runs (hot_conv), in any kernel mode
+                state.addr, x.data_ptr(), cut.geometry, direct.data_ptr(), threads, p[0].bias.data_ptr()
+            )
+    finally:
+        torch.set_num_threads(old)
+    assert rc == 0 and bool(direct.isnan().any()) and not bool(direct[0].isnan().any())
+    torch.testing.assert_close(direct, rows_then_map, rtol=0, atol=0, equal_nan=True)
+
+
 def test_grouped_or_weight_only_convs_have_no_kernel_route() -> None:
     assert route_for(packed_conv("int8", "int8_token", groups=4)[1][0]) is None
     assert route_for(packed_conv("int8", None)[1][0]) is None

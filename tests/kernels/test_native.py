@@ -353,6 +353,7 @@ def test_scalar_path_matches(tmp_path):
         "for w, a, k in d.CASES[:13]:\n"
         "    d.test_native_output_matches_simulated(w, a, k, 3)\n"
         "d.test_real_valued_zero_points_run_natively('int8')\n"
+        "d.test_one_call_conv_writes_the_map_from_the_panels('int8', 2)\n"
         "print('ok')\n"
     )
     assert _run_py(code, LOWBIT_CACHE_DIR=str(tmp_path), LOWBIT_KERNELS="portable").endswith("ok")

@@ -345,9 +345,10 @@ LB_API void lb_w8a8(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_
 static constexpr i64 PANEL_ROWS = 4, TERNARY_PANEL_ROWS = 32;
 
 #ifdef __AVX2__
+// Output y[m * ldm + n * ldn]: row-major (ldm = N, ldn = 1) or, for a convolution's map, transposed (ldm = 1).
 template <int MR, bool NONNEG>
 static inline void w8a8_panel_tile(const int8_t* x, i64 Kp, const int8_t* wp, const float* sx, const float* sp,
-                                   float* y, i64 N, i64 ncols) {
+                                   float* y, i64 ldm, i64 ldn, i64 ncols) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[MR][2];
     for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
@@ -375,19 +376,32 @@ static inline void w8a8_panel_tile(const int8_t* x, i64 Kp, const int8_t* wp, co
         }
     }
     const __m256 s0 = _mm256_loadu_ps(sp), s1 = _mm256_loadu_ps(sp + 8);
+    alignas(32) float t[MR][16];
     for (int m = 0; m < MR; ++m) {
         const __m256 r = _mm256_set1_ps(sx[m]);
         const __m256 y0 = _mm256_mul_ps(_mm256_mul_ps(r, s0), _mm256_cvtepi32_ps(acc[m][0]));
         const __m256 y1 = _mm256_mul_ps(_mm256_mul_ps(r, s1), _mm256_cvtepi32_ps(acc[m][1]));
-        if (ncols == 16) {
-            _mm256_storeu_ps(y + m * N, y0);
-            _mm256_storeu_ps(y + m * N + 8, y1);
+        if (ldn == 1 && ncols == 16) {
+            _mm256_storeu_ps(y + m * ldm, y0);
+            _mm256_storeu_ps(y + m * ldm + 8, y1);
         } else {
-            alignas(32) float t[16];
-            _mm256_store_ps(t, y0);
-            _mm256_store_ps(t + 8, y1);
-            memcpy(y + m * N, t, sizeof(float) * ncols);
+            _mm256_store_ps(t[m], y0);
+            _mm256_store_ps(t[m] + 8, y1);
         }
+    }
+    if (ldn == 1) {
+        if (ncols != 16)
+            for (int m = 0; m < MR; ++m) memcpy(y + m * ldm, t[m], sizeof(float) * ncols);
+    } else if (MR == 4 && ldm == 1) {  // 4 rows x 4 columns at a time: one 4-float store per column
+        for (int h = 0; 4 * h < ncols; ++h) {
+            __m128 c[4];
+            for (int m = 0; m < 4; ++m) c[m] = _mm_load_ps(t[m % MR] + 4 * h);
+            _MM_TRANSPOSE4_PS(c[0], c[1], c[2], c[3]);
+            for (int j = 0; j < 4 && 4 * h + j < ncols; ++j) _mm_storeu_ps(y + (4 * h + j) * ldn, c[j]);
+        }
+    } else {
+        for (int m = 0; m < MR; ++m)
+            for (i64 j = 0; j < ncols; ++j) y[m * ldm + j * ldn] = t[m][j];
     }
 }
 
@@ -401,19 +415,21 @@ static inline bool rows_nonneg(const int8_t* x, i64 rows, i64 Kp) {
 
 template <int MR>
 static inline void w8a8_panel_rows(const int8_t* x, i64 Kp, const int8_t* wp, const float* sx, const float* sp,
-                                   float* y, i64 N, i64 p0, i64 p1, bool nonneg) {
+                                   float* y, i64 N, i64 ldm, i64 ldn, i64 p0, i64 p1, bool nonneg) {
     for (i64 p = p0; p < p1; ++p) {
         const i64 ncols = std::min<i64>(16, N - 16 * p);
+        float* yp = y + 16 * p * ldn;
         if (nonneg)
-            w8a8_panel_tile<MR, true>(x, Kp, wp + p * 16 * Kp, sx, sp + 16 * p, y + 16 * p, N, ncols);
+            w8a8_panel_tile<MR, true>(x, Kp, wp + p * 16 * Kp, sx, sp + 16 * p, yp, ldm, ldn, ncols);
         else
-            w8a8_panel_tile<MR, false>(x, Kp, wp + p * 16 * Kp, sx, sp + 16 * p, y + 16 * p, N, ncols);
+            w8a8_panel_tile<MR, false>(x, Kp, wp + p * 16 * Kp, sx, sp + 16 * p, yp, ldm, ldn, ncols);
     }
 }
 #endif
 
-LB_API void lb_w8a8_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_t* wp, const float* sp,
-                          i64 N, i64 Kp, float* y, int threads) {
+// The panel kernel with output y[m * ldm + n * ldn] (lb_w8a8_panel: row-major; lb_conv: the (O, OH*OW) map).
+static void w8a8_panel_run(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_t* wp, const float* sp,
+                           i64 N, i64 Kp, float* y, i64 ldm, i64 ldn, int threads) {
     int8_t* own;
     const int8_t* xp = pad_rows(xq, M, K, Kp, &own);
     const i64 P = (N + 15) / 16;
@@ -434,11 +450,12 @@ LB_API void lb_w8a8_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const
                 const i64 m = 4 * b, mr = std::min<i64>(4, M - m);
                 const int8_t* xm = xp + m * Kp;
                 const bool nonneg = rows_nonneg(xm, mr, Kp);
+                float* ym = y + m * ldm;
                 switch (mr) {
-                    case 4: w8a8_panel_rows<4>(xm, Kp, wp, sx + m, sp, y + m * N, N, c0, c1, nonneg); break;
-                    case 3: w8a8_panel_rows<3>(xm, Kp, wp, sx + m, sp, y + m * N, N, c0, c1, nonneg); break;
-                    case 2: w8a8_panel_rows<2>(xm, Kp, wp, sx + m, sp, y + m * N, N, c0, c1, nonneg); break;
-                    default: w8a8_panel_rows<1>(xm, Kp, wp, sx + m, sp, y + m * N, N, c0, c1, nonneg); break;
+                    case 4: w8a8_panel_rows<4>(xm, Kp, wp, sx + m, sp, ym, N, ldm, ldn, c0, c1, nonneg); break;
+                    case 3: w8a8_panel_rows<3>(xm, Kp, wp, sx + m, sp, ym, N, ldm, ldn, c0, c1, nonneg); break;
+                    case 2: w8a8_panel_rows<2>(xm, Kp, wp, sx + m, sp, ym, N, ldm, ldn, c0, c1, nonneg); break;
+                    default: w8a8_panel_rows<1>(xm, Kp, wp, sx + m, sp, ym, N, ldm, ldn, c0, c1, nonneg); break;
                 }
             }
         }
@@ -449,11 +466,16 @@ LB_API void lb_w8a8_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const
             const int8_t* wc = wp + (n / 16) * 16 * Kp + 4 * (n % 16);
             int32_t t = 0;
             for (i64 k = 0; k < Kp; ++k) t += (int32_t)xp[m * Kp + k] * (int32_t)wc[16 * (k & ~3) + (k & 3)];
-            y[m * N + n] = (sx[m] * sp[n]) * (float)t;
+            y[m * ldm + n * ldn] = (sx[m] * sp[n]) * (float)t;
         }
     (void)P;
 #endif
     free(own);
+}
+
+LB_API void lb_w8a8_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_t* wp, const float* sp,
+                          i64 N, i64 Kp, float* y, int threads) {
+    w8a8_panel_run(xq, sx, M, K, wp, sp, N, Kp, y, N, 1, threads);
 }
 
 // ================================================================================================
@@ -1564,40 +1586,78 @@ LB_API int lb_linear(const lb_layer* L, const float* x, i64 M, float* y, int thr
     return linear_core(L, x, a, M, y, threads, bias);
 }
 
-// A convolution whose activations are quantized per patch (int8 or signs), as one call: each patch (geometry g) is
-// cut into a small buffer and quantized at once, so only its codes are stored, not fp32 patches (4x / 32x less
-// memory traffic) -- the codes and scales lb_linear computes from the fp32 patches; then the kernel (linear_core)
-// and the (N, OH*OW, O) result written as the (N, O, OH, OW) map y. L->K must equal C*KH*KW. Whole images are
-// processed in chunks of about CONV_CHUNK_BYTES of patches, so the scratch memory stays bounded however large the
-// batch (one image at least). Returns linear_core's code (-1: float activations or a shape mismatch; -2: out of
-// memory).
+// A convolution whose activations are quantized per patch (int8 or signs), as one call: patches (geometry g) are cut
+// a few at a time into a small buffer and quantized at once, so only their codes are stored, not fp32 patches (4x /
+// 32x less memory traffic) -- the codes and scales lb_linear computes from the fp32 patches; then the kernel and the
+// (N, O, OH, OW) map y. Layers with int8 panels (conv_panels) write the map straight from the panel kernel, image by
+// image; the others run linear_core into (N, OH*OW, O) rows, moved into the map after. L->K must equal C*KH*KW.
+// Whole images are processed in chunks of about CONV_CHUNK_BYTES of patches, so the scratch memory stays bounded
+// however large the batch (one image at least). Returns linear_core's code (-1: float activations or a shape
+// mismatch; -2: out of memory).
 static const i64 CONV_CHUNK_BYTES = 8 << 20;
+
+// Whether lb_conv runs the panel kernel on images of P patches (the rule linear_core applies to rows).
+static inline bool conv_panels(const lb_layer* L, i64 P) {
+    if (L->akind != LB_ACT_I8 || !L->wp) return false;
+    return L->wkind == LB_W8 ? P >= PANEL_ROWS : L->wkind == LB_TERNARY && P >= TERNARY_PANEL_ROWS;
+}
+
+// Images [0, nb) of a chunk on the panels: y holds whole (O, P) maps; then the bias and NaN rows, as linear_core.
+static void conv_panel_maps(const lb_layer* L, const ActRows& a, i64 nb, i64 P, float* y, int threads,
+                            const float* bias) {
+    const i64 K = L->K, O = L->N;
+    auto image = [&](i64 n, int inner) {
+        float* yn = y + n * O * P;
+        w8a8_panel_run(a.xq + n * P * K, a.sx + n * P, P, K, L->wp, L->sp, O, L->pld, yn, 1, P, inner);
+        if (bias)
+            for (i64 o = 0; o < O; ++o)
+                for (i64 l = 0; l < P; ++l) yn[o * P + l] += bias[o];
+        for (i64 l = 0; l < P; ++l)
+            if (a.nan_rows[n * P + l])
+                for (i64 o = 0; o < O; ++o) yn[o * P + l] = NAN;
+    };
+    const int nth = nthreads(threads);
+    if (nth > 1 && nb >= nth) {  // whole images per thread
+#pragma omp parallel for num_threads(nth) schedule(static)
+        for (i64 n = 0; n < nb; ++n) image(n, 1);
+    } else {
+        for (i64 n = 0; n < nb; ++n) image(n, threads);
+    }
+}
+
 LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, int threads, const float* bias) {
     const i64 N = g[0], L_ = g[16] * g[17], K = L->K, O = L->N;
     if (g[1] * g[8] * g[9] != K || L->akind == LB_ACT_F32) return -1;
+    const bool maps = conv_panels(L, L_);
     const i64 per_image = L_ * std::max(K, O) * (i64)sizeof(float);
     const i64 images = std::max<i64>(1, std::min<i64>(N, CONV_CHUNK_BYTES / std::max<i64>(per_image, 1)));
-    float* rowmajor = (float*)malloc(sizeof(float) * images * L_ * O + 64);
+    float* rowmajor = maps ? nullptr : (float*)malloc(sizeof(float) * images * L_ * O + 64);
+    const i64 B = std::max<i64>(1, std::min<i64>(64, 4096 / K));  // patches cut per step: <= 16 KiB, in L1
     ActRows a;
-    int rc = (rowmajor && a.alloc(L, images * L_, K)) ? 0 : -2;
+    int rc = ((maps || rowmajor) && a.alloc(L, images * L_, K)) ? 0 : -2;
     for (i64 n0 = 0; rc == 0 && n0 < N; n0 += images) {
         const i64 nb = std::min(images, N - n0), r0 = n0 * L_, rows = nb * L_;
         int failed = 0;
 #pragma omp parallel num_threads(nthreads(threads)) if (threads != 1 && rows * K >= (1 << 16))
         {
-            float* row = (float*)malloc(sizeof(float) * K + 64);  // one patch, in L1
-            if (!row) failed = 1;
+            float* buf = (float*)malloc(sizeof(float) * B * K + 64);
+            if (!buf) failed = 1;
             i64 lo, hi;
             my_rows(rows, 1, &lo, &hi);
-            for (i64 r = lo; row && r < hi; ++r) {
-                im2col_range(x, g, row, r0 + r, r0 + r + 1, 1);
-                a.fill(L, row, 1, K, r);
+            for (i64 r = lo; buf && r < hi; r += B) {
+                const i64 e = std::min(hi, r + B);
+                im2col_range(x, g, buf, r0 + r, r0 + e, 1);
+                a.fill(L, buf, e - r, K, r);
             }
-            free(row);
+            free(buf);
         }
         if (failed) {
             rc = -2;
             break;
+        }
+        if (maps) {
+            conv_panel_maps(L, a, nb, L_, y + n0 * O * L_, threads, bias);
+            continue;
         }
         rc = linear_core(L, nullptr, a, rows, rowmajor, threads, bias);
         if (rc) break;
