@@ -154,8 +154,9 @@ class LayerDispatch:
         self.decided: dict[tuple[int, int], bool] = {}  # (rows, threads) → native? (the per-call lookup)
         # `hot` serves layers whose input goes to the kernel untouched (no explicit input scale / shift).
         # (A convolution's input scale / shift is applied before its patches are cut: its patches are direct.)
-        unscaled = layer.input_scale is None and layer.input_shift is None
-        self.direct_input = getattr(layer, "patch_tokens", False) or unscaled
+        # (Setting an input scale / shift later drops the layer's LayerDispatch, so these stay true to the layer.)
+        self.unscaled = layer.input_scale is None and layer.input_shift is None
+        self.direct_input = getattr(layer, "patch_tokens", False) or self.unscaled
         from lowbit.kernels import layer as native_layer
         from lowbit.kernels import native as native_lib
 
