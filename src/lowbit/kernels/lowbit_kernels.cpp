@@ -1034,6 +1034,14 @@ static void im2col_rows(const float* x, i64 C, i64 H, i64 W, i64 sn, i64 sc, i64
         const bool inside = jlo == 0 && jhi == KW;
         float* dst = out + (r - base) * K;
         const float* xn = x + n * sn + w0 * sw;
+        if (inside && step == 1 && h0 >= 0 && h0 + (KH - 1) * DH < H) {
+            // The whole patch inside the input, taps contiguous: KW floats per (c, i), no padding or bounds tests.
+            for (i64 c = 0; c < C; ++c) {
+                const float* xc = xn + c * sc + h0 * sh;
+                for (i64 i = 0; i < KH; ++i, dst += KW) memcpy(dst, xc + i * DH * sh, sizeof(float) * KW);
+            }
+            continue;
+        }
         for (i64 c = 0; c < C; ++c) {
             const float* xc = xn + c * sc;
             for (i64 i = 0; i < KH; ++i, dst += KW) {
