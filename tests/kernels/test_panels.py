@@ -73,8 +73,8 @@ def test_layers_with_int8_activations_get_panels(preset, k, has_panels):
     from lowbit.kernels.routes import route_for
 
     layer = _packed(preset, k, 40)
-    prepared = route_for(layer).prepare(layer)
-    assert bool(prepared.desc.wp) is has_panels
+    prepared = route_for(layer).prepare(layer, panels=True)
+    assert prepared.has_panels is has_panels and not route_for(layer).prepare(layer).has_panels
     x = torch.randn(40, k)  # ternary layers run panels from 32 rows on, W8A8 layers from 4
     x[3] = x[3].abs()  # a row without negative codes next to signed ones
     from lowbit.kernels import layer as native_layer
@@ -82,3 +82,20 @@ def test_layers_with_int8_activations_get_panels(preset, k, has_panels):
     many = native_layer.linear(prepared, x)  # panels where the layer has them
     one_by_one = torch.cat([native_layer.linear(prepared, x[i : i + 1]) for i in range(40)])  # row kernels
     assert torch.equal(many, one_by_one)
+
+
+@pytest.mark.parametrize("preset,many", [("w8a8", 4), ("ternary", 32)])
+def test_dispatch_builds_panels_on_the_first_call_with_many_rows(preset, many):
+    """A layer called on a few rows (decoding) keeps one copy of its weights; the first call with enough rows adds
+    the panels, which later calls keep (whatever their rows), and the outputs do not depend on it."""
+    from lowbit.kernels.dispatch import use_mode
+
+    layer = _packed(preset, 384, 40)
+    x = torch.randn(many, 384)
+    with torch.no_grad(), use_mode("native"):
+        few = layer(x[:1])
+        assert not layer._dispatch.state.has_panels
+        all_rows = layer(x)
+        assert layer._dispatch.state.has_panels
+        assert torch.equal(layer(x[:1]), few) and layer._dispatch.state.has_panels
+    assert torch.equal(all_rows[:1], few)

@@ -235,9 +235,12 @@ class LayerDispatch:
         return bool, ()
 
     def native(self, layer: Any, x: torch.Tensor, threads: int) -> torch.Tensor:
-        if self.state is None:
-            self.state = self.route.prepare(layer)
-        return self._linear(self.state, x, threads, layer.bias)
+        st, many = self.state, self.route.panel_rows
+        many_rows = many > 0 and x.numel() >= many * x.shape[-1]
+        if st is None or (many_rows and not st.has_panels):
+            # Built on first use; the many-row layout (`kernels.panels`) on the first call with enough rows, then kept.
+            self.state = st = self.route.prepare(layer, panels=True) if many_rows else self.route.prepare(layer)
+        return self._linear(st, x, threads, layer.bias)
 
     def dense(self, layer: Any, x: torch.Tensor, xt: torch.Tensor, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The dense path on input ``x`` (``xt``: ``x`` after the layer's input scale / shift, already computed)."""

@@ -45,6 +45,7 @@ class NativeLinear:
         self.desc, self._keep = desc, keep
         self.addr = ctypes.addressof(desc)
         self.N, self.K = int(desc.N), int(desc.K)
+        self.has_panels = bool(desc.wp)  # the many-row layout (`kernels.panels`) is bound
 
     @property
     def nbytes(self) -> int:

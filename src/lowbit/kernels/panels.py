@@ -7,8 +7,9 @@ codes meets 8 columns per vector, each column's int32 sum stays in its lane (no 
 4 rows × 16 columns reads its weights once. Rows whose codes are all non-negative (inputs after a ReLU) skip the
 sign trick of the signed × signed product. The int32 sums and the final ``(sx·s)·acc`` are those of the row
 kernels, so the outputs are the same bits (W8A8 and ternary codes alike). `layer.describe` adds the panels to a
-layer's description; `lb_linear` / `lb_conv` use them from 4 input rows on (ternary layers, whose 2-bit
-kernel streams a quarter of the bytes: from 32 rows on, and only with rows of K ≤ 768, `routes.TERNARY_PANEL_K`).
+layer's description (dispatch asks for them on the layer's first call with enough rows: `routes.Route.panel_rows`);
+`lb_linear` / `lb_conv` use them from 4 input rows on (ternary layers, whose 2-bit kernel streams a quarter of the
+bytes: from 32 rows on, and only with rows of K ≤ 768, `routes.TERNARY_PANEL_K`).
 
 Example:
     >>> import torch

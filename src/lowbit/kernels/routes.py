@@ -58,12 +58,20 @@ SHORT_ROWS = 96
 TERNARY_PANEL_K = 768
 
 
+#: Input rows from which the many-row kernel (`kernels.panels`) runs: W8A8 layers, ternary layers (as in C).
+PANEL_ROWS, TERNARY_PANEL_ROWS = 4, 32
+
+
 @dataclass(frozen=True)
 class Route:
-    """One packed layer's native kernel: ``prepare(layer)`` builds its `layer.NativeLinear` once."""
+    """One packed layer's native kernel: ``prepare(layer)`` builds its `layer.NativeLinear` once;
+    ``prepare(layer, panels=True)`` adds the many-row layout where the route has one (``panel_rows`` > 0: the input
+    rows from which it runs), which dispatch asks for on the first call with that many rows, so a layer only ever
+    called on a few rows (decoding) keeps one copy of its weights."""
 
     kernel: str
-    prepare: Callable[[Any], Any]
+    prepare: Callable[..., Any]
+    panel_rows: int = 0
 
 
 def _is_int8_token(spec: QuantSpec | None) -> bool:
@@ -138,17 +146,18 @@ def route_for(layer: nn.Module) -> Route | None:
     mode, kw = _act_mode(act)
     suffix = {"f32": "a32", "int8": "a8", "sign": "a1"}[mode]
 
-    def with_panels(codes: torch.Tensor, scale: torch.Tensor) -> dict[str, Any]:
-        """The many-row layout of int8 codes (`kernels.panels`) for a layer with int8 activations."""
-        return {"panels": panels.prepare_panels(codes, scale)} if mode == "int8" else {}
+    def with_panels(codes: torch.Tensor, scale: torch.Tensor, wanted: bool) -> dict[str, Any]:
+        """The many-row layout of int8 codes (`kernels.panels`) for a layer with int8 activations, when wanted."""
+        return {"panels": panels.prepare_panels(codes, scale)} if wanted and mode == "int8" else {}
 
     if w.kind == "int" and w.bits == 8 and w.symmetric and w.granularity == "channel" and mode != "sign":
 
-        def prep_w8(lay: Any) -> Any:
+        def prep_w8(lay: Any, panels: bool = False) -> Any:
             codes, scale = lay.codes.to(torch.int8), lay.scale.reshape(n).float()
-            return native_layer.describe(native.prepare_w8(codes, scale), mode, **with_panels(codes, scale), **kw)
+            extra = with_panels(codes, scale, panels)
+            return native_layer.describe(native.prepare_w8(codes, scale), mode, **extra, **kw)
 
-        return Route(f"w8{suffix}", prep_w8)
+        return Route(f"w8{suffix}", prep_w8, PANEL_ROWS if mode == "int8" else 0)
 
     group = _kernel_group(w, k)
     if w.kind == "int" and w.bits in (2, 3, 4) and not w.symmetric and group is not None and mode != "sign":
@@ -162,17 +171,17 @@ def route_for(layer: nn.Module) -> Route | None:
 
     if w.kind == "ternary" and mode == "int8":
 
-        def prep_ternary(lay: Any) -> Any:
+        def prep_ternary(lay: Any, panels: bool = False) -> Any:
             codes, scale = lay.codes.to(torch.int8), lay.scale.reshape(-1).float()
             # Short rows: the int8 layout's 8-row tiles (same int32 sums, same final product, so the same bits).
             if k <= SHORT_ROWS:
                 prepared = native.prepare_w8(codes, scale.expand(n))
             else:
                 prepared = native.prepare_ternary(codes, scale)
-            extra = with_panels(codes, scale.expand(n)) if k <= TERNARY_PANEL_K else {}
+            extra = with_panels(codes, scale.expand(n), panels and k <= TERNARY_PANEL_K)
             return native_layer.describe(prepared, mode, **extra, **kw)
 
-        return Route("ternary", prep_ternary)
+        return Route("ternary", prep_ternary, TERNARY_PANEL_ROWS if k <= TERNARY_PANEL_K else 0)
     if w.kind == "ternary" and mode == "f32":
         tg = next((g for g in reversed(GROUPS) if k % g == 0), None)
         if tg is None:
