@@ -1,8 +1,9 @@
 """The many-row W8A8 kernel (`lowbit.kernels.panels`) against the row kernels and fp32 ``F.linear``, in one run.
 
 For each (M, K, N): the int8 row kernel (``lb_w8a8``), the panel kernel on signed codes and on non-negative codes
-(inputs after a ReLU: its sign-free product), the 2-bit ternary kernel (``lb_ternary``) on ternary codes, and fp32
-``F.linear`` (MKL), timed in alternation (`lowbit.kernels.dispatch.race`, best of rounds). Activation quantization
+(inputs after a ReLU: its sign-free product), the 2-bit ternary kernel (``lb_ternary``) on ternary codes and the
+panels on them, int4 weights (groups of 128, or 64 / 32 where K needs) on their 4-bit kernel (``lb_wna8``) and on group panels (``lb_wn_panel``), and
+fp32 ``F.linear`` (MKL), timed in alternation (`lowbit.kernels.dispatch.race`, best of rounds). Activation quantization
 is not included (the same for every int8 path). Shapes: decoding (M = 1-16 rows of 4096²), MiniLM at batch 32
 (K = 384), the patches of a VGG-style CNN's convolutions (M = output positions, K = 9·C), the digits models.
 
@@ -21,6 +22,7 @@ from lowbit.kernels.dispatch import race
 from lowbit.measure.envinfo import environment
 
 SHAPES = [
+    (1, 4096, 4096),
     (4, 4096, 4096),
     (16, 4096, 4096),
     (16, 384, 1536),
@@ -31,7 +33,9 @@ SHAPES = [
     (784, 1152, 256),
     (196, 2304, 256),
     (64, 288, 64),
-    (32, 128, 10),
+    (45, 384, 1536),
+    (45, 1536, 384),
+    (128, 128, 10),
 ]
 
 
@@ -44,18 +48,25 @@ def _row(M: int, K: int, N: int, threads: int, g: torch.Generator) -> str:
     xpos, sx = xq.abs(), torch.rand(M, generator=g)
     rows, pan = native.prepare_w8(q, s), panels.prepare_panels(q, s)
     tern, tpan = native.prepare_ternary(t, s), panels.prepare_panels(t, s)
+    gs = next(gs for gs in (128, 64, 32) if K % gs == 0)  # int4 groups: the largest of 128 / 64 / 32 dividing K
+    q4 = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    s4, z4 = torch.rand(N, K // gs, generator=g) + 0.1, torch.randint(0, 16, (N, K // gs), generator=g).float()
+    w4, w4p = native.prepare_wn(q4, s4, z4, 4, gs), panels.prepare_group_panels(q4, s4, z4, gs)
     xf, wf = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
-    row, panel, pos, t2, tp, fp = race(
+    row, panel, pos, t2, tp, i4, i4p, fp = race(
         lambda: native.matmul_w8a8(xq, sx, rows, threads),
         lambda: panels.matmul_w8a8_panel(xq, sx, pan, threads),
         lambda: panels.matmul_w8a8_panel(xpos, sx, pan, threads),
         lambda: native.matmul_ternary(xq, sx, tern, threads),
         lambda: panels.matmul_w8a8_panel(xq, sx, tpan, threads),
+        lambda: native.matmul_wna8(xq, sx, w4, threads),
+        lambda: panels.matmul_wn_panel(xq, sx, w4p, threads),
         lambda: F.linear(xf, wf),
     )
     return (
-        f"| {threads} | {M} | {K} | {N} | {row:.3f} | {panel:.3f} | {pos:.3f} | {t2:.3f} | {tp:.3f} | {fp:.3f} "
-        f"| {row / panel:.2f}× | {fp / panel:.2f}× | {fp / pos:.2f}× | {t2 / tp:.2f}× |"
+        f"| {threads} | {M} | {K} | {N} | {row:.3f} | {panel:.3f} | {pos:.3f} | {t2:.3f} | {tp:.3f} | {i4:.3f} "
+        f"| {i4p:.3f} | {fp:.3f} | {row / panel:.2f}× | {fp / panel:.2f}× | {fp / pos:.2f}× | {t2 / tp:.2f}× "
+        f"| {i4 / i4p:.2f}× |"
     )
 
 
@@ -68,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     print(f"CPU: {env.get('cpu', '?')}; torch {torch.__version__}; native kernels: {native.build_info()['isa']}")
     print("ms per call; ratios: row-kernel time / panel time, and fp32 time / panel time (> 1: panels faster)")
-    print("| threads | M | K | N | row | panel | panel ≥0 | ternary 2-bit | ternary panel | fp32 | panel vs row "
-          "| panel vs fp32 | panel ≥0 vs fp32 | ternary panel vs 2-bit |")  # fmt: skip
-    print("|---" * 14 + "|")
+    print("| threads | M | K | N | row | panel | panel ≥0 | ternary 2-bit | ternary panel | int4 4-bit | int4 panel "
+          "| fp32 | panel vs row | panel vs fp32 | panel ≥0 vs fp32 | ternary panel vs 2-bit "
+          "| int4 panel vs 4-bit |")  # fmt: skip
+    print("|---" * 17 + "|")
     g = torch.Generator().manual_seed(0)
     for threads in args.threads:
         torch.set_num_threads(threads)

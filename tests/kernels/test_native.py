@@ -349,6 +349,7 @@ def test_scalar_path_matches(tmp_path):
         "from tests.kernels import test_panels as tp\n"
         "for nonneg in (False, True):\n"
         "    tp.test_panel_kernel_is_exact_and_equals_the_row_kernel(100, 33, 7, 2, nonneg)\n"
+        "    tp.test_group_panels_compute_the_group_sums_exactly(4, 32, 6, nonneg)\n"
         "from tests.kernels import test_dispatch as d\n"  # whole layers through lb_linear
         "for w, a, k in d.CASES[:13]:\n"
         "    d.test_native_output_matches_simulated(w, a, k, 3)\n"

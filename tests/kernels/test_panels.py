@@ -99,3 +99,52 @@ def test_dispatch_builds_panels_on_the_first_call_with_many_rows(preset, many):
         assert layer._dispatch.state.has_panels
         assert torch.equal(layer(x[:1]), few) and layer._dispatch.state.has_panels
     assert torch.equal(all_rows[:1], few)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("M", [1, 6, 20])
+@pytest.mark.parametrize("nonneg", [False, True])
+def test_group_panels_compute_the_group_sums_exactly(bits, group, M, nonneg):
+    """Group-wise int2-4 weights on panels of q − z: each group's int32 sum is exact, so the output is the
+    formula y = sx·Σ_g s_g·d_g up to fp32 rounding of the group sum, and the 4-bit kernel's within the same."""
+    K, N = 384, 37
+    G = K // group
+    g = gen(bits * 100 + group + M)
+    q = torch.randint(0, 2**bits, (N, K), generator=g, dtype=torch.uint8)
+    s = torch.rand(N, G, generator=g) + 0.1
+    z = torch.randint(0, 2**bits, (N, G), generator=g).float()
+    xq, sx = rand_xq(M, K, g)
+    if nonneg:
+        xq = xq.abs()
+    y = panels.matmul_wn_panel(xq, sx, panels.prepare_group_panels(q, s, z, group), 2)
+    d = xq.double()[:, None, :] * (q.double() - z.repeat_interleave(group, 1).double())[None]
+    exact = sx.double()[:, None] * (d.reshape(M, N, G, group).sum(-1) * s.double()[None]).sum(-1)
+    tol = 1e-6 * float(exact.abs().max())
+    assert float((y.double() - exact).abs().max()) <= tol
+    ref = native.matmul_wna8(xq, sx, native.prepare_wn(q, s, z, bits, group))
+    assert float((y - ref).abs().max()) <= 2 * tol
+
+
+@pytest.mark.parametrize("zero", ["integer", "real"])  # real-valued zero points (HQQ): panels of q + s·z correction
+def test_group_layers_use_panels_from_16_rows(zero):
+    from torch import nn
+
+    import lowbit
+    from lowbit.kernels import layer as native_layer
+    from lowbit.kernels.routes import route_for
+
+    torch.manual_seed(0)
+    recipe = "w4g128-hqq" if zero == "real" else "w4g128"
+    layer = lowbit.pack(
+        lowbit.compress(nn.Sequential(nn.Linear(256, 48)), recipe, progress=False), kernel_activations="int8"
+    )[0]
+    assert bool(torch.equal(layer.zero, layer.zero.round())) is (zero == "integer")
+    route = route_for(layer)
+    assert route.kernel == "w4a8" and route.panel_rows == 16
+    with_panels, without = route.prepare(layer, panels=True), route.prepare(layer)
+    assert with_panels.has_panels and not without.has_panels
+    x = torch.randn(20, 256)
+    x[2] = x[2].abs()
+    a, b = native_layer.linear(with_panels, x), native_layer.linear(without, x)  # panels / the 4-bit kernel
+    assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())

@@ -790,6 +790,109 @@ LB_API int lb_wna32(const float* x, i64 M, i64 K, const uint8_t* blob, i64 row_b
 }
 
 // ================================================================================================
+// WNA8 on many rows: group-wise int2 / int3 / int4 weights as int8 panels of (q - z) (exact: |q - z| <= 15), the
+// layout of lb_w8a8_panel, with per-panel group scales spg[p][g][16] (zero past N). Per group the tile's int32 sums
+// d_g = sum_k xq (q - z) are the row kernel's; y = sx[m] * sum_g s_g * (float)d_g, summed in group order (fp32,
+// like lb_wna8's, not bit-identical to it). Real-valued zero points: panels of q, and the s*z correction after.
+// ================================================================================================
+static constexpr i64 WN_PANEL_ROWS = 16;
+
+#ifdef __AVX2__
+template <int MR, bool NONNEG>
+static inline void wn_panel_tile(const int8_t* x, i64 Kp, const int8_t* wp, const float* sx, const float* spg,
+                                 i64 group, float* y, i64 ldm, i64 ncols) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 f[MR][2];
+    for (int m = 0; m < MR; ++m) f[m][0] = f[m][1] = _mm256_setzero_ps();
+    for (i64 k0 = 0, g = 0; k0 < Kp; k0 += group, ++g) {
+        __m256i acc[MR][2];
+        for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+        for (i64 k = k0; k < k0 + group; k += 4) {
+            const __m256i w0 = ld(wp + 16 * k), w1 = ld(wp + 16 * k + 32);
+            const __m256i a0 = NONNEG ? w0 : _mm256_abs_epi8(w0), a1 = NONNEG ? w1 : _mm256_abs_epi8(w1);
+            for (int m = 0; m < MR; ++m) {
+                int32_t xv;
+                memcpy(&xv, x + m * Kp + k, 4);
+                const __m256i xb = _mm256_set1_epi32(xv);
+                const __m256i p0 = NONNEG ? _mm256_maddubs_epi16(xb, w0) : _mm256_maddubs_epi16(a0, _mm256_sign_epi8(xb, w0));
+                const __m256i p1 = NONNEG ? _mm256_maddubs_epi16(xb, w1) : _mm256_maddubs_epi16(a1, _mm256_sign_epi8(xb, w1));
+                acc[m][0] = keep(_mm256_add_epi32(acc[m][0], _mm256_madd_epi16(p0, ones)));
+                acc[m][1] = keep(_mm256_add_epi32(acc[m][1], _mm256_madd_epi16(p1, ones)));
+            }
+        }
+        const __m256 s0 = _mm256_loadu_ps(spg + 16 * g), s1 = _mm256_loadu_ps(spg + 16 * g + 8);
+        for (int m = 0; m < MR; ++m) {
+            f[m][0] = keep(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][0]), s0, f[m][0]));
+            f[m][1] = keep(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][1]), s1, f[m][1]));
+        }
+    }
+    for (int m = 0; m < MR; ++m) {
+        const __m256 r = _mm256_set1_ps(sx[m]);
+        alignas(32) float t[16];
+        _mm256_store_ps(t, _mm256_mul_ps(r, f[m][0]));
+        _mm256_store_ps(t + 8, _mm256_mul_ps(r, f[m][1]));
+        memcpy(y + m * ldm, t, sizeof(float) * ncols);
+    }
+}
+#endif
+
+LB_API void lb_wn_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_t* wp, const float* spg,
+                        i64 N, i64 Kp, i64 group, float* y, int threads) {
+    int8_t* own;
+    const int8_t* xp = pad_rows(xq, M, K, Kp, &own);
+    const i64 P = (N + 15) / 16, G = Kp / group;
+#ifdef __AVX2__
+    const i64 chunk = std::max<i64>(1, (192 * 1024) / (16 * Kp));
+    const i64 blocks = (M + 3) / 4;
+#pragma omp parallel num_threads(nthreads(threads)) if (threads != 1 && M * N * Kp >= (1 << 18))
+    {
+        const i64 nth = omp_get_num_threads();
+        i64 b0 = 0, b1 = blocks, q0 = 0, q1 = P;
+        if (blocks >= 2 * nth) my_rows(blocks, 1, &b0, &b1);
+        else my_rows(P, 1, &q0, &q1);
+        for (i64 c0 = q0; c0 < q1; c0 += chunk) {
+            const i64 c1 = std::min(q1, c0 + chunk);
+            for (i64 b = b0; b < b1; ++b) {
+                const i64 m = 4 * b, mr = std::min<i64>(4, M - m);
+                const int8_t* xm = xp + m * Kp;
+                const bool nonneg = rows_nonneg(xm, mr, Kp);
+                for (i64 p = c0; p < c1; ++p) {
+                    const i64 nc = std::min<i64>(16, N - 16 * p);
+                    const int8_t* wq = wp + p * 16 * Kp;
+                    const float* sg = spg + p * G * 16;
+                    float* ym = y + m * N + 16 * p;
+#define LB_WNP(MR) (nonneg ? wn_panel_tile<MR, true>(xm, Kp, wq, sx + m, sg, group, ym, N, nc) \
+                           : wn_panel_tile<MR, false>(xm, Kp, wq, sx + m, sg, group, ym, N, nc))
+                    switch (mr) {
+                        case 4: LB_WNP(4); break;
+                        case 3: LB_WNP(3); break;
+                        case 2: LB_WNP(2); break;
+                        default: LB_WNP(1); break;
+                    }
+#undef LB_WNP
+                }
+            }
+        }
+    }
+#else
+    for (i64 m = 0; m < M; ++m)
+        for (i64 n = 0; n < N; ++n) {
+            const int8_t* wc = wp + (n / 16) * 16 * Kp + 4 * (n % 16);
+            float t = 0.f;
+            for (i64 g = 0; g < G; ++g) {
+                int32_t d = 0;
+                for (i64 k = g * group; k < (g + 1) * group; ++k)
+                    d += (int32_t)xp[m * Kp + k] * (int32_t)wc[16 * (k & ~3) + (k & 3)];
+                t += spg[((n / 16) * G + g) * 16 + n % 16] * (float)d;
+            }
+            y[m * N + n] = sx[m] * t;
+        }
+    (void)P;
+#endif
+    free(own);
+}
+
+// ================================================================================================
 // Ternary W1.58A8 (BitNet b1.58).
 //   Layout: c = t + 1 in {0,1,2}, packed 2 bits/weight exactly like the int2 chunks above (128 k per
 //   32 bytes), K padded to 128 with c = 0; rows of Kp/4 bytes. sw fp32 per row (N,).
@@ -1452,9 +1555,9 @@ struct lb_layer {
     int32_t bits, group;      // WN
     float qmax, min_scale, max_scale;  // activation quantizer (I8: qmax; SIGN: min_scale > 0 -> mean |x| scale)
     int32_t sign_scale;       // SIGN: 1 -> per-row mean |x| scale, 0 -> scale 1
-    const int8_t* wp;         // I8 activations on W8 / TERNARY: the int8 codes as 16-column panels, or NULL
-    const float* sp;          //   (lb_w8a8_panel, from PANEL_ROWS rows on), their scales padded to 16 columns
-    i64 pld;                  //   and the panels' K (a multiple of 32)
+    const int8_t* wp;         // I8 activations on W8 / TERNARY / WN: the int8 codes (WN: q - z) as 16-column
+    const float* sp;          //   panels, or NULL (from PANEL_ROWS / TERNARY_PANEL_ROWS / WN_PANEL_ROWS rows on);
+    i64 pld;                  //   their scales padded to 16 columns (WN: per panel and group); the panels' K
 };
 
 LB_API int lb_layer_size(void) { return (int)sizeof(lb_layer); }
@@ -1551,7 +1654,9 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
                 else rc = -1;
                 break;
             case LB_WN:
-                if (i8) rc = lb_wna8(xq, sx, M, K, (const uint8_t*)L->w, L->ld, N, L->bits, L->group, y, threads);
+                if (i8 && L->wp && M >= WN_PANEL_ROWS)
+                    lb_wn_panel(xq, sx, M, K, L->wp, L->sp, N, L->pld, L->group, y, threads);
+                else if (i8) rc = lb_wna8(xq, sx, M, K, (const uint8_t*)L->w, L->ld, N, L->bits, L->group, y, threads);
                 else if (f32) rc = lb_wna32(x, M, K, (const uint8_t*)L->w, L->ld, N, L->bits, L->group, y, threads);
                 else rc = -1;
                 if (rc == 0 && L->sz) sz_correct(L, x, xq, sx, M, y, threads);

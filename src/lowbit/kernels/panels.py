@@ -38,14 +38,24 @@ PANEL = 16
 
 class PreparedPanels:
     """wp: int8 (N/16, Kp/4, 16, 4) panels, N padded to 16 columns and K to Kp (a multiple of 32) with zeros;
-    sp: fp32 scales (padded N,), zero past N."""
+    sp: fp32 scales (padded N,), zero past N; for group-wise weights (``group`` > 0) per panel and group,
+    (N/16, K/group, 16)."""
 
-    def __init__(self, wp: torch.Tensor, sp: torch.Tensor, N: int, K: int, Kp: int) -> None:
-        self.wp, self.sp, self.N, self.K, self.Kp = wp, sp, N, K, Kp
+    def __init__(self, wp: torch.Tensor, sp: torch.Tensor, N: int, K: int, Kp: int, group: int = 0) -> None:
+        self.wp, self.sp, self.N, self.K, self.Kp, self.group = wp, sp, N, K, Kp, group
 
     @property
     def nbytes(self) -> int:
         return self.wp.numel() + 4 * self.sp.numel()
+
+
+def _panel_codes(q: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """int8 codes (N, K) as (N/16, Kp/4, 16, 4) panels (zero padded), with the padded N and K."""
+    N, K = q.shape
+    Np, Kp = _rup(N, PANEL), _rup(K, 32)
+    w = torch.zeros(Np, Kp, dtype=torch.int8)
+    w[:N, :K] = q
+    return w.view(Np // PANEL, PANEL, Kp // 4, 4).permute(0, 2, 1, 3).contiguous(), Np, Kp
 
 
 def prepare_panels(q: torch.Tensor, s: torch.Tensor) -> PreparedPanels:
@@ -53,13 +63,27 @@ def prepare_panels(q: torch.Tensor, s: torch.Tensor) -> PreparedPanels:
     expanded)."""
     q = _as(q, torch.int8)
     N, K = q.shape
-    Np, Kp = _rup(N, PANEL), _rup(K, 32)
-    w = torch.zeros(Np, Kp, dtype=torch.int8)
-    w[:N, :K] = q
-    wp = w.view(Np // PANEL, PANEL, Kp // 4, 4).permute(0, 2, 1, 3).contiguous()
+    wp, Np, Kp = _panel_codes(q)
     sp = torch.zeros(Np, dtype=torch.float32)
     sp[:N] = _vec(s).expand(N) if s.numel() == 1 else _vec(s)
     return PreparedPanels(wp, sp, N, K, Kp)
+
+
+def prepare_group_panels(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int) -> PreparedPanels:
+    """Panels of group-wise codes: ``q`` (N, K) unsigned codes, ``s`` / ``z`` (N, K/group) scales and integer
+    zero points; the panels hold ``q − z`` (exact in int8 for ≤ 7-bit codes), the scales go per panel and group.
+    K must be a multiple of ``group`` (32, 64 or 128)."""
+    N, K = q.shape
+    assert group in (32, 64, 128) and K % group == 0, f"K={K} must be a multiple of group={group} (32, 64, 128)"
+    G = K // group
+    zs = z.float().reshape(N, G).repeat_interleave(group, dim=1)
+    d = (q.float() - zs).round()
+    assert d.numel() == 0 or float(d.abs().max()) <= 127, "codes minus zero points must fit int8"
+    wp, Np, Kp = _panel_codes(d.to(torch.int8))
+    sg = torch.zeros(Np, G, dtype=torch.float32)
+    sg[:N] = _as(s, torch.float32).reshape(N, G)
+    spg = sg.view(Np // PANEL, PANEL, G).permute(0, 2, 1).contiguous()  # (P, G, 16)
+    return PreparedPanels(wp, spg, N, K, Kp, group)
 
 
 def matmul_w8a8_panel(xq: torch.Tensor, sx: torch.Tensor, p: PreparedPanels, threads: int = 1) -> torch.Tensor:
@@ -67,4 +91,13 @@ def matmul_w8a8_panel(xq: torch.Tensor, sx: torch.Tensor, p: PreparedPanels, thr
     from 4 rows on)."""
     xq, sx, M, K, y = _int8_call(xq, sx, p)
     _need().lb_w8a8_panel(_ptr(xq), _ptr(sx), M, K, _ptr(p.wp), _ptr(p.sp), p.N, p.Kp, _ptr(y), threads)
+    return y
+
+
+def matmul_wn_panel(xq: torch.Tensor, sx: torch.Tensor, p: PreparedPanels, threads: int = 1) -> torch.Tensor:
+    """y = sx[m] · Σ_g s_g · (Σ_{k in g} xq·(q − z)) for group panels (`prepare_group_panels`); `lb_linear` uses it
+    from 16 rows on."""
+    xq, sx, M, K, y = _int8_call(xq, sx, p)
+    lib = _need()
+    lib.lb_wn_panel(_ptr(xq), _ptr(sx), M, K, _ptr(p.wp), _ptr(p.sp), p.N, p.Kp, p.group, _ptr(y), threads)
     return y

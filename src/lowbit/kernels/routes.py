@@ -58,8 +58,12 @@ SHORT_ROWS = 96
 TERNARY_PANEL_K = 768
 
 
-#: Input rows from which the many-row kernel (`kernels.panels`) runs: W8A8 layers, ternary layers (as in C).
-PANEL_ROWS, TERNARY_PANEL_ROWS = 4, 32
+#: Input rows from which the many-row kernels (`kernels.panels`) run: W8A8, ternary, int2-4 groups (as in C).
+PANEL_ROWS, TERNARY_PANEL_ROWS, WN_PANEL_ROWS = 4, 32, 16
+#: Group-wise int2-4 layers with int8 activations get panels (int8 codes of q − z, twice an int4 layer's bytes)
+#: only up to this many weights: on larger, memory-bound layers their 4-bit kernel stays ahead at 16 rows
+#: (`python benchmarks/panels.py`).
+WN_PANEL_MAX_WEIGHTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,8 @@ def _prepare_groups(lay: Any, bits: int, group: int) -> tuple[Any, torch.Tensor 
 def route_for(layer: nn.Module) -> Route | None:
     """The native route of a packed linear layer, or None when its format has no fast kernel."""
     from lowbit.kernels import layer as native_layer
-    from lowbit.kernels import native, panels
+    from lowbit.kernels import native
+    from lowbit.kernels import panels as panels_mod
     from lowbit.nn.packed import PackedConv2d, PackedLinear
 
     conv_as_linear = isinstance(layer, PackedConv2d) and layer.groups == 1 and layer.patch_tokens
@@ -148,7 +153,7 @@ def route_for(layer: nn.Module) -> Route | None:
 
     def with_panels(codes: torch.Tensor, scale: torch.Tensor, wanted: bool) -> dict[str, Any]:
         """The many-row layout of int8 codes (`kernels.panels`) for a layer with int8 activations, when wanted."""
-        return {"panels": panels.prepare_panels(codes, scale)} if wanted and mode == "int8" else {}
+        return {"panels": panels_mod.prepare_panels(codes, scale)} if wanted and mode == "int8" else {}
 
     if w.kind == "int" and w.bits == 8 and w.symmetric and w.granularity == "channel" and mode != "sign":
 
@@ -163,11 +168,16 @@ def route_for(layer: nn.Module) -> Route | None:
     if w.kind == "int" and w.bits in (2, 3, 4) and not w.symmetric and group is not None and mode != "sign":
         bits, g = w.bits, group
 
-        def prep_wn(lay: Any) -> Any:
+        def prep_wn(lay: Any, panels: bool = False) -> Any:
             prepared, sz = _prepare_groups(lay, bits, g)
-            return native_layer.describe(prepared, mode, sz=sz, **kw)
+            extra = {}
+            if panels and mode == "int8":  # real-valued zero points: panels of q, and the same s·z correction
+                z = lay.zero.float() if sz is None else torch.zeros_like(lay.zero, dtype=torch.float32)
+                extra["panels"] = panels_mod.prepare_group_panels(lay.codes, lay.scale.float(), z, g)
+            return native_layer.describe(prepared, mode, sz=sz, **extra, **kw)
 
-        return Route(f"w{bits}{suffix}", prep_wn)
+        many = WN_PANEL_ROWS if mode == "int8" and n * k <= WN_PANEL_MAX_WEIGHTS else 0
+        return Route(f"w{bits}{suffix}", prep_wn, many)
 
     if w.kind == "ternary" and mode == "int8":
 
