@@ -160,7 +160,8 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
             "the dense reference path (fp32 matmul on the dequantized weight, after simulated activation "
             "quantization where the format has it), as dispatch measured them once per shape ('kernel ms', "
             "'dense ms'; a convolution with per-token activations runs them on its patches, one row per output "
-            "position; other convolutions have no native kernel). 'layer ms' is the packed layer's whole call and "
+            "position; other convolutions have no native kernel; '(panels)': the kernel's many-row layout). "
+            "'layer ms' is the packed layer's whole call and "
             "'fp32 ms' an nn.Linear / nn.Conv2d call of the same shape, timed in alternation on the layer's input; "
             "'vs fp32' is their ratio. "
             + (
@@ -225,7 +226,7 @@ def _packed_dispatch(model: Any, workload: Any, args: argparse.Namespace) -> dic
                 slower.append(name)
             r = layer_report(m)[-1]
             measured = [f"{r[k]:.3f}" if r.get(k) is not None else "-" for k in ("native_ms", "dense_ms")]
-            kernel = r.get("kernel") or "-"
+            kernel = (r.get("kernel") or "-") + (" (panels)" if r.get("panels") else "")
             times = [f"{layer_ms:.3f}", f"{fp32_ms:.3f}", f"{fp32_ms / layer_ms:.2f}×"]
             cells[name] = [kernel, r["path"], *measured, *times]
     cells["__slower__"] = slower

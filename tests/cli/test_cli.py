@@ -68,6 +68,11 @@ def test_inspect_shows_per_patch_convolutions_on_their_kernel(capsys) -> None:
     rc, text, _ = _run(capsys, "inspect", "digits-cnn", "--recipe", "w8a8", "--packed")
     conv_row = next(line for line in text.splitlines() if "features.3" in line)
     assert rc == 0 and "int8 sym per-patch dynamic" in conv_row and "w8a8" in conv_row.split("│")[8]
+    # 64 patches per image: where the kernel was chosen it ran its many-row layout; the 1-row head never does
+    kernel, chosen = conv_row.split("│")[8:10]
+    assert ("(panels)" in kernel) == (chosen.strip() == "w8a8")
+    head_row = next(line for line in text.splitlines() if "classifier.4" in line)
+    assert "(panels)" not in head_row
 
 
 @pytest.mark.slow

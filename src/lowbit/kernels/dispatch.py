@@ -287,6 +287,7 @@ class LayerDispatch:
                 "dense_ms": dense_ms,
                 "fp32_ms": fp32_ms,
                 "native": native_ms < dense_ms,
+                "rows_seen": rows,  # the rows the race ran on (the kernel layout depends on them)
             }
             # Keep only the weights the chosen paths need: the dequantized fp32 cache or the kernel layout.
             if c["native"]:
@@ -410,11 +411,15 @@ def layer_report(layer: Any) -> list[dict[str, Any]]:
         return [{"path": "reference", "kernel": None}]
     if not disp.choice:
         return [{"path": "not run yet", "kernel": disp.route.kernel}]
+    many, st = disp.route.panel_rows, disp.state
+    panels = bool(many and st is not None and st.has_panels)
     return [
         {
             "rows": rows,
             "threads": threads,
             "kernel": disp.route.kernel,
+            # the many-row layout (`kernels.panels`) ran for these rows
+            "panels": panels and c["native"] and c.get("rows_seen", 0) >= many,
             "path": disp.route.kernel if c["native"] else "reference",
             "native_ms": c["native_ms"],
             "dense_ms": c["dense_ms"],
