@@ -2,10 +2,11 @@
 
 For each (M, K, N): the int8 row kernel (``lb_w8a8``), the panel kernel on signed codes and on non-negative codes
 (inputs after a ReLU: its sign-free product), the 2-bit ternary kernel (``lb_ternary``) on ternary codes and the
-panels on them, int4 weights (groups of 128, or 64 / 32 where K needs) on their 4-bit kernel (``lb_wna8``) and on group panels (``lb_wn_panel``), and
-fp32 ``F.linear`` (MKL), timed in alternation (`lowbit.kernels.dispatch.race`, best of rounds). Activation quantization
-is not included (the same for every int8 path). Shapes: decoding (M = 1-16 rows of 4096²), MiniLM at batch 32
-(K = 384), the patches of a VGG-style CNN's convolutions (M = output positions, K = 9·C), the digits models.
+panels on them, int4 weights (groups of 128, or 64 / 32 where K needs) on their 4-bit kernel (``lb_wna8``) and on
+group panels (``lb_wn_panel``), and fp32 ``F.linear`` (MKL), timed in alternation
+(`lowbit.kernels.dispatch.race`, best of rounds). Activation quantization is not included (the same for every int8
+path). Shapes: decoding (M = 1-16 rows of 4096²), MiniLM (K = 384 / 1536, 45 rows at batch 1, more at batch 32),
+the patches of a VGG-style CNN's convolutions (M = output positions, K = 9·C), the digits models.
 
     python benchmarks/panels.py --threads 1 2
 """
