@@ -69,8 +69,9 @@ def describe(
     """Bind prepared weights ``p`` and an activation mode (``"f32"``, ``"int8"``: symmetric per row with ``qmax``
     and the scale guards, ``"sign"``: signs with mean |x| scales when ``sign_scale``) into one `NativeLinear`.
     ``sz`` (N, K/group) fp32 = scale·zero for group-wise weights with real-valued zero points (the blob must
-    then hold zero points 0). ``panels``: the same int8 (or ternary) codes in the many-row layout of
-    `kernels.panels`, run from 4 input rows on (int8 activations only)."""
+    then hold zero points 0). ``panels``: the same codes (int8, ternary, or q − z of int2-4 groups) in the many-row
+    layout of `kernels.panels` (`prepare_panels` / `prepare_group_panels`), which `lb_linear` runs from the
+    route's row count on (`routes.Route.panel_rows`; int8 activations only)."""
     d = LayerDesc(akind=AKINDS[act], qmax=qmax, min_scale=min_scale, max_scale=max_scale, sign_scale=int(sign_scale))
     keep: list = [p]
     if isinstance(p, PreparedW8):
