@@ -93,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--packed",
         action="store_true",
-        help="pack the model and show, per layer (convolutions included), the native kernel, the path dispatch "
-        "chose, its measured kernel and dense-path times, and the packed layer's whole call timed in alternation "
-        "against an fp32 nn.Linear / nn.Conv2d of the same shape",
+        help="pack the model and show, per layer (convolutions included), the native kernel (marked '(panels)' "
+        "where it ran its many-row layout), the path dispatch chose, its measured kernel and dense-path times, and "
+        "the packed layer's whole call timed in alternation against an fp32 nn.Linear / nn.Conv2d of the same shape",
     )
     i.add_argument("--batch-size", type=int, default=1, help="batch size of the --packed timing (default: 1)")
     i.add_argument("--threads", type=int, default=1, help="CPU threads for the --packed timing (default: 1)")
