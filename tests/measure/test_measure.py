@@ -68,3 +68,17 @@ def test_quality_metrics_closed_forms() -> None:
     assert math.isclose(accuracy(torch.eye(3), torch.tensor([0, 1, 1])), 2 / 3, rel_tol=1e-6)
     assert agreement(torch.eye(3), torch.eye(3)) == 1.0
     assert math.isclose(perplexity(torch.zeros(3, 4, 11), torch.zeros(3, 4, dtype=torch.long)), 11.0, rel_tol=1e-5)
+
+
+def test_cpu_model_names_its_generation_where_the_name_does_not() -> None:
+    from lowbit.measure.envinfo import parse_cpuinfo
+
+    vm = "processor : 0\ncpu family : 25\nmodel : 1\nmodel name : AMD EPYC\nflags : fpu fma avx2 sha_ni\n"
+    assert parse_cpuinfo(vm + "processor : 1\ncpu family : 23\nmodel : 49\n") == (
+        "AMD EPYC (family 25, model 1)",  # the first processor's, not the second's
+        ["avx2", "fma"],
+    )
+    xeon = "cpu family : 6\nmodel : 85\nmodel name : Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz\nflags : avx2 avx512f"
+    assert parse_cpuinfo(xeon)[0] == "Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz"
+    arm = "processor : 0\nFeatures : fp asimd\nCPU part : 0xd0c\n"
+    assert parse_cpuinfo(arm, "aarch64") == ("aarch64", ["asimd"])

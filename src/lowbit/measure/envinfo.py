@@ -20,22 +20,40 @@ import torch
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "asimd", "neon")
 
 
+def parse_cpuinfo(text: str, fallback: str = "") -> tuple[str, list[str]]:
+    """CPU model and the SIMD features of `FLAGS` from the text of ``/proc/cpuinfo`` (first processor). A model
+    name that does not say which generation it is (virtual machines report e.g. "AMD EPYC") gets the x86 family /
+    model numbers appended, which do: family 23 is AMD Zen 1 / Zen 2, 25 Zen 3 / Zen 4, by model.
+
+    >>> parse_cpuinfo("cpu family : 25\\nmodel : 1\\nmodel name : AMD EPYC\\nflags : fma avx2")
+    ('AMD EPYC (family 25, model 1)', ['avx2', 'fma'])
+    """
+    model, flags, family, number = fallback, [], "", ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key in ("model name", "Model") and model in ("", fallback):
+            model = value
+        elif key == "cpu family" and not family:
+            family = value
+        elif key == "model" and not number:
+            number = value
+        elif key in ("flags", "Features") and not flags:
+            have = set(value.split())
+            flags = [f for f in FLAGS if f in have]
+    if family and number and not any(ch.isdigit() for ch in model):
+        model = f"{model} (family {family}, model {number})"
+    return model, flags
+
+
 @lru_cache(maxsize=1)
 def _cpu() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or platform.machine(), []
+    fallback = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
-                    model = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    have = set(value.split())
-                    flags = [f for f in FLAGS if f in have]
+            return parse_cpuinfo(f.read(), fallback)
     except OSError:
-        pass
-    return model, flags
+        return fallback, []
 
 
 def _version(pkg: str) -> str:
