@@ -413,16 +413,32 @@ static inline bool rows_nonneg(const int8_t* x, i64 rows, i64 Kp) {
     return _mm256_movemask_epi8(any) == 0;
 }
 
-template <int MR>
-static inline void w8a8_panel_rows(const int8_t* x, i64 Kp, const int8_t* wp, const float* sx, const float* sp,
-                                   float* y, i64 N, i64 ldm, i64 ldn, i64 p0, i64 p1, bool nonneg) {
-    for (i64 p = p0; p < p1; ++p) {
-        const i64 ncols = std::min<i64>(16, N - 16 * p);
-        float* yp = y + 16 * p * ldn;
-        if (nonneg)
-            w8a8_panel_tile<MR, true>(x, Kp, wp + p * 16 * Kp, sx, sp + 16 * p, yp, ldm, ldn, ncols);
-        else
-            w8a8_panel_tile<MR, false>(x, Kp, wp + p * 16 * Kp, sx, sp + 16 * p, yp, ldm, ldn, ncols);
+// The shared loop of the many-row kernels: row blocks of 4 (split between threads when there are enough, else the
+// panels), panels in chunks that stay in L2 while every row block of the thread passes over them;
+// tile(IC<MR>, m, p, nonneg) computes rows m .. m+MR-1 against panel p (nonneg: those rows hold no negative code).
+template <class F>
+static void panel_blocks(const int8_t* xp, i64 M, i64 N, i64 Kp, int threads, F tile) {
+    const i64 P = (N + 15) / 16, blocks = (M + 3) / 4;
+    const i64 chunk = std::max<i64>(1, (192 * 1024) / (16 * Kp));
+#pragma omp parallel num_threads(nthreads(threads)) if (threads != 1 && M * N * Kp >= (1 << 18))
+    {
+        const i64 nth = omp_get_num_threads();
+        i64 b0 = 0, b1 = blocks, q0 = 0, q1 = P;
+        if (blocks >= 2 * nth) my_rows(blocks, 1, &b0, &b1);
+        else my_rows(P, 1, &q0, &q1);
+        for (i64 c0 = q0; c0 < q1; c0 += chunk) {
+            const i64 c1 = std::min(q1, c0 + chunk);
+            for (i64 b = b0; b < b1; ++b) {
+                const i64 m = 4 * b, mr = std::min<i64>(4, M - m);
+                const bool nonneg = rows_nonneg(xp + m * Kp, mr, Kp);
+                for (i64 p = c0; p < c1; ++p) switch (mr) {
+                        case 4: tile(IC<4>(), m, p, nonneg); break;
+                        case 3: tile(IC<3>(), m, p, nonneg); break;
+                        case 2: tile(IC<2>(), m, p, nonneg); break;
+                        default: tile(IC<1>(), m, p, nonneg); break;
+                    }
+            }
+        }
     }
 }
 #endif
@@ -432,34 +448,15 @@ static void w8a8_panel_run(const int8_t* xq, const float* sx, i64 M, i64 K, cons
                            i64 N, i64 Kp, float* y, i64 ldm, i64 ldn, int threads) {
     int8_t* own;
     const int8_t* xp = pad_rows(xq, M, K, Kp, &own);
-    const i64 P = (N + 15) / 16;
 #ifdef __AVX2__
-    // Panels in chunks that stay in L2 while every row block of this thread passes over them.
-    const i64 chunk = std::max<i64>(1, (192 * 1024) / (16 * Kp));
-    const i64 blocks = (M + 3) / 4;
-#pragma omp parallel num_threads(nthreads(threads)) if (threads != 1 && M * N * Kp >= (1 << 18))
-    {
-        // Rows split between threads when there are enough, else the panels.
-        const i64 nth = omp_get_num_threads();
-        i64 b0 = 0, b1 = blocks, q0 = 0, q1 = P;
-        if (blocks >= 2 * nth) my_rows(blocks, 1, &b0, &b1);
-        else my_rows(P, 1, &q0, &q1);
-        for (i64 c0 = q0; c0 < q1; c0 += chunk) {
-            const i64 c1 = std::min(q1, c0 + chunk);
-            for (i64 b = b0; b < b1; ++b) {
-                const i64 m = 4 * b, mr = std::min<i64>(4, M - m);
-                const int8_t* xm = xp + m * Kp;
-                const bool nonneg = rows_nonneg(xm, mr, Kp);
-                float* ym = y + m * ldm;
-                switch (mr) {
-                    case 4: w8a8_panel_rows<4>(xm, Kp, wp, sx + m, sp, ym, N, ldm, ldn, c0, c1, nonneg); break;
-                    case 3: w8a8_panel_rows<3>(xm, Kp, wp, sx + m, sp, ym, N, ldm, ldn, c0, c1, nonneg); break;
-                    case 2: w8a8_panel_rows<2>(xm, Kp, wp, sx + m, sp, ym, N, ldm, ldn, c0, c1, nonneg); break;
-                    default: w8a8_panel_rows<1>(xm, Kp, wp, sx + m, sp, ym, N, ldm, ldn, c0, c1, nonneg); break;
-                }
-            }
-        }
-    }
+    panel_blocks(xp, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, bool nonneg) {
+        constexpr int MR = decltype(mt)::value;
+        const i64 nc = std::min<i64>(16, N - 16 * p);
+        const int8_t *xm = xp + m * Kp, *wq = wp + p * 16 * Kp;
+        float* yp = y + m * ldm + 16 * p * ldn;
+        if (nonneg) w8a8_panel_tile<MR, true>(xm, Kp, wq, sx + m, sp + 16 * p, yp, ldm, ldn, nc);
+        else w8a8_panel_tile<MR, false>(xm, Kp, wq, sx + m, sp + 16 * p, yp, ldm, ldn, nc);
+    });
 #else
     for (i64 m = 0; m < M; ++m)
         for (i64 n = 0; n < N; ++n) {
@@ -468,7 +465,6 @@ static void w8a8_panel_run(const int8_t* xq, const float* sx, i64 M, i64 K, cons
             for (i64 k = 0; k < Kp; ++k) t += (int32_t)xp[m * Kp + k] * (int32_t)wc[16 * (k & ~3) + (k & 3)];
             y[m * ldm + n * ldn] = (sx[m] * sp[n]) * (float)t;
         }
-    (void)P;
 #endif
     free(own);
 }
@@ -840,40 +836,17 @@ LB_API void lb_wn_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const i
                         i64 N, i64 Kp, i64 group, float* y, int threads) {
     int8_t* own;
     const int8_t* xp = pad_rows(xq, M, K, Kp, &own);
-    const i64 P = (N + 15) / 16, G = Kp / group;
+    const i64 G = Kp / group;
 #ifdef __AVX2__
-    const i64 chunk = std::max<i64>(1, (192 * 1024) / (16 * Kp));
-    const i64 blocks = (M + 3) / 4;
-#pragma omp parallel num_threads(nthreads(threads)) if (threads != 1 && M * N * Kp >= (1 << 18))
-    {
-        const i64 nth = omp_get_num_threads();
-        i64 b0 = 0, b1 = blocks, q0 = 0, q1 = P;
-        if (blocks >= 2 * nth) my_rows(blocks, 1, &b0, &b1);
-        else my_rows(P, 1, &q0, &q1);
-        for (i64 c0 = q0; c0 < q1; c0 += chunk) {
-            const i64 c1 = std::min(q1, c0 + chunk);
-            for (i64 b = b0; b < b1; ++b) {
-                const i64 m = 4 * b, mr = std::min<i64>(4, M - m);
-                const int8_t* xm = xp + m * Kp;
-                const bool nonneg = rows_nonneg(xm, mr, Kp);
-                for (i64 p = c0; p < c1; ++p) {
-                    const i64 nc = std::min<i64>(16, N - 16 * p);
-                    const int8_t* wq = wp + p * 16 * Kp;
-                    const float* sg = spg + p * G * 16;
-                    float* ym = y + m * N + 16 * p;
-#define LB_WNP(MR) (nonneg ? wn_panel_tile<MR, true>(xm, Kp, wq, sx + m, sg, group, ym, N, nc) \
-                           : wn_panel_tile<MR, false>(xm, Kp, wq, sx + m, sg, group, ym, N, nc))
-                    switch (mr) {
-                        case 4: LB_WNP(4); break;
-                        case 3: LB_WNP(3); break;
-                        case 2: LB_WNP(2); break;
-                        default: LB_WNP(1); break;
-                    }
-#undef LB_WNP
-                }
-            }
-        }
-    }
+    panel_blocks(xp, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, bool nonneg) {
+        constexpr int MR = decltype(mt)::value;
+        const i64 nc = std::min<i64>(16, N - 16 * p);
+        const int8_t *xm = xp + m * Kp, *wq = wp + p * 16 * Kp;
+        const float* sg = spg + p * G * 16;
+        float* ym = y + m * N + 16 * p;
+        if (nonneg) wn_panel_tile<MR, true>(xm, Kp, wq, sx + m, sg, group, ym, N, nc);
+        else wn_panel_tile<MR, false>(xm, Kp, wq, sx + m, sg, group, ym, N, nc);
+    });
 #else
     for (i64 m = 0; m < M; ++m)
         for (i64 n = 0; n < N; ++n) {
@@ -887,7 +860,6 @@ LB_API void lb_wn_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const i
             }
             y[m * N + n] = sx[m] * t;
         }
-    (void)P;
 #endif
     free(own);
 }

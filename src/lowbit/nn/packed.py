@@ -160,7 +160,7 @@ class PackedConv2d(PackedMixin, QuantConv2d):
                 return y
         x = self._scale_shift_input(x)
         disp = self._dispatch
-        if disp:
+        if disp and not disp.unscaled:  # (an unscaled input's one-call path was tried in forward)
             cut = self._im2col.get((x.shape, x.stride()))
             y = None if cut is None else disp.hot_conv(self, x, cut)  # decided: one C call for the whole conv
             if y is not None:
