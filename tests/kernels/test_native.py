@@ -307,7 +307,7 @@ def _run_py(code, **env):
 def test_build_info():
     info = native.build_info()
     assert info["path"] and pathlib.Path(info["path"]).exists()
-    assert info["isa"] in ("avx2", "scalar")
+    assert info["isa"] in ("avx512vnni", "avx2", "scalar")
     root = os.environ.get("LOWBIT_CACHE_DIR")
     base = pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "lowbit"
     assert pathlib.Path(info["path"]).parent == base / "kernels"
@@ -333,31 +333,48 @@ def test_forced_reference_fallback():
     assert "LOWBIT_KERNELS=reference" in out and "raised" in out
 
 
+#: Kernels and whole layers checked in another build of the library (a subprocess with its own LOWBIT_KERNELS).
+OTHER_BUILD_CHECKS = (
+    "from tests.kernels import test_native as t\n"
+    "for M in (1, 5):\n"
+    "    t.test_w8a8(100, 9, M, 2); t.test_w8a32(100, 9, M, 1); t.test_ternary(130, 3, M, 2, True)\n"
+    "    t.test_w1a1(300, 9, M, 2, False); t.test_w1a8(300, 9, M, 1); t.test_w1a32(300, 9, M, 2)\n"
+    "    for b in (2, 3, 4):\n"
+    "        t.test_wna8(b, 32, 96, 9, M, 2); t.test_wna32(b, 128, 768, 6, M, 1)\n"
+    "from tests.kernels import test_panels as tp\n"
+    "for nonneg in (False, True):\n"
+    "    tp.test_panel_kernel_is_exact_and_equals_the_row_kernel(100, 33, 7, 2, nonneg)\n"
+    "    tp.test_group_panels_compute_the_group_sums_exactly(4, 32, 6, nonneg)\n"
+    "from tests.kernels import test_dispatch as d\n"  # whole layers through lb_linear
+    "for w, a, k in d.CASES[:13]:\n"
+    "    d.test_native_output_matches_simulated(w, a, k, 3)\n"
+    "d.test_real_valued_zero_points_run_natively('int8')\n"
+    "d.test_one_call_conv_writes_the_map_from_the_panels('int8', 2)\n"
+    "print('ok')\n"
+)
+
+
 def test_scalar_path_matches(tmp_path):
     """Build the portable path (no -march=native => no AVX2 on x86-64) and check a few kernels with it."""
     if os.uname().machine not in ("x86_64", "AMD64"):
         pytest.skip("scalar build check is for x86-64")
     code = (
-        "from lowbit.kernels import native; import torch\n"
-        "assert native.build_info()['isa'] == 'scalar', native.build_info()\n"
-        "from tests.kernels import test_native as t\n"
-        "for M in (1, 5):\n"
-        "    t.test_w8a8(100, 9, M, 2); t.test_w8a32(100, 9, M, 1); t.test_ternary(130, 3, M, 2, True)\n"
-        "    t.test_w1a1(300, 9, M, 2, False); t.test_w1a8(300, 9, M, 1); t.test_w1a32(300, 9, M, 2)\n"
-        "    for b in (2, 3, 4):\n"
-        "        t.test_wna8(b, 32, 96, 9, M, 2); t.test_wna32(b, 128, 768, 6, M, 1)\n"
-        "from tests.kernels import test_panels as tp\n"
-        "for nonneg in (False, True):\n"
-        "    tp.test_panel_kernel_is_exact_and_equals_the_row_kernel(100, 33, 7, 2, nonneg)\n"
-        "    tp.test_group_panels_compute_the_group_sums_exactly(4, 32, 6, nonneg)\n"
-        "from tests.kernels import test_dispatch as d\n"  # whole layers through lb_linear
-        "for w, a, k in d.CASES[:13]:\n"
-        "    d.test_native_output_matches_simulated(w, a, k, 3)\n"
-        "d.test_real_valued_zero_points_run_natively('int8')\n"
-        "d.test_one_call_conv_writes_the_map_from_the_panels('int8', 2)\n"
-        "print('ok')\n"
+        "from lowbit.kernels import native\n"
+        "assert native.build_info()['isa'] == 'scalar', native.build_info()\n" + OTHER_BUILD_CHECKS
     )
     assert _run_py(code, LOWBIT_CACHE_DIR=str(tmp_path), LOWBIT_KERNELS="portable").endswith("ok")
+
+
+def test_avx2_build_on_an_avx512_cpu_matches(tmp_path):
+    """LOWBIT_KERNELS=avx2 builds without AVX-512: on a CPU with AVX-512 VNNI this runs the AVX2 tiles the
+    default build replaces (elsewhere it is the default build again); the same checks must hold."""
+    if native.build_info()["isa"] not in ("avx512vnni", "avx2"):
+        pytest.skip("no AVX2 on this CPU")
+    code = (
+        "from lowbit.kernels import native\n"
+        "assert native.build_info()['isa'] == 'avx2', native.build_info()\n" + OTHER_BUILD_CHECKS
+    )
+    assert _run_py(code, LOWBIT_CACHE_DIR=str(tmp_path), LOWBIT_KERNELS="avx2").endswith("ok")
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -68,10 +68,12 @@ def _packed(preset, k, n):
     return lowbit.pack(lowbit.compress(nn.Sequential(nn.Linear(k, n)), preset, progress=False))[0]
 
 
-@pytest.mark.parametrize("preset,k,has_panels", [("w8a8", 200, True), ("ternary", 384, True), ("ternary", 1024, False)])
+@pytest.mark.parametrize("preset,k,has_panels", [("w8a8", 200, True), ("ternary", 384, True), ("ternary", 1024, None)])
 def test_layers_with_int8_activations_get_panels(preset, k, has_panels):
     from lowbit.kernels.routes import route_for
 
+    if has_panels is None:  # long ternary rows: panels with AVX-512 VNNI only (the AVX2 2-bit kernel leads there)
+        has_panels = native.build_info()["isa"] == "avx512vnni"
     layer = _packed(preset, k, 40)
     prepared = route_for(layer).prepare(layer, panels=True)
     assert prepared.has_panels is has_panels and not route_for(layer).prepare(layer).has_panels
@@ -148,3 +150,37 @@ def test_group_layers_use_panels_from_16_rows(zero):
     x[2] = x[2].abs()
     a, b = native_layer.linear(with_panels, x), native_layer.linear(without, x)  # panels / the 4-bit kernel
     assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+
+
+def test_panel_sums_are_the_column_sums_of_the_codes():
+    """The VNNI tiles multiply x + 128 and subtract 128·Σ_k w: the sums kept with the panels must be exact."""
+    g = gen(11)
+    q = torch.randint(-128, 128, (37, 96), generator=g, dtype=torch.int8)
+    p = panels.prepare_panels(q, torch.rand(37, generator=g))
+    assert p.ws.dtype == torch.int32 and p.ws.shape == (48,)
+    assert torch.equal(p.ws[:37], q.int().sum(1)) and not p.ws[37:].any()
+    codes = torch.randint(0, 16, (20, 128), generator=g)
+    z = torch.randint(0, 16, (20, 4), generator=g).float()
+    gp = panels.prepare_group_panels(codes, torch.rand(20, 4, generator=g), z, 32)
+    d = (codes - z.repeat_interleave(32, dim=1)).int()
+    want = torch.zeros(32, 4, dtype=torch.int32)
+    want[:20] = d.view(20, 4, 32).sum(-1)
+    assert gp.ws.dtype == torch.int32 and torch.equal(gp.ws, want.view(2, 16, 4).permute(0, 2, 1))
+
+
+def test_panel_rows_come_from_the_loaded_build():
+    from lowbit.kernels.routes import panel_rows
+
+    vnni = native.build_info()["isa"] == "avx512vnni"
+    assert (panel_rows("w8"), panel_rows("wn"), panel_rows("ternary")) == (4, 16, 16 if vnni else 32)
+
+
+def test_rows_longer_than_the_vnni_limit_are_still_exact():
+    """Past K = 65536 the offset form could overflow int32: those rows take the AVX2 tiles (same sums)."""
+    g = gen(3)
+    K = 65536 + 64
+    q = torch.randint(-127, 128, (17, K), generator=g, dtype=torch.int8)
+    s = torch.rand(17, generator=g) + 0.1
+    xq, sx = rand_xq(5, K, g)
+    y = panels.matmul_w8a8_panel(xq, sx, panels.prepare_panels(q, s))
+    assert torch.equal(y, (sx[:, None] * s[None, :]) * exact_dot(xq, q).float())

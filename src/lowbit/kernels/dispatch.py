@@ -7,7 +7,8 @@ and remembers the winner for the layer, so the cost is paid once per shape; `lay
 measured (``lowbit inspect --packed``). A decided call then runs only its chosen path (`LayerDispatch.hot`).
 The mode comes from ``LOWBIT_KERNELS`` or `use_mode`: ``auto`` (measure, the default), ``native`` (always the
 native kernel where one exists: parity tests), ``portable`` (like ``native``, with the library built without SIMD:
-what a CPU without AVX2 gets) or ``reference`` (never: the plain PyTorch reference kernel).
+what a CPU without AVX2 gets), ``avx2`` (like ``auto``, with the library built without AVX-512: what a CPU without
+AVX-512 VNNI gets) or ``reference`` (never: the plain PyTorch reference kernel).
 
 Under ``torch.compile`` a packed linear layer becomes one opaque custom op, ``lowbit::packed_linear``, which runs
 the same dispatch at run time: the compiled graph fuses everything around the layers (GELU, LayerNorm, residual
@@ -61,9 +62,9 @@ def mode() -> str:
         return _mode_override[-1]
     if _env_mode is None:
         value = os.environ.get("LOWBIT_KERNELS", "auto").strip().lower() or "auto"
-        if value not in MODES:
-            raise ValueError(f"LOWBIT_KERNELS={value!r} is not one of {', '.join(MODES)}")
-        _env_mode = value
+        if value not in (*MODES, "avx2"):
+            raise ValueError(f"LOWBIT_KERNELS={value!r} is not one of {', '.join(MODES)}, avx2")
+        _env_mode = "auto" if value == "avx2" else value  # avx2 only chooses how the library is built
     return _env_mode
 
 
@@ -89,7 +90,7 @@ def _native_ready() -> bool:
 
     if native.available():
         isa = native.build_info()["isa"]
-        if isa != "avx2" and "isa" not in _warned:
+        if isa == "scalar" and "isa" not in _warned:
             _warned.add("isa")
             warnings.warn(
                 f"lowbit: this CPU or compiler gives no AVX2 ({isa} build): native kernels run their portable "

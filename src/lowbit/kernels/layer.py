@@ -97,8 +97,8 @@ def describe(
         raise TypeError(f"no native kernel for {type(p).__name__}")
     if panels is not None and act == "int8":
         assert (panels.N, panels.K) == (p.N, p.K), "panels of another layer"
-        d.wp, d.sp, d.pld = _ptr(panels.wp), _ptr(panels.sp), panels.Kp
-        keep += [panels.wp, panels.sp]
+        d.wp, d.sp, d.pld, d.ws = _ptr(panels.wp), _ptr(panels.sp), panels.Kp, _ptr(panels.ws)
+        keep += [panels.wp, panels.sp, panels.ws]
     d.N, d.K = p.N, p.K
     return NativeLinear(d, tuple(keep))
 

@@ -24,6 +24,13 @@
 #include <immintrin.h>
 #endif
 
+// AVX-512 with VNNI (Ice Lake, Sapphire Rapids, Zen 4 on): the many-row int8 kernels use vpdpbusd (u8 x s8, four
+// products summed straight into int32: exact, no int16 step). Built with -march=native where the CPU has it; every
+// AVX2 path stays compiled and serves the rest (LOWBIT_KERNELS=avx2 builds without AVX-512).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LB_VNNI 1
+#endif
+
 #define LB_API extern "C" __attribute__((visibility("default")))
 typedef int64_t i64;
 template <int V> using IC = std::integral_constant<int, V>;
@@ -192,13 +199,15 @@ static inline __m256 keep(__m256 v) {
 #endif
 
 LB_API int lb_isa(void) {
-#ifdef __AVX2__
+#if defined(LB_VNNI)
+    return 3;
+#elif defined(__AVX2__)
     return 2;
 #else
     return 0;
 #endif
 }
-LB_API int lb_abi_version(void) { return 5; }
+LB_API int lb_abi_version(void) { return 6; }
 
 // ================================================================================================
 // W8A32 — int8 per-channel weights, fp32 activations.
@@ -341,8 +350,13 @@ LB_API void lb_w8a8(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_
 // same bits. Used from PANEL_ROWS rows on: below that the weights are streamed once per call anyway and the
 // row layout's tiles (prefetch tuned for memory-bound calls) serve.
 // ================================================================================================
-// Ternary layers keep their 2-bit kernel (a quarter of the bytes, int16 sums) below TERNARY_PANEL_ROWS rows.
+// Ternary layers keep their 2-bit kernel (a quarter of the bytes, int16 sums) below TERNARY_PANEL_ROWS rows. With
+// VNNI (one vpdpbusd per 64 products) the panels lead from 16 rows on, at any K (benchmarks/panels.py).
+#ifdef LB_VNNI
+static constexpr i64 PANEL_ROWS = 4, TERNARY_PANEL_ROWS = 16;
+#else
 static constexpr i64 PANEL_ROWS = 4, TERNARY_PANEL_ROWS = 32;
+#endif
 
 #ifdef __AVX2__
 // Output y[m * ldm + n * ldn]: row-major (ldm = N, ldn = 1) or, for a convolution's map, transposed (ldm = 1).
@@ -412,13 +426,26 @@ static inline bool rows_nonneg(const int8_t* x, i64 rows, i64 Kp) {
         for (i64 k = 0; k < Kp; k += 32) any = _mm256_or_si256(any, ld(x + m * Kp + k));
     return _mm256_movemask_epi8(any) == 0;
 }
+#endif
 
-// The shared loop of the many-row kernels: row blocks of 4 (split between threads when there are enough, else the
+// f(IC<r>()) for the run-time row count r in 1 .. BM.
+template <int BM, class F>
+static inline void with_rows(i64 r, F&& f) {
+    if constexpr (BM > 1) {
+        if (r >= BM) return f(IC<BM>());
+        return with_rows<BM - 1>(r, f);
+    } else {
+        f(IC<1>());
+    }
+}
+
+// The shared loop of the many-row kernels: row blocks of BM (split between threads when there are enough, else the
 // panels), panels in chunks that stay in L2 while every row block of the thread passes over them;
-// tile(IC<MR>, m, p, nonneg) computes rows m .. m+MR-1 against panel p (nonneg: those rows hold no negative code).
-template <class F>
-static void panel_blocks(const int8_t* xp, i64 M, i64 N, i64 Kp, int threads, F tile) {
-    const i64 P = (N + 15) / 16, blocks = (M + 3) / 4;
+// tile(IC<MR>, m, p, nonneg) computes rows m .. m+MR-1 against panel p (nonneg: those rows hold no negative code;
+// checked only when NONNEG_CHECK: the AVX2 tiles use it, the VNNI tiles do not need it).
+template <int BM, bool NONNEG_CHECK, class X, class F>
+static void panel_blocks(const X* xp, i64 M, i64 N, i64 Kp, int threads, F tile) {
+    const i64 P = (N + 15) / 16, blocks = (M + BM - 1) / BM;
     const i64 chunk = std::max<i64>(1, (192 * 1024) / (16 * Kp));
 #pragma omp parallel num_threads(nthreads(threads)) if (threads != 1 && M * N * Kp >= (1 << 18))
     {
@@ -429,27 +456,101 @@ static void panel_blocks(const int8_t* xp, i64 M, i64 N, i64 Kp, int threads, F 
         for (i64 c0 = q0; c0 < q1; c0 += chunk) {
             const i64 c1 = std::min(q1, c0 + chunk);
             for (i64 b = b0; b < b1; ++b) {
-                const i64 m = 4 * b, mr = std::min<i64>(4, M - m);
-                const bool nonneg = rows_nonneg(xp + m * Kp, mr, Kp);
-                for (i64 p = c0; p < c1; ++p) switch (mr) {
-                        case 4: tile(IC<4>(), m, p, nonneg); break;
-                        case 3: tile(IC<3>(), m, p, nonneg); break;
-                        case 2: tile(IC<2>(), m, p, nonneg); break;
-                        default: tile(IC<1>(), m, p, nonneg); break;
-                    }
+                const i64 m = BM * b, mr = std::min<i64>(BM, M - m);
+                bool nonneg = false;
+#ifdef __AVX2__
+                if constexpr (NONNEG_CHECK) nonneg = rows_nonneg((const int8_t*)xp + m * Kp, mr, Kp);
+#endif
+                with_rows<BM>(mr, [&](auto mt) {
+                    for (i64 p = c0; p < c1; ++p) tile(mt, m, p, nonneg);
+                });
             }
         }
+    }
+}
+
+#ifdef LB_VNNI
+// Rows of int8 codes as unsigned bytes x + 128 (x ^ 0x80), K padded to Kp with code 0 (byte 128): vpdpbusd's
+// unsigned operand. sum_k (x + 128) w = sum_k x w + 128 sum_k w, and the last term is subtracted per column (ws).
+static uint8_t* offset_rows(const int8_t* xq, i64 M, i64 K, i64 Kp) {
+    uint8_t* d = (uint8_t*)scratch_uninit(M * Kp);
+    if (!d) return nullptr;
+    for (i64 m = 0; m < M; ++m) {
+        const uint8_t* src = (const uint8_t*)xq + m * K;
+        uint8_t* dst = d + m * Kp;
+        for (i64 k = 0; k < K; ++k) dst[k] = src[k] ^ 0x80;
+        memset(dst + K, 0x80, Kp - K);
+    }
+    return d;
+}
+
+// Rows of VNNI tiles: 8 rows x 16 columns in eight zmm accumulators (one 64-byte panel step feeds all eight).
+static constexpr int VNNI_ROWS = 8;
+// The offset form needs sum (x + 128) w < 2^31: 255 * 127 * Kp, so Kp up to 2^16 (longer rows take the AVX2 tiles).
+static constexpr i64 VNNI_MAX_K = 1 << 16;
+
+// y[m * ldm + n * ldn] for rows m < MR, columns n < ncols of one panel: (sx[m] * sp[n]) * (float)(acc - 128 ws[n]),
+// the expression of the AVX2 tiles and row kernels (same bits).
+template <int MR>
+static inline void w8a8_vnni_tile(const uint8_t* xu, i64 Kp, const int8_t* wp, const int32_t* ws, const float* sx,
+                                  const float* sp, float* y, i64 ldm, i64 ldn, i64 ncols) {
+    __m512i acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_si512();
+    for (i64 k = 0; k < Kp; k += 4) {
+        const __m512i w = _mm512_loadu_si512(wp + 16 * k);
+        for (int m = 0; m < MR; ++m) {
+            int32_t xv;
+            memcpy(&xv, xu + m * Kp + k, 4);
+            acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_set1_epi32(xv), w);
+        }
+    }
+    const __m512i corr = _mm512_slli_epi32(_mm512_loadu_si512(ws), 7);
+    const __m512 s = _mm512_loadu_ps(sp);
+    const __mmask16 cols = ncols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
+    alignas(64) float t[MR][16];
+    for (int m = 0; m < MR; ++m) {
+        const __m512 r = _mm512_set1_ps(sx[m]);
+        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(r, s), _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m], corr)));
+        if (ldn == 1) _mm512_mask_storeu_ps(y + m * ldm, cols, v);
+        else _mm512_store_ps(t[m], v);
+    }
+    if (ldn == 1) return;
+    if (ldm == 1 && MR % 4 == 0) {  // a convolution's map: 4 rows x 4 columns at a time, one 4-float store per column
+        for (int r0 = 0; r0 < MR; r0 += 4)
+            for (int h = 0; 4 * h < ncols; ++h) {
+                __m128 c[4];
+                for (int m = 0; m < 4; ++m) c[m] = _mm_load_ps(t[r0 + m] + 4 * h);
+                _MM_TRANSPOSE4_PS(c[0], c[1], c[2], c[3]);
+                for (int j = 0; j < 4 && 4 * h + j < ncols; ++j) _mm_storeu_ps(y + r0 + (4 * h + j) * ldn, c[j]);
+            }
+    } else {
+        for (int m = 0; m < MR; ++m)
+            for (i64 j = 0; j < ncols; ++j) y[m * ldm + j * ldn] = t[m][j];
     }
 }
 #endif
 
 // The panel kernel with output y[m * ldm + n * ldn] (lb_w8a8_panel: row-major; lb_conv: the (O, OH*OW) map).
+// ws: the panels' column sums (padded to 16 columns; `panel_sums`), used by the VNNI tiles.
 static void w8a8_panel_run(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_t* wp, const float* sp,
-                           i64 N, i64 Kp, float* y, i64 ldm, i64 ldn, int threads) {
+                           const int32_t* ws, i64 N, i64 Kp, float* y, i64 ldm, i64 ldn, int threads) {
+#ifdef LB_VNNI
+    if (ws && Kp <= VNNI_MAX_K) {
+        if (uint8_t* xu = offset_rows(xq, M, K, Kp)) {
+            panel_blocks<VNNI_ROWS, false>(xu, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, bool) {
+                const i64 nc = std::min<i64>(16, N - 16 * p);
+                w8a8_vnni_tile<decltype(mt)::value>(xu + m * Kp, Kp, wp + p * 16 * Kp, ws + 16 * p, sx + m,
+                                                    sp + 16 * p, y + m * ldm + 16 * p * ldn, ldm, ldn, nc);
+            });
+            free(xu);
+            return;
+        }
+    }
+#endif
     int8_t* own;
     const int8_t* xp = pad_rows(xq, M, K, Kp, &own);
 #ifdef __AVX2__
-    panel_blocks(xp, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, bool nonneg) {
+    panel_blocks<4, true>(xp, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, bool nonneg) {
         constexpr int MR = decltype(mt)::value;
         const i64 nc = std::min<i64>(16, N - 16 * p);
         const int8_t *xm = xp + m * Kp, *wq = wp + p * 16 * Kp;
@@ -470,8 +571,8 @@ static void w8a8_panel_run(const int8_t* xq, const float* sx, i64 M, i64 K, cons
 }
 
 LB_API void lb_w8a8_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_t* wp, const float* sp,
-                          i64 N, i64 Kp, float* y, int threads) {
-    w8a8_panel_run(xq, sx, M, K, wp, sp, N, Kp, y, N, 1, threads);
+                          const int32_t* ws, i64 N, i64 Kp, float* y, int threads) {
+    w8a8_panel_run(xq, sx, M, K, wp, sp, ws, N, Kp, y, N, 1, threads);
 }
 
 // ================================================================================================
@@ -793,6 +894,12 @@ LB_API int lb_wna32(const float* x, i64 M, i64 K, const uint8_t* blob, i64 row_b
 // ================================================================================================
 static constexpr i64 WN_PANEL_ROWS = 16;
 
+// The row counts from which lb_linear runs a layer kind's panels (LB_W8, LB_WN, LB_TERNARY), for the Python side
+// that decides when to build them (`kernels.routes`); 0 for kinds without panels.
+LB_API int lb_panel_rows(int wkind) {
+    return wkind == 1 ? (int)PANEL_ROWS : wkind == 2 ? (int)WN_PANEL_ROWS : wkind == 3 ? (int)TERNARY_PANEL_ROWS : 0;
+}
+
 #ifdef __AVX2__
 template <int MR, bool NONNEG>
 static inline void wn_panel_tile(const int8_t* x, i64 Kp, const int8_t* wp, const float* sx, const float* spg,
@@ -832,13 +939,56 @@ static inline void wn_panel_tile(const int8_t* x, i64 Kp, const int8_t* wp, cons
 }
 #endif
 
+#ifdef LB_VNNI
+// The VNNI form of wn_panel_tile: per group, d_g = sum (x + 128)(q - z) - 128 wsg[g] (exact), then the same fp32
+// steps (f += s_g * (float)d_g in group order, y = sx * f): the same bits as the AVX2 tile.
+template <int MR>
+static inline void wn_vnni_tile(const uint8_t* xu, i64 Kp, const int8_t* wp, const int32_t* wsg, const float* sx,
+                                const float* spg, i64 group, float* y, i64 ldm, i64 ncols) {
+    __m512 f[MR];
+    for (int m = 0; m < MR; ++m) f[m] = _mm512_setzero_ps();
+    for (i64 k0 = 0, g = 0; k0 < Kp; k0 += group, ++g) {
+        __m512i acc[MR];
+        for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_si512();
+        for (i64 k = k0; k < k0 + group; k += 4) {
+            const __m512i w = _mm512_loadu_si512(wp + 16 * k);
+            for (int m = 0; m < MR; ++m) {
+                int32_t xv;
+                memcpy(&xv, xu + m * Kp + k, 4);
+                acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_set1_epi32(xv), w);
+            }
+        }
+        const __m512i corr = _mm512_slli_epi32(_mm512_loadu_si512(wsg + 16 * g), 7);
+        const __m512 s = _mm512_loadu_ps(spg + 16 * g);
+        for (int m = 0; m < MR; ++m)
+            f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m], corr)), s, f[m]);
+    }
+    const __mmask16 cols = ncols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
+    for (int m = 0; m < MR; ++m) _mm512_mask_storeu_ps(y + m * ldm, cols, _mm512_mul_ps(_mm512_set1_ps(sx[m]), f[m]));
+}
+#endif
+
+// wsg: the panels' column sums per group (P, G, 16) (`panel_sums`), used by the VNNI tiles.
 LB_API void lb_wn_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_t* wp, const float* spg,
-                        i64 N, i64 Kp, i64 group, float* y, int threads) {
+                        const int32_t* wsg, i64 N, i64 Kp, i64 group, float* y, int threads) {
+    const i64 G = Kp / group;
+#ifdef LB_VNNI
+    if (wsg && Kp <= VNNI_MAX_K) {
+        if (uint8_t* xu = offset_rows(xq, M, K, Kp)) {
+            panel_blocks<VNNI_ROWS, false>(xu, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, bool) {
+                const i64 nc = std::min<i64>(16, N - 16 * p);
+                wn_vnni_tile<decltype(mt)::value>(xu + m * Kp, Kp, wp + p * 16 * Kp, wsg + p * G * 16, sx + m,
+                                                  spg + p * G * 16, group, y + m * N + 16 * p, N, nc);
+            });
+            free(xu);
+            return;
+        }
+    }
+#endif
     int8_t* own;
     const int8_t* xp = pad_rows(xq, M, K, Kp, &own);
-    const i64 G = Kp / group;
 #ifdef __AVX2__
-    panel_blocks(xp, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, bool nonneg) {
+    panel_blocks<4, true>(xp, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, bool nonneg) {
         constexpr int MR = decltype(mt)::value;
         const i64 nc = std::min<i64>(16, N - 16 * p);
         const int8_t *xm = xp + m * Kp, *wq = wp + p * 16 * Kp;
@@ -1530,6 +1680,7 @@ struct lb_layer {
     const int8_t* wp;         // I8 activations on W8 / TERNARY / WN: the int8 codes (WN: q - z) as 16-column
     const float* sp;          //   panels, or NULL (from PANEL_ROWS / TERNARY_PANEL_ROWS / WN_PANEL_ROWS rows on);
     i64 pld;                  //   their scales padded to 16 columns (WN: per panel and group); the panels' K
+    const int32_t* ws;        //   and their column sums (W8 / TERNARY: per column; WN: per panel, group, column)
 };
 
 LB_API int lb_layer_size(void) { return (int)sizeof(lb_layer); }
@@ -1620,14 +1771,14 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
         const bool i8 = L->akind == LB_ACT_I8, f32 = L->akind == LB_ACT_F32;
         switch (L->wkind) {
             case LB_W8:
-                if (i8 && L->wp && M >= PANEL_ROWS) lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, N, L->pld, y, threads);
+                if (i8 && L->wp && M >= PANEL_ROWS) lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, threads);
                 else if (i8) lb_w8a8(xq, sx, M, K, (const int8_t*)L->w, L->s, N, L->ld, y, threads);
                 else if (f32) lb_w8a32(x, M, K, (const int8_t*)L->w, L->s, N, L->ld, y, threads);
                 else rc = -1;
                 break;
             case LB_WN:
                 if (i8 && L->wp && M >= WN_PANEL_ROWS)
-                    lb_wn_panel(xq, sx, M, K, L->wp, L->sp, N, L->pld, L->group, y, threads);
+                    lb_wn_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, L->group, y, threads);
                 else if (i8) rc = lb_wna8(xq, sx, M, K, (const uint8_t*)L->w, L->ld, N, L->bits, L->group, y, threads);
                 else if (f32) rc = lb_wna32(x, M, K, (const uint8_t*)L->w, L->ld, N, L->bits, L->group, y, threads);
                 else rc = -1;
@@ -1635,7 +1786,7 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
                 break;
             case LB_TERNARY:
                 if (i8 && L->wp && M >= TERNARY_PANEL_ROWS)
-                    lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, N, L->pld, y, threads);
+                    lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, threads);
                 else if (i8) lb_ternary(xq, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
                 else rc = -1;
                 break;
@@ -1693,7 +1844,7 @@ static void conv_panel_maps(const lb_layer* L, const ActRows& a, i64 nb, i64 P, 
     const i64 K = L->K, O = L->N;
     auto image = [&](i64 n, int inner) {
         float* yn = y + n * O * P;
-        w8a8_panel_run(a.xq + n * P * K, a.sx + n * P, P, K, L->wp, L->sp, O, L->pld, yn, 1, P, inner);
+        w8a8_panel_run(a.xq + n * P * K, a.sx + n * P, P, K, L->wp, L->sp, L->ws, O, L->pld, yn, 1, P, inner);
         if (bias)
             for (i64 o = 0; o < O; ++o)
                 for (i64 l = 0; l < P; ++l) yn[o * P + l] += bias[o];

@@ -47,8 +47,12 @@ _SRC = pathlib.Path(__file__).with_name("lowbit_kernels.cpp")
 _CXX = os.environ.get("CXX", "g++")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _FLAGS_PORTABLE = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]  # retry when -march=native is refused
+#: LOWBIT_KERNELS=avx2: this CPU's instructions without AVX-512 (the AVX2 paths on a CPU that has AVX-512 VNNI).
+_FLAGS_NO_AVX512 = [*_FLAGS, "-mno-avx512f"]
+#: lb_isa() → name: the widest instruction set the loaded build uses.
+ISA_NAMES = {3: "avx512vnni", 2: "avx2", 0: "scalar"}
 
-ABI_VERSION = 5  # lb_abi_version() of the source this module binds
+ABI_VERSION = 6  # lb_abi_version() of the source this module binds
 
 
 class LayerDesc(ctypes.Structure):
@@ -72,6 +76,7 @@ class LayerDesc(ctypes.Structure):
         ("wp", ctypes.c_void_p),
         ("sp", ctypes.c_void_p),
         ("pld", ctypes.c_int64),
+        ("ws", ctypes.c_void_p),
     ]
 
 
@@ -124,11 +129,12 @@ def _bind(lib: ctypes.CDLL) -> None:
     P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     sig = {
         "lb_isa": ([], I),
+        "lb_panel_rows": ([I], I),
         "lb_abi_version": ([], I),
         "lb_w8a32": ([P, I64, I64, P, P, I64, I64, P, I], None),
         "lb_w8a8": ([P, P, I64, I64, P, P, I64, I64, P, I], None),
-        "lb_w8a8_panel": ([P, P, I64, I64, P, P, I64, I64, P, I], None),
-        "lb_wn_panel": ([P, P, I64, I64, P, P, I64, I64, I64, P, I], None),
+        "lb_w8a8_panel": ([P, P, I64, I64, P, P, P, I64, I64, P, I], None),
+        "lb_wn_panel": ([P, P, I64, I64, P, P, P, I64, I64, I64, P, I], None),
         "lb_wna8": ([P, P, I64, I64, P, I64, I64, I, I, P, I], I),
         "lb_wna32": ([P, I64, I64, P, I64, I64, I, I, P, I], I),
         "lb_ternary": ([P, P, I64, I64, P, P, I64, P, I], None),
@@ -169,8 +175,14 @@ def _load() -> None:
         _reason = f"cannot read source or create cache dir: {exc}"
         return
     errors = []
-    portable = os.environ.get("LOWBIT_KERNELS", "").lower() == "portable"  # what a CPU without AVX2 gets
-    for flags in (_FLAGS_PORTABLE,) if portable else (_FLAGS, _FLAGS_PORTABLE):
+    choice = os.environ.get("LOWBIT_KERNELS", "").lower()
+    if choice == "portable":  # what a CPU without AVX2 gets
+        builds: tuple[list[str], ...] = (_FLAGS_PORTABLE,)
+    elif choice == "avx2":  # the AVX2 paths on a CPU with AVX-512
+        builds = (_FLAGS_NO_AVX512, _FLAGS_PORTABLE)
+    else:
+        builds = (_FLAGS, _FLAGS_PORTABLE)
+    for flags in builds:
         key = hashlib.sha256("\0".join([source, " ".join(flags), cc_version, _cpu_flags()]).encode()).hexdigest()[:24]
         path = cache / f"lowbit_kernels-{key}.so"
         cached = path.exists()
@@ -188,7 +200,7 @@ def _load() -> None:
         if lib.lb_abi_version() != ABI_VERSION or lib.lb_layer_size() != ctypes.sizeof(LayerDesc):
             errors.append(f"{path.name}: ABI {lib.lb_abi_version()} does not match this lowbit ({ABI_VERSION})")
             continue
-        isa = "avx2" if lib.lb_isa() == 2 else "scalar"
+        isa = ISA_NAMES.get(lib.lb_isa(), "scalar")
         _info.update(path=str(path), seconds=seconds, cached=cached, isa=isa, flags=" ".join(flags))
         _lib = lib
         if errors:

@@ -6,10 +6,17 @@ there the panel layout wins: 16 output columns × 4 consecutive k per 64 bytes, 
 codes meets 8 columns per vector, each column's int32 sum stays in its lane (no horizontal sums), and a tile of
 4 rows × 16 columns reads its weights once. Rows whose codes are all non-negative (inputs after a ReLU) skip the
 sign trick of the signed × signed product. The int32 sums and the final ``(sx·s)·acc`` are those of the row
-kernels, so the outputs are the same bits (W8A8 and ternary codes alike). `layer.describe` adds the panels to a
-layer's description (dispatch asks for them on the layer's first call with enough rows: `routes.Route.panel_rows`);
-`lb_linear` / `lb_conv` use them from 4 input rows on (ternary layers, whose 2-bit kernel streams a quarter of the
-bytes: from 32 rows on, and only with rows of K ≤ 768, `routes.TERNARY_PANEL_K`).
+kernels, so the outputs are the same bits (W8A8 and ternary codes alike).
+
+On a CPU with AVX-512 VNNI (built with ``-march=native``) a tile is 8 rows × 16 columns in zmm registers and one
+``vpdpbusd`` adds 64 products straight into int32. Its first operand is unsigned, so the rows go in as x + 128 (one
+XOR per byte) and ``128·Σ_k w`` per column (`panel_sums`, kept with the panels) is subtracted: the same exact int32
+sums, hence the same bits again, at about three times the AVX2 tiles' speed (`benchmarks/panels.py`).
+
+`layer.describe` adds the panels to a layer's description (dispatch asks for them on the layer's first call with
+enough rows: `routes.Route.panel_rows`); `lb_linear` / `lb_conv` use them from 4 input rows on (ternary layers,
+whose 2-bit kernel streams a quarter of the bytes: from 32 rows on and only with rows of K ≤ 768,
+`routes.TERNARY_PANEL_K`, on AVX2; from 16 rows at any K with VNNI; `routes.panel_rows`).
 
 Example:
     >>> import torch
@@ -39,14 +46,34 @@ PANEL = 16
 class PreparedPanels:
     """wp: int8 (N/16, Kp/4, 16, 4) panels, N padded to 16 columns and K to Kp (a multiple of 32) with zeros;
     sp: fp32 scales (padded N,), zero past N; for group-wise weights (``group`` > 0) per panel and group,
-    (N/16, K/group, 16)."""
+    (N/16, K/group, 16); ws: int32 column sums of the codes in the shape of sp (per group for group-wise weights),
+    which the AVX-512 VNNI tiles subtract (they multiply x + 128 as an unsigned byte: `panel_sums`)."""
 
-    def __init__(self, wp: torch.Tensor, sp: torch.Tensor, N: int, K: int, Kp: int, group: int = 0) -> None:
+    def __init__(
+        self,
+        wp: torch.Tensor,
+        sp: torch.Tensor,
+        N: int,
+        K: int,
+        Kp: int,
+        group: int = 0,
+        ws: torch.Tensor | None = None,
+    ) -> None:
         self.wp, self.sp, self.N, self.K, self.Kp, self.group = wp, sp, N, K, Kp, group
+        self.ws = panel_sums(wp, group) if ws is None else ws
 
     @property
     def nbytes(self) -> int:
-        return self.wp.numel() + 4 * self.sp.numel()
+        return self.wp.numel() + 4 * self.sp.numel() + 4 * self.ws.numel()
+
+
+def panel_sums(wp: torch.Tensor, group: int = 0) -> torch.Tensor:
+    """Column sums of panels ``wp`` (P, Kp/4, 16, 4) as int32: (P·16,) over all of K, or (P, Kp/group, 16) per
+    group of ``group`` k. ``Σ_k (x + 128)·w − 128·Σ_k w`` is the exact ``Σ_k x·w`` the VNNI tiles return."""
+    P, Q = wp.shape[0], wp.shape[1]
+    per_k = wp.to(torch.int32).sum(-1)  # (P, Kp/4, 16): the 4 k of each quad (torch sums integers as int64)
+    sums = per_k.view(P, Q * 4 // group, group // 4, PANEL).sum(2) if group else per_k.sum(1).reshape(P * PANEL)
+    return sums.to(torch.int32).contiguous()
 
 
 def _panel_codes(q: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -90,7 +117,7 @@ def matmul_w8a8_panel(xq: torch.Tensor, sx: torch.Tensor, p: PreparedPanels, thr
     """y = (sx[m]·s[n]) · float32(Σ_k xq·q) for int8 ``xq`` (M, K) in [-127, 127] (any M; `lb_linear` uses it
     from 4 rows on)."""
     xq, sx, M, K, y = _int8_call(xq, sx, p)
-    _need().lb_w8a8_panel(_ptr(xq), _ptr(sx), M, K, _ptr(p.wp), _ptr(p.sp), p.N, p.Kp, _ptr(y), threads)
+    _need().lb_w8a8_panel(_ptr(xq), _ptr(sx), M, K, _ptr(p.wp), _ptr(p.sp), _ptr(p.ws), p.N, p.Kp, _ptr(y), threads)
     return y
 
 
@@ -99,5 +126,5 @@ def matmul_wn_panel(xq: torch.Tensor, sx: torch.Tensor, p: PreparedPanels, threa
     from 16 rows on."""
     xq, sx, M, K, y = _int8_call(xq, sx, p)
     lib = _need()
-    lib.lb_wn_panel(_ptr(xq), _ptr(sx), M, K, _ptr(p.wp), _ptr(p.sp), p.N, p.Kp, p.group, _ptr(y), threads)
+    lib.lb_wn_panel(_ptr(xq), _ptr(sx), M, K, _ptr(p.wp), _ptr(p.sp), _ptr(p.ws), p.N, p.Kp, p.group, _ptr(y), threads)
     return y

@@ -51,19 +51,30 @@ GROUPS = (32, 64, 128)
 SHORT_ROWS = 96
 
 
-#: Ternary layers with rows up to this long (K) also get int8 panels (`kernels.panels`), which `lb_linear` runs
-#: for calls of 32+ rows: there the panels' lane-wise sums beat the 2-bit kernel's per-output reductions, while on
-#: longer rows, or fewer of them, the 2-bit kernel (a quarter of the bytes, int16 sums) stays ahead
-#: (`python benchmarks/panels.py`; results in benchmarks/results/panels-*.md).
+#: On AVX2 builds, ternary layers with rows up to this long (K) also get int8 panels (`kernels.panels`), which
+#: `lb_linear` runs for calls of 32+ rows: there the panels' lane-wise sums beat the 2-bit kernel's per-output
+#: reductions, while on longer rows, or fewer of them, the 2-bit kernel (a quarter of the bytes, int16 sums) stays
+#: ahead. With AVX-512 VNNI the panels lead from 16 rows at any K (`python benchmarks/panels.py`; results in
+#: benchmarks/results/panels-*.md).
 TERNARY_PANEL_K = 768
-
-
-#: Input rows from which the many-row kernels (`kernels.panels`) run: W8A8, ternary, int2-4 groups (as in C).
-PANEL_ROWS, TERNARY_PANEL_ROWS, WN_PANEL_ROWS = 4, 32, 16
-#: Group-wise int2-4 layers with int8 activations get panels (int8 codes of q − z, twice an int4 layer's bytes)
-#: only up to this many weights: on larger, memory-bound layers their 4-bit kernel stays ahead at 16 rows
-#: (`python benchmarks/panels.py`).
+#: On AVX2 builds, group-wise int2-4 layers with int8 activations get panels (int8 codes of q − z, twice an int4
+#: layer's bytes) only up to this many weights: on larger, memory-bound layers their 4-bit kernel stays ahead at
+#: 16 rows. With AVX-512 VNNI the panels lead there too (`python benchmarks/panels.py`).
 WN_PANEL_MAX_WEIGHTS = 1 << 22
+
+
+def panel_rows(kind: str) -> int:
+    """Input rows from which the loaded library runs the many-row kernels of a layer kind (``w8``, ``wn``,
+    ``ternary``): decided in C per build (fewer rows with AVX-512 VNNI); 0 without the library."""
+    from lowbit.kernels import native
+
+    return int(native._need().lb_panel_rows(native.WKINDS[kind])) if native.available() else 0
+
+
+def _vnni() -> bool:
+    from lowbit.kernels import native
+
+    return native.build_info()["isa"] == "avx512vnni"
 
 
 @dataclass(frozen=True)
@@ -162,7 +173,7 @@ def route_for(layer: nn.Module) -> Route | None:
             extra = with_panels(codes, scale, panels)
             return native_layer.describe(native.prepare_w8(codes, scale), mode, **extra, **kw)
 
-        return Route(f"w8{suffix}", prep_w8, PANEL_ROWS if mode == "int8" else 0)
+        return Route(f"w8{suffix}", prep_w8, panel_rows("w8") if mode == "int8" else 0)
 
     group = _kernel_group(w, k)
     if w.kind == "int" and w.bits in (2, 3, 4) and not w.symmetric and group is not None and mode != "sign":
@@ -176,7 +187,7 @@ def route_for(layer: nn.Module) -> Route | None:
                 extra["panels"] = panels_mod.prepare_group_panels(lay.codes, lay.scale.float(), z, g)
             return native_layer.describe(prepared, mode, sz=sz, **extra, **kw)
 
-        many = WN_PANEL_ROWS if mode == "int8" and n * k <= WN_PANEL_MAX_WEIGHTS else 0
+        many = panel_rows("wn") if mode == "int8" and (n * k <= WN_PANEL_MAX_WEIGHTS or _vnni()) else 0
         return Route(f"w{bits}{suffix}", prep_wn, many)
 
     if w.kind == "ternary" and mode == "int8":
@@ -188,10 +199,11 @@ def route_for(layer: nn.Module) -> Route | None:
                 prepared = native.prepare_w8(codes, scale.expand(n))
             else:
                 prepared = native.prepare_ternary(codes, scale)
-            extra = with_panels(codes, scale.expand(n), panels and k <= TERNARY_PANEL_K)
+            extra = with_panels(codes, scale.expand(n), panels and ternary_panels)
             return native_layer.describe(prepared, mode, **extra, **kw)
 
-        return Route("ternary", prep_ternary, TERNARY_PANEL_ROWS if k <= TERNARY_PANEL_K else 0)
+        ternary_panels = k <= TERNARY_PANEL_K or _vnni()
+        return Route("ternary", prep_ternary, panel_rows("ternary") if ternary_panels else 0)
     if w.kind == "ternary" and mode == "f32":
         tg = next((g for g in reversed(GROUPS) if k % g == 0), None)
         if tg is None:
