@@ -345,6 +345,8 @@ OTHER_BUILD_CHECKS = (
     "for nonneg in (False, True):\n"
     "    tp.test_panel_kernel_is_exact_and_equals_the_row_kernel(100, 33, 7, 2, nonneg)\n"
     "    tp.test_group_panels_compute_the_group_sums_exactly(4, 32, 6, nonneg)\n"
+    "tp.test_binary_weights_with_int8_activations_run_on_panels_with_the_bit_kernels_bits()\n"
+    "tp.test_rows_longer_than_the_vnni_limit_are_still_exact()\n"
     "from tests.kernels import test_dispatch as d\n"  # whole layers through lb_linear
     "for w, a, k in d.CASES[:13]:\n"
     "    d.test_native_output_matches_simulated(w, a, k, 3)\n"

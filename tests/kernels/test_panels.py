@@ -173,6 +173,7 @@ def test_panel_rows_come_from_the_loaded_build():
 
     vnni = native.build_info()["isa"] == "avx512vnni"
     assert (panel_rows("w8"), panel_rows("wn"), panel_rows("ternary")) == (4, 16, 16 if vnni else 32)
+    assert panel_rows("binary_inter") == 4 and panel_rows("binary_blocked") == 0
 
 
 def test_rows_longer_than_the_vnni_limit_are_still_exact():
@@ -184,3 +185,24 @@ def test_rows_longer_than_the_vnni_limit_are_still_exact():
     xq, sx = rand_xq(5, K, g)
     y = panels.matmul_w8a8_panel(xq, sx, panels.prepare_panels(q, s))
     assert torch.equal(y, (sx[:, None] * s[None, :]) * exact_dot(xq, q).float())
+
+
+def test_binary_weights_with_int8_activations_run_on_panels_with_the_bit_kernels_bits():
+    """W1A8 (binary weights, int8 rows): the panels hold the ±1 codes, so a batch's int32 sums and outputs are those
+    of the bit kernel (`lb_w1a8`) run row by row."""
+    from torch import nn
+
+    import lowbit
+    from lowbit.kernels import layer as native_layer
+    from lowbit.kernels.routes import route_for
+
+    torch.manual_seed(0)
+    q = lowbit.compress(nn.Sequential(nn.Linear(300, 40)), "binary", progress=False)
+    layer = lowbit.pack(q, kernel_activations="int8")[0]
+    route = route_for(layer)
+    assert route.kernel == "w1a8" and route.panel_rows == 4
+    prepared = route.prepare(layer, panels=True)
+    assert prepared.has_panels and not route.prepare(layer).has_panels
+    x = torch.randn(21, 300)
+    many = native_layer.linear(prepared, x)
+    assert torch.equal(many, torch.cat([native_layer.linear(prepared, x[i : i + 1]) for i in range(21)]))

@@ -894,10 +894,11 @@ LB_API int lb_wna32(const float* x, i64 M, i64 K, const uint8_t* blob, i64 row_b
 // ================================================================================================
 static constexpr i64 WN_PANEL_ROWS = 16;
 
-// The row counts from which lb_linear runs a layer kind's panels (LB_W8, LB_WN, LB_TERNARY), for the Python side
+// The row counts from which lb_linear runs a layer kind's panels (LB_W8, LB_WN, LB_TERNARY, LB_BIN_INTER), for the Python side
 // that decides when to build them (`kernels.routes`); 0 for kinds without panels.
 LB_API int lb_panel_rows(int wkind) {
-    return wkind == 1 ? (int)PANEL_ROWS : wkind == 2 ? (int)WN_PANEL_ROWS : wkind == 3 ? (int)TERNARY_PANEL_ROWS : 0;
+    if (wkind == 1 || wkind == 5) return (int)PANEL_ROWS;  // int8 codes, binary codes as +-1 int8
+    return wkind == 2 ? (int)WN_PANEL_ROWS : wkind == 3 ? (int)TERNARY_PANEL_ROWS : 0;
 }
 
 #ifdef __AVX2__
@@ -1795,8 +1796,9 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
                 else rc = -1;
                 bias = nullptr;  // added by the kernel
                 break;
-            case LB_BIN_INTER:
-                if (i8) lb_w1a8(xq, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
+            case LB_BIN_INTER:  // panels of the +-1 codes: the same int32 (2 sum_{bit=1} xq - sum xq) and bits
+                if (i8 && L->wp && M >= PANEL_ROWS) lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, threads);
+                else if (i8) lb_w1a8(xq, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
                 else if (f32) lb_w1a32(x, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
                 else rc = -1;
                 break;
@@ -1835,7 +1837,8 @@ static const i64 CONV_CHUNK_BYTES = 8 << 20;
 // Whether lb_conv runs the panel kernel on images of P patches (the rule linear_core applies to rows).
 static inline bool conv_panels(const lb_layer* L, i64 P) {
     if (L->akind != LB_ACT_I8 || !L->wp) return false;
-    return L->wkind == LB_W8 ? P >= PANEL_ROWS : L->wkind == LB_TERNARY && P >= TERNARY_PANEL_ROWS;
+    if (L->wkind == LB_W8 || L->wkind == LB_BIN_INTER) return P >= PANEL_ROWS;
+    return L->wkind == LB_TERNARY && P >= TERNARY_PANEL_ROWS;
 }
 
 // Images [0, nb) of a chunk on the panels: y holds whole (O, P) maps; then the bias and NaN rows, as linear_core.

@@ -65,7 +65,8 @@ WN_PANEL_MAX_WEIGHTS = 1 << 22
 
 def panel_rows(kind: str) -> int:
     """Input rows from which the loaded library runs the many-row kernels of a layer kind (``w8``, ``wn``,
-    ``ternary``): decided in C per build (fewer rows with AVX-512 VNNI); 0 without the library."""
+    ``ternary``, ``binary_inter``: binary weights with int8 activations): decided in C per build (fewer rows with
+    AVX-512 VNNI); 0 without the library."""
     from lowbit.kernels import native
 
     return int(native._need().lb_panel_rows(native.WKINDS[kind])) if native.available() else 0
@@ -218,14 +219,12 @@ def route_for(layer: nn.Module) -> Route | None:
 
     if w.kind == "binary":
         layout = ("a1",) if mode == "sign" else ("a8",)
-        return Route(
-            f"w1{suffix}",
-            lambda lay: native_layer.describe(
-                native.prepare_binary(
-                    lay.codes > 0, lay.scale.reshape(-1).float().expand(n).contiguous(), layouts=layout
-                ),
-                mode,
-                **kw,
-            ),
-        )
+
+        def prep_binary(lay: Any, panels: bool = False) -> Any:
+            signs, scale = lay.codes > 0, lay.scale.reshape(-1).float().expand(n).contiguous()
+            # Many int8 rows: panels of the ±1 codes (the same int32 sums as the bit kernel, so the same bits).
+            extra = with_panels(signs.to(torch.int8) * 2 - 1, scale, panels)
+            return native_layer.describe(native.prepare_binary(signs, scale, layouts=layout), mode, **extra, **kw)
+
+        return Route(f"w1{suffix}", prep_binary, panel_rows("binary_inter") if mode == "int8" else 0)
     return None

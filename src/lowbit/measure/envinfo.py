@@ -65,11 +65,15 @@ def _version(pkg: str) -> str:
 
 def environment() -> dict[str, Any]:
     """A JSON-able description of this machine and software."""
+    from lowbit.kernels import native
+
     cpu, flags = _cpu()
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "cpu_flags": flags,
+        # the native library's build: avx512vnni / avx2 / scalar, or why there is none
+        "kernels": native.build_info()["isa"] if native.available() else f"none ({native.unavailable_reason()})",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "numpy": _version("numpy"),
