@@ -32,6 +32,12 @@ examples:
   lowbit inspect minilm --recipe w3g64          what a recipe would do to each layer
   lowbit eval minilm-w4                         quality, size, BitOPs, latency vs fp32
   lowbit eval minilm-w4 --compile               the same, both models under torch.compile
+
+environment:
+  LOWBIT_KERNELS=auto|native|reference|portable|avx2   kernel choice: measured per layer (default), always the
+      native kernel, always the PyTorch reference, always native with the library built without SIMD, or measured
+      with the library built without AVX-512 (the native kernels use AVX-512 VNNI where the CPU has it, else AVX2)
+  LOWBIT_CACHE_DIR                              where trained models and compiled kernels are cached
 """
 
 
