@@ -72,11 +72,13 @@ def _packed(preset, k, n):
 def test_layers_with_int8_activations_get_panels(preset, k, has_panels):
     from lowbit.kernels.routes import route_for
 
+    vnni = native.build_info()["isa"] == "avx512vnni"
     if has_panels is None:  # long ternary rows: panels with AVX-512 VNNI only (the AVX2 2-bit kernel leads there)
-        has_panels = native.build_info()["isa"] == "avx512vnni"
+        has_panels = vnni
     layer = _packed(preset, k, 40)
     prepared = route_for(layer).prepare(layer, panels=True)
-    assert prepared.has_panels is has_panels and not route_for(layer).prepare(layer).has_panels
+    always = vnni and preset == "w8a8"  # W8A8 with VNNI: panels for every row count, and no row layout
+    assert prepared.has_panels is has_panels and route_for(layer).prepare(layer).has_panels is always
     x = torch.randn(40, k)  # ternary layers run panels from 32 rows on, W8A8 layers from 4
     x[3] = x[3].abs()  # a row without negative codes next to signed ones
     from lowbit.kernels import layer as native_layer
@@ -91,11 +93,16 @@ def test_dispatch_builds_panels_on_the_first_call_with_many_rows(preset, many):
     """A layer called on a few rows (decoding) keeps one copy of its weights; the first call with enough rows adds
     the panels, which later calls keep (whatever their rows), and the outputs do not depend on it."""
     from lowbit.kernels.dispatch import use_mode
+    from lowbit.kernels.routes import panel_rows
 
     layer = _packed(preset, 384, 40)
     x = torch.randn(many, 384)
     with torch.no_grad(), use_mode("native"):
         few = layer(x[:1])
+        if preset == "w8a8" and panel_rows("w8") == 1:  # VNNI builds: W8A8 panels from 1 row, the only layout
+            assert layer._dispatch.state.has_panels and not layer._dispatch.state.desc.w
+            assert torch.equal(layer(x)[:1], few)
+            return
         assert not layer._dispatch.state.has_panels
         all_rows = layer(x)
         assert layer._dispatch.state.has_panels
@@ -172,7 +179,7 @@ def test_panel_rows_come_from_the_loaded_build():
     from lowbit.kernels.routes import panel_rows
 
     vnni = native.build_info()["isa"] == "avx512vnni"
-    assert (panel_rows("w8"), panel_rows("wn"), panel_rows("ternary")) == (4, 16, 16 if vnni else 32)
+    assert (panel_rows("w8"), panel_rows("wn"), panel_rows("ternary")) == (1, 16, 16) if vnni else (4, 16, 32)
     assert panel_rows("binary_inter") == 4 and panel_rows("binary_blocked") == 0
 
 
@@ -206,3 +213,22 @@ def test_binary_weights_with_int8_activations_run_on_panels_with_the_bit_kernels
     x = torch.randn(21, 300)
     many = native_layer.linear(prepared, x)
     assert torch.equal(many, torch.cat([native_layer.linear(prepared, x[i : i + 1]) for i in range(21)]))
+
+
+def test_w8a8_layers_keep_one_layout():
+    """Where panels serve every row count (VNNI builds) a W8A8 layer holds no row layout: one int8 copy of its
+    weights, and its outputs on 1-3 rows (row kernels elsewhere) are the same bits as row by row in a batch."""
+    from lowbit.kernels import layer as native_layer
+    from lowbit.kernels.routes import panel_rows, route_for
+
+    layer = _packed("w8a8", 200, 40)
+    prepared = route_for(layer).prepare(layer)
+    if panel_rows("w8") == 1:
+        assert prepared.has_panels and not prepared.desc.w
+        assert prepared.nbytes < 1.2 * 48 * 224  # the panels (48 columns × 224 k) and their scales / sums
+    else:
+        assert not prepared.has_panels and prepared.desc.w
+    x = torch.randn(7, 200)
+    rows = [native_layer.linear(prepared, x[i : i + 1]) for i in range(7)]
+    assert torch.equal(native_layer.linear(prepared, x), torch.cat(rows))
+    assert torch.equal(native_layer.linear(prepared, x[:3]), torch.cat(rows[:3]))

@@ -352,11 +352,15 @@ LB_API void lb_w8a8(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_
 // ================================================================================================
 // Ternary layers keep their 2-bit kernel (a quarter of the bytes, int16 sums) below TERNARY_PANEL_ROWS rows. With
 // VNNI (one vpdpbusd per 64 products) the panels lead from 16 rows on, at any K (benchmarks/panels.py).
+// W8A8 with VNNI: panels at every row count (streamed 4096 x 4096 layers: 1.0-1.6x the row kernel at 1-3 rows),
+// so such layers keep no row layout (L->w is NULL). Binary weights keep their 1-bit kernel below 4 rows (an eighth
+// of the bytes to stream).
 #ifdef LB_VNNI
-static constexpr i64 PANEL_ROWS = 4, TERNARY_PANEL_ROWS = 16;
+static constexpr i64 PANEL_ROWS = 1, TERNARY_PANEL_ROWS = 16;
 #else
 static constexpr i64 PANEL_ROWS = 4, TERNARY_PANEL_ROWS = 32;
 #endif
+static constexpr i64 BIN_PANEL_ROWS = 4;
 
 #ifdef __AVX2__
 // Output y[m * ldm + n * ldn]: row-major (ldm = N, ldn = 1) or, for a convolution's map, transposed (ldm = 1).
@@ -897,7 +901,8 @@ static constexpr i64 WN_PANEL_ROWS = 16;
 // The row counts from which lb_linear runs a layer kind's panels (LB_W8, LB_WN, LB_TERNARY, LB_BIN_INTER), for the Python side
 // that decides when to build them (`kernels.routes`); 0 for kinds without panels.
 LB_API int lb_panel_rows(int wkind) {
-    if (wkind == 1 || wkind == 5) return (int)PANEL_ROWS;  // int8 codes, binary codes as +-1 int8
+    if (wkind == 1) return (int)PANEL_ROWS;
+    if (wkind == 5) return (int)BIN_PANEL_ROWS;  // binary codes as +-1 int8
     return wkind == 2 ? (int)WN_PANEL_ROWS : wkind == 3 ? (int)TERNARY_PANEL_ROWS : 0;
 }
 
@@ -1772,7 +1777,8 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
         const bool i8 = L->akind == LB_ACT_I8, f32 = L->akind == LB_ACT_F32;
         switch (L->wkind) {
             case LB_W8:
-                if (i8 && L->wp && M >= PANEL_ROWS) lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, threads);
+                if (i8 && L->wp && (M >= PANEL_ROWS || !L->w))
+                    lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, threads);
                 else if (i8) lb_w8a8(xq, sx, M, K, (const int8_t*)L->w, L->s, N, L->ld, y, threads);
                 else if (f32) lb_w8a32(x, M, K, (const int8_t*)L->w, L->s, N, L->ld, y, threads);
                 else rc = -1;
@@ -1797,7 +1803,8 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
                 bias = nullptr;  // added by the kernel
                 break;
             case LB_BIN_INTER:  // panels of the +-1 codes: the same int32 (2 sum_{bit=1} xq - sum xq) and bits
-                if (i8 && L->wp && M >= PANEL_ROWS) lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, threads);
+                if (i8 && L->wp && M >= BIN_PANEL_ROWS)
+                    lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, threads);
                 else if (i8) lb_w1a8(xq, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
                 else if (f32) lb_w1a32(x, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
                 else rc = -1;
@@ -1837,7 +1844,8 @@ static const i64 CONV_CHUNK_BYTES = 8 << 20;
 // Whether lb_conv runs the panel kernel on images of P patches (the rule linear_core applies to rows).
 static inline bool conv_panels(const lb_layer* L, i64 P) {
     if (L->akind != LB_ACT_I8 || !L->wp) return false;
-    if (L->wkind == LB_W8 || L->wkind == LB_BIN_INTER) return P >= PANEL_ROWS;
+    if (L->wkind == LB_W8) return P >= PANEL_ROWS || !L->w;
+    if (L->wkind == LB_BIN_INTER) return P >= BIN_PANEL_ROWS;
     return L->wkind == LB_TERNARY && P >= TERNARY_PANEL_ROWS;
 }
 

@@ -171,6 +171,10 @@ def route_for(layer: nn.Module) -> Route | None:
 
         def prep_w8(lay: Any, panels: bool = False) -> Any:
             codes, scale = lay.codes.to(torch.int8), lay.scale.reshape(n).float()
+            if mode == "int8" and panel_rows("w8") == 1:
+                # Panels serve every row count (AVX-512 VNNI builds): the layer keeps no row layout.
+                rowless = native.PreparedW8(torch.empty(0, dtype=torch.int8), scale, n, k, k)
+                return native_layer.describe(rowless, mode, panels=panels_mod.prepare_panels(codes, scale), **kw)
             extra = with_panels(codes, scale, panels)
             return native_layer.describe(native.prepare_w8(codes, scale), mode, **extra, **kw)
 
