@@ -501,6 +501,9 @@ static inline void w8a8_vnni_tile(const uint8_t* xu, i64 Kp, const int8_t* wp, c
     __m512i acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_si512();
     for (i64 k = 0; k < Kp; k += 4) {
+        // The panel 4 KiB ahead, into L1 and L2: streamed layers at 3-16 rows (the first row block reads the
+        // weights from memory) ran up to 1.4x faster with it; at one row no change beyond this VM's spread.
+        _mm_prefetch((const char*)(wp + 16 * k) + 4096, _MM_HINT_T0);
         const __m512i w = _mm512_loadu_si512(wp + 16 * k);
         for (int m = 0; m < MR; ++m) {
             int32_t xv;
