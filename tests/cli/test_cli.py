@@ -68,11 +68,15 @@ def test_inspect_shows_per_patch_convolutions_on_their_kernel(capsys) -> None:
     rc, text, _ = _run(capsys, "inspect", "digits-cnn", "--recipe", "w8a8", "--packed")
     conv_row = next(line for line in text.splitlines() if "features.3" in line)
     assert rc == 0 and "int8 sym per-patch dynamic" in conv_row and "w8a8" in conv_row.split("│")[8]
-    # 64 patches per image: where the kernel was chosen it ran its many-row layout; the 1-row head never does
+    # 64 patches per image: where the kernel was chosen it ran its many-row layout; the 1-row head only where the
+    # panels serve every row count (AVX-512 VNNI builds: W8A8 keeps no other layout)
+    from lowbit.kernels.routes import panel_rows
+
     kernel, chosen = conv_row.split("│")[8:10]
     assert ("(panels)" in kernel) == (chosen.strip() == "w8a8")
     head_row = next(line for line in text.splitlines() if "classifier.4" in line)
-    assert "(panels)" not in head_row
+    head_kernel, head_chosen = head_row.split("│")[8:10]
+    assert ("(panels)" in head_kernel) == (panel_rows("w8") == 1 and head_chosen.strip() == "w8a8")
 
 
 @pytest.mark.slow
