@@ -24,6 +24,8 @@ from lowbit.measure.envinfo import environment
 
 SHAPES = [
     (1, 4096, 4096),
+    (2, 4096, 4096),
+    (3, 4096, 4096),
     (4, 4096, 4096),
     (16, 4096, 4096),
     (16, 384, 1536),

@@ -352,8 +352,8 @@ LB_API void lb_w8a8(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_
 // ================================================================================================
 // Ternary layers keep their 2-bit kernel (a quarter of the bytes, int16 sums) below TERNARY_PANEL_ROWS rows. With
 // VNNI (one vpdpbusd per 64 products) the panels lead from 16 rows on, at any K (benchmarks/panels.py).
-// W8A8 with VNNI: panels at every row count (streamed 4096 x 4096 layers: 1.0-1.6x the row kernel at 1-3 rows),
-// so such layers keep no row layout (L->w is NULL). Binary weights keep their 1-bit kernel below 4 rows (an eighth
+// W8A8 with VNNI: panels at every row count (ahead of the row kernel from 1 row on in benchmarks/panels.py), so
+// such layers keep no row layout (L->w is NULL). Binary weights keep their 1-bit kernel below 4 rows (an eighth
 // of the bytes to stream).
 #ifdef LB_VNNI
 static constexpr i64 PANEL_ROWS = 1, TERNARY_PANEL_ROWS = 16;
@@ -501,8 +501,8 @@ static inline void w8a8_vnni_tile(const uint8_t* xu, i64 Kp, const int8_t* wp, c
     __m512i acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_si512();
     for (i64 k = 0; k < Kp; k += 4) {
-        // The panel 4 KiB ahead, into L1 and L2: streamed layers at 3-16 rows (the first row block reads the
-        // weights from memory) ran up to 1.4x faster with it; at one row no change beyond this VM's spread.
+        // The panel 4 KiB ahead, into L1 and L2: for streamed layers at a few rows, whose first row block reads the
+        // weights from memory (benchmarks/kernels.py, 16 x 4096 x 4096).
         _mm_prefetch((const char*)(wp + 16 * k) + 4096, _MM_HINT_T0);
         const __m512i w = _mm512_loadu_si512(wp + 16 * k);
         for (int m = 0; m < MR; ++m) {

@@ -17,7 +17,7 @@ sums, hence the same bits again, at about three times the AVX2 tiles' speed (`be
 enough rows: `routes.Route.panel_rows`); `lb_linear` / `lb_conv` use them from 4 input rows on (ternary layers,
 whose 2-bit kernel streams a quarter of the bytes: from 32 rows on and only with rows of K ≤ 768,
 `routes.TERNARY_PANEL_K`, on AVX2; from 16 rows at any K with VNNI; `routes.panel_rows`). With VNNI, W8A8 layers
-run panels at every row count (streamed 4096 × 4096 layers: as fast as the row kernel or faster from 1 row on), so
+run panels at every row count (faster than the row kernel from 1 row on in `benchmarks/panels.py`), so
 they keep no row layout at all.
 
 Example:
