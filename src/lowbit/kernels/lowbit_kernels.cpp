@@ -901,8 +901,8 @@ LB_API int lb_wna32(const float* x, i64 M, i64 K, const uint8_t* blob, i64 row_b
 // ================================================================================================
 static constexpr i64 WN_PANEL_ROWS = 16;
 
-// The row counts from which lb_linear runs a layer kind's panels (LB_W8, LB_WN, LB_TERNARY, LB_BIN_INTER), for the Python side
-// that decides when to build them (`kernels.routes`); 0 for kinds without panels.
+// The row counts from which lb_linear runs a layer kind's panels (LB_W8, LB_WN, LB_TERNARY, LB_BIN_INTER), for
+// the Python side that decides when to build them (`kernels.routes`); 0 for kinds without panels.
 LB_API int lb_panel_rows(int wkind) {
     if (wkind == 1) return (int)PANEL_ROWS;
     if (wkind == 5) return (int)BIN_PANEL_ROWS;  // binary codes as +-1 int8
