@@ -493,6 +493,18 @@ static constexpr int VNNI_ROWS = 8;
 // The offset form needs sum (x + 128) w < 2^31: 255 * 127 * Kp, so Kp up to 2^16 (longer rows take the AVX2 tiles).
 static constexpr i64 VNNI_MAX_K = 1 << 16;
 
+// The VNNI form of a many-row kernel: the rows as x + 128, then tile(IC<MR>, xu, m, p) per 8-row block and panel.
+// False (nothing done) where it does not apply: no column sums, rows past VNNI_MAX_K, or no memory for the copy.
+template <class F>
+static bool vnni_panels(const int8_t* xq, const int32_t* ws, i64 M, i64 K, i64 N, i64 Kp, int threads, F tile) {
+    if (!ws || Kp > VNNI_MAX_K) return false;
+    uint8_t* xu = offset_rows(xq, M, K, Kp);
+    if (!xu) return false;
+    panel_blocks<VNNI_ROWS, false>(xu, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, bool) { tile(mt, xu, m, p); });
+    free(xu);
+    return true;
+}
+
 // y[m * ldm + n * ldn] for rows m < MR, columns n < ncols of one panel: (sx[m] * sp[n]) * (float)(acc - 128 ws[n]),
 // the expression of the AVX2 tiles and row kernels (same bits).
 template <int MR>
@@ -542,17 +554,12 @@ static inline void w8a8_vnni_tile(const uint8_t* xu, i64 Kp, const int8_t* wp, c
 static void w8a8_panel_run(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_t* wp, const float* sp,
                            const int32_t* ws, i64 N, i64 Kp, float* y, i64 ldm, i64 ldn, int threads) {
 #ifdef LB_VNNI
-    if (ws && Kp <= VNNI_MAX_K) {
-        if (uint8_t* xu = offset_rows(xq, M, K, Kp)) {
-            panel_blocks<VNNI_ROWS, false>(xu, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, bool) {
-                const i64 nc = std::min<i64>(16, N - 16 * p);
-                w8a8_vnni_tile<decltype(mt)::value>(xu + m * Kp, Kp, wp + p * 16 * Kp, ws + 16 * p, sx + m,
-                                                    sp + 16 * p, y + m * ldm + 16 * p * ldn, ldm, ldn, nc);
-            });
-            free(xu);
-            return;
-        }
-    }
+    const bool done = vnni_panels(xq, ws, M, K, N, Kp, threads, [=](auto mt, const uint8_t* xu, i64 m, i64 p) {
+        const i64 nc = std::min<i64>(16, N - 16 * p);
+        w8a8_vnni_tile<decltype(mt)::value>(xu + m * Kp, Kp, wp + p * 16 * Kp, ws + 16 * p, sx + m, sp + 16 * p,
+                                            y + m * ldm + 16 * p * ldn, ldm, ldn, nc);
+    });
+    if (done) return;
 #endif
     int8_t* own;
     const int8_t* xp = pad_rows(xq, M, K, Kp, &own);
@@ -983,17 +990,12 @@ LB_API void lb_wn_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const i
                         const int32_t* wsg, i64 N, i64 Kp, i64 group, float* y, int threads) {
     const i64 G = Kp / group;
 #ifdef LB_VNNI
-    if (wsg && Kp <= VNNI_MAX_K) {
-        if (uint8_t* xu = offset_rows(xq, M, K, Kp)) {
-            panel_blocks<VNNI_ROWS, false>(xu, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, bool) {
-                const i64 nc = std::min<i64>(16, N - 16 * p);
-                wn_vnni_tile<decltype(mt)::value>(xu + m * Kp, Kp, wp + p * 16 * Kp, wsg + p * G * 16, sx + m,
-                                                  spg + p * G * 16, group, y + m * N + 16 * p, N, nc);
-            });
-            free(xu);
-            return;
-        }
-    }
+    const bool done = vnni_panels(xq, wsg, M, K, N, Kp, threads, [=](auto mt, const uint8_t* xu, i64 m, i64 p) {
+        const i64 nc = std::min<i64>(16, N - 16 * p);
+        wn_vnni_tile<decltype(mt)::value>(xu + m * Kp, Kp, wp + p * 16 * Kp, wsg + p * G * 16, sx + m,
+                                          spg + p * G * 16, group, y + m * N + 16 * p, N, nc);
+    });
+    if (done) return;
 #endif
     int8_t* own;
     const int8_t* xp = pad_rows(xq, M, K, Kp, &own);

@@ -26,8 +26,8 @@ Exact final expressions of the integer kernels (so a caller can match them bit f
 Float kernels (w8a32, wna32, w1a32) accumulate in fp32 in an unspecified order.
 
 A packed layer's forward uses none of the matmul_* wrappers: `lowbit.kernels.layer` binds prepared weights and the
-activation quantizer into one ``lb_linear`` call (the ``lb_layer`` struct, `LayerDesc`, is declared here because the
-loader checks its size against the library's).
+activation quantizer into one ``lb_linear`` call (the ``lb_layer`` struct, `LayerDesc`, is declared in
+`lowbit.kernels.abi` and re-exported here; the loader checks its size and the ABI version against the library's).
 """
 
 from __future__ import annotations
@@ -43,45 +43,16 @@ import warnings
 import numpy as np
 import torch
 
+from lowbit.kernels.abi import ABI_VERSION, AKINDS, ISA_NAMES, WKINDS, LayerDesc
+
+__all__ = ["ABI_VERSION", "AKINDS", "ISA_NAMES", "WKINDS", "LayerDesc"]  # re-exported: the C side as Python sees it
+
 _SRC = pathlib.Path(__file__).with_name("lowbit_kernels.cpp")
 _CXX = os.environ.get("CXX", "g++")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _FLAGS_PORTABLE = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]  # retry when -march=native is refused
 #: LOWBIT_KERNELS=avx2: this CPU's instructions without AVX-512 (the AVX2 paths on a CPU that has AVX-512 VNNI).
 _FLAGS_NO_AVX512 = [*_FLAGS, "-mno-avx512f"]
-#: lb_isa() → name: the widest instruction set the loaded build uses.
-ISA_NAMES = {3: "avx512vnni", 2: "avx2", 0: "scalar"}
-
-ABI_VERSION = 6  # lb_abi_version() of the source this module binds
-
-
-class LayerDesc(ctypes.Structure):
-    """The C ``lb_layer``: one packed layer as `lb_linear` runs it (weights, scales, activation quantizer)."""
-
-    _fields_ = [
-        ("wkind", ctypes.c_int32),
-        ("akind", ctypes.c_int32),
-        ("N", ctypes.c_int64),
-        ("K", ctypes.c_int64),
-        ("ld", ctypes.c_int64),
-        ("w", ctypes.c_void_p),
-        ("s", ctypes.c_void_p),
-        ("sz", ctypes.c_void_p),
-        ("bits", ctypes.c_int32),
-        ("group", ctypes.c_int32),
-        ("qmax", ctypes.c_float),
-        ("min_scale", ctypes.c_float),
-        ("max_scale", ctypes.c_float),
-        ("sign_scale", ctypes.c_int32),
-        ("wp", ctypes.c_void_p),
-        ("sp", ctypes.c_void_p),
-        ("pld", ctypes.c_int64),
-        ("ws", ctypes.c_void_p),
-    ]
-
-
-WKINDS = {"w8": 1, "wn": 2, "ternary": 3, "binary_blocked": 4, "binary_inter": 5}
-AKINDS = {"f32": 0, "int8": 1, "sign": 2}
 
 _lib = None
 _reason = ""

@@ -1,0 +1,49 @@
+"""The C library's interface as Python sees it: the ``lb_layer`` struct (`LayerDesc`), its enums, the ABI version
+the loader checks, and the names of the instruction sets a build reports (``lb_isa``).
+
+Kept apart from `lowbit.kernels.native` (which finds, builds and binds the library) so that the layout of the
+shared struct sits in one small file next to its C definition's comments.
+
+Example:
+    >>> from lowbit.kernels.abi import WKINDS, LayerDesc
+    >>> LayerDesc(wkind=WKINDS["w8"]).wkind
+    1
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+#: lb_isa() → name: the widest instruction set the loaded build uses.
+ISA_NAMES = {3: "avx512vnni", 2: "avx2", 0: "scalar"}
+
+ABI_VERSION = 6  # lb_abi_version() of the source this module binds
+
+
+class LayerDesc(ctypes.Structure):
+    """The C ``lb_layer``: one packed layer as `lb_linear` runs it (weights, scales, activation quantizer)."""
+
+    _fields_ = [
+        ("wkind", ctypes.c_int32),
+        ("akind", ctypes.c_int32),
+        ("N", ctypes.c_int64),
+        ("K", ctypes.c_int64),
+        ("ld", ctypes.c_int64),
+        ("w", ctypes.c_void_p),
+        ("s", ctypes.c_void_p),
+        ("sz", ctypes.c_void_p),
+        ("bits", ctypes.c_int32),
+        ("group", ctypes.c_int32),
+        ("qmax", ctypes.c_float),
+        ("min_scale", ctypes.c_float),
+        ("max_scale", ctypes.c_float),
+        ("sign_scale", ctypes.c_int32),
+        ("wp", ctypes.c_void_p),
+        ("sp", ctypes.c_void_p),
+        ("pld", ctypes.c_int64),
+        ("ws", ctypes.c_void_p),
+    ]
+
+
+WKINDS = {"w8": 1, "wn": 2, "ternary": 3, "binary_blocked": 4, "binary_inter": 5}
+AKINDS = {"f32": 0, "int8": 1, "sign": 2}
