@@ -12,6 +12,7 @@ itself, running the kernels it is timed with (query cosine to fp32 for MiniLM, l
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -25,15 +26,20 @@ from lowbit.batches import run_model
 from lowbit.kernels import native
 from lowbit.measure.envinfo import _version, environment
 from lowbit.measure.latency import compare_latency
+from lowbit.nn.hf_attention import use_lowbit_attention
 from lowbit.zoo import get_workload
 
 #: Presets; ``@int8`` packs with ``kernel_activations="int8"`` (weight-only layers take int8 inputs in the kernel);
 #: ``@ort`` exports the compressed model with `lowbit.export.onnx.export_onnx` (``accuracy_level=4``: int4 / int2
 #: weights as MatMulNBits with int8 accumulation) and runs it in ONNX Runtime; ``+compile`` runs the packed model
 #: under ``torch.compile`` (the packed layers stay native kernels, as the custom op ``lowbit::packed_linear``; the
-#: rest of the graph is fused by inductor). ``fp32+compile`` adds the fp32 model under ``torch.compile``.
+#: rest of the graph is fused by inductor). ``fp32+compile`` adds the fp32 model under ``torch.compile``;
+#: ``fp32+lowbit-attention`` the fp32 model with lowbit's attention kernel (`lowbit.nn.hf_attention`, what
+#: `lowbit.pack` applies by default; ``--attention keep`` packs without it), so the kernel's share is visible.
+FP32_ATTENTION = "fp32+lowbit-attention"
 PRESETS = [
     "fp32+compile",
+    FP32_ATTENTION,
     "w8a8",
     "w8a8+compile",
     "w4g128-gptq",
@@ -90,8 +96,11 @@ def ort_runners(model: torch.nn.Module, batch: Any, threads: int, tmp: str) -> d
     return out
 
 
-def build_models(workload: str, presets: list[str]) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
-    """fp32 and every packed preset of ``workload`` (compressed once), with each packed model's fidelity."""
+def build_models(
+    workload: str, presets: list[str], attention: str = "lowbit"
+) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
+    """fp32 and every packed preset of ``workload`` (compressed once), with each packed model's fidelity;
+    ``attention``: `lowbit.pack`'s choice for the packed models' attention."""
     wl = get_workload(workload)
     base = wl.build()
     calib = wl.calibration_batches(128)
@@ -99,6 +108,13 @@ def build_models(workload: str, presets: list[str]) -> tuple[dict[str, torch.nn.
     quality: dict[str, float] = {"fp32 PyTorch": 1.0}
     key = "cosine" if workload == "minilm" else "logit_cosine"
     for spec in presets:
+        if spec == FP32_ATTENTION:  # the attention kernel's share of a packed model's speed, on its own
+            name = "fp32 PyTorch+lowbit-attention"
+            models[name] = copy.deepcopy(base)
+            use_lowbit_attention(models[name])
+            with torch.no_grad():
+                quality[name] = wl.evaluate(models[name])[key]
+            continue
         spec_eager, plus, _ = spec.partition("+compile")
         if plus:  # the same model under torch.compile: same kernels, so the eager model's fidelity
             eager_name = "fp32 PyTorch" if spec_eager == "fp32" else f"lowbit {spec_eager}"
@@ -117,7 +133,7 @@ def build_models(workload: str, presets: list[str]) -> tuple[dict[str, torch.nn.
             export_onnx(q, wl.example_batch(1), path, accuracy_level=4)
             runtime: torch.nn.Module = OrtModule(path)
         else:
-            runtime = lowbit.pack(q, kernel_activations=how or "exact")
+            runtime = lowbit.pack(q, kernel_activations=how or "exact", attention=attention)
         with torch.no_grad():
             quality[f"lowbit {spec}"] = wl.evaluate(runtime)[key]  # the deployed model, on the kernels it runs
         models[f"lowbit {spec}"] = runtime
@@ -188,16 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--presets", nargs="+", default=PRESETS)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument(
+        "--attention", choices=["lowbit", "keep"], default="lowbit", help="lowbit.pack's attention= for packed models"
+    )
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     rows: list[dict[str, Any]] = []
     for wl in args.workloads:
-        models, quality = build_models(wl, args.presets)
+        models, quality = build_models(wl, args.presets, args.attention)
         for bs in args.batch_sizes:
             for threads in args.threads:
                 for r in bench(wl, models, quality, bs, threads, args.repeats):
                     q = "" if r["quality"] is None else f"  fidelity {r['quality']:.4f}"
-                    print(f"{wl:>10} b={bs:<3} t={threads} {r['path']:<24} {r['ms']:8.2f} ms {r['speedup']:5.2f}×{q}")
+                    print(f"{wl:>10} b={bs:<3} t={threads} {r['path']:<30} {r['ms']:8.2f} ms {r['speedup']:5.2f}×{q}")
                     rows.append(r)
     if args.out:
         path = Path(args.out)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lowbit.compress import quant_layers, set_submodule
+from lowbit.nn.hf_attention import use_lowbit_attention
 from lowbit.nn.packed import PackedConv2d, PackedLinear, PackedMixin, zero_format_of
 from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
 
@@ -67,7 +68,11 @@ def pack_layer(layer: QuantLayer) -> QuantLayer:
 KERNEL_ACTIVATIONS = ("exact", "int8")
 
 
-def pack(model: nn.Module, *, kernel_activations: str = "exact") -> nn.Module:
+#: ``pack``'s ``attention``: lowbit's fp32 attention kernel for transformers models' SDPA attention, or as it is.
+ATTENTION = ("lowbit", "keep")
+
+
+def pack(model: nn.Module, *, kernel_activations: str = "exact", attention: str = "lowbit") -> nn.Module:
     """A deep copy of ``model`` with every quantized layer bit-packed, in eval mode with its parameters frozen:
     a packed model is an inference artifact, and its layers run native kernels only where no gradient is
     wanted (`lowbit.kernels.dispatch`).
@@ -76,11 +81,19 @@ def pack(model: nn.Module, *, kernel_activations: str = "exact") -> nn.Module:
     inside the native kernel (ONNX Runtime's ``accuracy_level=4``), and in the dense path dispatch may pick instead,
     so the outputs do not depend on that choice: much faster on CPUs, but they differ from the simulated model by
     that rounding (``LOWBIT_KERNELS=reference`` still computes the simulated model); the default ``"exact"``
-    computes what the simulated model computes. `set_kernel_activations` changes it later."""
+    computes what the simulated model computes. `set_kernel_activations` changes it later.
+
+    ``attention="lowbit"`` runs the SDPA attention of the transformers models inside on lowbit's fp32 kernel
+    (`lowbit.nn.hf_attention`; the same outputs within float rounding, faster on short sequences); ``"keep"``
+    leaves it as it is."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     packed = copy.deepcopy(model)
     for name, layer in quant_layers(packed):
         set_submodule(packed, name, pack_layer(layer))
     set_kernel_activations(packed, kernel_activations)
+    if attention == "lowbit":
+        use_lowbit_attention(packed)
     return packed.eval().requires_grad_(False)
 
 

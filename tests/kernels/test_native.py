@@ -352,6 +352,10 @@ OTHER_BUILD_CHECKS = (
     "    d.test_native_output_matches_simulated(w, a, k, 3)\n"
     "d.test_real_valued_zero_points_run_natively('int8')\n"
     "d.test_one_call_conv_writes_the_map_from_the_panels('int8', 2)\n"
+    "from tests.kernels import test_attention as ta\n"  # lb_attention's vector code in this build
+    "for shape in ta.SHAPES:\n"
+    "    for kind in ('none', 'bool', 'causal'):\n"
+    "        ta.test_matches_pytorch_sdpa(shape, kind)\n"
     "print('ok')\n"
 )
 

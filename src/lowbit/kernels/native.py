@@ -1,6 +1,7 @@
-"""Native CPU kernels for low-bit linear layers (ctypes wrapper around lowbit_kernels.cpp).
+"""Native CPU kernels for low-bit linear layers (ctypes wrapper around lowbit_kernels.cpp; lowbit_attention.cpp, in
+the same library, serves `lowbit.kernels.attention`).
 
-The C++ source next to this file is compiled once per (source, flags, compiler, CPU) into a cache
+The C++ sources next to this file are compiled once per (source, flags, compiler, CPU) into a cache
 directory (``$LOWBIT_CACHE_DIR/kernels`` or ``~/.cache/lowbit/kernels``) and loaded with ctypes.
 
 Public API (all matmuls return a new fp32 tensor (M, N), bias NOT included; ``threads`` <= 0 means
@@ -47,7 +48,8 @@ from lowbit.kernels.abi import ABI_VERSION, AKINDS, ISA_NAMES, WKINDS, LayerDesc
 
 __all__ = ["ABI_VERSION", "AKINDS", "ISA_NAMES", "WKINDS", "LayerDesc"]  # re-exported: the C side as Python sees it
 
-_SRC = pathlib.Path(__file__).with_name("lowbit_kernels.cpp")
+#: The C++ sources, compiled together into one library: the linear-layer kernels and fp32 attention.
+_SRCS = [pathlib.Path(__file__).with_name(n) for n in ("lowbit_kernels.cpp", "lowbit_attention.cpp")]
 _CXX = os.environ.get("CXX", "g++")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _FLAGS_PORTABLE = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]  # retry when -march=native is refused
@@ -87,7 +89,7 @@ def _compile(flags: list[str], dest: pathlib.Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=dest.stem + ".", suffix=".tmp.so", dir=dest.parent)
     os.close(fd)
     try:
-        res = subprocess.run([_CXX, *flags, "-o", tmp, str(_SRC)], capture_output=True, text=True, timeout=600)
+        res = subprocess.run([_CXX, *flags, "-o", tmp, *map(str, _SRCS)], capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             raise RuntimeError(f"{_CXX} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
         os.replace(tmp, dest)
@@ -121,6 +123,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         "lb_linear": ([P, P, I64, P, I, P], I),
         "lb_im2col": ([P, P, P, I], None),
         "lb_conv": ([P, P, P, P, I, P], I),
+        "lb_attention": ([P, P, P, P, I64, I64, I64, I64, I64, I64, P, P, I, F, I, I], I),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
@@ -139,7 +142,7 @@ def _load() -> None:
         _reason = f"no C++ compiler ({_CXX}): {exc}"
         return
     try:
-        source = _SRC.read_text()
+        source = "\0".join(src.read_text() for src in _SRCS)
         cache = _cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

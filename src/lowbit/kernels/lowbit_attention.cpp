@@ -1,0 +1,235 @@
+// Scaled dot-product attention in fp32 for short and medium sequences, one (batch, head) pair per work item.
+//
+// out[b, i, h, :] (or any strided layout) = softmax(scale * q_i . K^T + mask_i) V for every query row i, with the
+// optional mask additive (float) or boolean (a nonzero byte: the key takes part), broadcast through zero strides,
+// and an optional causal limit (key j <= query i, the top-left alignment of F.scaled_dot_product_attention).
+// Grouped-query attention: head h reads key / value head h / (H / HKV).
+//
+// Per work item K is copied once into a (D, S) transposed scratch, so a query row's scores are D broadcast-FMAs
+// over contiguous key positions; the probabilities then weight the value rows (FMAs over D). Plain loops that the
+// compiler vectorises (-O3 -march=native); exp is a Cody-Waite reduction and a degree-6 polynomial (relative error
+// ~2e-7), branch-free so that it vectorises too. A row whose every key is masked out gives zeros (SDPA gives NaN).
+//
+// Built into the same library as lowbit_kernels.cpp (see native.py).
+
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <cmath>
+
+#define LB_API extern "C" __attribute__((visibility("default")))
+typedef int64_t i64;
+// 16 floats as one value (GCC vector extension): one zmm with AVX-512, two ymm with AVX2, plain loops elsewhere;
+// `aligned(4)`: loads and stores at any float address.
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+// exp(x) for x <= 0 after the max subtraction (also fine up to ~88); 0 below -87.3 (masked keys give exactly 0).
+static inline float exp_neg(float x) {
+    const float lo = -87.3f;
+    const bool under = x < lo;
+    float xc = under ? lo : x;
+    xc = xc > 88.0f ? 88.0f : xc;
+    const float t = xc * 1.44269504088896341f;
+    const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (no -ffast-math, so kept as written)
+    float r = xc - n * 0.693359375f;                  // Cody-Waite: ln 2 split in two parts
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = (int32_t(n) + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return under ? 0.0f : p * two_n;
+}
+
+// Max of p[0 .. n), n a multiple of 16, through 16 lane-wise partials (a plain reduction would not vectorise).
+static inline float row_max(const float* p, i64 n) {
+    float part[16];
+    for (int l = 0; l < 16; ++l) part[l] = -INFINITY;
+    for (i64 j = 0; j < n; j += 16)
+        for (int l = 0; l < 16; ++l) part[l] = part[l] > p[j + l] ? part[l] : p[j + l];
+    float m = -INFINITY;
+    for (int l = 0; l < 16; ++l) m = std::max(m, part[l]);
+    return m;
+}
+
+// p[j] = exp(p[j] - mx) for j < n (n a multiple of 16; -inf gives 0); returns their sum.
+static inline float exp_sum(float* p, i64 n, float mx) {
+    float part[16] = {0};
+    for (i64 j = 0; j < n; j += 16)
+        for (int l = 0; l < 16; ++l) {
+            const float e = exp_neg(p[j + l] - mx);
+            p[j + l] = e;
+            part[l] += e;
+        }
+    float sum = 0.0f;
+    for (int l = 0; l < 16; ++l) sum += part[l];
+    return sum;
+}
+
+// o_r[0 .. D) = inv[r] * sum_{j < n} p_r[j] v_j for the rows p_r = p + r * pstride, r < rows <= PR. DD > 0: D as a
+// compile-time multiple of 16, the PR x DD/16 vector accumulators in registers; DD = 0: any D, row by row.
+template <int DD, int PR>
+static inline void weighted_values(const float* p, i64 pstride, i64 rows, i64 n, const float* v, i64 vstride, i64 D,
+                                   const float* inv, float* o, i64 ostride, float* scratch) {
+    if constexpr (DD > 0) {
+        constexpr int NV = DD / 16;
+        v16 acc[PR][NV] = {};
+        for (i64 j = 0; j < n; ++j) {
+            const v16* vj = (const v16*)(v + j * vstride);
+            v16 vv[NV];
+#pragma GCC unroll 8
+            for (int c = 0; c < NV; ++c) vv[c] = vj[c];
+#pragma GCC unroll 16
+            for (int r = 0; r < PR; ++r) {
+                const float pj = p[r * pstride + j];
+#pragma GCC unroll 8
+                for (int c = 0; c < NV; ++c) acc[r][c] += pj * vv[c];
+            }
+        }
+        for (int r = 0; r < PR; ++r)
+            if (r < rows)
+                for (int c = 0; c < NV; ++c) ((v16*)(o + r * ostride))[c] = acc[r][c] * inv[r];
+    } else {
+        for (i64 r = 0; r < rows; ++r) {
+            for (i64 d = 0; d < D; ++d) scratch[d] = 0.0f;
+            for (i64 j = 0; j < n; ++j) {
+                const float pj = p[r * pstride + j];
+                const float* vj = v + j * vstride;
+                for (i64 d = 0; d < D; ++d) scratch[d] += pj * vj[d];
+            }
+            for (i64 d = 0; d < D; ++d) o[r * ostride + d] = scratch[d] * inv[r];
+        }
+    }
+}
+
+static const int QR = 8;   // query rows per score block
+static const int KC = 16;  // key columns per score block (kt is padded to a multiple, with zeros)
+
+// One (batch, head): scores of QR query rows at a time against the transposed keys, then per row mask, softmax
+// and the weighted sum of the value rows.
+template <int DD>
+static void attend_head(const float* qb, i64 qrow, const float* kb, i64 krow, const float* vb, i64 vrow, float* ob,
+                        i64 orow, const void* mrow0, int mask_kind, i64 mrow_stride, i64 L, i64 S, i64 Sp, i64 D,
+                        float scale, int causal, float* kt, float* sc, float* scratch, const float* const* next,
+                        const i64* next_rows) {
+    for (i64 j = 0; j < S; ++j)
+        for (i64 d = 0; d < D; ++d) kt[d * Sp + j] = kb[j * krow + d];
+    for (i64 d = 0; d < D; ++d)
+        for (i64 j = S; j < Sp; ++j) kt[d * Sp + j] = 0.0f;
+    const i64 blocks = (L + QR - 1) / QR;
+    for (i64 i0 = 0; i0 < L; i0 += QR) {
+        if (next) {  // the next item's q, k, v rows, a share per row block, fetched while this block computes
+            const i64 bi = i0 / QR;
+            for (int t = 0; t < 3; ++t) {
+                const i64 n = t ? S : L, lo = n * bi / blocks, hi = n * (bi + 1) / blocks;
+                for (i64 j = lo; j < hi; ++j)
+                    for (i64 d = 0; d < D; d += 16) __builtin_prefetch(next[t] + j * next_rows[t] + d);
+            }
+        }
+        const float* qr[QR];
+        for (int r = 0; r < QR; ++r) qr[r] = qb + std::min(i0 + r, L - 1) * qrow;  // short block: repeat the last row
+        for (i64 j0 = 0; j0 < Sp; j0 += KC) {  // KC = 16: one vector of keys
+            v16 acc[QR] = {};
+            for (i64 d = 0; d < D; ++d) {
+                const v16 kd = *(const v16*)(kt + d * Sp + j0);
+#pragma GCC unroll 16
+                for (int r = 0; r < QR; ++r) acc[r] += qr[r][d] * kd;
+            }
+#pragma GCC unroll 16
+            for (int r = 0; r < QR; ++r) *(v16*)(sc + r * Sp + j0) = acc[r] * scale;
+        }
+        const i64 rows = std::min<i64>(QR, L - i0);
+        float inv[QR] = {0};
+        i64 vis_max = 0;
+        for (int r = 0; r < QR; ++r) {
+            const i64 i = std::min(i0 + r, L - 1);
+            float* p = sc + r * Sp;
+            if (mask_kind == 1) {
+                const float* mf = (const float*)mrow0 + i * mrow_stride;
+                for (i64 j = 0; j < S; ++j) p[j] += mf[j];
+            } else if (mask_kind == 2) {
+                const uint8_t* mb = (const uint8_t*)mrow0 + i * mrow_stride;
+                for (i64 j = 0; j < S; ++j) p[j] = mb[j] ? p[j] : -INFINITY;
+            }
+            const i64 visible = causal ? std::min(S, i + 1) : S;
+            for (i64 j = visible; j < Sp; ++j) p[j] = -INFINITY;  // padding and causally hidden keys: weight 0
+            const float mx = row_max(p, Sp);
+            if (mx == -INFINITY) {  // nothing to attend to: zero weights, zero output
+                for (i64 j = 0; j < Sp; ++j) p[j] = 0.0f;
+                continue;
+            }
+            inv[r] = 1.0f / exp_sum(p, Sp, mx);
+            vis_max = std::max(vis_max, visible);
+        }
+        constexpr int PR = DD > 32 ? 4 : QR;  // rows per weighted sum: PR x DD / 16 accumulators, at most 16
+        for (int r0 = 0; r0 < rows; r0 += PR)
+            weighted_values<DD, PR>(sc + r0 * Sp, Sp, std::min<i64>(PR, rows - r0), vis_max, vb, vrow, D, inv + r0,
+                                    ob + (i0 + r0) * orow, orow, scratch);
+    }
+}
+
+// st: 20 strides in elements, (batch, head, row, column) for q, k, v, out and mask in that order (a column stride
+// must be 1; the mask's are ignored without a mask).
+// mask_kind: 0 none, 1 float added to the scaled scores, 2 uint8 (0: the key is masked out). Returns 0, or 1 when
+// a scratch allocation fails.
+LB_API int lb_attention(const float* q, const float* k, const float* v, float* out, i64 B, i64 H, i64 HKV, i64 L,
+                        i64 S, i64 D, const i64* st, const void* mask, int mask_kind, float scale, int causal,
+                        int threads) {
+    const i64 *qs = st, *ks = st + 4, *vs = st + 8, *os = st + 12, *ms = st + 16;
+    const i64 items = B * H, group = H / HKV, Sp = (S + KC - 1) / KC * KC;
+    const i64 work = items * L * S * D;
+    const int nt = threads > 0 ? threads : omp_get_max_threads();
+    const size_t esize = mask_kind == 2 ? 1 : 4;
+    int failed = 0;
+#pragma omp parallel num_threads(nt) if (nt != 1 && items > 1 && work >= (1 << 16))
+    {
+        float* kt = (float*)aligned_alloc(64, (((size_t)(D * Sp) * 4 + 63) / 64) * 64);
+        float* sc = (float*)aligned_alloc(64, (((size_t)(QR * Sp) * 4 + 63) / 64) * 64);
+        float* scratch = (float*)aligned_alloc(64, (((size_t)D * 4 + 63) / 64) * 64);
+        if (!kt || !sc || !scratch) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (i64 item = 0; item < items; ++item) {
+                const i64 b = item / H, h = item % H, hk = h / group;
+                const float* qb = q + b * qs[0] + h * qs[1];
+                const float* kb = k + b * ks[0] + hk * ks[1];
+                const float* vb = v + b * vs[0] + hk * vs[1];
+                float* ob = out + b * os[0] + h * os[1];
+                const void* m0 = mask_kind ? (const char*)mask + (b * ms[0] + h * ms[1]) * esize : nullptr;
+                const i64 mrow = mask_kind ? ms[2] : 0;
+                const float* next[3] = {nullptr, nullptr, nullptr};
+                const i64 next_rows[3] = {qs[2], ks[2], vs[2]};
+                if (item + 1 < items) {
+                    const i64 nb = (item + 1) / H, nh = (item + 1) % H, nhk = nh / group;
+                    next[0] = q + nb * qs[0] + nh * qs[1];
+                    next[1] = k + nb * ks[0] + nhk * ks[1];
+                    next[2] = v + nb * vs[0] + nhk * vs[1];
+                }
+#define LB_ATTEND(DD)                                                                                            \
+    attend_head<DD>(qb, qs[2], kb, ks[2], vb, vs[2], ob, os[2], m0, mask_kind, mrow, L, S, Sp, D, scale, causal, \
+                    kt, sc, scratch, item + 1 < items ? next : nullptr, next_rows)
+                switch (D) {
+                    case 16: LB_ATTEND(16); break;
+                    case 32: LB_ATTEND(32); break;
+                    case 64: LB_ATTEND(64); break;
+                    default: LB_ATTEND(0);
+                }
+#undef LB_ATTEND
+            }
+        }
+        free(kt);
+        free(sc);
+        free(scratch);
+    }
+    return failed;
+}
