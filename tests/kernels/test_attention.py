@@ -143,3 +143,10 @@ def test_compiled_graph_calls_the_kernel():
 
     compiled = torch.compile(f)
     torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+
+
+def test_a_mask_that_does_not_broadcast_is_left_to_pytorch():
+    q, k, v = _qkv(2, 2, 2, 5, 5, 16)
+    assert not supported(q, k, v, torch.zeros(3, 1, 5, 5))
+    assert not supported(q, k, v, torch.zeros(5, 4))
+    assert supported(q, k, v, torch.zeros(2, 1, 1, 5)) == native.available()

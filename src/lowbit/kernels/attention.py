@@ -57,10 +57,8 @@ def supported(
     if mask is not None:
         if mask.dtype not in (torch.float32, torch.bool) or not mask.is_cpu or not 2 <= mask.dim() <= 4:
             return False
-        try:
-            torch.broadcast_shapes(mask.shape, (b, h, q.shape[2], s))
-        except RuntimeError:
-            return False
+        target = (b, h, q.shape[2], s)[4 - mask.dim() :]  # broadcastable: each size 1 or the target's
+        return all(m == 1 or m == t for m, t in zip(mask.shape, target, strict=True))
     return True
 
 

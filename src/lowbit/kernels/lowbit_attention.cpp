@@ -5,10 +5,12 @@
 // and an optional causal limit (key j <= query i, the top-left alignment of F.scaled_dot_product_attention).
 // Grouped-query attention: head h reads key / value head h / (H / HKV).
 //
-// Per work item K is copied once into a (D, S) transposed scratch, so a query row's scores are D broadcast-FMAs
-// over contiguous key positions; the probabilities then weight the value rows (FMAs over D). Plain loops that the
-// compiler vectorises (-O3 -march=native); exp is a Cody-Waite reduction and a degree-6 polynomial (relative error
-// ~2e-7), branch-free so that it vectorises too. A row whose every key is masked out gives zeros (SDPA gives NaN).
+// Per work item K is copied once into a (D, S) transposed scratch (S padded to 16 with zeros). Scores: 8 query rows
+// x 16 keys accumulate in registers over D (one key vector, eight broadcasts, eight FMAs per step); softmax per row
+// with a Cody-Waite reduction and a degree-6 polynomial for exp (relative error ~2e-7, branch-free, vectorised);
+// then the weighted sum of the value rows, again a register block (up to 8 rows x D). Written with GCC vector
+// extensions (v16 below), so the same source is AVX-512, AVX2 or plain code as the build allows. The next work
+// item's rows are prefetched a share per row block. A row whose every key is masked out gives zeros (SDPA: NaN).
 //
 // Built into the same library as lowbit_kernels.cpp (see native.py).
 
