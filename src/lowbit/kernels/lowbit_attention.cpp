@@ -112,6 +112,11 @@ static inline void weighted_values(const float* p, i64 pstride, i64 rows, i64 n,
     }
 }
 
+// n floats of 64-byte aligned scratch (rounded up to whole cache lines), or null.
+static inline float* alloc_floats(i64 n) {
+    return (float*)aligned_alloc(64, std::max<size_t>(64, ((size_t)n * 4 + 63) / 64 * 64));
+}
+
 static const int QR = 8;   // query rows per score block
 static const int KC = 16;  // key columns per score block (kt is padded to a multiple, with zeros)
 
@@ -193,15 +198,18 @@ LB_API int lb_attention(const float* q, const float* k, const float* v, float* o
     int failed = 0;
 #pragma omp parallel num_threads(nt) if (nt != 1 && items > 1 && work >= (1 << 16))
     {
-        float* kt = (float*)aligned_alloc(64, (((size_t)(D * Sp) * 4 + 63) / 64) * 64);
-        float* sc = (float*)aligned_alloc(64, (((size_t)(QR * Sp) * 4 + 63) / 64) * 64);
-        float* scratch = (float*)aligned_alloc(64, (((size_t)D * 4 + 63) / 64) * 64);
-        if (!kt || !sc || !scratch) {
+        float* kt = alloc_floats(D * Sp);
+        float* sc = alloc_floats(QR * Sp);
+        float* scratch = alloc_floats(D);
+        const bool ready = kt && sc && scratch;
+        if (!ready) {
 #pragma omp atomic write
             failed = 1;
-        } else {
+        }
+        // Every thread meets the work-sharing loop (OpenMP requires it); one without its buffers skips the work.
 #pragma omp for schedule(static)
-            for (i64 item = 0; item < items; ++item) {
+        for (i64 item = 0; item < items; ++item) {
+            if (ready) {
                 const i64 b = item / H, h = item % H, hk = h / group;
                 const float* qb = q + b * qs[0] + h * qs[1];
                 const float* kb = k + b * ks[0] + hk * ks[1];
