@@ -71,7 +71,7 @@ def describe(
     ``sz`` (N, K/group) fp32 = scale·zero for group-wise weights with real-valued zero points (the blob must
     then hold zero points 0). ``panels``: the same codes (int8, ternary, or q − z of int2-4 groups) in the many-row
     layout of `kernels.panels` (`prepare_panels` / `prepare_group_panels`), which `lb_linear` runs from the
-    route's row count on (`routes.Route.panel_rows`; int8 activations only)."""
+    route's row count on (`routes.Route.panel_rows`; int8 activations, and fp32 ones: `panels.matmul_f32_panel`)."""
     d = LayerDesc(akind=AKINDS[act], qmax=qmax, min_scale=min_scale, max_scale=max_scale, sign_scale=int(sign_scale))
     keep: list = [p]
     if isinstance(p, PreparedW8):
@@ -95,7 +95,7 @@ def describe(
         keep += [w, p.a]
     else:
         raise TypeError(f"no native kernel for {type(p).__name__}")
-    if panels is not None and act == "int8":
+    if panels is not None and act in ("int8", "f32"):
         assert (panels.N, panels.K) == (p.N, p.K), "panels of another layer"
         d.wp, d.sp, d.pld, d.ws = _ptr(panels.wp), _ptr(panels.sp), panels.Kp, _ptr(panels.ws)
         keep += [panels.wp, panels.sp, panels.ws]

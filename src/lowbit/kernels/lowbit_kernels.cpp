@@ -1027,6 +1027,112 @@ LB_API void lb_wn_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const i
 }
 
 // ================================================================================================
+// fp32 activations on many rows: the int8 panels of any format, dequantized a panel pair at a time, times x.
+//   Weight-only layers (fp32 inputs) stream their codes once per row in the row kernels, which suits a few rows;
+//   with many rows the work is compute-bound and the row kernels lose to a dense fp32 GEMM. Here the int8 panels
+//   (`kernels.panels`: W8, q - z of int2-4 groups, ternary as 2-bit groups, binary as +-1) of 32 output columns
+//   are turned into fp32 weights code * scale (B, K x 32 floats, L2-resident) once per block of rows, and an
+//   FMA register tile of F32_MR rows x 32 columns runs over B: y[m, n] = sum_k x[m, k] * (code[n, k] * s[n, g(k)]).
+//   The fp32 sum order differs from the dense path's, so outputs agree within float rounding, not bit for bit.
+//   GCC vector types (v16f: 16 floats) make the same source AVX-512, AVX2 (pairs of ymm) or plain code.
+// ================================================================================================
+typedef float v16f __attribute__((vector_size(64), aligned(4)));
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+#ifdef __AVX512F__
+static constexpr int F32_MR = 8;  // 8 rows x 2 vectors: 16 zmm accumulators of 32
+#else
+static constexpr int F32_MR = 3;  // 3 rows x 2 x 2 ymm: 12 of 16 registers
+#endif
+// From this many rows lb_linear runs fp32-activation layers on their panels (the row kernels below it).
+static constexpr i64 F32_PANEL_ROWS = 8;
+LB_API int lb_f32_panel_rows(void) { return (int)F32_PANEL_ROWS; }
+
+// B (Kp x 16 x NP floats, row k: the NP panels' 16 columns side by side) = codes * scales of panels p .. p+NP-1.
+template <int NP>
+static inline void f32_dequant(const int8_t* wp, const float* sp, i64 Kp, i64 group, i64 p, float* B) {
+    const i64 G = group ? Kp / group : 1;
+    for (int h = 0; h < NP; ++h) {
+        const int8_t* w = wp + (p + h) * 16 * Kp;
+        for (i64 q = 0; q < Kp / 4; ++q) {
+            const i64 k = 4 * q;
+            const float* sc = group ? sp + ((p + h) * G + k / group) * 16 : sp + (p + h) * 16;
+            v16f s;
+            memcpy(&s, sc, 64);
+            v16i raw;  // 16 columns x 4 k: byte j of lane c is code[c, k + j]
+            memcpy(&raw, w + 64 * q, 64);
+            for (int j = 0; j < 4; ++j) {
+                const v16i b = (raw << (24 - 8 * j)) >> 24;  // sign-extended byte j
+                const v16f f = __builtin_convertvector(b, v16f) * s;
+                memcpy(B + (k + j) * 16 * NP + 16 * h, &f, 64);
+            }
+        }
+    }
+}
+
+// y rows m .. m+MR-1, the NP*16 columns of B (ncols valid) = x rows . B over k < K.
+template <int MR, int NP>
+static inline void f32_tile(const float* x, i64 K, const float* B, float* y, i64 N, i64 ncols) {
+    v16f acc[MR][NP] = {};
+    for (i64 k = 0; k < K; ++k) {
+        const v16f* b = (const v16f*)(B + k * 16 * NP);
+        for (int m = 0; m < MR; ++m) {
+            const float xv = x[m * K + k];
+            for (int h = 0; h < NP; ++h) acc[m][h] += xv * b[h];
+        }
+    }
+    // Stores through vector pointers (v16f is 4-byte aligned): taking the accumulators' address (memcpy) made GCC
+    // keep a copy of them on the stack, stored at every k.
+    for (int m = 0; m < MR; ++m)
+        for (int h = 0; h < NP; ++h) {
+            if (ncols >= 16 * (h + 1)) {
+                *(v16f*)(y + m * N + 16 * h) = acc[m][h];
+            } else {
+                for (i64 j = 16 * h; j < ncols; ++j) y[m * N + j] = acc[m][h][j - 16 * h];
+            }
+        }
+}
+
+// y (M, N) = x (M, K) fp32 . dequant(panels)^T; sp: per-column scales (group 0) or per panel and group (P, G, 16).
+// Each thread owns a contiguous range of panel pairs (output-stationary); rows go in blocks whose x stays in L2.
+// Returns 0, or -2 when scratch memory could not be allocated.
+LB_API int lb_f32_panel(const float* x, i64 M, i64 K, const int8_t* wp, const float* sp, i64 N, i64 Kp, i64 group,
+                        float* y, int threads) {
+    const i64 P = (N + 15) / 16, pairs = (P + 1) / 2;
+    const i64 rows_l2 = std::max<i64>(F32_MR, (384 * 1024 / (4 * std::max<i64>(K, 1))) / F32_MR * F32_MR);
+    const i64 BM = std::min<i64>(M, rows_l2);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads(threads)) if (threads != 1 && M * N * K >= (1 << 20))
+    {
+        i64 q0, q1;
+        my_rows(pairs, 1, &q0, &q1);
+        float* B = q1 > q0 ? (float*)scratch_uninit(sizeof(float) * Kp * 32) : nullptr;
+        if (q1 > q0 && !B) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        for (i64 m0 = 0; B && m0 < M; m0 += BM) {
+            const i64 mb = std::min(BM, M - m0);
+            for (i64 q = q0; q < q1; ++q) {
+                const i64 p = 2 * q, two = p + 1 < P;
+                const i64 n0 = 16 * p, nc = std::min<i64>(two ? 32 : 16, N - n0);
+                if (two) f32_dequant<2>(wp, sp, Kp, group, p, B);
+                else f32_dequant<1>(wp, sp, Kp, group, p, B);
+                for (i64 m = m0; m < m0 + mb; m += F32_MR) {
+                    const i64 mr = std::min<i64>(F32_MR, m0 + mb - m);
+                    with_rows<F32_MR>(mr, [&](auto mt) {
+                        constexpr int R = decltype(mt)::value;
+                        if (two) f32_tile<R, 2>(x + m * K, K, B, y + m * N + n0, N, nc);
+                        else f32_tile<R, 1>(x + m * K, K, B, y + m * N + n0, N, nc);
+                    });  // a tile of exactly mr rows
+                }
+            }
+        }
+        free(B);
+    }
+    return failed ? -2 : 0;
+}
+
+// ================================================================================================
 // Ternary W1.58A8 (BitNet b1.58).
 //   Layout: c = t + 1 in {0,1,2}, packed 2 bits/weight exactly like the int2 chunks above (128 k per
 //   32 bytes), K padded to 128 with c = 0; rows of Kp/4 bytes. sw fp32 per row (N,).
@@ -1786,6 +1892,8 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
                 if (i8 && L->wp && (M >= PANEL_ROWS || !L->w))
                     lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, threads);
                 else if (i8) lb_w8a8(xq, sx, M, K, (const int8_t*)L->w, L->s, N, L->ld, y, threads);
+                else if (f32 && L->wp && M >= F32_PANEL_ROWS)
+                    rc = lb_f32_panel(x, M, K, L->wp, L->sp, N, L->pld, 0, y, threads);
                 else if (f32) lb_w8a32(x, M, K, (const int8_t*)L->w, L->s, N, L->ld, y, threads);
                 else rc = -1;
                 break;
@@ -1793,6 +1901,8 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
                 if (i8 && L->wp && M >= WN_PANEL_ROWS)
                     lb_wn_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, L->group, y, threads);
                 else if (i8) rc = lb_wna8(xq, sx, M, K, (const uint8_t*)L->w, L->ld, N, L->bits, L->group, y, threads);
+                else if (f32 && L->wp && M >= F32_PANEL_ROWS)
+                    rc = lb_f32_panel(x, M, K, L->wp, L->sp, N, L->pld, L->group, y, threads);
                 else if (f32) rc = lb_wna32(x, M, K, (const uint8_t*)L->w, L->ld, N, L->bits, L->group, y, threads);
                 else rc = -1;
                 if (rc == 0 && L->sz) sz_correct(L, x, xq, sx, M, y, threads);
@@ -1812,6 +1922,8 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
                 if (i8 && L->wp && M >= BIN_PANEL_ROWS)
                     lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, threads);
                 else if (i8) lb_w1a8(xq, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
+                else if (f32 && L->wp && M >= F32_PANEL_ROWS)
+                    rc = lb_f32_panel(x, M, K, L->wp, L->sp, N, L->pld, 0, y, threads);
                 else if (f32) lb_w1a32(x, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
                 else rc = -1;
                 break;

@@ -130,3 +130,22 @@ def matmul_wn_panel(xq: torch.Tensor, sx: torch.Tensor, p: PreparedPanels, threa
     lib = _need()
     lib.lb_wn_panel(_ptr(xq), _ptr(sx), M, K, _ptr(p.wp), _ptr(p.sp), _ptr(p.ws), p.N, p.Kp, p.group, _ptr(y), threads)
     return y
+
+
+def matmul_f32_panel(x: torch.Tensor, p: PreparedPanels, threads: int = 1) -> torch.Tensor:
+    """y = x · (codes · scales)^T for fp32 ``x`` (M, K) and any panels (`prepare_panels`: per-column scales;
+    `prepare_group_panels`: per group): the kernel of weight-only layers with fp32 inputs on many rows, which
+    `lb_linear` runs from `f32_panel_rows` rows on. Equal to the dense product within fp32 rounding."""
+    x = _as(x, torch.float32).contiguous()
+    M, K = x.shape
+    assert K == p.K, f"x has {K} columns, the panels {p.K}"
+    y = torch.empty(M, p.N)
+    rc = _need().lb_f32_panel(_ptr(x), M, K, _ptr(p.wp), _ptr(p.sp), p.N, p.Kp, p.group, _ptr(y), threads)
+    if rc:
+        raise MemoryError("lb_f32_panel: no memory for its scratch buffer")
+    return y
+
+
+def f32_panel_rows() -> int:
+    """Input rows from which `lb_linear` runs fp32-activation layers on their panels (`matmul_f32_panel`)."""
+    return int(_need().lb_f32_panel_rows())

@@ -72,6 +72,14 @@ def panel_rows(kind: str) -> int:
     return int(native._need().lb_panel_rows(native.WKINDS[kind])) if native.available() else 0
 
 
+def f32_panel_rows() -> int:
+    """Input rows from which weight-only layers with fp32 inputs run their panels (`panels.matmul_f32_panel`:
+    weights dequantized a panel pair at a time into an fp32 register-tile GEMM); 0 without the library."""
+    from lowbit.kernels import native
+
+    return int(native._need().lb_f32_panel_rows()) if native.available() else 0
+
+
 def _vnni() -> bool:
     from lowbit.kernels import native
 
@@ -164,8 +172,11 @@ def route_for(layer: nn.Module) -> Route | None:
     suffix = {"f32": "a32", "int8": "a8", "sign": "a1"}[mode]
 
     def with_panels(codes: torch.Tensor, scale: torch.Tensor, wanted: bool) -> dict[str, Any]:
-        """The many-row layout of int8 codes (`kernels.panels`) for a layer with int8 activations, when wanted."""
-        return {"panels": panels_mod.prepare_panels(codes, scale)} if wanted and mode == "int8" else {}
+        """The many-row layout of int8 codes (`kernels.panels`) for a layer with int8 or fp32 activations, when
+        wanted."""
+        return {"panels": panels_mod.prepare_panels(codes, scale)} if wanted and mode in ("int8", "f32") else {}
+
+    many_f32 = f32_panel_rows() if mode == "f32" else 0
 
     if w.kind == "int" and w.bits == 8 and w.symmetric and w.granularity == "channel" and mode != "sign":
 
@@ -178,7 +189,7 @@ def route_for(layer: nn.Module) -> Route | None:
             extra = with_panels(codes, scale, panels)
             return native_layer.describe(native.prepare_w8(codes, scale), mode, **extra, **kw)
 
-        return Route(f"w8{suffix}", prep_w8, panel_rows("w8") if mode == "int8" else 0)
+        return Route(f"w8{suffix}", prep_w8, panel_rows("w8") if mode == "int8" else many_f32)
 
     group = _kernel_group(w, k)
     if w.kind == "int" and w.bits in (2, 3, 4) and not w.symmetric and group is not None and mode != "sign":
@@ -187,12 +198,12 @@ def route_for(layer: nn.Module) -> Route | None:
         def prep_wn(lay: Any, panels: bool = False) -> Any:
             prepared, sz = _prepare_groups(lay, bits, g)
             extra = {}
-            if panels and mode == "int8":  # real-valued zero points: panels of q, and the same s·z correction
+            if panels and mode in ("int8", "f32"):  # real-valued zero points: panels of q, the same s·z correction
                 z = lay.zero.float() if sz is None else torch.zeros_like(lay.zero, dtype=torch.float32)
                 extra["panels"] = panels_mod.prepare_group_panels(lay.codes, lay.scale.float(), z, g)
             return native_layer.describe(prepared, mode, sz=sz, **extra, **kw)
 
-        many = panel_rows("wn") if mode == "int8" and (n * k <= WN_PANEL_MAX_WEIGHTS or _vnni()) else 0
+        many = panel_rows("wn") if mode == "int8" and (n * k <= WN_PANEL_MAX_WEIGHTS or _vnni()) else many_f32
         return Route(f"w{bits}{suffix}", prep_wn, many)
 
     if w.kind == "ternary" and mode == "int8":
@@ -214,12 +225,14 @@ def route_for(layer: nn.Module) -> Route | None:
         if tg is None:
             return None
 
-        def prep_t2(lay: Any) -> Any:  # codes + 1 as 2-bit with zero point 1
+        def prep_t2(lay: Any, panels: bool = False) -> Any:  # codes + 1 as 2-bit with zero point 1
             s = lay.scale.reshape(-1).float().expand(n).reshape(n, 1).expand(n, k // tg).contiguous()
-            prepared = native.prepare_wn((lay.codes + 1).to(torch.uint8), s, torch.ones_like(s), 2, tg)
-            return native_layer.describe(prepared, mode)
+            codes = (lay.codes + 1).to(torch.uint8)
+            prepared = native.prepare_wn(codes, s, torch.ones_like(s), 2, tg)
+            extra = {"panels": panels_mod.prepare_group_panels(codes, s, torch.ones_like(s), tg)} if panels else {}
+            return native_layer.describe(prepared, mode, **extra)
 
-        return Route("w2a32", prep_t2)
+        return Route("w2a32", prep_t2, many_f32)
 
     if w.kind == "binary":
         layout = ("a1",) if mode == "sign" else ("a8",)
@@ -230,5 +243,5 @@ def route_for(layer: nn.Module) -> Route | None:
             extra = with_panels(signs.to(torch.int8) * 2 - 1, scale, panels)
             return native_layer.describe(native.prepare_binary(signs, scale, layouts=layout), mode, **extra, **kw)
 
-        return Route(f"w1{suffix}", prep_binary, panel_rows("binary_inter") if mode == "int8" else 0)
+        return Route(f"w1{suffix}", prep_binary, panel_rows("binary_inter") if mode == "int8" else many_f32)
     return None

@@ -1,0 +1,115 @@
+"""Weight-only layers with fp32 inputs on many rows (`panels.matmul_f32_panel`): the int8 panels of every format,
+dequantized a panel pair at a time into an fp32 register-tile GEMM. Not bit-exact (a different fp32 sum order from
+the dense path), so the tests bound the error against a float64 reference and check what must be exact: the same
+bits for any thread count, zero output for zero input, the layer's simulated output within fp32 rounding."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.formats import FORMATS
+from lowbit.kernels import layer as native_layer
+from lowbit.kernels import panels
+from lowbit.kernels.dispatch import use_mode
+from lowbit.kernels.routes import f32_panel_rows, route_for
+from lowbit.recipe import Recipe, Stage
+from tests.kernels.test_native import gen
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler: lowbit uses the reference kernels"
+)
+
+SHAPES = [(64, 16), (100, 33), (9, 32), (576, 64), (37, 5), (1152, 130)]  # N not a multiple of 32; K not of 32
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """|y - ref| within fp32 rounding of a K-term dot product: K·eps·Σ|x||w| per output."""
+    bound = x.shape[1] * 2.0**-23 * (x.abs().double() @ w.abs().double().T) + 1e-30
+    assert bool(((y.double() - ref).abs() <= bound).all()), float(((y.double() - ref).abs() / bound).max())
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 50])  # whole 8-row tiles and remainders
+def test_f32_panels_compute_the_dense_product(K, N, M):
+    g = gen(K * 5 + N + M)
+    q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    q[0] = -128  # extreme codes
+    s = torch.rand(N, generator=g) + 0.1
+    x = torch.randn(M, K, generator=g)
+    w = q.float() * s[:, None]
+    y = panels.matmul_f32_panel(x, panels.prepare_panels(q, s))
+    _close(y, x.double() @ w.double().T, x, w)
+    assert torch.equal(y, panels.matmul_f32_panel(x, panels.prepare_panels(q, s), threads=2))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_f32_panels_apply_the_group_scales_and_zero_points(bits, group):
+    g = gen(bits * 100 + group)
+    N, K, M = 45, 2 * group, 20
+    q = torch.randint(0, 2**bits, (N, K), generator=g)
+    s = torch.rand(N, K // group, generator=g) + 0.05
+    z = torch.randint(0, 2**bits, (N, K // group), generator=g).float()
+    x = torch.randn(M, K, generator=g)
+    w = (q.float() - z.repeat_interleave(group, 1)) * s.repeat_interleave(group, 1)
+    y = panels.matmul_f32_panel(x, panels.prepare_group_panels(q, s, z, group))
+    _close(y, x.double() @ w.double().T, x, w)
+
+
+def test_zero_rows_give_zero_outputs():
+    q = torch.randint(-127, 128, (40, 64), dtype=torch.int8)
+    y = panels.matmul_f32_panel(torch.zeros(12, 64), panels.prepare_panels(q, torch.rand(40)))
+    assert bool((y == 0).all())
+
+
+def _weight_only(fmt: str, k: int, n: int, recipe: str | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(k, n))
+    if recipe is None:
+        recipe = Recipe(stages=[Stage(method="rtn", weights=FORMATS[fmt], keep_first_last=False)])
+    return lowbit.pack(lowbit.compress(model, recipe, progress=False))[0]
+
+
+@pytest.mark.parametrize(
+    "fmt,recipe,kernel",
+    [
+        ("int8", None, "w8a32"),
+        ("int4_g128", None, "w4a32"),
+        ("int2_g64", None, "w2a32"),
+        (None, "w4g128-hqq", "w4a32"),  # real-valued zero points: panels of q and the s·z correction
+        ("ternary_absmean", None, "w2a32"),
+        ("binary", None, "w1a32"),
+    ],
+)
+def test_weight_only_layers_run_f32_panels_from_their_row_count(fmt, recipe, kernel):
+    layer = _weight_only(fmt, 256, 70, recipe)
+    route = route_for(layer)
+    assert route.kernel == kernel and route.panel_rows == f32_panel_rows() > 1
+    with_panels, without = route.prepare(layer, panels=True), route.prepare(layer)
+    assert with_panels.has_panels and not without.has_panels
+    x = torch.randn(f32_panel_rows() + 5, 256)
+    a, b = native_layer.linear(with_panels, x, bias=layer.bias), native_layer.linear(without, x, bias=layer.bias)
+    with torch.no_grad(), use_mode("reference"):
+        ref = layer(x)
+    scale = float(ref.abs().max())
+    assert float((a - ref).abs().max()) <= 1e-5 * scale  # the simulated layer's output
+    assert float((a - b).abs().max()) <= 1e-5 * scale  # and the row kernels'
+    # Fewer rows than the panels' count: the row kernels, whatever the layer holds.
+    few = x[: f32_panel_rows() - 1]
+    assert torch.equal(native_layer.linear(with_panels, few), native_layer.linear(without, few))
+
+
+def test_dispatch_gives_weight_only_layers_panels_on_the_first_call_with_many_rows():
+    layer = _weight_only("int4_g128", 384, 96)
+    with torch.no_grad():
+        layer(torch.randn(2, 384))
+        st = layer._dispatch.state
+        assert st is None or not st.has_panels
+        layer(torch.randn(1, 30, 384))
+    st = layer._dispatch.state
+    decided_native = layer._dispatch.decided.get((30, torch.get_num_threads()))
+    assert decided_native is False or st.has_panels
