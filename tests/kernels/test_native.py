@@ -352,6 +352,11 @@ OTHER_BUILD_CHECKS = (
     "    d.test_native_output_matches_simulated(w, a, k, 3)\n"
     "d.test_real_valued_zero_points_run_natively('int8')\n"
     "d.test_one_call_conv_writes_the_map_from_the_panels('int8', 2)\n"
+    "from tests.kernels import test_f32_panels as tf\n"  # the fp32 panel tiles of this build (3 rows on AVX2)
+    "for M in (3, 9, 50):\n"
+    "    tf.test_f32_panels_compute_the_dense_product(100, 33, M)\n"
+    "tf.test_f32_panels_apply_the_group_scales_and_zero_points(4, 32)\n"
+    "tf.test_weight_only_layers_run_f32_panels_from_their_row_count('int4_g128', None, 'w4a32')\n"
     "from tests.kernels import test_attention as ta\n"  # lb_attention's vector code in this build
     "for shape in ta.SHAPES:\n"
     "    for kind in ('none', 'bool', 'causal'):\n"

@@ -20,6 +20,10 @@ whose 2-bit kernel streams a quarter of the bytes: from 32 rows on and only with
 run panels at every row count (faster than the row kernel from 1 row on in `benchmarks/panels.py`), so
 they keep no row layout at all.
 
+Weight-only layers (fp32 inputs) run the same panels from 8 rows on with `matmul_f32_panel`: two
+panels at a time dequantized to fp32 (code × scale) and an FMA register tile over them; equal to the dense product
+within fp32 rounding (not bit for bit: another order of fp32 sums); `routes.f32_panel_rows` gives the row count.
+
 Example:
     >>> import torch
     >>> from lowbit.kernels import native, panels
@@ -135,7 +139,7 @@ def matmul_wn_panel(xq: torch.Tensor, sx: torch.Tensor, p: PreparedPanels, threa
 def matmul_f32_panel(x: torch.Tensor, p: PreparedPanels, threads: int = 1) -> torch.Tensor:
     """y = x · (codes · scales)^T for fp32 ``x`` (M, K) and any panels (`prepare_panels`: per-column scales;
     `prepare_group_panels`: per group): the kernel of weight-only layers with fp32 inputs on many rows, which
-    `lb_linear` runs from `f32_panel_rows` rows on. Equal to the dense product within fp32 rounding."""
+    `lb_linear` runs from `routes.f32_panel_rows` rows on. Equal to the dense product within fp32 rounding."""
     x = _as(x, torch.float32).contiguous()
     M, K = x.shape
     assert K == p.K, f"x has {K} columns, the panels {p.K}"
@@ -144,8 +148,3 @@ def matmul_f32_panel(x: torch.Tensor, p: PreparedPanels, threads: int = 1) -> to
     if rc:
         raise MemoryError("lb_f32_panel: no memory for its scratch buffer")
     return y
-
-
-def f32_panel_rows() -> int:
-    """Input rows from which `lb_linear` runs fp32-activation layers on their panels (`matmul_f32_panel`)."""
-    return int(_need().lb_f32_panel_rows())

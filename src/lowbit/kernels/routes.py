@@ -14,6 +14,9 @@ with the simulated layer up to float rounding of the final rescale.
 | ternary | int8 per token / float | ``ternary`` / ``w2a32`` (codes + 1 as 2-bit, zero 1) |
 | binary | binary per token / int8 per token / float | ``w1a1`` (XNOR-popcount) / ``w1a8`` / ``w1a32`` |
 
+Float activations on 8+ rows run the layer's int8 panels (`kernels.panels`) dequantized into an fp32 register-tile
+GEMM (`panels.matmul_f32_panel`), every weight-only format alike (`f32_panel_rows`).
+
 Everything else (fp8, fp4, int6, convolutions, static activations) has no route: the layer runs its dense
 reference path. A weight-only int or binary layer whose ``kernel_activations`` is ``"int8"`` (`lowbit.pack(...,
 kernel_activations="int8")`) takes the ``…a8`` kernel, quantizing its input per token to int8 inside the kernel as
