@@ -40,7 +40,7 @@ CASES = [
     ("binary", "binary_token", "w1a1"),
     ("binary_sign", "binary_token", "w1a1"),
     ("fp8_e4m3", None, None),
-    ("fp4_e2m1", None, None),
+    ("fp4_e2m1", None, "fp4a32"),  # panels of 2 × its values
     ("int6", None, None),
 ]
 

@@ -113,3 +113,22 @@ def test_dispatch_gives_weight_only_layers_panels_on_the_first_call_with_many_ro
     st = layer._dispatch.state
     decided_native = layer._dispatch.decided.get((30, torch.get_num_threads()))
     assert decided_native is False or st.has_panels
+
+
+def test_fp4_layers_run_on_panels_of_twice_their_values():
+    """FP4 (E2M1) values × 2 are integers ≤ 12: the panels with halved group scales hold the dequantized weights
+    exactly (an identity input reads them back bit for bit), at every row count (no row layout)."""
+    torch.manual_seed(0)
+    layer = lowbit.pack(lowbit.compress(nn.Sequential(nn.Linear(256, 70)), "fp4", progress=False))[0]
+    route = route_for(layer)
+    assert route.kernel == "fp4a32" and route.panel_rows == 0
+    prepared = route.prepare(layer)
+    assert prepared.has_panels and not prepared.desc.w
+    w = layer.weight_matrix()
+    assert torch.equal(native_layer.linear(prepared, torch.eye(256)), w.T)
+    for rows in (1, 3, 20):
+        x = torch.randn(rows, 256)
+        with torch.no_grad(), use_mode("reference"):
+            ref = layer(x)
+        y = native_layer.linear(prepared, x, bias=layer.bias)
+        assert float((y - ref).abs().max()) <= 1e-5 * float(ref.abs().max())

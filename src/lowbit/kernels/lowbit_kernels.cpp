@@ -1898,11 +1898,12 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
                 else rc = -1;
                 break;
             case LB_WN:
-                if (i8 && L->wp && M >= WN_PANEL_ROWS)
+                if (i8 && L->wp && (M >= WN_PANEL_ROWS || !L->w))
                     lb_wn_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, L->group, y, threads);
                 else if (i8) rc = lb_wna8(xq, sx, M, K, (const uint8_t*)L->w, L->ld, N, L->bits, L->group, y, threads);
-                else if (f32 && L->wp && M >= F32_PANEL_ROWS)
+                else if (f32 && L->wp && (M >= F32_PANEL_ROWS || !L->w))  // panels only (FP4): every M
                     rc = lb_f32_panel(x, M, K, L->wp, L->sp, N, L->pld, L->group, y, threads);
+                else if (!L->w) rc = -1;
                 else if (f32) rc = lb_wna32(x, M, K, (const uint8_t*)L->w, L->ld, N, L->bits, L->group, y, threads);
                 else rc = -1;
                 if (rc == 0 && L->sz) sz_correct(L, x, xq, sx, M, y, threads);

@@ -17,10 +17,12 @@ with the simulated layer up to float rounding of the final rescale.
 Float activations on 8+ rows run the layer's int8 panels (`kernels.panels`) dequantized into an fp32 register-tile
 GEMM (`panels.matmul_f32_panel`), every weight-only format alike (`f32_panel_rows`).
 
-Everything else (fp8, fp4, int6, convolutions, static activations) has no route: the layer runs its dense
-reference path. A weight-only int or binary layer whose ``kernel_activations`` is ``"int8"`` (`lowbit.pack(...,
-kernel_activations="int8")`) takes the ``…a8`` kernel, quantizing its input per token to int8 inside the kernel as
-ONNX Runtime's ``accuracy_level=4`` does: faster on CPUs, at the cost of that rounding (not in the simulated model).
+FP4 (E2M1, group scales) runs on group panels of twice its values (integers up to ±12) with halved scales, with float
+inputs only (``fp4a32``). Everything else (fp8, int6, convolutions, static activations) has no route: the layer runs
+its dense reference path. A weight-only int or binary layer whose ``kernel_activations`` is ``"int8"``
+(`lowbit.pack(..., kernel_activations="int8")`) takes the ``…a8`` kernel, quantizing its input per token to int8
+inside the kernel as ONNX Runtime's ``accuracy_level=4`` does: faster on CPUs, at the cost of that rounding (not in
+the simulated model).
 
 Example:
     >>> import torch
@@ -208,6 +210,22 @@ def route_for(layer: nn.Module) -> Route | None:
 
         many = panel_rows("wn") if mode == "int8" and (n * k <= WN_PANEL_MAX_WEIGHTS or _vnni()) else many_f32
         return Route(f"w{bits}{suffix}", prep_wn, many)
+
+    if w.kind == "fp" and w.fp_format == "e2m1" and group is not None and mode == "f32":
+        # FP4 (E2M1) values times 2 are the integers 0, ±1, ±2, ±3, ±4, ±6, ±8, ±12: group panels of those codes with
+        # the group scales halved hold exactly the dequantized weights (code · s/2 rounds like value · s). No row
+        # layout: the fp32 panel kernel serves every row count, and dispatch keeps it where it beats dense.
+        g = group
+
+        def prep_fp4(lay: Any, panels: bool = False) -> Any:
+            half = lay.scale.float().reshape(n, k // g) / 2
+            codes = (lay.weight_matrix().float() / half.repeat_interleave(g, dim=1)).round()
+            codes = torch.nan_to_num(codes, nan=0.0)  # a zero scale gives 0/0 codes for weights that are all 0
+            rowless = native.PreparedWN(torch.empty(0, dtype=torch.uint8), n, k, 4, g, 0)
+            p = panels_mod.prepare_group_panels(codes, half, torch.zeros_like(half), g)
+            return native_layer.describe(rowless, mode, panels=p)
+
+        return Route("fp4a32", prep_fp4)
 
     if w.kind == "ternary" and mode == "int8":
 
