@@ -53,6 +53,7 @@ FORMAT_ROWS: dict[str, tuple[str, str | None]] = {
     "w2g64a8": ("int2_g64", "int8_token"),
     "ternary (W1.58A8)": ("ternary_absmean", "int8_token"),
     "binary (w1a32)": ("binary", None),
+    "fp4 (e2m1 g32)": ("fp4_e2m1", None),
     "w1a8": ("binary", "int8_token"),
     "w1a1": ("binary", "binary_token"),
 }
