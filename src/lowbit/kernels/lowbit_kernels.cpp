@@ -1887,13 +1887,17 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
     int rc = (L->akind == LB_ACT_I8 || L->akind == LB_ACT_SIGN || L->akind == LB_ACT_F32) ? 0 : -1;
     if (rc == 0) {
         const bool i8 = L->akind == LB_ACT_I8, f32 = L->akind == LB_ACT_F32;
-        switch (L->wkind) {
+        // fp32 inputs on a weight-only layer's panels, whatever its format (W8 and binary: per-column scales; WN:
+        // per group, then the s*z correction below): from F32_PANEL_ROWS rows on, or always when the layer holds
+        // no row layout (FP4). Otherwise each format's own kernel.
+        const bool f32_panels = f32 && L->wp && (M >= F32_PANEL_ROWS || !L->w);
+        const i64 panel_group = L->wkind == LB_WN ? L->group : 0;
+        if (f32_panels) rc = lb_f32_panel(x, M, K, L->wp, L->sp, N, L->pld, panel_group, y, threads);
+        else switch (L->wkind) {
             case LB_W8:
                 if (i8 && L->wp && (M >= PANEL_ROWS || !L->w))
                     lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, threads);
                 else if (i8) lb_w8a8(xq, sx, M, K, (const int8_t*)L->w, L->s, N, L->ld, y, threads);
-                else if (f32 && L->wp && M >= F32_PANEL_ROWS)
-                    rc = lb_f32_panel(x, M, K, L->wp, L->sp, N, L->pld, 0, y, threads);
                 else if (f32) lb_w8a32(x, M, K, (const int8_t*)L->w, L->s, N, L->ld, y, threads);
                 else rc = -1;
                 break;
@@ -1901,12 +1905,8 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
                 if (i8 && L->wp && (M >= WN_PANEL_ROWS || !L->w))
                     lb_wn_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, L->group, y, threads);
                 else if (i8) rc = lb_wna8(xq, sx, M, K, (const uint8_t*)L->w, L->ld, N, L->bits, L->group, y, threads);
-                else if (f32 && L->wp && (M >= F32_PANEL_ROWS || !L->w))  // panels only (FP4): every M
-                    rc = lb_f32_panel(x, M, K, L->wp, L->sp, N, L->pld, L->group, y, threads);
-                else if (!L->w) rc = -1;
-                else if (f32) rc = lb_wna32(x, M, K, (const uint8_t*)L->w, L->ld, N, L->bits, L->group, y, threads);
+                else if (f32 && L->w) rc = lb_wna32(x, M, K, (const uint8_t*)L->w, L->ld, N, L->bits, L->group, y, threads);
                 else rc = -1;
-                if (rc == 0 && L->sz) sz_correct(L, x, xq, sx, M, y, threads);
                 break;
             case LB_TERNARY:
                 if (i8 && L->wp && M >= TERNARY_PANEL_ROWS)
@@ -1923,14 +1923,13 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
                 if (i8 && L->wp && M >= BIN_PANEL_ROWS)
                     lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, threads);
                 else if (i8) lb_w1a8(xq, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
-                else if (f32 && L->wp && M >= F32_PANEL_ROWS)
-                    rc = lb_f32_panel(x, M, K, L->wp, L->sp, N, L->pld, 0, y, threads);
                 else if (f32) lb_w1a32(x, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
                 else rc = -1;
                 break;
             default:
                 rc = -1;
         }
+        if (rc == 0 && L->wkind == LB_WN && L->sz) sz_correct(L, x, xq, sx, M, y, threads);  // real zero points
     }
     if (rc == 0 && bias)
 #pragma omp parallel for num_threads(nthreads(threads)) schedule(static) if (M * N >= 262144)
