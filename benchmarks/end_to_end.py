@@ -26,6 +26,7 @@ from lowbit.batches import run_model
 from lowbit.kernels import native
 from lowbit.measure.envinfo import _version, environment
 from lowbit.measure.latency import compare_latency
+from lowbit.nn.fused_blocks import fuse_encoder_blocks
 from lowbit.nn.hf_attention import use_lowbit_attention
 from lowbit.zoo import get_workload
 
@@ -35,11 +36,15 @@ from lowbit.zoo import get_workload
 #: under ``torch.compile`` (the packed layers stay native kernels, as the custom op ``lowbit::packed_linear``; the
 #: rest of the graph is fused by inductor). ``fp32+compile`` adds the fp32 model under ``torch.compile``;
 #: ``fp32+lowbit-attention`` the fp32 model with lowbit's attention kernel (`lowbit.nn.hf_attention`, what
-#: `lowbit.pack` applies by default; ``--attention keep`` packs without it), so the kernel's share is visible.
+#: `lowbit.pack` applies by default; ``--attention keep`` packs without it), so the kernel's share is visible;
+#: ``fp32+fused-blocks`` the fp32 model with that attention and fused encoder blocks (`lowbit.nn.fused_blocks`, also a
+#: `lowbit.pack` default; ``--blocks keep`` packs without them): what lowbit's runtime gives without low bits.
 FP32_ATTENTION = "fp32+lowbit-attention"
+FP32_FUSED = "fp32+fused-blocks"
 PRESETS = [
     "fp32+compile",
     FP32_ATTENTION,
+    FP32_FUSED,
     "w8a8",
     "w8a8+compile",
     "w4g128-gptq",
@@ -97,10 +102,10 @@ def ort_runners(model: torch.nn.Module, batch: Any, threads: int, tmp: str) -> d
 
 
 def build_models(
-    workload: str, presets: list[str], attention: str = "lowbit"
+    workload: str, presets: list[str], attention: str = "lowbit", blocks: str = "fused"
 ) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
     """fp32 and every packed preset of ``workload`` (compressed once), with each packed model's fidelity;
-    ``attention``: `lowbit.pack`'s choice for the packed models' attention."""
+    ``attention`` / ``blocks``: `lowbit.pack`'s choices for the packed models' attention and encoder blocks."""
     wl = get_workload(workload)
     base = wl.build()
     calib = wl.calibration_batches(128)
@@ -108,10 +113,12 @@ def build_models(
     quality: dict[str, float] = {"fp32 PyTorch": 1.0}
     key = "cosine" if workload == "minilm" else "logit_cosine"
     for spec in presets:
-        if spec == FP32_ATTENTION:  # the attention kernel's share of a packed model's speed, on its own
-            name = "fp32 PyTorch+lowbit-attention"
+        if spec in (FP32_ATTENTION, FP32_FUSED):  # the runtime's share of a packed model's speed, on its own
+            name = "fp32 PyTorch+" + spec.partition("+")[2]
             models[name] = copy.deepcopy(base)
             use_lowbit_attention(models[name])
+            if spec == FP32_FUSED:
+                fuse_encoder_blocks(models[name])
             with torch.no_grad():
                 quality[name] = wl.evaluate(models[name])[key]
             continue
@@ -133,7 +140,7 @@ def build_models(
             export_onnx(q, wl.example_batch(1), path, accuracy_level=4)
             runtime: torch.nn.Module = OrtModule(path)
         else:
-            runtime = lowbit.pack(q, kernel_activations=how or "exact", attention=attention)
+            runtime = lowbit.pack(q, kernel_activations=how or "exact", attention=attention, blocks=blocks)
         with torch.no_grad():
             quality[f"lowbit {spec}"] = wl.evaluate(runtime)[key]  # the deployed model, on the kernels it runs
         models[f"lowbit {spec}"] = runtime
@@ -207,11 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--attention", choices=["lowbit", "keep"], default="lowbit", help="lowbit.pack's attention= for packed models"
     )
+    ap.add_argument(
+        "--blocks", choices=["fused", "keep"], default="fused", help="lowbit.pack's blocks= for packed models"
+    )
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     rows: list[dict[str, Any]] = []
     for wl in args.workloads:
-        models, quality = build_models(wl, args.presets, args.attention)
+        models, quality = build_models(wl, args.presets, args.attention, args.blocks)
         for bs in args.batch_sizes:
             for threads in args.threads:
                 for r in bench(wl, models, quality, bs, threads, args.repeats):

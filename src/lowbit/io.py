@@ -36,6 +36,7 @@ from torch import nn
 from lowbit.compress import quant_layers, set_submodule
 from lowbit.errors import CheckpointError, LowbitError
 from lowbit.formats.spec import QuantSpec
+from lowbit.nn.fused_blocks import fuse_encoder_blocks
 from lowbit.nn.hf_attention import use_lowbit_attention
 from lowbit.nn.packed import PackedConv2d, PackedLinear, PackedMixin
 from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
@@ -194,7 +195,8 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
         base.lowbit_source = spec["source"]  # type: ignore[assignment]
     if any(entry.get("packed") for entry in spec.get("layers", {}).values()):
         base.requires_grad_(False)  # a packed model is an inference artifact (see lowbit.pack)
-        use_lowbit_attention(base)  # as lowbit.pack's default
+        use_lowbit_attention(base)  # as lowbit.pack's defaults
+        fuse_encoder_blocks(base.eval())
     return base
 
 

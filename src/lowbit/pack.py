@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lowbit.compress import quant_layers, set_submodule
+from lowbit.nn.fused_blocks import BLOCKS, fuse_encoder_blocks
 from lowbit.nn.hf_attention import use_lowbit_attention
 from lowbit.nn.packed import PackedConv2d, PackedLinear, PackedMixin, zero_format_of
 from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
@@ -72,7 +73,9 @@ KERNEL_ACTIVATIONS = ("exact", "int8")
 ATTENTION = ("lowbit", "keep")
 
 
-def pack(model: nn.Module, *, kernel_activations: str = "exact", attention: str = "lowbit") -> nn.Module:
+def pack(
+    model: nn.Module, *, kernel_activations: str = "exact", attention: str = "lowbit", blocks: str = "fused"
+) -> nn.Module:
     """A deep copy of ``model`` with every quantized layer bit-packed, in eval mode with its parameters frozen:
     a packed model is an inference artifact, and its layers run native kernels only where no gradient is
     wanted (`lowbit.kernels.dispatch`).
@@ -85,16 +88,25 @@ def pack(model: nn.Module, *, kernel_activations: str = "exact", attention: str 
 
     ``attention="lowbit"`` runs the SDPA attention of the transformers models inside on lowbit's fp32 kernel
     (`lowbit.nn.hf_attention`; the same outputs within float rounding, faster on short sequences); ``"keep"``
-    leaves it as it is."""
+    leaves it as it is.
+
+    ``blocks="fused"`` gives the BERT-style encoder blocks inside one lean forward each (`lowbit.nn.fused_blocks`:
+    the same layers and kernels with a fraction of the Python and operator calls, a native GELU and residual add +
+    LayerNorm; checked against the block's own forward on a probe input); ``"keep"`` leaves them as they are."""
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    if blocks not in BLOCKS:
+        raise ValueError(f"blocks must be one of {', '.join(BLOCKS)}, got {blocks!r}")
     packed = copy.deepcopy(model)
     for name, layer in quant_layers(packed):
         set_submodule(packed, name, pack_layer(layer))
     set_kernel_activations(packed, kernel_activations)
     if attention == "lowbit":
         use_lowbit_attention(packed)
-    return packed.eval().requires_grad_(False)
+    packed.eval().requires_grad_(False)
+    if blocks == "fused":
+        fuse_encoder_blocks(packed)
+    return packed
 
 
 def set_kernel_activations(model: nn.Module, value: str) -> nn.Module:

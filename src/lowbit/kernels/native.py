@@ -1,5 +1,5 @@
 """Native CPU kernels for low-bit linear layers (ctypes wrapper around lowbit_kernels.cpp; lowbit_attention.cpp, in
-the same library, serves `lowbit.kernels.attention`).
+the same library, serves `lowbit.kernels.attention`, lowbit_elementwise.cpp `lowbit.kernels.elementwise`).
 
 The C++ sources next to this file are compiled once per (source, flags, compiler, CPU) into a cache
 directory (``$LOWBIT_CACHE_DIR/kernels`` or ``~/.cache/lowbit/kernels``) and loaded with ctypes.
@@ -48,8 +48,10 @@ from lowbit.kernels.abi import ABI_VERSION, AKINDS, ISA_NAMES, WKINDS, LayerDesc
 
 __all__ = ["ABI_VERSION", "AKINDS", "ISA_NAMES", "WKINDS", "LayerDesc"]  # re-exported: the C side as Python sees it
 
-#: The C++ sources, compiled together into one library: the linear-layer kernels and fp32 attention.
-_SRCS = [pathlib.Path(__file__).with_name(n) for n in ("lowbit_kernels.cpp", "lowbit_attention.cpp")]
+#: The C++ sources, compiled together into one library: the linear-layer kernels, fp32 attention, and the element-wise
+#: / row-wise operations between a block's layers (GELU, residual add + LayerNorm).
+_SOURCES = ("lowbit_kernels.cpp", "lowbit_attention.cpp", "lowbit_elementwise.cpp")
+_SRCS = [pathlib.Path(__file__).with_name(n) for n in _SOURCES]
 _CXX = os.environ.get("CXX", "g++")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _FLAGS_PORTABLE = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]  # retry when -march=native is refused
@@ -126,6 +128,8 @@ def _bind(lib: ctypes.CDLL) -> None:
         "lb_im2col": ([P, P, P, I], None),
         "lb_conv": ([P, P, P, P, I, P], I),
         "lb_attention": ([P, P, P, P, I64, I64, I64, I64, I64, I64, P, P, I, F, I, I], I),
+        "lb_gelu": ([P, I64, I, I], None),
+        "lb_add_layer_norm": ([P, P, I64, I64, P, P, F, P, P, I], None),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)

@@ -1,0 +1,136 @@
+"""Fused encoder blocks: the same outputs as the blocks' own forwards, with padding, packed layers, copies,
+checkpoints; the block's own forward wherever the lean path does not apply."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.kernels import native
+from lowbit.nn.fused_blocks import FusedEncoderForward, encoder_parts, fuse_encoder_blocks, unfuse_encoder_blocks
+
+transformers = pytest.importorskip("transformers")
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+
+
+def tiny_bert(hidden: int = 32, act: str = "gelu", **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=32,
+        hidden_act=act,
+        attn_implementation="sdpa",
+        **overrides,
+    )
+    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def padded_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 50, (3, 12), generator=g)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[2, 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def hidden(model: nn.Module, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**padded_batch(), **kw).last_hidden_state
+
+
+def fused_forwards(model: nn.Module) -> list[FusedEncoderForward]:
+    found = (m.__dict__.get("forward") for m in model.modules())
+    return [f for f in found if isinstance(f, FusedEncoderForward)]
+
+
+@needs_native
+@pytest.mark.parametrize("hidden_size,act", [(32, "gelu"), (40, "gelu_pytorch_tanh"), (32, "relu")])
+def test_fused_blocks_give_the_same_hidden_states(hidden_size, act):
+    model = tiny_bert(hidden_size, act)
+    ref = hidden(model)
+    assert fuse_encoder_blocks(model) == 2
+    out = hidden(model)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    assert (out[1, :7] - ref[1, :7]).abs().max() < 2e-5  # the padding mask reached the lean path
+    assert fuse_encoder_blocks(model) == 2  # fusing again changes nothing
+    assert unfuse_encoder_blocks(model) == 2 and not fused_forwards(model)
+    torch.testing.assert_close(hidden(model), ref)
+
+
+@needs_native
+def test_lean_path_runs_and_hands_other_calls_to_the_block(monkeypatch):
+    model = tiny_bert()
+    model.set_attn_implementation("eager")  # returns attention weights when asked
+    fuse_encoder_blocks(model)
+    calls = []
+    monkeypatch.setattr(FusedEncoderForward, "original", lambda self, *a, **k: calls.append(1) or 1 / 0)
+    hidden(model)
+    assert not calls  # plain inference: the lean path only
+    with pytest.raises(ZeroDivisionError):
+        hidden(model, output_attentions=True)  # attention weights are recorded by hooks on bypassed modules
+    model.train()
+    with pytest.raises(ZeroDivisionError):
+        model(**padded_batch())  # training: the block's own forward (dropout)
+    model.eval()
+    with pytest.raises(ZeroDivisionError):
+        model(**padded_batch()).last_hidden_state.sum().backward()  # autograd on the input
+    monkeypatch.undo()
+    out = model(**padded_batch(), output_attentions=True)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (3, 4, 12, 12)
+
+
+@needs_native
+def test_block_with_a_different_forward_is_left_alone():
+    class ShiftedNorm(nn.LayerNorm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) + 1.0
+
+    model = tiny_bert()
+    model.encoder.layer[0].output.LayerNorm = ShiftedNorm(32)  # the lean path would compute a plain LayerNorm
+    ref = hidden(model)
+    assert fuse_encoder_blocks(model) == 1  # the probe caught block 0
+    torch.testing.assert_close(hidden(model), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_decoders_and_other_modules_are_not_encoder_blocks():
+    assert encoder_parts(nn.Linear(3, 3)) is None
+    decoder = tiny_bert(is_decoder=True)
+    assert fuse_encoder_blocks(decoder) == 0
+
+
+@needs_native
+def test_copies_and_later_layer_swaps_run_the_current_layers():
+    model = tiny_bert()
+    fuse_encoder_blocks(model)
+    clone = copy.deepcopy(model)
+    block = clone.encoder.layer[0]
+    assert block.forward.block is block  # the copy's forward belongs to the copy
+    ref = hidden(model)
+    q = lowbit.compress(model, "w8a8", progress=False)  # swaps the blocks' linear layers for quantized ones
+    plain = lowbit.compress(tiny_bert(), "w8a8", progress=False)
+    torch.testing.assert_close(hidden(q), hidden(plain), atol=1e-4, rtol=1e-4)
+    assert (hidden(q) - ref).abs().max() > 1e-4  # the quantized layers ran, not the fp32 ones
+
+
+@needs_native
+def test_pack_fuses_unless_asked_to_keep_and_load_fuses_again(tmp_path):
+    q = lowbit.compress(tiny_bert(), "w8a8", progress=False)
+    packed = lowbit.pack(q)
+    kept = lowbit.pack(q, blocks="keep")
+    assert len(fused_forwards(packed)) == 2 and not fused_forwards(kept)
+    torch.testing.assert_close(hidden(packed), hidden(kept), atol=2e-2, rtol=0)  # int8 activations may round apart
+    with pytest.raises(ValueError, match="blocks must be one of"):
+        lowbit.pack(q, blocks="all")
+    lowbit.save(packed, tmp_path / "ckpt")
+    loaded = lowbit.load(tmp_path / "ckpt", tiny_bert())
+    assert len(fused_forwards(loaded)) == 2
+    torch.testing.assert_close(hidden(loaded), hidden(packed))
