@@ -128,6 +128,11 @@ def build_models(
             if eager_name not in models:
                 raise SystemExit(f"{spec}: list {spec_eager} before it in --presets")
             name = f"{eager_name}+compile"
+            # Every compiled model (and thread count) recompiles the one shared `forward`: past dynamo's default
+            # limit of 8 it would silently run eager.
+            for limit in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, limit):
+                    setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
             models[name] = torch.compile(models[eager_name])
             quality[name] = quality[eager_name]
             continue
