@@ -33,6 +33,15 @@ def tiny_bert(hidden: int = 32, act: str = "gelu", **overrides) -> nn.Module:
     return transformers.BertModel(cfg, add_pooling_layer=False).eval()
 
 
+def tiny_distilbert(act: str = "gelu") -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.DistilBertConfig(
+        vocab_size=50, dim=48, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=32, activation=act
+    )
+    cfg._attn_implementation = "sdpa"
+    return transformers.DistilBertModel(cfg).eval()
+
+
 def padded_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 50, (3, 12), generator=g)
@@ -64,6 +73,37 @@ def test_fused_blocks_give_the_same_hidden_states(hidden_size, act):
     assert fuse_encoder_blocks(model) == 2  # fusing again changes nothing
     assert unfuse_encoder_blocks(model) == 2 and not fused_forwards(model)
     torch.testing.assert_close(hidden(model), ref)
+
+
+@needs_native
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_distilbert_blocks_fuse_to_the_same_hidden_states(act):
+    model = tiny_distilbert(act)
+    ref = hidden(model)
+    assert fuse_encoder_blocks(model) == 2
+    assert fused_forwards(model)[0].layout.name == "distilbert"
+    torch.testing.assert_close(hidden(model), ref, atol=2e-5, rtol=1e-5)
+    packed = lowbit.pack(lowbit.compress(tiny_distilbert(act), "w8a8", progress=False))
+    kept = lowbit.pack(lowbit.compress(tiny_distilbert(act), "w8a8", progress=False), blocks="keep")
+    assert len(fused_forwards(packed)) == 2
+    torch.testing.assert_close(hidden(packed), hidden(kept), atol=2e-2, rtol=0)
+
+
+@needs_native
+def test_a_hook_on_a_concatenated_or_skipped_module_still_runs():
+    model = tiny_bert()
+    fuse_encoder_blocks(model)
+    seen: list[str] = []
+    block = model.encoder.layer[1]
+    handles = [
+        block.attention.self.key.register_forward_hook(lambda *a: seen.append("key")),
+        block.output.LayerNorm.register_forward_pre_hook(lambda *a: seen.append("norm")),
+    ]
+    ref = hidden(model)
+    assert seen == ["key", "norm"]  # block 1 ran its own forward; block 0 stayed on the lean path
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(hidden(model), ref, atol=2e-5, rtol=1e-5)
 
 
 @needs_native

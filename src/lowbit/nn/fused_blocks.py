@@ -1,14 +1,15 @@
 """Transformer encoder blocks run as one lean forward: fewer Python and operator calls per block.
 
-A Hugging Face BERT-style block (BERT, RoBERTa, MiniLM, ... : ``attention.self.{query,key,value}``,
-``attention.output.{dense,LayerNorm}``, ``intermediate.{dense,intermediate_act_fn}``, ``output.{dense,LayerNorm}``)
-calls about 15 modules, 3 dropouts, a chunking helper that inspects a signature, an attention-function lookup and
-some 50 tensor operations per forward. At batch 1 on a CPU those calls cost as much as the block's int8 matrix
-products. `fuse_encoder_blocks` gives each such block a forward that computes the same thing with its own layers
-(packed or not, so dispatch still picks each layer's kernel): the query / key / value products, lowbit's attention
-kernel (`lowbit.kernels.attention.sdpa`) on strided views (the query / key / value layers concatenated into one
-where that is exact, `lowbit.nn.concat`), the output product, one pass for residual add +
-LayerNorm (`lowbit.kernels.elementwise.add_layer_norm`), the feed-forward with a native GELU
+A Hugging Face post-LayerNorm encoder block (the `LAYOUTS`: BERT-style — BERT, RoBERTa, MiniLM, ... —
+``attention.self.{query,key,value}``, ``attention.output.{dense,LayerNorm}``, ``intermediate.{dense,
+intermediate_act_fn}``, ``output.{dense,LayerNorm}``; and DistilBERT's ``attention.{q,k,v,out}_lin``, ``sa_layer_norm``,
+``ffn.{lin1,activation,lin2}``, ``output_layer_norm``) calls about 15 modules, 3 dropouts, a chunking helper that
+inspects a signature, an attention-function lookup and some 50 tensor operations per forward. At batch 1 on a CPU those
+calls cost as much as the block's int8 matrix products. `fuse_encoder_blocks` gives each such block a forward that
+computes the same thing with its own layers (packed or not, so dispatch still picks each layer's kernel): the query /
+key / value products, lowbit's attention kernel (`lowbit.kernels.attention.sdpa`) on strided views (the query / key /
+value layers concatenated into one where that is exact, `lowbit.nn.concat`), the output product, one pass for residual
+add + LayerNorm (`lowbit.kernels.elementwise.add_layer_norm`), the feed-forward with a native GELU
 (`lowbit.kernels.elementwise.gelu`), and the second residual add + LayerNorm.
 
 Nothing in the module tree or the state dict changes: the block keeps its submodules and gets an instance
@@ -47,19 +48,74 @@ BLOCKS = ("fused", "keep")
 PROBE_ATOL = 1e-4
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a post-LayerNorm encoder block family keeps its parts: dotted paths from the block."""
+
+    name: str
+    query: str
+    key: str
+    value: str
+    attn_out: str
+    norm1: str
+    fc1: str
+    act: str
+    fc2: str
+    norm2: str
+    attention: str  # the module holding the head count (and the head size, where it has one)
+    heads_attr: str
+    head_dim_attr: str | None  # None: hidden size // heads
+    chunking: str  # the module whose ``chunk_size_feed_forward`` must be 0
+
+    def slots(self) -> dict[str, str]:
+        """The nine parts by role, in the order `FusedEncoderForward` resolves them."""
+        roles = ("query", "key", "value", "attn_out", "norm1", "fc1", "act", "fc2", "norm2")
+        return {r: getattr(self, r) for r in roles}
+
+
+#: The block families `fuse_encoder_blocks` recognises (transformers' BERT / RoBERTa / MiniLM / ... and DistilBERT).
+LAYOUTS = (
+    Layout(
+        name="bert",
+        query="attention.self.query",
+        key="attention.self.key",
+        value="attention.self.value",
+        attn_out="attention.output.dense",
+        norm1="attention.output.LayerNorm",
+        fc1="intermediate.dense",
+        act="intermediate.intermediate_act_fn",
+        fc2="output.dense",
+        norm2="output.LayerNorm",
+        attention="attention.self",
+        heads_attr="num_attention_heads",
+        head_dim_attr="attention_head_size",
+        chunking="",
+    ),
+    Layout(
+        name="distilbert",
+        query="attention.q_lin",
+        key="attention.k_lin",
+        value="attention.v_lin",
+        attn_out="attention.out_lin",
+        norm1="sa_layer_norm",
+        fc1="ffn.lin1",
+        act="ffn.activation",
+        fc2="ffn.lin2",
+        norm2="output_layer_norm",
+        attention="attention",
+        heads_attr="n_heads",
+        head_dim_attr=None,
+        chunking="ffn",
+    ),
+)
+
+
 @dataclass
 class EncoderParts:
-    """The submodules and constants of one BERT-style block a fused forward needs."""
+    """One recognised block: its layout, parts by role, and the attention constants."""
 
-    query: nn.Module
-    key: nn.Module
-    value: nn.Module
-    attn_out: nn.Module
-    norm1: nn.LayerNorm
-    fc1: nn.Module
-    act: nn.Module
-    fc2: nn.Module
-    norm2: nn.LayerNorm
+    layout: Layout
+    mods: dict[str, nn.Module]
     heads: int
     head_dim: int
     scale: float
@@ -83,67 +139,99 @@ def _gelu_kind(act: nn.Module) -> str | None:
     return None
 
 
-def encoder_parts(block: nn.Module) -> EncoderParts | None:
-    """The parts of ``block`` if it is a plain BERT-style encoder block (self-attention only, absolute positions,
-    no feed-forward chunking, LayerNorm after each residual), else None."""
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at dotted ``path`` through ``_modules`` (None if absent): a few dict lookups per call."""
+    m: Any = root
+    for key in path.split(".") if path else ():
+        m = m._modules.get(key) if isinstance(m, nn.Module) else None
+        if m is None:
+            return None
+    return m
+
+
+def _parts_of(block: nn.Module, layout: Layout) -> EncoderParts | None:
+    mods = {role: _get(block, path) for role, path in layout.slots().items()}
+    att = _get(block, layout.attention)
+    if att is None or any(m is None for m in mods.values()):
+        return None
     try:
-        att = block.attention  # type: ignore[union-attr]
-        sa, so = att.self, att.output
-        inter, out = block.intermediate, block.output  # type: ignore[union-attr]
-        parts = EncoderParts(
-            query=sa.query,
-            key=sa.key,
-            value=sa.value,
-            attn_out=so.dense,
-            norm1=so.LayerNorm,
-            fc1=inter.dense,
-            act=inter.intermediate_act_fn,
-            fc2=out.dense,
-            norm2=out.LayerNorm,
-            heads=int(sa.num_attention_heads),
-            head_dim=int(sa.attention_head_size),
-            scale=float(getattr(sa, "scaling", int(sa.attention_head_size) ** -0.5)),
-            gelu=None,
-        )
-    except (AttributeError, TypeError):
+        heads = int(getattr(att, layout.heads_attr))
+        if layout.head_dim_attr is not None:
+            head_dim = int(getattr(att, layout.head_dim_attr))
+        else:
+            head_dim = int(mods["query"].out_features) // heads  # type: ignore[union-attr]
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
         return None
     if getattr(block, "is_decoder", False) or getattr(block, "add_cross_attention", False):
         return None
-    if getattr(block, "chunk_size_feed_forward", 0) or getattr(sa, "position_embedding_type", "absolute") != "absolute":
+    if getattr(_get(block, layout.chunking), "chunk_size_feed_forward", 0):
         return None
-    if not all(isinstance(n, nn.LayerNorm) and len(n.normalized_shape) == 1 for n in (parts.norm1, parts.norm2)):
+    if getattr(att, "position_embedding_type", "absolute") != "absolute" or getattr(att, "is_causal", False):
         return None
-    d = parts.heads * parts.head_dim
-    shapes = [(parts.query, d), (parts.key, d), (parts.value, d), (parts.attn_out, d), (parts.fc2, None)]
-    if not all(_linear_like(m, n) for m, n in shapes) or not _linear_like(parts.fc1, d):
+    if not all(isinstance(mods[n], nn.LayerNorm) and len(mods[n].normalized_shape) == 1 for n in ("norm1", "norm2")):
         return None
-    if not isinstance(parts.act, nn.Module):
+    d = heads * head_dim
+    for role in ("query", "key", "value", "attn_out", "fc1"):
+        if not _linear_like(mods[role], d):
+            return None
+    if not _linear_like(mods["fc2"]) or any(mods[r].out_features != d for r in ("query", "key", "value")):
         return None
-    parts.gelu = _gelu_kind(parts.act)
-    return parts
+    scale = float(getattr(att, "scaling", head_dim**-0.5))
+    return EncoderParts(layout, mods, heads, head_dim, scale, _gelu_kind(mods["act"]))  # type: ignore[arg-type]
+
+
+def encoder_parts(block: nn.Module) -> EncoderParts | None:
+    """The parts of ``block`` if it is a plain post-LayerNorm encoder block of a known layout (self-attention only,
+    absolute positions, no feed-forward chunking), else None."""
+    for layout in LAYOUTS:
+        parts = _parts_of(block, layout)
+        if parts is not None:
+            return parts
+    return None
 
 
 def _is_set(v: Any) -> bool:
     return v is not None and v is not False
 
 
+def _container_paths(paths: tuple[str, ...]) -> tuple[str, ...]:
+    """The modules on the way to ``paths`` (``attention.self.query`` → ``attention``, ``attention.self``): the
+    lean path skips their forwards."""
+    found: set[str] = set()
+    for path in paths:
+        names = path.split(".")[:-1]
+        found.update(".".join(names[: i + 1]) for i in range(len(names)))
+    return tuple(sorted(found))
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
 class FusedEncoderForward:
     """The instance ``forward`` `fuse_encoder_blocks` gives a block: the lean path, or the block's own forward.
 
-    The submodules are looked up in the block at every call (a few dict lookups), so a layer swapped in later
-    (``lowbit.compress`` / ``lowbit.pack`` on a fused model) is the one that runs."""
+    The parts are looked up in the block at every call (a few dict lookups), so a layer swapped in later
+    (``lowbit.compress`` / ``lowbit.pack`` on a fused model) is the one that runs; a hook on any module the lean
+    path does not call (containers, norms, the activation, and query / key / value when they run as one layer)
+    sends the call to the block's own forward."""
 
     def __init__(self, block: nn.Module, parts: EncoderParts, returns_tuple: bool) -> None:
         self.block, self.returns_tuple = block, returns_tuple
+        self.layout = parts.layout
         self.heads, self.head_dim, self.scale = parts.heads, parts.head_dim, parts.scale
-        self.act, self.gelu = parts.act, parts.gelu
+        self.act, self.gelu = parts.mods["act"], parts.gelu
+        slots = parts.layout.slots()
+        self._roles = tuple(slots)
+        self._paths = tuple(slots.values())
+        self._containers = _container_paths(self._paths)
         self._qkv_src: tuple[nn.Module, ...] = ()
         self._qkv: nn.Module | None = None
 
-    def qkv(self, sam: dict[str, Any]) -> nn.Module | None:
+    def qkv(self, q: nn.Module, k: nn.Module, v: nn.Module) -> nn.Module | None:
         """One layer for the query, key and value products (`lowbit.nn.concat`), rebuilt when one of them was
         swapped; None where they cannot be concatenated exactly (then they run one by one)."""
-        src = (sam["query"], sam["key"], sam["value"])
+        src = (q, k, v)
         if len(self._qkv_src) != 3 or any(a is not b for a, b in zip(src, self._qkv_src, strict=True)):
             self._qkv_src, self._qkv = src, concat_linears(src)
         return self._qkv
@@ -161,34 +249,34 @@ class FusedEncoderForward:
         if not plain or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self.original(hidden_states, attention_mask, *args, **kwargs)
         y = self.lean(x, attention_mask)
-        if y is None:  # hooks on a bypassed module
+        if y is None:  # a part is missing, or hooks on a module the lean path skips
             return self.original(hidden_states, attention_mask, *args, **kwargs)
         return (y,) if self.returns_tuple else y
 
     def lean(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The block's output for hidden states ``x`` (B, L, D) and an additive float or boolean attention mask;
-        None when a module the lean path does not call has hooks."""
-        m = self.block._modules
-        att, inter, out = m["attention"], m["intermediate"], m["output"]
-        sa, so = att._modules["self"], att._modules["output"]
-        act = inter._modules["intermediate_act_fn"]
-        for mod in (att, sa, so, inter, out, act):
-            if mod._forward_hooks or mod._forward_pre_hooks:
-                return None
-        sam, som, outm = sa._modules, so._modules, out._modules
+        None when a part is missing or a module the lean path does not call has hooks."""
+        block = self.block
+        found = [_get(block, p) for p in self._paths]
+        if any(m is None for m in found):
+            return None
+        query, key, value, attn_out, norm1, fc1, act, fc2, norm2 = found
+        skipped = [_get(block, c) for c in self._containers]
+        if any(m is None or _hooked(m) for m in skipped) or _hooked(norm1) or _hooked(norm2) or _hooked(act):
+            return None
         b, n, d = x.shape[0], x.shape[1], self.heads * self.head_dim
         heads = (b, n, self.heads, self.head_dim)
-        qkv = self.qkv(sam)
-        if qkv is not None:
+        qkv = self.qkv(query, key, value)
+        if qkv is not None and not (_hooked(query) or _hooked(key) or _hooked(value)):
             y = qkv(x)  # (B, L, 3D): strided views for the attention kernel
             q, k, v = (y[..., i * d : (i + 1) * d].view(heads).transpose(1, 2) for i in range(3))
         else:
-            q, k, v = (sam[name](x).view(heads).transpose(1, 2) for name in ("query", "key", "value"))
+            q, k, v = (m(x).view(heads).transpose(1, 2) for m in (query, key, value))
         a = sdpa(q, k, v, mask, scale=self.scale).reshape(b, n, d)
-        h = add_layer_norm(som["dense"](a), x, som["LayerNorm"])
-        f = inter._modules["dense"](h)
+        h = add_layer_norm(attn_out(a), x, norm1)
+        f = fc1(h)
         f = gelu(f, self.gelu) if self.gelu is not None and act is self.act else act(f)
-        return add_layer_norm(outm["dense"](f), h, outm["LayerNorm"])
+        return add_layer_norm(fc2(f), h, norm2)
 
 
 def _probe_ok(block: nn.Module, fused: FusedEncoderForward, d: int) -> tuple[bool, bool]:
