@@ -361,6 +361,11 @@ OTHER_BUILD_CHECKS = (
     "for shape in ta.SHAPES:\n"
     "    for kind in ('none', 'bool', 'causal'):\n"
     "        ta.test_matches_pytorch_sdpa(shape, kind)\n"
+    "from tests.kernels import test_elementwise as te\n"  # the GELU and add + LayerNorm loops of this build
+    "for approx in ('none', 'tanh'):\n"
+    "    te.test_gelu_matches_float64_to_float_rounding(approx)\n"
+    "for dim in (384, 50):\n"
+    "    te.test_add_layer_norm_equals_layer_norm_of_the_sum(dim, True)\n"
     "print('ok')\n"
 )
 
