@@ -174,3 +174,28 @@ def test_pack_fuses_unless_asked_to_keep_and_load_fuses_again(tmp_path):
     loaded = lowbit.load(tmp_path / "ckpt", tiny_bert())
     assert len(fused_forwards(loaded)) == 2
     torch.testing.assert_close(hidden(loaded), hidden(packed))
+
+
+@needs_native
+def test_packed_fused_model_exports_to_onnx(tmp_path):
+    """The ONNX exporter traces the blocks' own forwards and PyTorch's attention (a trace cannot see C calls)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from lowbit.export.onnx import export_onnx
+
+    class Hidden(nn.Module):
+        def __init__(self, m: nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    model = Hidden(lowbit.pack(lowbit.compress(tiny_bert(), "w8a8", progress=False)))
+    batch = padded_batch()
+    export_onnx(model, batch, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {i.name: batch[i.name].numpy() for i in sess.get_inputs()})[0]
+    with torch.no_grad():
+        ref = model(**batch)
+    torch.testing.assert_close(torch.from_numpy(out), ref, atol=2e-2, rtol=0)  # int8 activations may round apart

@@ -1,13 +1,13 @@
 """fp32 scaled dot-product attention on lowbit's native library (`lb_attention`), for the short sequences of
 encoders on a CPU, where PyTorch's CPU kernels carry most of their cost in per-call and per-block overhead.
 
-`sdpa` has the meaning of ``torch.nn.functional.scaled_dot_product_attention`` for (B, H, L, D) inputs in eval
-(no dropout), with an additive float or boolean mask, ``is_causal`` (top-left aligned, as PyTorch's) and
-grouped-query key / value heads. It returns the (B, L, H, D) layout a transformer reshapes into its hidden states
+`sdpa` has the meaning of ``torch.nn.functional.scaled_dot_product_attention`` for (B, H, L, D) inputs in eval (no
+dropout), with an additive float or boolean mask, ``is_causal`` (top-left aligned, as PyTorch's) and grouped-query
+key / value heads. It returns the (B, L, H, D) layout a transformer reshapes into its hidden states
 (``out.transpose(1, 2)`` is SDPA's layout), so the caller saves that copy. It runs PyTorch's SDPA instead where the
-kernel does not apply: no native library, autograd, dropout, non-fp32 or non-CPU tensors, an inner dimension that
-is not contiguous, or shapes the kernel does not take. One documented difference: a query row whose every key is
-masked out gives zeros (PyTorch's gives NaN).
+kernel does not apply: no native library, autograd, dropout, non-fp32 or non-CPU tensors, an inner dimension that is
+not contiguous, shapes the kernel does not take, or ``torch.jit.trace`` (the ONNX exporter) recording the call. One
+documented difference: a query row whose every key is masked out gives zeros (PyTorch's gives NaN).
 
 The scores of 8 query rows × 16 keys are computed as one register block over the head dimension, the softmax uses a
 vectorised polynomial exp (relative error ~2e-7) and the weighted sum of values is another register block; one
@@ -45,6 +45,8 @@ def supported(
 ) -> bool:
     """Whether `sdpa` runs the native kernel for these arguments (otherwise it runs PyTorch's SDPA)."""
     if not native.available() or dropout_p:
+        return False
+    if torch._C._get_tracing_state() is not None:  # torch.jit.trace cannot see a C call writing into a tensor
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False

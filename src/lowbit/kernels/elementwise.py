@@ -1,12 +1,12 @@
 """GELU and residual add + LayerNorm on lowbit's native library: the operations a transformer block runs between its
 linear layers, one C pass each (`lowbit_elementwise.cpp`).
 
-Through PyTorch each is one to two operator calls of a few microseconds, and its exact GELU evaluates erf at
-~0.6 ns per element on x86: at an encoder's batch-1 sizes that is as much time as the int8 matrix products around
-it. Both functions fall back to PyTorch where the native pass does not apply (no native library, autograd, a
-tensor that is not contiguous fp32 on the CPU), so they are drop-in replacements with the same results within
-float rounding: GELU to ~2e-7 absolute per unit of |x| (erf by Abramowitz & Stegun 7.1.26), LayerNorm summed in
-another order.
+Through PyTorch each is one to two operator calls of a few microseconds, and its exact GELU evaluates erf at ~0.6 ns
+per element on x86: at an encoder's batch-1 sizes that is as much time as the int8 matrix products around it. Both
+functions fall back to PyTorch where the native pass does not apply (no native library, autograd, a tensor that is
+not contiguous fp32 on the CPU, ``torch.jit.trace`` recording), so they are drop-in replacements with the same
+results within float rounding: GELU to ~2e-7 absolute per unit of |x| (erf by Abramowitz & Stegun 7.1.26), LayerNorm
+summed in another order.
 
 Example:
     >>> import torch
@@ -32,7 +32,7 @@ APPROXIMATIONS = ("none", "tanh")
 
 
 def _native_ok(*ts: torch.Tensor | None) -> bool:
-    if not native.available():
+    if not native.available() or torch._C._get_tracing_state() is not None:  # a trace cannot see the C pass
         return False
     grad = torch.is_grad_enabled()
     for t in ts:
