@@ -169,6 +169,7 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
                 if kernels_slower
                 else "No packed layer is slower than fp32."
             )
+            + _fused_note(model)
         )
     with torch.no_grad():
         total = sum(p.numel() for p in model.parameters())
@@ -177,6 +178,20 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
         f"({ops.other_macs:,} outside them); {total:,} float parameters"
     )
     return 0
+
+
+def _fused_note(packed: Any) -> str:
+    """A sentence on the packed model's fused encoder blocks (`lowbit.nn.fused_blocks`), or nothing."""
+    from lowbit.nn.fused_blocks import fused_blocks
+
+    blocks = fused_blocks(packed)
+    if not blocks:
+        return ""
+    joint = sum(f.qkv(*(f.parts_now()[:3])) is not None for _, f in blocks)
+    return (
+        f" {len(blocks)} encoder block(s) run fused ({blocks[0][1].layout.name} layout: lowbit.nn.fused_blocks), "
+        f"{joint} of them with query / key / value as one layer (their rows above time each layer alone)."
+    )
 
 
 def _fp32_twin(layer: Any) -> Any:

@@ -11,7 +11,13 @@ from torch import nn
 
 import lowbit
 from lowbit.kernels import native
-from lowbit.nn.fused_blocks import FusedEncoderForward, encoder_parts, fuse_encoder_blocks, unfuse_encoder_blocks
+from lowbit.nn.fused_blocks import (
+    FusedEncoderForward,
+    encoder_parts,
+    fuse_encoder_blocks,
+    fused_blocks,
+    unfuse_encoder_blocks,
+)
 
 transformers = pytest.importorskip("transformers")
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
@@ -57,8 +63,7 @@ def hidden(model: nn.Module, **kw) -> torch.Tensor:
 
 
 def fused_forwards(model: nn.Module) -> list[FusedEncoderForward]:
-    found = (m.__dict__.get("forward") for m in model.modules())
-    return [f for f in found if isinstance(f, FusedEncoderForward)]
+    return [f for _, f in fused_blocks(model)]
 
 
 @needs_native
@@ -199,3 +204,14 @@ def test_packed_fused_model_exports_to_onnx(tmp_path):
     with torch.no_grad():
         ref = model(**batch)
     torch.testing.assert_close(torch.from_numpy(out), ref, atol=2e-2, rtol=0)  # int8 activations may round apart
+
+
+@needs_native
+def test_inspect_names_the_fused_blocks():
+    from lowbit.commands import _fused_note
+
+    packed = lowbit.pack(lowbit.compress(tiny_bert(), "w8a8", progress=False))
+    assert [name for name, _ in fused_blocks(packed)] == ["encoder.layer.0", "encoder.layer.1"]
+    note = _fused_note(packed)
+    assert "2 encoder block(s) run fused (bert layout" in note and "2 of them with query / key / value" in note
+    assert _fused_note(lowbit.pack(lowbit.compress(tiny_bert(), "w8a8", progress=False), blocks="keep")) == ""

@@ -236,6 +236,10 @@ class FusedEncoderForward:
             self._qkv_src, self._qkv = src, concat_linears(src)
         return self._qkv
 
+    def parts_now(self) -> list[Any]:
+        """The block's current query, key, value, output, norm1, fc1, activation, fc2 and norm2 (None: missing)."""
+        return [_get(self.block, p) for p in self._paths]
+
     def original(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.block).forward(self.block, *args, **kwargs)
 
@@ -256,12 +260,11 @@ class FusedEncoderForward:
     def lean(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The block's output for hidden states ``x`` (B, L, D) and an additive float or boolean attention mask;
         None when a part is missing or a module the lean path does not call has hooks."""
-        block = self.block
-        found = [_get(block, p) for p in self._paths]
+        found = self.parts_now()
         if any(m is None for m in found):
             return None
         query, key, value, attn_out, norm1, fc1, act, fc2, norm2 = found
-        skipped = [_get(block, c) for c in self._containers]
+        skipped = [_get(self.block, c) for c in self._containers]
         if any(m is None or _hooked(m) for m in skipped) or _hooked(norm1) or _hooked(norm2) or _hooked(act):
             return None
         b, n, d = x.shape[0], x.shape[1], self.heads * self.head_dim
@@ -325,6 +328,12 @@ def fuse_encoder_blocks(model: nn.Module) -> int:
         block.forward = fwd  # type: ignore[method-assign]
         fused += 1
     return fused
+
+
+def fused_blocks(model: nn.Module) -> list[tuple[str, FusedEncoderForward]]:
+    """The fused blocks inside ``model``: (module name, its `FusedEncoderForward`)."""
+    found = ((name, m.__dict__.get("forward")) for name, m in model.named_modules())
+    return [(name, f) for name, f in found if isinstance(f, FusedEncoderForward)]
 
 
 def unfuse_encoder_blocks(model: nn.Module) -> int:
