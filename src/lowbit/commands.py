@@ -187,7 +187,7 @@ def _fused_note(packed: Any) -> str:
     blocks = fused_blocks(packed)
     if not blocks:
         return ""
-    joint = sum(f.qkv(*(f.parts_now()[:3])) is not None for _, f in blocks)
+    joint = sum(f.joint_qkv() for _, f in blocks)
     return (
         f" {len(blocks)} encoder block(s) run fused ({blocks[0][1].layout.name} layout: lowbit.nn.fused_blocks), "
         f"{joint} of them with query / key / value as one layer (their rows above time each layer alone)."

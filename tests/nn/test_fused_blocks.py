@@ -95,6 +95,34 @@ def test_distilbert_blocks_fuse_to_the_same_hidden_states(act):
 
 
 @needs_native
+def test_pre_norm_vit_blocks_fuse_to_the_same_hidden_states():
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=16, patch_size=4
+    )
+    cfg._attn_implementation = "sdpa"
+    model = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(pixel_values=pixels).last_hidden_state
+        assert fuse_encoder_blocks(model) == 2 and fused_forwards(model)[0].layout.name == "vit"
+        torch.testing.assert_close(model(pixel_values=pixels).last_hidden_state, ref, atol=2e-5, rtol=1e-5)
+        packed = lowbit.pack(lowbit.compress(model, "w8a8", progress=False))
+        kept = lowbit.pack(lowbit.compress(model, "w8a8", progress=False), blocks="keep")
+        assert len(fused_forwards(packed)) == 2
+        a, b = packed(pixel_values=pixels).last_hidden_state, kept(pixel_values=pixels).last_hidden_state
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=0)
+
+
+def test_lowbit_zoo_vit_blocks_are_not_a_known_layout():
+    """lowbit's own ViT block is already a handful of calls: fusing it measured slower, so no layout names it."""
+    from lowbit.zoo.vit import ConvStemViT
+
+    vit = ConvStemViT(nn.Conv2d(1, 8, 2, stride=2), tokens=16, dim=16)
+    assert fuse_encoder_blocks(vit) == 0
+
+
+@needs_native
 def test_a_hook_on_a_concatenated_or_skipped_module_still_runs():
     model = tiny_bert()
     fuse_encoder_blocks(model)

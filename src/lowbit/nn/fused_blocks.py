@@ -1,16 +1,14 @@
 """Transformer encoder blocks run as one lean forward: fewer Python and operator calls per block.
 
-A Hugging Face post-LayerNorm encoder block (the `LAYOUTS`: BERT-style — BERT, RoBERTa, MiniLM, ... —
-``attention.self.{query,key,value}``, ``attention.output.{dense,LayerNorm}``, ``intermediate.{dense,
-intermediate_act_fn}``, ``output.{dense,LayerNorm}``; and DistilBERT's ``attention.{q,k,v,out}_lin``, ``sa_layer_norm``,
-``ffn.{lin1,activation,lin2}``, ``output_layer_norm``) calls about 15 modules, 3 dropouts, a chunking helper that
-inspects a signature, an attention-function lookup and some 50 tensor operations per forward. At batch 1 on a CPU those
-calls cost as much as the block's int8 matrix products. `fuse_encoder_blocks` gives each such block a forward that
-computes the same thing with its own layers (packed or not, so dispatch still picks each layer's kernel): the query /
-key / value products, lowbit's attention kernel (`lowbit.kernels.attention.sdpa`) on strided views (the query / key /
-value layers concatenated into one where that is exact, `lowbit.nn.concat`), the output product, one pass for residual
-add + LayerNorm (`lowbit.kernels.elementwise.add_layer_norm`), the feed-forward with a native GELU
-(`lowbit.kernels.elementwise.gelu`), and the second residual add + LayerNorm.
+A Hugging Face encoder block of a known layout (`lowbit.nn.block_layouts.LAYOUTS`: BERT-style — BERT, RoBERTa, MiniLM,
+... — and DistilBERT, which normalise after each residual, and transformers 5's ViT, which normalises before) calls
+about 15 modules, 3 dropouts, helpers (a chunking helper that inspects a signature, an attention-function lookup) and
+some 50 tensor operations per forward. At batch 1 on a CPU those calls cost as much as the block's int8 matrix products.
+`fuse_encoder_blocks` gives each such block a forward that computes the same thing with its own layers (packed or not,
+so dispatch still picks each layer's kernel): the query / key / value products (concatenated into one layer where that
+is exact, `lowbit.nn.concat`), lowbit's attention kernel (`lowbit.kernels.attention.sdpa`) on strided views of them, the
+output product, residual add + LayerNorm in one pass (`lowbit.kernels.elementwise.add_layer_norm`), and the feed-forward
+with a native GELU (`lowbit.kernels.elementwise.gelu`).
 
 Nothing in the module tree or the state dict changes: the block keeps its submodules and gets an instance
 ``forward``. That forward hands the call to the block's own class forward whenever anything is outside the plain
@@ -30,164 +28,32 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowbit.kernels.attention import sdpa
 from lowbit.kernels.elementwise import add_layer_norm, gelu
+from lowbit.nn.block_layouts import LAYOUTS, EncoderParts, Layout, encoder_parts, get_module
 from lowbit.nn.concat import concat_linears
+
+__all__ = [
+    "BLOCKS",
+    "LAYOUTS",
+    "FusedEncoderForward",
+    "Layout",
+    "encoder_parts",
+    "fuse_encoder_blocks",
+    "fused_blocks",
+    "unfuse_encoder_blocks",
+]
 
 log = logging.getLogger(__name__)
 
 #: The choices of `lowbit.pack`'s ``blocks`` argument.
 BLOCKS = ("fused", "keep")
 PROBE_ATOL = 1e-4
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a post-LayerNorm encoder block family keeps its parts: dotted paths from the block."""
-
-    name: str
-    query: str
-    key: str
-    value: str
-    attn_out: str
-    norm1: str
-    fc1: str
-    act: str
-    fc2: str
-    norm2: str
-    attention: str  # the module holding the head count (and the head size, where it has one)
-    heads_attr: str
-    head_dim_attr: str | None  # None: hidden size // heads
-    chunking: str  # the module whose ``chunk_size_feed_forward`` must be 0
-
-    def slots(self) -> dict[str, str]:
-        """The nine parts by role, in the order `FusedEncoderForward` resolves them."""
-        roles = ("query", "key", "value", "attn_out", "norm1", "fc1", "act", "fc2", "norm2")
-        return {r: getattr(self, r) for r in roles}
-
-
-#: The block families `fuse_encoder_blocks` recognises (transformers' BERT / RoBERTa / MiniLM / ... and DistilBERT).
-LAYOUTS = (
-    Layout(
-        name="bert",
-        query="attention.self.query",
-        key="attention.self.key",
-        value="attention.self.value",
-        attn_out="attention.output.dense",
-        norm1="attention.output.LayerNorm",
-        fc1="intermediate.dense",
-        act="intermediate.intermediate_act_fn",
-        fc2="output.dense",
-        norm2="output.LayerNorm",
-        attention="attention.self",
-        heads_attr="num_attention_heads",
-        head_dim_attr="attention_head_size",
-        chunking="",
-    ),
-    Layout(
-        name="distilbert",
-        query="attention.q_lin",
-        key="attention.k_lin",
-        value="attention.v_lin",
-        attn_out="attention.out_lin",
-        norm1="sa_layer_norm",
-        fc1="ffn.lin1",
-        act="ffn.activation",
-        fc2="ffn.lin2",
-        norm2="output_layer_norm",
-        attention="attention",
-        heads_attr="n_heads",
-        head_dim_attr=None,
-        chunking="ffn",
-    ),
-)
-
-
-@dataclass
-class EncoderParts:
-    """One recognised block: its layout, parts by role, and the attention constants."""
-
-    layout: Layout
-    mods: dict[str, nn.Module]
-    heads: int
-    head_dim: int
-    scale: float
-    gelu: str | None  # "none" / "tanh": the activation is that GELU, computed natively; None: call `act`
-
-
-def _linear_like(m: Any, n_in: int | None = None) -> bool:
-    return isinstance(m, nn.Module) and hasattr(m, "in_features") and (n_in is None or m.in_features == n_in)
-
-
-def _gelu_kind(act: nn.Module) -> str | None:
-    """``"none"`` / ``"tanh"`` where ``act`` is that GELU (PyTorch's or transformers' classes), else None."""
-    if isinstance(act, nn.GELU):
-        return act.approximate
-    name = type(act).__name__
-    fn = getattr(act, "act", None)
-    if name == "GELUActivation" and fn is F.gelu:
-        return "none"
-    if name in ("GELUTanh", "PytorchGELUTanh") and getattr(fn, "keywords", {}).get("approximate") == "tanh":
-        return "tanh"
-    return None
-
-
-def _get(root: nn.Module, path: str) -> nn.Module | None:
-    """The submodule at dotted ``path`` through ``_modules`` (None if absent): a few dict lookups per call."""
-    m: Any = root
-    for key in path.split(".") if path else ():
-        m = m._modules.get(key) if isinstance(m, nn.Module) else None
-        if m is None:
-            return None
-    return m
-
-
-def _parts_of(block: nn.Module, layout: Layout) -> EncoderParts | None:
-    mods = {role: _get(block, path) for role, path in layout.slots().items()}
-    att = _get(block, layout.attention)
-    if att is None or any(m is None for m in mods.values()):
-        return None
-    try:
-        heads = int(getattr(att, layout.heads_attr))
-        if layout.head_dim_attr is not None:
-            head_dim = int(getattr(att, layout.head_dim_attr))
-        else:
-            head_dim = int(mods["query"].out_features) // heads  # type: ignore[union-attr]
-    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
-        return None
-    if getattr(block, "is_decoder", False) or getattr(block, "add_cross_attention", False):
-        return None
-    if getattr(_get(block, layout.chunking), "chunk_size_feed_forward", 0):
-        return None
-    if getattr(att, "position_embedding_type", "absolute") != "absolute" or getattr(att, "is_causal", False):
-        return None
-    if not all(isinstance(mods[n], nn.LayerNorm) and len(mods[n].normalized_shape) == 1 for n in ("norm1", "norm2")):
-        return None
-    d = heads * head_dim
-    for role in ("query", "key", "value", "attn_out", "fc1"):
-        if not _linear_like(mods[role], d):
-            return None
-    if not _linear_like(mods["fc2"]) or any(mods[r].out_features != d for r in ("query", "key", "value")):
-        return None
-    scale = float(getattr(att, "scaling", head_dim**-0.5))
-    return EncoderParts(layout, mods, heads, head_dim, scale, _gelu_kind(mods["act"]))  # type: ignore[arg-type]
-
-
-def encoder_parts(block: nn.Module) -> EncoderParts | None:
-    """The parts of ``block`` if it is a plain post-LayerNorm encoder block of a known layout (self-attention only,
-    absolute positions, no feed-forward chunking), else None."""
-    for layout in LAYOUTS:
-        parts = _parts_of(block, layout)
-        if parts is not None:
-            return parts
-    return None
 
 
 def _is_set(v: Any) -> bool:
@@ -218,13 +84,12 @@ class FusedEncoderForward:
 
     def __init__(self, block: nn.Module, parts: EncoderParts, returns_tuple: bool) -> None:
         self.block, self.returns_tuple = block, returns_tuple
-        self.layout = parts.layout
+        self.layout: Layout = parts.layout
         self.heads, self.head_dim, self.scale = parts.heads, parts.head_dim, parts.scale
         self.act, self.gelu = parts.mods["act"], parts.gelu
         slots = parts.layout.slots()
-        self._roles = tuple(slots)
-        self._paths = tuple(slots.values())
-        self._containers = _container_paths(self._paths)
+        self._slots = {role: tuple(path.split(".")) for role, path in slots.items()}
+        self._containers = tuple(tuple(c.split(".")) for c in _container_paths(tuple(slots.values())))
         self._qkv_src: tuple[nn.Module, ...] = ()
         self._qkv: nn.Module | None = None
 
@@ -236,9 +101,14 @@ class FusedEncoderForward:
             self._qkv_src, self._qkv = src, concat_linears(src)
         return self._qkv
 
-    def parts_now(self) -> list[Any]:
-        """The block's current query, key, value, output, norm1, fc1, activation, fc2 and norm2 (None: missing)."""
-        return [_get(self.block, p) for p in self._paths]
+    def parts_now(self) -> dict[str, Any]:
+        """The block's current parts by role (`Layout.slots`; None: missing)."""
+        return {role: get_module(self.block, path) for role, path in self._slots.items()}
+
+    def joint_qkv(self) -> bool:
+        """Whether query, key and value run as one concatenated layer."""
+        m = self.parts_now()
+        return None not in (m["query"], m["key"], m["value"]) and self.qkv(m["query"], m["key"], m["value"]) is not None
 
     def original(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.block).forward(self.block, *args, **kwargs)
@@ -260,26 +130,42 @@ class FusedEncoderForward:
     def lean(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The block's output for hidden states ``x`` (B, L, D) and an additive float or boolean attention mask;
         None when a part is missing or a module the lean path does not call has hooks."""
-        found = self.parts_now()
-        if any(m is None for m in found):
+        m = self.parts_now()
+        if any(v is None for v in m.values()):
             return None
-        query, key, value, attn_out, norm1, fc1, act, fc2, norm2 = found
-        skipped = [_get(self.block, c) for c in self._containers]
-        if any(m is None or _hooked(m) for m in skipped) or _hooked(norm1) or _hooked(norm2) or _hooked(act):
+        act = m["act"]
+        containers = [get_module(self.block, c) for c in self._containers]
+        if any(c is None or _hooked(c) for c in containers) or _hooked(m["norm1"]) or _hooked(m["norm2"]):
             return None
-        b, n, d = x.shape[0], x.shape[1], self.heads * self.head_dim
+        if _hooked(act):
+            return None
+        pre = self.layout.pre_norm
+        h = add_layer_norm(x, None, m["norm1"]) if pre else x  # the attention's input
+        a = self._attend(m, h, mask)
+        if pre:
+            y = m["attn_out"](a) + x
+            f = self._feed_forward(m, act, add_layer_norm(y, None, m["norm2"]))
+            return f + y
+        y = add_layer_norm(m["attn_out"](a), x, m["norm1"])
+        return add_layer_norm(self._feed_forward(m, act, y), y, m["norm2"])
+
+    def _attend(self, m: dict[str, Any], h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Multi-head attention of ``h`` (B, L, D) before the output projection, as (B, L, D)."""
+        b, n, d = h.shape[0], h.shape[1], self.heads * self.head_dim
         heads = (b, n, self.heads, self.head_dim)
-        qkv = self.qkv(query, key, value)
-        if qkv is not None and not (_hooked(query) or _hooked(key) or _hooked(value)):
-            y = qkv(x)  # (B, L, 3D): strided views for the attention kernel
+        q, k, v = m["query"], m["key"], m["value"]
+        joint = self.qkv(q, k, v)
+        if joint is not None and not (_hooked(q) or _hooked(k) or _hooked(v)):
+            y = joint(h)  # (B, L, 3D): strided views for the attention kernel
             q, k, v = (y[..., i * d : (i + 1) * d].view(heads).transpose(1, 2) for i in range(3))
         else:
-            q, k, v = (m(x).view(heads).transpose(1, 2) for m in (query, key, value))
-        a = sdpa(q, k, v, mask, scale=self.scale).reshape(b, n, d)
-        h = add_layer_norm(attn_out(a), x, norm1)
-        f = fc1(h)
+            q, k, v = (m[r](h).view(heads).transpose(1, 2) for r in ("query", "key", "value"))
+        return sdpa(q, k, v, mask, scale=self.scale).reshape(b, n, d)
+
+    def _feed_forward(self, m: dict[str, Any], act: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        f = m["fc1"](h)
         f = gelu(f, self.gelu) if self.gelu is not None and act is self.act else act(f)
-        return add_layer_norm(fc2(f), h, norm2)
+        return m["fc2"](f)
 
 
 def _probe_ok(block: nn.Module, fused: FusedEncoderForward, d: int) -> tuple[bool, bool]:
