@@ -76,6 +76,9 @@ def test_fused_blocks_give_the_same_hidden_states(hidden_size, act):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
     assert (out[1, :7] - ref[1, :7]).abs().max() < 2e-5  # the padding mask reached the lean path
     assert fuse_encoder_blocks(model) == 2  # fusing again changes nothing
+    training = tiny_bert(hidden_size, act).train()
+    assert fuse_encoder_blocks(training) == 2 and training.training  # probed in eval mode, left in training mode
+    torch.testing.assert_close(hidden(training.eval()), ref, atol=2e-5, rtol=1e-5)
     assert unfuse_encoder_blocks(model) == 2 and not fused_forwards(model)
     torch.testing.assert_close(hidden(model), ref)
 
@@ -192,6 +195,28 @@ def test_copies_and_later_layer_swaps_run_the_current_layers():
     plain = lowbit.compress(tiny_bert(), "w8a8", progress=False)
     torch.testing.assert_close(hidden(q), hidden(plain), atol=1e-4, rtol=1e-4)
     assert (hidden(q) - ref).abs().max() > 1e-4  # the quantized layers ran, not the fp32 ones
+
+
+@needs_native
+def test_weights_changed_in_place_after_fusing_are_the_ones_that_run():
+    model, twin = tiny_bert(), tiny_bert()
+    fuse_encoder_blocks(model)
+    hidden(model)  # the concatenated query / key / value layer is built
+    with torch.no_grad():
+        for m in (model, twin):
+            m.encoder.layer[0].attention.self.key.weight.mul_(1.5)
+    torch.testing.assert_close(hidden(model), hidden(twin), atol=2e-5, rtol=1e-5)
+    packed = lowbit.pack(lowbit.compress(tiny_bert(), "w8a8", progress=False))
+    before = hidden(packed)
+    changed = tiny_bert()
+    with torch.no_grad():
+        for p in changed.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    other = lowbit.pack(lowbit.compress(changed, "w8a8", progress=False), blocks="keep")
+    packed.load_state_dict(other.state_dict())  # new codes and scales in the same layers
+    after = hidden(packed)
+    torch.testing.assert_close(after, hidden(other), atol=2e-2, rtol=0)
+    assert (after - before).abs().max() > 0.1
 
 
 @needs_native

@@ -70,6 +70,18 @@ def _container_paths(paths: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+def _tensor_signature(layers: tuple[nn.Module, ...]) -> tuple:
+    """Where every parameter and buffer of ``layers`` lives and how often it was modified in place (PyTorch's
+    version counter): a copy made from them is current while this stays the same."""
+    sig: list = []
+    for m in layers:
+        for group in (m._parameters, m._buffers):
+            for t in group.values():
+                if t is not None:
+                    sig += (t.data_ptr(), t._version)
+    return tuple(sig)
+
+
 def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
@@ -92,13 +104,16 @@ class FusedEncoderForward:
         self._containers = tuple(tuple(c.split(".")) for c in _container_paths(tuple(slots.values())))
         self._qkv_src: tuple[nn.Module, ...] = ()
         self._qkv: nn.Module | None = None
+        self._qkv_sig: tuple = ()
 
     def qkv(self, q: nn.Module, k: nn.Module, v: nn.Module) -> nn.Module | None:
         """One layer for the query, key and value products (`lowbit.nn.concat`), rebuilt when one of them was
-        swapped; None where they cannot be concatenated exactly (then they run one by one)."""
+        swapped or any of their tensors changed (an in-place update, ``load_state_dict``); None where they cannot
+        be concatenated exactly (then they run one by one)."""
         src = (q, k, v)
-        if len(self._qkv_src) != 3 or any(a is not b for a, b in zip(src, self._qkv_src, strict=True)):
-            self._qkv_src, self._qkv = src, concat_linears(src)
+        sig = _tensor_signature(src)
+        if sig != self._qkv_sig or any(a is not b for a, b in zip(src, self._qkv_src, strict=False)):
+            self._qkv_src, self._qkv, self._qkv_sig = src, concat_linears(src), sig
         return self._qkv
 
     def parts_now(self) -> dict[str, Any]:
@@ -177,22 +192,29 @@ def _probe_ok(block: nn.Module, fused: FusedEncoderForward, d: int) -> tuple[boo
     pad = torch.zeros(2, 1, 1, 7)
     pad[1, ..., 5:] = torch.finfo(torch.float32).min  # the second sequence has two padding tokens
     as_tuple = False
-    with torch.no_grad(), use_mode("reference"):  # no kernel races for the probe's shapes
-        for mask in (None, pad):
-            ref = fused.original(x, mask)
-            as_tuple = isinstance(ref, tuple)
-            ref_t = ref[0] if as_tuple else ref
-            got = fused.lean(x, mask)
-            if got is None or not isinstance(ref_t, torch.Tensor) or ref_t.shape != got.shape:
-                return False, as_tuple
-            if not torch.allclose(got, ref_t, atol=PROBE_ATOL, rtol=PROBE_ATOL):
-                return False, as_tuple
+    modes = {m: m.training for m in block.modules()}
+    block.eval()  # the lean path serves inference only: compare it with the block's inference forward
+    try:
+        with torch.no_grad(), use_mode("reference"):  # no kernel races for the probe's shapes
+            for mask in (None, pad):
+                ref = fused.original(x, mask)
+                as_tuple = isinstance(ref, tuple)
+                ref_t = ref[0] if as_tuple else ref
+                got = fused.lean(x, mask)
+                if got is None or not isinstance(ref_t, torch.Tensor) or ref_t.shape != got.shape:
+                    return False, as_tuple
+                if not torch.allclose(got, ref_t, atol=PROBE_ATOL, rtol=PROBE_ATOL):
+                    return False, as_tuple
+    finally:
+        for m, training in modes.items():
+            m.training = training
     return True, as_tuple
 
 
 def fuse_encoder_blocks(model: nn.Module) -> int:
-    """Give every plain BERT-style encoder block in ``model`` the lean forward (see the module docstring); returns
-    how many blocks were fused. Blocks already fused, and blocks whose probe disagrees, are left as they are."""
+    """Give every encoder block of a known layout in ``model`` the lean forward (see the module docstring; a model
+    in training mode is probed in eval mode and runs the lean path once in eval mode); returns how many blocks are
+    fused. Blocks already fused, and blocks whose probe disagrees, are left as they are."""
     fused = 0
     for name, block in model.named_modules():
         if isinstance(block.__dict__.get("forward"), FusedEncoderForward):
