@@ -366,6 +366,8 @@ OTHER_BUILD_CHECKS = (
     "    te.test_gelu_matches_float64_to_float_rounding(approx)\n"
     "for dim in (384, 50):\n"
     "    te.test_add_layer_norm_equals_layer_norm_of_the_sum(dim, True)\n"
+    "from tests.nn import test_fused_native as tb\n"  # whole encoder blocks in one C call (lb_encoder_block)
+    "tb.check_one_call('bert', 'w8a8'); tb.check_one_call('vit', tb.W4G32, 'int8')\n"
     "print('ok')\n"
 )
 

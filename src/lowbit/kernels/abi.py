@@ -47,3 +47,30 @@ class LayerDesc(ctypes.Structure):
 
 WKINDS = {"w8": 1, "wn": 2, "ternary": 3, "binary_blocked": 4, "binary_inter": 5}
 AKINDS = {"f32": 0, "int8": 1, "sign": 2}
+
+
+class BlockDesc(ctypes.Structure):
+    """The C ``lb_block`` (lowbit_block.cpp): one encoder block's four ``lb_layer`` pointers, biases, LayerNorm
+    parameters and attention constants, as ``lb_encoder_block`` runs it."""
+
+    _fields_ = [
+        ("qkv", ctypes.c_void_p),
+        ("o", ctypes.c_void_p),
+        ("fc1", ctypes.c_void_p),
+        ("fc2", ctypes.c_void_p),
+        ("qkv_b", ctypes.c_void_p),
+        ("o_b", ctypes.c_void_p),
+        ("fc1_b", ctypes.c_void_p),
+        ("fc2_b", ctypes.c_void_p),
+        ("ln1_w", ctypes.c_void_p),
+        ("ln1_b", ctypes.c_void_p),
+        ("ln2_w", ctypes.c_void_p),
+        ("ln2_b", ctypes.c_void_p),
+        ("eps1", ctypes.c_float),
+        ("eps2", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("heads", ctypes.c_int32),
+        ("act", ctypes.c_int32),
+        ("pre_norm", ctypes.c_int32),
+        ("ffn", ctypes.c_int32),
+    ]

@@ -93,6 +93,21 @@ def sdpa(
     return _run(q, k, v, attn_mask, float(scale), bool(is_causal), threads)
 
 
+def mask_args(
+    mask: torch.Tensor | None, b: int, h: int, length: int, s: int
+) -> tuple[int, int | None, tuple[int, ...], torch.Tensor | None]:
+    """``lb_attention``'s mask arguments for a mask broadcastable to (b, h, length, s): (kind: 0 none, 1 float added,
+    2 bool; data pointer; its four strides; the tensor to keep alive during the call)."""
+    if mask is None:
+        return 0, None, (0, 0, 0, 0), None
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    mask = mask.expand(b, h, length, s)
+    if mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    return (2 if mask.dtype is torch.bool else 1), mask.data_ptr(), tuple(mask.stride()), mask
+
+
 def _run(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -105,15 +120,7 @@ def _run(
     b, h, length, d = q.shape
     hk, s = k.shape[1], k.shape[2]
     out = torch.empty(b, length, h, d)
-    if mask is None:
-        kind, mptr, mstrides = 0, None, (0, 0, 0, 0)
-    else:
-        while mask.dim() < 4:
-            mask = mask.unsqueeze(0)
-        mask = mask.expand(b, h, length, s)
-        if mask.stride(-1) != 1:
-            mask = mask.contiguous()
-        kind, mptr, mstrides = (2 if mask.dtype is torch.bool else 1), mask.data_ptr(), mask.stride()
+    kind, mptr, mstrides, _held = mask_args(mask, b, h, length, s)
     ostr = out.stride()
     strides = _Strides(*q.stride(), *k.stride(), *v.stride(), ostr[0], ostr[2], ostr[1], ostr[3], *mstrides)
     err = native._need().lb_attention(

@@ -204,6 +204,22 @@ class LayerDispatch:
             return None  # the full path raises the error
         return y
 
+    def native_addr(self, layer: Any, rows: int, threads: int) -> int | None:
+        """The address of the layer's C description when a call with ``rows`` input rows on ``threads`` threads
+        would run the native kernel straight from its input (``auto``: decided native for these rows; ``native``
+        / ``portable``: whenever its weights are prepared) with nothing to apply before it and an fp32 bias, for
+        callers that chain kernels in C (`lowbit.nn.fused_blocks`); else None."""
+        how = _mode_override[-1] if _mode_override else _env_mode
+        if how not in ("auto", "native", "portable") or not self.direct_input or not self.unscaled:
+            return None
+        st = self.state
+        if st is None or (how == "auto" and self.decided.get((rows, threads)) is not True):
+            return None
+        bias = layer._parameters.get("bias")
+        if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous() or not bias.is_cpu):
+            return None
+        return st.addr
+
     def hot_conv(self, layer: Any, x: torch.Tensor, cut: Any) -> torch.Tensor | None:
         """`hot` for a convolution with per-patch activations whose patch count is decided native: patches, kernel
         and the move into an ``(N, O, OH, OW)`` map in one C call (`lb_conv`); ``cut``: the `kernels.im2col.Im2col` of

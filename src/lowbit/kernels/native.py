@@ -44,13 +44,14 @@ import warnings
 import numpy as np
 import torch
 
-from lowbit.kernels.abi import ABI_VERSION, AKINDS, ISA_NAMES, WKINDS, LayerDesc
+from lowbit.kernels.abi import ABI_VERSION, AKINDS, ISA_NAMES, WKINDS, BlockDesc, LayerDesc
 
-__all__ = ["ABI_VERSION", "AKINDS", "ISA_NAMES", "WKINDS", "LayerDesc"]  # re-exported: the C side as Python sees it
+# re-exported: the C side as Python sees it
+__all__ = ["ABI_VERSION", "AKINDS", "ISA_NAMES", "WKINDS", "BlockDesc", "LayerDesc"]
 
-#: The C++ sources, compiled together into one library: the linear-layer kernels, fp32 attention, and the element-wise
-#: / row-wise operations between a block's layers (GELU, residual add + LayerNorm).
-_SOURCES = ("lowbit_kernels.cpp", "lowbit_attention.cpp", "lowbit_elementwise.cpp")
+#: The C++ sources, compiled together into one library: the linear-layer kernels, fp32 attention, the element-wise /
+#: row-wise operations between a block's layers (GELU, residual add + LayerNorm) and a whole encoder block in one call.
+_SOURCES = ("lowbit_kernels.cpp", "lowbit_attention.cpp", "lowbit_elementwise.cpp", "lowbit_block.cpp")
 _SRCS = [pathlib.Path(__file__).with_name(n) for n in _SOURCES]
 _CXX = os.environ.get("CXX", "g++")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -130,6 +131,8 @@ def _bind(lib: ctypes.CDLL) -> None:
         "lb_attention": ([P, P, P, P, I64, I64, I64, I64, I64, I64, P, P, I, F, I, I], I),
         "lb_gelu": ([P, I64, I, I], None),
         "lb_add_layer_norm": ([P, P, I64, I64, P, P, F, P, P, I], None),
+        "lb_block_size": ([], I),
+        "lb_encoder_block": ([P, P, I64, I64, I64, P, I, P, P, I], I),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
@@ -177,7 +180,8 @@ def _load() -> None:
             continue
         seconds = 0.0 if cached else os.times().elapsed - t0
         COMPILE_SECONDS = seconds
-        if lib.lb_abi_version() != ABI_VERSION or lib.lb_layer_size() != ctypes.sizeof(LayerDesc):
+        sizes = (lib.lb_layer_size(), lib.lb_block_size()) == (ctypes.sizeof(LayerDesc), ctypes.sizeof(BlockDesc))
+        if lib.lb_abi_version() != ABI_VERSION or not sizes:
             errors.append(f"{path.name}: ABI {lib.lb_abi_version()} does not match this lowbit ({ABI_VERSION})")
             continue
         isa = ISA_NAMES.get(lib.lb_isa(), "scalar")

@@ -10,6 +10,11 @@ is exact, `lowbit.nn.concat`), lowbit's attention kernel (`lowbit.kernels.attent
 output product, residual add + LayerNorm in one pass (`lowbit.kernels.elementwise.add_layer_norm`), and the feed-forward
 with a native GELU (`lowbit.kernels.elementwise.gelu`).
 
+Once dispatch has decided every layer of a block native for a row count (the first call at that size runs the
+path above, in Python), later calls run the whole block in **one C call** (``lb_encoder_block``,
+``lowbit_block.cpp``): the same kernels in the same order, so the same outputs bit for bit, without a Python step
+between them.
+
 Nothing in the module tree or the state dict changes: the block keeps its submodules and gets an instance
 ``forward``. That forward hands the call to the block's own class forward whenever anything is outside the plain
 encoder case: training, autograd on the input, tracing / compiling / exporting, hooks on a bypassed submodule
@@ -27,13 +32,16 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowbit.kernels.attention import sdpa
+from lowbit.kernels import native
+from lowbit.kernels.abi import BlockDesc
+from lowbit.kernels.attention import mask_args, sdpa
 from lowbit.kernels.elementwise import add_layer_norm, gelu
 from lowbit.nn.block_layouts import LAYOUTS, EncoderParts, Layout, encoder_parts, get_module
 from lowbit.nn.concat import concat_linears
@@ -54,6 +62,8 @@ log = logging.getLogger(__name__)
 #: The choices of `lowbit.pack`'s ``blocks`` argument.
 BLOCKS = ("fused", "keep")
 PROBE_ATOL = 1e-4
+_ACT_CODES = {"none": 1, "tanh": 2}  # lb_block.act for the GELU kinds
+_Strides4 = ctypes.c_int64 * 4
 
 
 def _is_set(v: Any) -> bool:
@@ -80,6 +90,10 @@ def _tensor_signature(layers: tuple[nn.Module, ...]) -> tuple:
                 if t is not None:
                     sig += (t.data_ptr(), t._version)
     return tuple(sig)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -154,6 +168,9 @@ class FusedEncoderForward:
             return None
         if _hooked(act):
             return None
+        y = self._native_block(m, x, mask)
+        if y is not None:
+            return y
         pre = self.layout.pre_norm
         h = add_layer_norm(x, None, m["norm1"]) if pre else x  # the attention's input
         a = self._attend(m, h, mask)
@@ -163,6 +180,49 @@ class FusedEncoderForward:
             return f + y
         y = add_layer_norm(m["attn_out"](a), x, m["norm1"])
         return add_layer_norm(self._feed_forward(m, act, y), y, m["norm2"])
+
+    def _native_block(self, m: dict[str, Any], x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The whole block in one C call (``lb_encoder_block``: the same kernels, no Python between them) when every
+        layer would run its native kernel on these rows (dispatch decided so on an earlier call), the activation is a
+        GELU and the tensors are plain fp32; else None (the Python path)."""
+        if not native.available() or self.gelu is None or m["act"] is not self.act:
+            return None
+        if x.dtype is not torch.float32 or not x.is_contiguous() or not x.is_cpu:
+            return None
+        q, k, v = m["query"], m["key"], m["value"]
+        joint = self.qkv(q, k, v)
+        if joint is None or _hooked(q) or _hooked(k) or _hooked(v):
+            return None
+        b, n, d = x.shape
+        rows, threads = b * n, torch.get_num_threads()
+        layers = (joint, m["attn_out"], m["fc1"], m["fc2"])
+        addrs = []
+        for layer in layers:
+            disp = getattr(layer, "_dispatch", None)
+            addr = disp.native_addr(layer, rows, threads) if disp and not _hooked(layer) else None
+            if addr is None:
+                return None
+            addrs.append(addr)
+        n1, n2 = m["norm1"], m["norm2"]
+        for t in (n1.weight, n1.bias, n2.weight, n2.bias):
+            if t is not None and (t.dtype is not torch.float32 or not t.is_contiguous() or not t.is_cpu):
+                return None
+        if mask is not None and (mask.dtype not in (torch.float32, torch.bool) or not mask.is_cpu):
+            return None
+        try:
+            kind, mptr, mstrides, _held = mask_args(mask, b, self.heads, n, n)
+        except RuntimeError:  # not broadcastable to the scores: the Python path says so
+            return None
+        biases = [_ptr(layer._parameters.get("bias")) for layer in layers]
+        norms = [_ptr(n1.weight), _ptr(n1.bias), _ptr(n2.weight), _ptr(n2.bias)]
+        desc = BlockDesc(*addrs, *biases, *norms, n1.eps, n2.eps, self.scale, self.heads, _ACT_CODES[self.gelu])
+        desc.pre_norm, desc.ffn = int(self.layout.pre_norm), m["fc1"].out_features
+        out = torch.empty_like(x)
+        lib = native._need()
+        rc = lib.lb_encoder_block(
+            ctypes.byref(desc), x.data_ptr(), b, n, d, mptr, kind, _Strides4(*mstrides), out.data_ptr(), threads
+        )
+        return None if rc else out  # an error: the Python path runs the same kernels and raises it
 
     def _attend(self, m: dict[str, Any], h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Multi-head attention of ``h`` (B, L, D) before the output projection, as (B, L, D)."""

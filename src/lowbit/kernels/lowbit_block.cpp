@@ -1,0 +1,101 @@
+// One transformer encoder block in one call: the sequence of kernels `lowbit.nn.fused_blocks` runs from Python,
+// without a Python step between them (at batch 1 those steps cost as much as the attention):
+//
+//   post-norm (BERT):  h = LN1(x + O(attn(QKV(x))));        out = LN2(h + FC2(act(FC1(h))))
+//   pre-norm  (ViT):   h = x + O(attn(QKV(LN1(x))));         out = h + FC2(act(FC1(LN2(h))))
+//
+// QKV, O, FC1 and FC2 are lb_linear layers (any format, their activation quantization included) with optional
+// biases; QKV computes query, key and value side by side ((M, 3D) rows, heads inside each third), read by
+// lb_attention through strides. act: 1 exact GELU, 2 tanh GELU (lb_gelu). Built into the same library as
+// lowbit_kernels.cpp (see native.py); each step is the function the Python path calls, so the results are the same.
+
+#include <stdint.h>
+#include <stdlib.h>
+
+#define LB_API extern "C" __attribute__((visibility("default")))
+typedef int64_t i64;
+
+struct lb_layer;
+extern "C" {
+int lb_linear(const lb_layer* L, const float* x, i64 M, float* y, int threads, const float* bias);
+int lb_attention(const float* q, const float* k, const float* v, float* out, i64 B, i64 H, i64 HKV, i64 L, i64 S,
+                 i64 D, const i64* st, const void* mask, int mask_kind, float scale, int causal, int threads);
+void lb_gelu(float* x, i64 n, int tanh_approx, int threads);
+void lb_add_layer_norm(const float* a, const float* b, i64 M, i64 D, const float* gamma, const float* beta, float eps,
+                       float* out, float* keep, int threads);
+}
+
+// The block's layers and norms; biases and norm parameters may be NULL.
+struct lb_block {
+    const lb_layer *qkv, *o, *fc1, *fc2;
+    const float *qkv_b, *o_b, *fc1_b, *fc2_b;
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    float eps1, eps2;
+    float scale;    // attention scale
+    int32_t heads;  // head size = D / heads
+    int32_t act;    // 1: GELU (erf), 2: GELU (tanh)
+    int32_t pre_norm;
+    int32_t ffn;  // FC1's output width
+};
+
+LB_API int lb_block_size(void) { return (int)sizeof(lb_block); }
+
+static inline void add_rows(float* y, const float* r, i64 n) {
+    for (i64 i = 0; i < n; ++i) y[i] += r[i];
+}
+
+// out (B, L, D) = the block applied to x (B, L, D); mask: as lb_attention's (kind 0: none; mst: its four strides).
+// Returns 0, -2 when out of memory, or the first failing kernel's code.
+LB_API int lb_encoder_block(const lb_block* k, const float* x, i64 B, i64 L, i64 D, const void* mask,
+                            int mask_kind, const i64* mst, float* out, int threads) {
+    const i64 M = B * L, H = k->heads, hd = D / H, F = k->ffn;
+    float* qkv = (float*)malloc(sizeof(float) * M * 3 * D);
+    float* att = (float*)malloc(sizeof(float) * M * D);
+    float* h = (float*)malloc(sizeof(float) * M * D);
+    float* f = (float*)malloc(sizeof(float) * M * (F > D ? F : D));
+    float* t = (float*)malloc(sizeof(float) * M * D);
+    int rc = (qkv && att && h && f && t) ? 0 : -2;
+    const float* in = x;  // the attention's input
+    if (!rc && k->pre_norm) {
+        lb_add_layer_norm(x, nullptr, M, D, k->ln1_w, k->ln1_b, k->eps1, t, nullptr, threads);
+        in = t;
+    }
+    if (!rc) rc = lb_linear(k->qkv, in, M, qkv, threads, k->qkv_b);
+    if (!rc) {
+        // q, k, v: thirds of the qkv rows; out: (B, L, H, hd) rows = (M, D)
+        const i64 st[20] = {L * 3 * D, hd, 3 * D, 1, L * 3 * D, hd, 3 * D, 1, L * 3 * D, hd, 3 * D, 1,
+                            L * D,     hd, D,     1, mst[0],    mst[1], mst[2], mst[3]};
+        rc = lb_attention(qkv, qkv + D, qkv + 2 * D, att, B, H, H, L, L, hd, st, mask, mask_kind, k->scale, 0,
+                          threads)
+                 ? -2
+                 : 0;
+    }
+    if (!rc) rc = lb_linear(k->o, att, M, h, threads, k->o_b);
+    if (!rc) {
+        if (k->pre_norm) {
+            add_rows(h, x, M * D);  // h = x + O(...)
+            lb_add_layer_norm(h, nullptr, M, D, k->ln2_w, k->ln2_b, k->eps2, t, nullptr, threads);
+            rc = lb_linear(k->fc1, t, M, f, threads, k->fc1_b);
+        } else {
+            lb_add_layer_norm(h, x, M, D, k->ln1_w, k->ln1_b, k->eps1, h, nullptr, threads);  // h = LN1(x + O)
+            rc = lb_linear(k->fc1, h, M, f, threads, k->fc1_b);
+        }
+    }
+    if (!rc) {
+        lb_gelu(f, M * F, k->act == 2, threads);
+        rc = lb_linear(k->fc2, f, M, t, threads, k->fc2_b);
+    }
+    if (!rc) {
+        if (k->pre_norm) {
+            for (i64 i = 0; i < M * D; ++i) out[i] = h[i] + t[i];
+        } else {
+            lb_add_layer_norm(t, h, M, D, k->ln2_w, k->ln2_b, k->eps2, out, nullptr, threads);
+        }
+    }
+    free(qkv);
+    free(att);
+    free(h);
+    free(f);
+    free(t);
+    return rc;
+}

@@ -1,0 +1,119 @@
+"""Fused blocks in one C call (``lb_encoder_block``): the same outputs as the Python path of the same kernels,
+taken once dispatch has decided every layer native, and left for the Python path otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.kernels import native
+from lowbit.kernels.dispatch import use_mode
+from lowbit.nn import fused_blocks as fb
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+
+
+def tiny(kind: str, act: str = "gelu") -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "vit":
+        cfg = transformers.ViTConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=16,
+            patch_size=4, hidden_act=act,
+        )  # fmt: skip
+        cfg._attn_implementation = "sdpa"
+        return transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+    cfg = transformers.BertConfig(
+        vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=32, hidden_act=act, attn_implementation="sdpa",
+    )  # fmt: skip
+    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def inputs(kind: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    if kind == "vit":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    return {"input_ids": torch.randint(1, 50, (3, 12), generator=g), "attention_mask": mask}
+
+
+def run(model: nn.Module, kind: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs(kind)).last_hidden_state
+
+
+W4G32 = {  # every layer at 4 bits (no 8-bit first / last layer): query, key and value concatenate in both blocks
+    "name": "w4g32-all",
+    "stages": [
+        {
+            "method": "rtn",
+            "keep_first_last": False,
+            "weights": {"kind": "int", "bits": 4, "symmetric": False, "granularity": "group", "group_size": 32},
+        }
+    ],
+}
+
+
+def check_one_call(kind: str, preset: object, acts: str = "exact") -> None:
+    """Pack a tiny model, run it twice in ``native`` mode (every layer on its kernel; ``auto`` could pick dense at
+    these tiny shapes): the first call prepares the kernels on the Python path, the second runs each block in one C
+    call, with the same outputs bit for bit, as the Python path of the same kernels after it."""
+    act = "gelu_pytorch_tanh" if acts.endswith("tanh") else "gelu"
+    model = lowbit.pack(lowbit.compress(tiny(kind, act), preset, progress=False), kernel_activations=acts.split("-")[0])
+    taken: list[bool] = []
+    one_call = fb.FusedEncoderForward._native_block
+
+    def spy(self, *args):
+        out = one_call(self, *args)
+        taken.append(out is not None)
+        return out
+
+    try:
+        fb.FusedEncoderForward._native_block = spy
+        with use_mode("native"):
+            first = run(model, kind)
+            assert taken == [False, False]
+            taken.clear()
+            second = run(model, kind)
+            assert taken == [True, True]  # every layer native and prepared: one C call per block
+            torch.testing.assert_close(second, first, rtol=0, atol=0)  # the same kernels in the same order
+            fb.FusedEncoderForward._native_block = lambda self, *a: None
+            torch.testing.assert_close(run(model, kind), second, rtol=0, atol=0)
+    finally:
+        fb.FusedEncoderForward._native_block = one_call
+
+
+@pytest.mark.parametrize("kind", ["bert", "vit"])
+@pytest.mark.parametrize("preset,acts", [("w8a8", "exact"), (W4G32, "int8"), ("w8a8", "exact-tanh")])
+def test_one_call_block_equals_the_python_path(kind, preset, acts):
+    check_one_call(kind, preset, acts)
+
+
+def test_layers_not_on_their_kernels_keep_the_python_path(monkeypatch):
+    model = lowbit.pack(lowbit.compress(tiny("bert"), "w8a8", progress=False))
+    run(model, "bert")
+    with use_mode("reference"):  # dispatch runs the reference path: no layer is native
+        taken = [fb.FusedEncoderForward._native_block(f, f.parts_now(), torch.randn(3, 12, 64), None)
+                 for _, f in fb.fused_blocks(model)]  # fmt: skip
+    assert taken == [None, None]
+    relu = lowbit.pack(lowbit.compress(tiny("bert", "relu"), "w8a8", progress=False))
+    run(relu, "bert")
+    assert all(f._native_block(f.parts_now(), torch.randn(3, 12, 64), None) is None for _, f in fb.fused_blocks(relu))
+
+
+def test_auto_mode_takes_the_one_call_path_once_dispatch_decided_native():
+    """In ``auto`` mode a block goes to C only for a row count every layer was decided native for."""
+    model = lowbit.pack(lowbit.compress(tiny("bert"), "w8a8", progress=False))
+    run(model, "bert")  # dispatch measures every layer at 36 rows
+    blocks = [f for _, f in fb.fused_blocks(model)]
+    x = torch.randn(3, 12, 64)
+    for f in blocks:
+        m = f.parts_now()
+        layers = (f.qkv(m["query"], m["key"], m["value"]), m["attn_out"], m["fc1"], m["fc2"])
+        all_native = all(layer._dispatch.decided.get((36, torch.get_num_threads())) for layer in layers)
+        assert (f._native_block(m, x, None) is not None) == all_native
+        assert f._native_block(m, torch.randn(1, 5, 64), None) is None  # 5 rows: not decided yet
