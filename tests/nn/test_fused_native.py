@@ -62,7 +62,7 @@ def check_one_call(kind: str, preset: object, acts: str = "exact") -> None:
     """Pack a tiny model, run it twice in ``native`` mode (every layer on its kernel; ``auto`` could pick dense at
     these tiny shapes): the first call prepares the kernels on the Python path, the second runs each block in one C
     call, with the same outputs bit for bit, as the Python path of the same kernels after it."""
-    act = "gelu_pytorch_tanh" if acts.endswith("tanh") else "gelu"
+    act = {"tanh": "gelu_pytorch_tanh", "relu": "relu"}.get(acts.partition("-")[2], "gelu")
     model = lowbit.pack(lowbit.compress(tiny(kind, act), preset, progress=False), kernel_activations=acts.split("-")[0])
     taken: list[bool] = []
     one_call = fb.FusedEncoderForward._native_block
@@ -88,7 +88,9 @@ def check_one_call(kind: str, preset: object, acts: str = "exact") -> None:
 
 
 @pytest.mark.parametrize("kind", ["bert", "vit"])
-@pytest.mark.parametrize("preset,acts", [("w8a8", "exact"), (W4G32, "int8"), ("w8a8", "exact-tanh")])
+@pytest.mark.parametrize(
+    "preset,acts", [("w8a8", "exact"), (W4G32, "int8"), ("w8a8", "exact-tanh"), ("w8a8", "exact-relu")]
+)
 def test_one_call_block_equals_the_python_path(kind, preset, acts):
     check_one_call(kind, preset, acts)
 
@@ -100,9 +102,12 @@ def test_layers_not_on_their_kernels_keep_the_python_path(monkeypatch):
         taken = [fb.FusedEncoderForward._native_block(f, f.parts_now(), torch.randn(3, 12, 64), None)
                  for _, f in fb.fused_blocks(model)]  # fmt: skip
     assert taken == [None, None]
-    relu = lowbit.pack(lowbit.compress(tiny("bert", "relu"), "w8a8", progress=False))
-    run(relu, "bert")
-    assert all(f._native_block(f.parts_now(), torch.randn(3, 12, 64), None) is None for _, f in fb.fused_blocks(relu))
+    silu = lowbit.pack(lowbit.compress(tiny("bert", "silu"), "w8a8", progress=False))  # no native SiLU
+    with use_mode("native"):
+        run(silu, "bert")
+        x = torch.randn(3, 12, 64)
+        blocks = fb.fused_blocks(silu)
+        assert len(blocks) == 2 and all(f._native_block(f.parts_now(), x, None) is None for _, f in blocks)
 
 
 def test_auto_mode_takes_the_one_call_path_once_dispatch_decided_native():

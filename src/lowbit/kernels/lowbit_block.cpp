@@ -6,7 +6,7 @@
 //
 // QKV, O, FC1 and FC2 are lb_linear layers (any format, their activation quantization included) with optional
 // biases; QKV computes query, key and value side by side ((M, 3D) rows, heads inside each third), read by
-// lb_attention through strides. act: 1 exact GELU, 2 tanh GELU (lb_gelu). Built into the same library as
+// lb_attention through strides. act: 1 exact GELU, 2 tanh GELU (lb_gelu), 3 ReLU. Built into the same library as
 // lowbit_kernels.cpp (see native.py); each step is the function the Python path calls, so the results are the same.
 
 #include <stdint.h>
@@ -33,7 +33,7 @@ struct lb_block {
     float eps1, eps2;
     float scale;    // attention scale
     int32_t heads;  // head size = D / heads
-    int32_t act;    // 1: GELU (erf), 2: GELU (tanh)
+    int32_t act;    // 1: GELU (erf), 2: GELU (tanh), 3: ReLU
     int32_t pre_norm;
     int32_t ffn;  // FC1's output width
 };
@@ -82,7 +82,11 @@ LB_API int lb_encoder_block(const lb_block* k, const float* x, i64 B, i64 L, i64
         }
     }
     if (!rc) {
-        lb_gelu(f, M * F, k->act == 2, threads);
+        if (k->act == 3) {
+            for (i64 i = 0; i < M * F; ++i) f[i] = f[i] < 0.0f ? 0.0f : f[i];  // ReLU (NaN stays NaN)
+        } else {
+            lb_gelu(f, M * F, k->act == 2, threads);
+        }
         rc = lb_linear(k->fc2, f, M, t, threads, k->fc2_b);
     }
     if (!rc) {

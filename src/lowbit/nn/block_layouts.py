@@ -110,7 +110,7 @@ class EncoderParts:
     heads: int
     head_dim: int
     scale: float
-    gelu: str | None  # "none" / "tanh": the activation is that GELU, computed natively; None: call `act`
+    act_kind: str | None  # "gelu" / "gelu_tanh" / "relu": computed natively; None: call the activation module
 
 
 def get_module(root: nn.Module, path: str | tuple[str, ...]) -> nn.Module | None:
@@ -124,16 +124,19 @@ def get_module(root: nn.Module, path: str | tuple[str, ...]) -> nn.Module | None
     return m
 
 
-def gelu_kind(act: nn.Module) -> str | None:
-    """``"none"`` / ``"tanh"`` where ``act`` is that GELU (PyTorch's or transformers' classes), else None."""
+def act_kind(act: nn.Module) -> str | None:
+    """``"gelu"`` / ``"gelu_tanh"`` / ``"relu"`` where ``act`` is that function (PyTorch's or transformers'
+    classes), else None."""
     if isinstance(act, nn.GELU):
-        return act.approximate
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    if type(act) is nn.ReLU:
+        return "relu"
     name = type(act).__name__
     fn = getattr(act, "act", None)
     if name == "GELUActivation" and fn is F.gelu:
-        return "none"
+        return "gelu"
     if name in ("GELUTanh", "PytorchGELUTanh") and getattr(fn, "keywords", {}).get("approximate") == "tanh":
-        return "tanh"
+        return "gelu_tanh"
     return None
 
 
@@ -177,7 +180,7 @@ def _parts_of(block: nn.Module, layout: Layout) -> EncoderParts | None:
     if not (_linear_like(mods["attn_out"], d) and _linear_like(mods["fc1"], d) and _linear_like(mods["fc2"])):
         return None
     scale = float(getattr(att, "scaling", head_dim**-0.5))
-    return EncoderParts(layout, mods, heads, head_dim, scale, gelu_kind(mods["act"]))  # type: ignore[arg-type]
+    return EncoderParts(layout, mods, heads, head_dim, scale, act_kind(mods["act"]))  # type: ignore[arg-type]
 
 
 def encoder_parts(block: nn.Module) -> EncoderParts | None:

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 #: The choices of `lowbit.pack`'s ``blocks`` argument.
 BLOCKS = ("fused", "keep")
 PROBE_ATOL = 1e-4
-_ACT_CODES = {"none": 1, "tanh": 2}  # lb_block.act for the GELU kinds
+_ACT_CODES = {"gelu": 1, "gelu_tanh": 2, "relu": 3}  # lb_block.act
 _Strides4 = ctypes.c_int64 * 4
 
 
@@ -112,7 +112,7 @@ class FusedEncoderForward:
         self.block, self.returns_tuple = block, returns_tuple
         self.layout: Layout = parts.layout
         self.heads, self.head_dim, self.scale = parts.heads, parts.head_dim, parts.scale
-        self.act, self.gelu = parts.mods["act"], parts.gelu
+        self.act, self.act_kind = parts.mods["act"], parts.act_kind
         slots = parts.layout.slots()
         self._slots = {role: tuple(path.split(".")) for role, path in slots.items()}
         self._containers = tuple(tuple(c.split(".")) for c in _container_paths(tuple(slots.values())))
@@ -184,8 +184,8 @@ class FusedEncoderForward:
     def _native_block(self, m: dict[str, Any], x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The whole block in one C call (``lb_encoder_block``: the same kernels, no Python between them) when every
         layer would run its native kernel on these rows (dispatch decided so on an earlier call), the activation is a
-        GELU and the tensors are plain fp32; else None (the Python path)."""
-        if not native.available() or self.gelu is None or m["act"] is not self.act:
+        GELU or ReLU and the tensors are plain fp32; else None (the Python path)."""
+        if not native.available() or self.act_kind is None or m["act"] is not self.act:
             return None
         if x.dtype is not torch.float32 or not x.is_contiguous() or not x.is_cpu:
             return None
@@ -215,7 +215,7 @@ class FusedEncoderForward:
             return None
         biases = [_ptr(layer._parameters.get("bias")) for layer in layers]
         norms = [_ptr(n1.weight), _ptr(n1.bias), _ptr(n2.weight), _ptr(n2.bias)]
-        desc = BlockDesc(*addrs, *biases, *norms, n1.eps, n2.eps, self.scale, self.heads, _ACT_CODES[self.gelu])
+        desc = BlockDesc(*addrs, *biases, *norms, n1.eps, n2.eps, self.scale, self.heads, _ACT_CODES[self.act_kind])
         desc.pre_norm, desc.ffn = int(self.layout.pre_norm), m["fc1"].out_features
         out = torch.empty_like(x)
         lib = native._need()
@@ -239,7 +239,8 @@ class FusedEncoderForward:
 
     def _feed_forward(self, m: dict[str, Any], act: nn.Module, h: torch.Tensor) -> torch.Tensor:
         f = m["fc1"](h)
-        f = gelu(f, self.gelu) if self.gelu is not None and act is self.act else act(f)
+        kind = self.act_kind if act is self.act else None
+        f = gelu(f, "tanh" if kind == "gelu_tanh" else "none") if kind in ("gelu", "gelu_tanh") else act(f)
         return m["fc2"](f)
 
 
