@@ -122,3 +122,14 @@ def test_auto_mode_takes_the_one_call_path_once_dispatch_decided_native():
         all_native = all(layer._dispatch.decided.get((36, torch.get_num_threads())) for layer in layers)
         assert (f._native_block(m, x, None) is not None) == all_native
         assert f._native_block(m, torch.randn(1, 5, 64), None) is None  # 5 rows: not decided yet
+
+
+def test_a_wrong_width_input_gets_the_layers_error_not_a_c_call():
+    model = lowbit.pack(lowbit.compress(tiny("bert"), "w8a8", progress=False))
+    with use_mode("native"):
+        run(model, "bert")
+        run(model, "bert")
+        f = fb.fused_blocks(model)[0][1]
+        assert f._native_block(f.parts_now(), torch.randn(1, 5, 32), None) is None
+        with pytest.raises((RuntimeError, ValueError)):
+            f(torch.randn(1, 5, 32))

@@ -196,6 +196,13 @@ class FusedEncoderForward:
         b, n, d = x.shape
         rows, threads = b * n, torch.get_num_threads()
         layers = (joint, m["attn_out"], m["fc1"], m["fc2"])
+        # The C call trusts these sizes (a mismatch would read past a buffer): any other shape takes the Python path,
+        # whose layers raise the error.
+        widths = [(ly.in_features, ly.out_features) for ly in layers]
+        if d != self.heads * self.head_dim or widths[:2] != [(d, 3 * d), (d, d)]:
+            return None
+        if widths[2][0] != d or widths[3] != (widths[2][1], d):
+            return None
         addrs = []
         for layer in layers:
             disp = getattr(layer, "_dispatch", None)
@@ -216,7 +223,7 @@ class FusedEncoderForward:
         biases = [_ptr(layer._parameters.get("bias")) for layer in layers]
         norms = [_ptr(n1.weight), _ptr(n1.bias), _ptr(n2.weight), _ptr(n2.bias)]
         desc = BlockDesc(*addrs, *biases, *norms, n1.eps, n2.eps, self.scale, self.heads, _ACT_CODES[self.act_kind])
-        desc.pre_norm, desc.ffn = int(self.layout.pre_norm), m["fc1"].out_features
+        desc.pre_norm, desc.ffn = int(self.layout.pre_norm), widths[2][1]
         out = torch.empty_like(x)
         lib = native._need()
         rc = lib.lb_encoder_block(
