@@ -22,34 +22,13 @@
 #include <algorithm>
 #include <cmath>
 
+#include "lowbit_exp.h"
+
 #define LB_API extern "C" __attribute__((visibility("default")))
 typedef int64_t i64;
 // 16 floats as one value (GCC vector extension): one zmm with AVX-512, two ymm with AVX2, plain loops elsewhere;
 // `aligned(4)`: loads and stores at any float address.
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
-
-// exp(x) for x <= 0 after the max subtraction (also fine up to ~88); 0 below -87.3 (masked keys give exactly 0).
-static inline float exp_neg(float x) {
-    const float lo = -87.3f;
-    const bool under = x < lo;
-    float xc = under ? lo : x;
-    xc = xc > 88.0f ? 88.0f : xc;
-    const float t = xc * 1.44269504088896341f;
-    const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (no -ffast-math, so kept as written)
-    float r = xc - n * 0.693359375f;                  // Cody-Waite: ln 2 split in two parts
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = (int32_t(n) + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return under ? 0.0f : p * two_n;
-}
 
 // Max of p[0 .. n), n a multiple of 16, through 16 lane-wise partials (a plain reduction would not vectorise).
 static inline float row_max(const float* p, i64 n) {

@@ -7,19 +7,20 @@
 // On a CPU these cost little arithmetic but, through PyTorch, several operator calls each (~3-15 us apiece at the
 // sizes of an encoder at batch 1, as much as the arithmetic), and PyTorch's exact GELU evaluates erf at ~0.6 ns per
 // element. erf here: a rational minimax fit on [-4, 4] (one division, no exp; erf(4) = 1 - 1.5e-8); the tanh form
-// uses the exp polynomial of lowbit_attention.cpp (relative error ~2e-7). Branch-free, so the loops vectorise (GCC vector extensions are not
-// needed: plain loops over 16 lanes are vectorised at -O3). LayerNorm: two passes over the row (mean, then the
-// centred variance, as PyTorch), biased variance, eps inside the square root.
+// uses the exp polynomial of lowbit_exp.h (relative error ~2e-7). Branch-free, so the GELU loop vectorises; the
+// LayerNorm rows use GCC vector types. LayerNorm: two passes over the row (mean, then the centred variance, as
+// PyTorch), biased variance, eps inside the square root.
 //
 // Rows are split across `threads` OpenMP threads only when there is enough work (a parallel region costs
 // microseconds). Built into the same library as lowbit_kernels.cpp (see native.py).
 
 #include <omp.h>
 #include <stdint.h>
-#include <string.h>
 
 #include <algorithm>
 #include <cmath>
+
+#include "lowbit_exp.h"
 
 #define LB_API extern "C" __attribute__((visibility("default")))
 typedef int64_t i64;
@@ -28,27 +29,6 @@ namespace {
 
 // Below this many elements one thread does the whole call.
 constexpr i64 PARALLEL_MIN = 1 << 16;
-
-// exp(x) for x <= 0 (0 below -87.3), as lowbit_attention.cpp's exp_neg.
-inline float exp_nonpos(float x) {
-    const bool under = x < -87.3f;
-    const float xc = under ? -87.3f : x;
-    const float t = xc * 1.44269504088896341f;
-    const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = (int32_t(n) + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return under ? 0.0f : p * two_n;
-}
 
 // 0.5 * x * (1 + erf(x / sqrt 2)), erf as the odd rational function z P(z^2) / Q(z^2) on z clamped to [-4, 4]
 // (degrees 13 / 8; the minimax fit Eigen and XLA use for float erf): one division and 12 FMAs, no exp.
@@ -75,7 +55,7 @@ inline float gelu_erf(float x) {
 inline float gelu_tanh(float x) {
     const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
     const float au = u < 0.0f ? -u : u;
-    const float e = exp_nonpos(-2.0f * au);
+    const float e = exp_neg(-2.0f * au);
     const float th_abs = (1.0f - e) / (1.0f + e);
     const float th = u < 0.0f ? -th_abs : th_abs;
     return 0.5f * x * (1.0f + th);

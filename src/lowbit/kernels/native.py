@@ -53,6 +53,8 @@ __all__ = ["ABI_VERSION", "AKINDS", "ISA_NAMES", "WKINDS", "BlockDesc", "LayerDe
 #: row-wise operations between a block's layers (GELU, residual add + LayerNorm) and a whole encoder block in one call.
 _SOURCES = ("lowbit_kernels.cpp", "lowbit_attention.cpp", "lowbit_elementwise.cpp", "lowbit_block.cpp")
 _SRCS = [pathlib.Path(__file__).with_name(n) for n in _SOURCES]
+#: Headers the sources include: part of the cache key, so editing one rebuilds the library.
+_HEADERS = [pathlib.Path(__file__).with_name("lowbit_exp.h")]
 _CXX = os.environ.get("CXX", "g++")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _FLAGS_PORTABLE = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]  # retry when -march=native is refused
@@ -151,7 +153,7 @@ def _load() -> None:
         _reason = f"no C++ compiler ({_CXX}): {exc}"
         return
     try:
-        source = "\0".join(src.read_text() for src in _SRCS)
+        source = "\0".join(src.read_text() for src in (*_SRCS, *_HEADERS))
         cache = _cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
