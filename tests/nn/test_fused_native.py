@@ -41,6 +41,12 @@ def inputs(kind: str) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(1, 50, (3, 12), generator=g), "attention_mask": mask}
 
 
+def one_call(f: fb.FusedEncoderForward, x: torch.Tensor, m: dict | None = None) -> torch.Tensor | None:
+    """The block's one-call path on ``x`` (None: it does not apply)."""
+    m = f.parts_now() if m is None else m
+    return f._native_block(m, f.qkv(m["query"], m["key"], m["value"]), x, None)
+
+
 def run(model: nn.Module, kind: str) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs(kind)).last_hidden_state
@@ -99,15 +105,14 @@ def test_layers_not_on_their_kernels_keep_the_python_path(monkeypatch):
     model = lowbit.pack(lowbit.compress(tiny("bert"), "w8a8", progress=False))
     run(model, "bert")
     with use_mode("reference"):  # dispatch runs the reference path: no layer is native
-        taken = [fb.FusedEncoderForward._native_block(f, f.parts_now(), torch.randn(3, 12, 64), None)
-                 for _, f in fb.fused_blocks(model)]  # fmt: skip
+        taken = [one_call(f, torch.randn(3, 12, 64)) for _, f in fb.fused_blocks(model)]
     assert taken == [None, None]
     silu = lowbit.pack(lowbit.compress(tiny("bert", "silu"), "w8a8", progress=False))  # no native SiLU
     with use_mode("native"):
         run(silu, "bert")
         x = torch.randn(3, 12, 64)
         blocks = fb.fused_blocks(silu)
-        assert len(blocks) == 2 and all(f._native_block(f.parts_now(), x, None) is None for _, f in blocks)
+        assert len(blocks) == 2 and all(one_call(f, x) is None for _, f in blocks)
 
 
 def test_auto_mode_takes_the_one_call_path_once_dispatch_decided_native():
@@ -120,8 +125,8 @@ def test_auto_mode_takes_the_one_call_path_once_dispatch_decided_native():
         m = f.parts_now()
         layers = (f.qkv(m["query"], m["key"], m["value"]), m["attn_out"], m["fc1"], m["fc2"])
         all_native = all(layer._dispatch.decided.get((36, torch.get_num_threads())) for layer in layers)
-        assert (f._native_block(m, x, None) is not None) == all_native
-        assert f._native_block(m, torch.randn(1, 5, 64), None) is None  # 5 rows: not decided yet
+        assert (one_call(f, x, m) is not None) == all_native
+        assert one_call(f, torch.randn(1, 5, 64), m) is None  # 5 rows: not decided yet
 
 
 def test_a_wrong_width_input_gets_the_layers_error_not_a_c_call():
@@ -130,6 +135,6 @@ def test_a_wrong_width_input_gets_the_layers_error_not_a_c_call():
         run(model, "bert")
         run(model, "bert")
         f = fb.fused_blocks(model)[0][1]
-        assert f._native_block(f.parts_now(), torch.randn(1, 5, 32), None) is None
+        assert one_call(f, torch.randn(1, 5, 32)) is None
         with pytest.raises((RuntimeError, ValueError)):
             f(torch.randn(1, 5, 32))

@@ -168,12 +168,15 @@ class FusedEncoderForward:
             return None
         if _hooked(act):
             return None
-        y = self._native_block(m, x, mask)
+        q, k, v = m["query"], m["key"], m["value"]
+        joint = self.qkv(q, k, v)  # query, key and value as one layer, unless hooks must see them one by one
+        joint = None if joint is None or _hooked(q) or _hooked(k) or _hooked(v) else joint
+        y = self._native_block(m, joint, x, mask)
         if y is not None:
             return y
         pre = self.layout.pre_norm
         h = add_layer_norm(x, None, m["norm1"]) if pre else x  # the attention's input
-        a = self._attend(m, h, mask)
+        a = self._attend(m, joint, h, mask)
         if pre:
             y = m["attn_out"](a) + x
             f = self._feed_forward(m, act, add_layer_norm(y, None, m["norm2"]))
@@ -181,17 +184,18 @@ class FusedEncoderForward:
         y = add_layer_norm(m["attn_out"](a), x, m["norm1"])
         return add_layer_norm(self._feed_forward(m, act, y), y, m["norm2"])
 
-    def _native_block(self, m: dict[str, Any], x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    def _native_block(
+        self, m: dict[str, Any], joint: nn.Module | None, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """The whole block in one C call (``lb_encoder_block``: the same kernels, no Python between them) when every
         layer would run its native kernel on these rows (dispatch decided so on an earlier call), the activation is a
-        GELU or ReLU and the tensors are plain fp32; else None (the Python path)."""
+        GELU or ReLU and the tensors are plain fp32; else None (the Python path). ``joint``: the query / key / value
+        layer (`qkv`), None where they run one by one."""
         if not native.available() or self.act_kind is None or m["act"] is not self.act:
             return None
         if x.dtype is not torch.float32 or not x.is_contiguous() or not x.is_cpu:
             return None
-        q, k, v = m["query"], m["key"], m["value"]
-        joint = self.qkv(q, k, v)
-        if joint is None or _hooked(q) or _hooked(k) or _hooked(v):
+        if joint is None:
             return None
         b, n, d = x.shape
         rows, threads = b * n, torch.get_num_threads()
@@ -231,13 +235,13 @@ class FusedEncoderForward:
         )
         return None if rc else out  # an error: the Python path runs the same kernels and raises it
 
-    def _attend(self, m: dict[str, Any], h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _attend(
+        self, m: dict[str, Any], joint: nn.Module | None, h: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """Multi-head attention of ``h`` (B, L, D) before the output projection, as (B, L, D)."""
         b, n, d = h.shape[0], h.shape[1], self.heads * self.head_dim
         heads = (b, n, self.heads, self.head_dim)
-        q, k, v = m["query"], m["key"], m["value"]
-        joint = self.qkv(q, k, v)
-        if joint is not None and not (_hooked(q) or _hooked(k) or _hooked(v)):
+        if joint is not None:
             y = joint(h)  # (B, L, 3D): strided views for the attention kernel
             q, k, v = (y[..., i * d : (i + 1) * d].view(heads).transpose(1, 2) for i in range(3))
         else:
