@@ -1,7 +1,11 @@
-"""Fused blocks in one C call (``lb_encoder_block``): the same outputs as the Python path of the same kernels,
-taken once dispatch has decided every layer native, and left for the Python path otherwise."""
+"""Fused blocks in one C call (``lb_encoder_block``; an encoder's stack of them: ``lb_encoder_stack``): the same
+outputs as the Python path of the same kernels, taken once dispatch has decided every layer native, and left for the
+Python path otherwise."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ import lowbit
 from lowbit.kernels import native
 from lowbit.kernels.dispatch import use_mode
 from lowbit.nn import fused_blocks as fb
+from lowbit.nn import fused_stack as fs
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
@@ -64,33 +69,59 @@ W4G32 = {  # every layer at 4 bits (no 8-bit first / last layer): query, key and
 }
 
 
+@contextlib.contextmanager
+def python_path_only() -> Iterator[None]:
+    """Fused blocks on their Python path: no one-call block, no stack in one call."""
+    saved = fb.FusedEncoderForward._native_block, fb.FusedEncoderForward.planned, fs.FusedStackForward.one_call
+    fb.FusedEncoderForward._native_block = lambda self, *a: None
+    fb.FusedEncoderForward.planned = lambda self, *a: None
+    fs.FusedStackForward.one_call = lambda self, *a: None
+    try:
+        yield
+    finally:
+        fb.FusedEncoderForward._native_block, fb.FusedEncoderForward.planned, fs.FusedStackForward.one_call = saved
+
+
+@contextlib.contextmanager
+def counted_c_calls() -> Iterator[dict[str, int]]:
+    """How often the one-call entry points of the native library run."""
+    lib = native._need()
+    counts = {"lb_encoder_block": 0, "lb_encoder_stack": 0}
+    saved = {name: getattr(lib, name) for name in counts}
+
+    def counting(name):
+        def call(*args):
+            counts[name] += 1
+            return saved[name](*args)
+
+        return call
+
+    for name in counts:
+        setattr(lib, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, fn in saved.items():
+            setattr(lib, name, fn)
+
+
 def check_one_call(kind: str, preset: object, acts: str = "exact") -> None:
-    """Pack a tiny model, run it twice in ``native`` mode (every layer on its kernel; ``auto`` could pick dense at
-    these tiny shapes): the first call prepares the kernels on the Python path, the second runs each block in one C
-    call, with the same outputs bit for bit, as the Python path of the same kernels after it."""
+    """Pack a tiny model and run it in ``native`` mode (every layer on its kernel; ``auto`` could pick dense at these
+    tiny shapes): once the kernels are prepared, each block runs in one C call (a BERT encoder: all its blocks in
+    one), with the same outputs bit for bit as the Python path of the same kernels."""
     act = {"tanh": "gelu_pytorch_tanh", "relu": "relu"}.get(acts.partition("-")[2], "gelu")
     model = lowbit.pack(lowbit.compress(tiny(kind, act), preset, progress=False), kernel_activations=acts.split("-")[0])
-    taken: list[bool] = []
-    one_call = fb.FusedEncoderForward._native_block
-
-    def spy(self, *args):
-        out = one_call(self, *args)
-        taken.append(out is not None)
-        return out
-
-    try:
-        fb.FusedEncoderForward._native_block = spy
-        with use_mode("native"):
-            first = run(model, kind)
-            assert taken == [False, False]
-            taken.clear()
-            second = run(model, kind)
-            assert taken == [True, True]  # every layer native and prepared: one C call per block
-            torch.testing.assert_close(second, first, rtol=0, atol=0)  # the same kernels in the same order
-            fb.FusedEncoderForward._native_block = lambda self, *a: None
-            torch.testing.assert_close(run(model, kind), second, rtol=0, atol=0)
-    finally:
-        fb.FusedEncoderForward._native_block = one_call
+    assert len(fs.stacked_encoders(model)) == (1 if kind == "bert" else 0)  # ViTModel loops over its blocks itself
+    with use_mode("native"):
+        with python_path_only():
+            python = run(model, kind)
+        with counted_c_calls() as calls:
+            run(model, kind)  # describes the blocks (kernels prepared by the probes)
+            calls.update(dict.fromkeys(calls, 0))
+            fast = run(model, kind)
+        assert calls == ({"lb_encoder_block": 0, "lb_encoder_stack": 1} if kind == "bert" else
+                         {"lb_encoder_block": 2, "lb_encoder_stack": 0})  # fmt: skip
+        torch.testing.assert_close(fast, python, rtol=0, atol=0)  # the same kernels in the same order
 
 
 @pytest.mark.parametrize("kind", ["bert", "vit"])

@@ -8,6 +8,7 @@
 // biases; QKV computes query, key and value side by side ((M, 3D) rows, heads inside each third), read by
 // lb_attention through strides. act: 1 exact GELU, 2 tanh GELU (lb_gelu), 3 ReLU. Built into the same library as
 // lowbit_kernels.cpp (see native.py); each step is the function the Python path calls, so the results are the same.
+// lb_encoder_stack runs a stack of such blocks (an encoder's layers) in one call.
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -44,23 +45,38 @@ static inline void add_rows(float* y, const float* r, i64 n) {
     for (i64 i = 0; i < n; ++i) y[i] += r[i];
 }
 
-// out (B, L, D) = the block applied to x (B, L, D); mask: as lb_attention's (kind 0: none; mst: its four strides).
-// Returns 0, -2 when out of memory, or the first failing kernel's code.
-LB_API int lb_encoder_block(const lb_block* k, const float* x, i64 B, i64 L, i64 D, const void* mask,
-                            int mask_kind, const i64* mst, float* out, int threads) {
+// Scratch for blocks of M rows, model width D and feed-forward width F.
+struct scratch {
+    float *qkv, *att, *h, *f, *t;
+    bool alloc(i64 M, i64 D, i64 F) {
+        qkv = (float*)malloc(sizeof(float) * M * 3 * D);
+        att = (float*)malloc(sizeof(float) * M * D);
+        h = (float*)malloc(sizeof(float) * M * D);
+        f = (float*)malloc(sizeof(float) * M * (F > D ? F : D));
+        t = (float*)malloc(sizeof(float) * M * D);
+        return qkv && att && h && f && t;
+    }
+    void release() {
+        free(qkv);
+        free(att);
+        free(h);
+        free(f);
+        free(t);
+    }
+};
+
+// out = the block applied to x (out may not alias x); s: scratch for at least these sizes.
+static int encoder_block(const lb_block* k, const float* x, i64 B, i64 L, i64 D, const void* mask, int mask_kind,
+                         const i64* mst, float* out, int threads, const scratch& s) {
     const i64 M = B * L, H = k->heads, hd = D / H, F = k->ffn;
-    float* qkv = (float*)malloc(sizeof(float) * M * 3 * D);
-    float* att = (float*)malloc(sizeof(float) * M * D);
-    float* h = (float*)malloc(sizeof(float) * M * D);
-    float* f = (float*)malloc(sizeof(float) * M * (F > D ? F : D));
-    float* t = (float*)malloc(sizeof(float) * M * D);
-    int rc = (qkv && att && h && f && t) ? 0 : -2;
+    float *qkv = s.qkv, *att = s.att, *h = s.h, *f = s.f, *t = s.t;
+    int rc = 0;
     const float* in = x;  // the attention's input
-    if (!rc && k->pre_norm) {
+    if (k->pre_norm) {
         lb_add_layer_norm(x, nullptr, M, D, k->ln1_w, k->ln1_b, k->eps1, t, nullptr, threads);
         in = t;
     }
-    if (!rc) rc = lb_linear(k->qkv, in, M, qkv, threads, k->qkv_b);
+    rc = lb_linear(k->qkv, in, M, qkv, threads, k->qkv_b);
     if (!rc) {
         // q, k, v: thirds of the qkv rows; out: (B, L, H, hd) rows = (M, D)
         const i64 st[20] = {L * 3 * D, hd, 3 * D, 1, L * 3 * D, hd, 3 * D, 1, L * 3 * D, hd, 3 * D, 1,
@@ -96,10 +112,37 @@ LB_API int lb_encoder_block(const lb_block* k, const float* x, i64 B, i64 L, i64
             lb_add_layer_norm(t, h, M, D, k->ln2_w, k->ln2_b, k->eps2, out, nullptr, threads);
         }
     }
-    free(qkv);
-    free(att);
-    free(h);
-    free(f);
-    free(t);
+    return rc;
+}
+
+// out (B, L, D) = the block applied to x (B, L, D); mask: as lb_attention's (kind 0: none; mst: its four strides).
+// Returns 0, -2 when out of memory, or the first failing kernel's code.
+LB_API int lb_encoder_block(const lb_block* k, const float* x, i64 B, i64 L, i64 D, const void* mask,
+                            int mask_kind, const i64* mst, float* out, int threads) {
+    scratch s;
+    int rc = s.alloc(B * L, D, k->ffn) ? encoder_block(k, x, B, L, D, mask, mask_kind, mst, out, threads, s) : -2;
+    s.release();
+    return rc;
+}
+
+// out = blocks[n-1](... blocks[0](x)): a stack of encoder blocks of width D sharing one mask, in one call (the
+// blocks' outputs alternate between two buffers; scratch is allocated once). Returns as lb_encoder_block.
+LB_API int lb_encoder_stack(const lb_block* const* blocks, int n, const float* x, i64 B, i64 L, i64 D,
+                            const void* mask, int mask_kind, const i64* mst, float* out, int threads) {
+    const i64 M = B * L;
+    i64 F = D;
+    for (int i = 0; i < n; ++i) F = blocks[i]->ffn > F ? blocks[i]->ffn : F;
+    scratch s;
+    float* mid[2] = {(float*)malloc(sizeof(float) * M * D), n > 2 ? (float*)malloc(sizeof(float) * M * D) : nullptr};
+    int rc = (s.alloc(M, D, F) && mid[0] && (n <= 2 || mid[1])) ? 0 : -2;
+    const float* in = x;
+    for (int i = 0; i < n && !rc; ++i) {
+        float* dst = i == n - 1 ? out : mid[i % 2];
+        rc = encoder_block(blocks[i], in, B, L, D, mask, mask_kind, mst, dst, threads, s);
+        in = dst;
+    }
+    s.release();
+    free(mid[0]);
+    free(mid[1]);
     return rc;
 }

@@ -42,9 +42,11 @@ from torch import nn
 from lowbit.kernels import native
 from lowbit.kernels.abi import BlockDesc
 from lowbit.kernels.attention import mask_args, sdpa
+from lowbit.kernels.dispatch import mode as kernel_mode
 from lowbit.kernels.elementwise import add_layer_norm, gelu
 from lowbit.nn.block_layouts import LAYOUTS, EncoderParts, Layout, encoder_parts, get_module
 from lowbit.nn.concat import concat_linears
+from lowbit.nn.snapshot import Snapshot, global_hooks
 
 __all__ = [
     "BLOCKS",
@@ -119,6 +121,16 @@ class FusedEncoderForward:
         self._qkv_src: tuple[nn.Module, ...] = ()
         self._qkv: nn.Module | None = None
         self._qkv_sig: tuple = ()
+        # The last C description (`_native_block`), what it was built from, and the calls it serves: (rows, width,
+        # threads, kernel mode) for which every layer runs its native kernel.
+        self._desc: BlockDesc | None = None
+        self._snap: Snapshot | None = None
+        self._keys: set[tuple[int, int, int, str]] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (``copy.deepcopy`` of the model) describes its own layers again: the C description holds raw
+        # pointers into these ones.
+        return {**self.__dict__, "_desc": None, "_snap": None, "_keys": set()}
 
     def qkv(self, q: nn.Module, k: nn.Module, v: nn.Module) -> nn.Module | None:
         """One layer for the query, key and value products (`lowbit.nn.concat`), rebuilt when one of them was
@@ -151,16 +163,27 @@ class FusedEncoderForward:
         plain = plain and not (x.requires_grad and torch.is_grad_enabled())
         if not plain or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self.original(hidden_states, attention_mask, *args, **kwargs)
-        y = self.lean(x, attention_mask)
+        fast = self._keys and x.dtype is torch.float32 and x.is_contiguous() and x.is_cpu and not global_hooks()
+        desc = self.planned(call_key(x)) if fast else None
+        y = None if desc is None else self.run_native(desc, x, attention_mask)
+        if y is None:
+            y = self.lean(x, attention_mask)
         if y is None:  # a part is missing, or hooks on a module the lean path skips
             return self.original(hidden_states, attention_mask, *args, **kwargs)
         return (y,) if self.returns_tuple else y
+
+    def planned(self, key: tuple[int, int, int, str]) -> BlockDesc | None:
+        """The block's C description for a call of this `call_key` when an earlier call built it for such calls and
+        nothing it was built from changed since (`lowbit.nn.snapshot.Snapshot`: no layer swapped or modified, no hook
+        added, the same prepared kernels); else None (then the `lean` path runs and builds it again)."""
+        snap = self._snap
+        return self._desc if key in self._keys and snap is not None and snap.holds() else None
 
     def lean(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The block's output for hidden states ``x`` (B, L, D) and an additive float or boolean attention mask;
         None when a part is missing or a module the lean path does not call has hooks."""
         m = self.parts_now()
-        if any(v is None for v in m.values()):
+        if any(v is None for v in m.values()) or global_hooks():
             return None
         act = m["act"]
         containers = [get_module(self.block, c) for c in self._containers]
@@ -190,7 +213,28 @@ class FusedEncoderForward:
         """The whole block in one C call (``lb_encoder_block``: the same kernels, no Python between them) when every
         layer would run its native kernel on these rows (dispatch decided so on an earlier call), the activation is a
         GELU or ReLU and the tensors are plain fp32; else None (the Python path). ``joint``: the query / key / value
-        layer (`qkv`), None where they run one by one."""
+        layer (`qkv`), None where they run one by one. The description it builds is kept for later calls
+        (`planned`)."""
+        desc = self._describe(m, joint, x)
+        if desc is None:
+            return None
+        snap = self._snap
+        if snap is None or not snap.holds():
+            layers = (joint, m["attn_out"], m["fc1"], m["fc2"])
+            watched = [get_module(self.block, c) for c in self._containers]
+            watched += [self.block, *m.values(), joint]
+            disps = [ly._dispatch for ly in layers]
+            attrs = [*((ly, "_dispatch") for ly in layers), *((d, "state") for d in disps)]
+            attrs += [(m["norm1"], "eps"), (m["norm2"], "eps")]
+            copied = (m["query"], m["key"], m["value"])  # (in the concatenated layer)
+            self._snap = Snapshot(watched, copied=copied, attrs=attrs, hooks_ignored=[self.block])
+            self._keys = set()
+        self._desc = desc
+        self._keys.add(call_key(x))
+        return self.run_native(desc, x, mask)
+
+    def _describe(self, m: dict[str, Any], joint: nn.Module | None, x: torch.Tensor) -> BlockDesc | None:
+        """The block's ``lb_block`` for an input like ``x`` when the one C call can run it (see `_native_block`)."""
         if not native.available() or self.act_kind is None or m["act"] is not self.act:
             return None
         if x.dtype is not torch.float32 or not x.is_contiguous() or not x.is_cpu:
@@ -218,22 +262,27 @@ class FusedEncoderForward:
         for t in (n1.weight, n1.bias, n2.weight, n2.bias):
             if t is not None and (t.dtype is not torch.float32 or not t.is_contiguous() or not t.is_cpu):
                 return None
+        biases = [_ptr(layer._parameters.get("bias")) for layer in layers]
+        norms = [_ptr(n1.weight), _ptr(n1.bias), _ptr(n2.weight), _ptr(n2.bias)]
+        desc = BlockDesc(*addrs, *biases, *norms, n1.eps, n2.eps, self.scale, self.heads, _ACT_CODES[self.act_kind])
+        desc.pre_norm, desc.ffn = int(self.layout.pre_norm), widths[2][1]
+        return desc
+
+    def run_native(self, desc: BlockDesc, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """``lb_encoder_block`` with ``desc`` on ``x`` (plain fp32, of the width ``desc`` was built for); None for a
+        mask it cannot take or an error code (the Python path then runs the same kernels and raises the error)."""
+        b, n, d = x.shape
         if mask is not None and (mask.dtype not in (torch.float32, torch.bool) or not mask.is_cpu):
             return None
         try:
             kind, mptr, mstrides, _held = mask_args(mask, b, self.heads, n, n)
         except RuntimeError:  # not broadcastable to the scores: the Python path says so
             return None
-        biases = [_ptr(layer._parameters.get("bias")) for layer in layers]
-        norms = [_ptr(n1.weight), _ptr(n1.bias), _ptr(n2.weight), _ptr(n2.bias)]
-        desc = BlockDesc(*addrs, *biases, *norms, n1.eps, n2.eps, self.scale, self.heads, _ACT_CODES[self.act_kind])
-        desc.pre_norm, desc.ffn = int(self.layout.pre_norm), widths[2][1]
-        out = torch.empty_like(x)
-        lib = native._need()
+        out, lib, threads = torch.empty_like(x), native._need(), torch.get_num_threads()
         rc = lib.lb_encoder_block(
             ctypes.byref(desc), x.data_ptr(), b, n, d, mptr, kind, _Strides4(*mstrides), out.data_ptr(), threads
         )
-        return None if rc else out  # an error: the Python path runs the same kernels and raises it
+        return None if rc else out
 
     def _attend(
         self, m: dict[str, Any], joint: nn.Module | None, h: torch.Tensor, mask: torch.Tensor | None
@@ -253,6 +302,13 @@ class FusedEncoderForward:
         kind = self.act_kind if act is self.act else None
         f = gelu(f, "tanh" if kind == "gelu_tanh" else "none") if kind in ("gelu", "gelu_tanh") else act(f)
         return m["fc2"](f)
+
+
+def call_key(x: torch.Tensor) -> tuple[int, int, int, str]:
+    """What decides whether a block's C description serves a call on hidden states ``x`` (B, L, D): rows, width,
+    threads and the kernel mode (dispatch decides native or dense per row count and thread count)."""
+    shape = x.shape
+    return (shape[0] * shape[1], shape[2], torch.get_num_threads(), kernel_mode())
 
 
 def _probe_ok(block: nn.Module, fused: FusedEncoderForward, d: int) -> tuple[bool, bool]:
@@ -307,6 +363,10 @@ def fuse_encoder_blocks(model: nn.Module) -> int:
         fwd.returns_tuple = as_tuple
         block.forward = fwd  # type: ignore[method-assign]
         fused += 1
+    if fused:
+        from lowbit.nn.fused_stack import stack_encoders  # (it builds on this module)
+
+        stack_encoders(model)
     return fused
 
 
@@ -317,7 +377,11 @@ def fused_blocks(model: nn.Module) -> list[tuple[str, FusedEncoderForward]]:
 
 
 def unfuse_encoder_blocks(model: nn.Module) -> int:
-    """Undo `fuse_encoder_blocks`: every block gets its class forward back; returns how many were changed."""
+    """Undo `fuse_encoder_blocks`: every block (and encoder run stacked) gets its class forward back; returns how many
+    blocks were changed."""
+    from lowbit.nn.fused_stack import unstack_encoders
+
+    unstack_encoders(model)
     undone = 0
     for block in model.modules():
         if isinstance(block.__dict__.get("forward"), FusedEncoderForward):

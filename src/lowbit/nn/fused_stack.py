@@ -1,0 +1,215 @@
+"""An encoder's stack of fused blocks in one C call (``lb_encoder_stack``).
+
+A Hugging Face encoder (``BertEncoder``, ``RobertaEncoder``, DistilBERT's ``Transformer``, ...) is a loop over its
+blocks with the same attention mask. Once every block of the loop is fused (`lowbit.nn.fused_blocks`) and has its C
+description for a call's shape (`FusedEncoderForward.planned`: dispatch decided each of its layers native for these
+rows, and nothing changed since), the encoder's instance forward `FusedStackForward` runs all blocks in one C call:
+the same kernels in the same order as the blocks' own calls, so the same output bit for bit, without the Python
+between the blocks — at batch 1 a block's checks and calls cost more than its attention, and on a machine that
+has just woken up, several times more.
+
+Anything else — a block not described yet (the first call at a shape), training, autograd, tracing / compiling, a
+hook on a block, an extra argument — runs the encoder's own forward, which calls the fused blocks one by one.
+`stack_encoders` (called by `lowbit.nn.fused_blocks.fuse_encoder_blocks`) installs it only where a probe through the
+one call matches the encoder's own forward.
+
+Example:
+    >>> from torch import nn
+    >>> from lowbit.nn.fused_stack import stack_encoders
+    >>> stack_encoders(nn.Sequential(nn.Linear(4, 4)))  # no fused encoder blocks inside: nothing stacked
+    0
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.kernels import native
+from lowbit.kernels.abi import BlockDesc
+from lowbit.kernels.attention import mask_args
+from lowbit.nn.fused_blocks import FusedEncoderForward, call_key
+from lowbit.nn.snapshot import Snapshot, global_hooks
+
+__all__ = ["FusedStackForward", "stack_encoders", "stacked_encoders", "unstack_encoders"]
+
+log = logging.getLogger(__name__)
+
+PROBE_ATOL = 1e-4
+_Strides4 = ctypes.c_int64 * 4
+
+
+def _is_set(v: Any) -> bool:
+    return v is not None and v is not False
+
+
+def _output_wrapper(ref: Any) -> Callable[[torch.Tensor], Any] | None:
+    """How the encoder's own forward wraps its last hidden states (seen in ``ref``, its probe output): a tensor, a
+    1-tuple or a transformers ``ModelOutput`` with nothing else set; None for anything else."""
+    if isinstance(ref, torch.Tensor):
+        return lambda y: y
+    if type(ref) is tuple and len(ref) == 1 and isinstance(ref[0], torch.Tensor):
+        return lambda y: (y,)
+    to_tuple = getattr(ref, "to_tuple", None)
+    last = getattr(ref, "last_hidden_state", None)
+    if callable(to_tuple) and len(to_tuple()) == 1 and isinstance(last, torch.Tensor):
+        cls = type(ref)
+        return lambda y: cls(last_hidden_state=y)
+    return None
+
+
+class FusedStackForward:
+    """The instance ``forward`` `stack_encoders` gives an encoder: one C call for all its fused blocks where each
+    has its description for the call (see the module docstring), else the encoder's own forward."""
+
+    def __init__(self, encoder: nn.Module, blocks: nn.ModuleList) -> None:
+        self.encoder, self.blocks = encoder, blocks
+        self.fused: list[FusedEncoderForward] = [b.forward for b in blocks]
+        self.heads = self.fused[0].heads
+        # The loop's blocks stay these, fused, without hooks (the snapshot), and the encoder keeps this list.
+        self._snap = Snapshot([encoder, blocks, *blocks], hooks_ignored=[encoder])
+        self._forwards = [(b.__dict__, f) for b, f in zip(blocks, self.fused, strict=True)]
+        self._descs: list[BlockDesc] = []
+        self._array: Any = None
+        self.wrap: Callable[[torch.Tensor], Any] = lambda y: y  # set from the probe by `stack_encoders`
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy's blocks describe their own layers: drop the array of these blocks' descriptions (raw pointers).
+        return {**self.__dict__, "_descs": [], "_array": None}
+
+    def original(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.encoder).forward(self.encoder, *args, **kwargs)
+
+    def __call__(self, hidden_states: torch.Tensor, attention_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
+        plain = not self.encoder.training and not any(_is_set(a) for a in args)
+        plain = plain and not any(_is_set(v) for v in kwargs.values())
+        plain = plain and (attention_mask is None or isinstance(attention_mask, torch.Tensor))
+        y = self.one_call(hidden_states, attention_mask) if plain and isinstance(hidden_states, torch.Tensor) else None
+        if y is None:
+            return self.original(hidden_states, attention_mask, *args, **kwargs)
+        return self.wrap(y)
+
+    def one_call(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """All blocks on hidden states ``x`` (B, L, D) with the attention ``mask`` in one ``lb_encoder_stack`` call;
+        None where that cannot run (see the class docstring)."""
+        if x.dim() != 3 or x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous():
+            return None
+        if (x.requires_grad and torch.is_grad_enabled()) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        if global_hooks() or not self._snap.holds():
+            return None
+        if not all(d.get("forward") is f for d, f in self._forwards) or any(b.training for b in self.blocks):
+            return None
+        key = call_key(x)
+        descs = [f.planned(key) for f in self.fused]
+        if any(d is None for d in descs):
+            return None
+        if mask is not None and (mask.dtype not in (torch.float32, torch.bool) or not mask.is_cpu):
+            return None
+        b, n, d = x.shape
+        try:
+            kind, mptr, mstrides, _held = mask_args(mask, b, self.heads, n, n)
+        except RuntimeError:  # not broadcastable to the scores: the blocks say so
+            return None
+        if len(descs) != len(self._descs) or any(a is not c for a, c in zip(descs, self._descs, strict=True)):
+            self._descs = descs  # the array holds their addresses: keep them alive with it
+            self._array = (ctypes.c_void_p * len(descs))(*(ctypes.addressof(c) for c in descs))
+        out = torch.empty_like(x)
+        lib, strides = native._need(), _Strides4(*mstrides)
+        rc = lib.lb_encoder_stack(
+            self._array, len(descs), x.data_ptr(), b, n, d, mptr, kind, strides, out.data_ptr(), key[2]
+        )
+        return None if rc else out
+
+
+def _block_lists(model: nn.Module) -> list[tuple[str, nn.Module, nn.ModuleList]]:
+    """(name, encoder, its list of blocks) for every module list of fused encoder blocks of one attention shape."""
+    found = []
+    for name, enc in model.named_modules():
+        for child in enc.children():
+            if not isinstance(child, nn.ModuleList) or len(child) == 0:
+                continue
+            fwds = [b.__dict__.get("forward") for b in child]
+            if not all(isinstance(f, FusedEncoderForward) for f in fwds):
+                continue
+            if len({(f.heads, f.head_dim) for f in fwds}) == 1:
+                found.append((name, enc, child))
+    return found
+
+
+def _probe(stack: FusedStackForward, d: int) -> Callable[[torch.Tensor], Any] | None:
+    """Run the encoder's own forward and the one call on a seeded probe (without and with a padding mask) with every
+    layer on its native kernel; the output wrapper when the one call ran and matched every time, else None."""
+    from lowbit.kernels.dispatch import use_mode
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, d, generator=gen)
+    pad = torch.zeros(2, 1, 1, 7)
+    pad[1, ..., 5:] = torch.finfo(torch.float32).min
+    modes = {m: m.training for m in stack.encoder.modules()}
+    stack.encoder.eval()
+    wrap = None
+    try:
+        with torch.no_grad(), use_mode("native"):
+            for mask in (None, pad):
+                for _ in range(2):  # the first call prepares the layers' kernels, the second describes the blocks
+                    ref = stack.original(x, mask)
+                wrap = _output_wrapper(ref)
+                got = stack.one_call(x, mask)
+                ref_t = ref if isinstance(ref, torch.Tensor) else ref[0]
+                if wrap is None or got is None or got.shape != ref_t.shape:
+                    return None
+                if not torch.allclose(got, ref_t, atol=PROBE_ATOL, rtol=PROBE_ATOL):
+                    return None
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return wrap
+
+
+def stack_encoders(model: nn.Module) -> int:
+    """Give every encoder in ``model`` whose blocks are all fused the one-call forward `FusedStackForward` (where the
+    native library is there and a probe through it matches the encoder's own forward); returns how many encoders
+    run stacked. Encoders already stacked count and are left as they are."""
+    if not native.available():
+        return 0
+    stacked = 0
+    for name, enc, blocks in _block_lists(model):
+        if isinstance(enc.__dict__.get("forward"), FusedStackForward):
+            stacked += 1
+            continue
+        stack = FusedStackForward(enc, blocks)
+        f0 = stack.fused[0]
+        try:
+            wrap = _probe(stack, f0.heads * f0.head_dim)
+        except Exception as e:  # an encoder that is not a plain loop over its blocks: keep its own forward
+            log.debug("not stacking %s: probe failed (%s)", name, e)
+            continue
+        if wrap is None:
+            log.debug("not stacking %s: the one call did not run or did not match on the probe", name)
+            continue
+        stack.wrap = wrap
+        enc.forward = stack  # type: ignore[method-assign]
+        stacked += 1
+    return stacked
+
+
+def stacked_encoders(model: nn.Module) -> list[tuple[str, FusedStackForward]]:
+    """The encoders inside ``model`` that run stacked: (module name, its `FusedStackForward`)."""
+    found = ((name, m.__dict__.get("forward")) for name, m in model.named_modules())
+    return [(name, f) for name, f in found if isinstance(f, FusedStackForward)]
+
+
+def unstack_encoders(model: nn.Module) -> int:
+    """Undo `stack_encoders`: every encoder gets its class forward back; returns how many were changed."""
+    undone = 0
+    for enc in model.modules():
+        if isinstance(enc.__dict__.get("forward"), FusedStackForward):
+            del enc.forward
+            undone += 1
+    return undone
