@@ -1,4 +1,5 @@
-"""Native GELU and residual add + LayerNorm: against float64 references and PyTorch, tails, threads, fallbacks."""
+"""Native GELU, residual add + LayerNorm and BERT embeddings: against float64 references and PyTorch, tails, threads,
+fallbacks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.kernels import native
-from lowbit.kernels.elementwise import add_layer_norm, gelu
+from lowbit.kernels.elementwise import add_layer_norm, embed_layer_norm, gelu
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
 
@@ -89,3 +90,46 @@ def test_add_layer_norm_falls_back_where_the_pass_does_not_apply():
     z = torch.randn(3, 2, 8)
     with torch.no_grad():
         torch.testing.assert_close(add_layer_norm(z, z, n2), n2(z + z))
+
+
+def _tables(d: int = 40, vocab: int = 30, types: int = 2, positions: int = 16) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(3)
+    return tuple(torch.randn(n, d, generator=g) for n in (vocab, types, positions))
+
+
+@needs_native
+@pytest.mark.parametrize("with_type_ids", [True, False])
+def test_embed_layer_norm_equals_berts_embedding_layer(with_type_ids):
+    word, types, pos = _tables()
+    ln = nn.LayerNorm(40)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-1, 1)
+    ids = torch.randint(0, 30, (3, 9))
+    tids = torch.randint(0, 2, (3, 9)) if with_type_ids else None
+    pids = torch.arange(16).flip(0)  # any position ids: the first L are used
+    ref = ln((word[ids] + types[torch.zeros_like(ids) if tids is None else tids]) + pos[pids[:9]])
+    with torch.no_grad():  # (the LayerNorm's parameters want gradients)
+        got = embed_layer_norm(ids, word, types, tids, pos, pids, ln)
+        no_types = embed_layer_norm(ids, word, None, None, pos, pids, ln)  # a model without a type table
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(no_types, ln(word[ids] + pos[pids[:9]]), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_embed_layer_norm_refuses_what_it_cannot_compute():
+    """None (the caller's own path runs and raises) for indices outside a table, other dtypes, autograd, too few
+    position ids; nothing is read out of bounds."""
+    word, types, pos = _tables()
+    ln = nn.LayerNorm(40)
+    ids, pids = torch.randint(0, 30, (2, 5)), torch.arange(16)
+    with torch.no_grad():
+        assert embed_layer_norm(ids, word, types, None, pos, pids, ln) is not None
+        assert embed_layer_norm(ids + 30, word, types, None, pos, pids, ln) is None  # token id past the vocabulary
+        assert embed_layer_norm(ids - 31, word, types, None, pos, pids, ln) is None
+        assert embed_layer_norm(ids, word, types, torch.full((2, 5), 2), pos, pids, ln) is None  # type id 2 of 2
+        assert embed_layer_norm(ids, word, types, None, pos, pids + 16, ln) is None  # position past the table
+        assert embed_layer_norm(ids, word, types, None, pos, pids[:4], ln) is None  # 4 position ids for 5 tokens
+        assert embed_layer_norm(ids.int(), word, types, None, pos, pids, ln) is None
+        assert embed_layer_norm(ids, word.double(), types, None, pos, pids, ln) is None
+    assert embed_layer_norm(ids, word.requires_grad_(), types, None, pos, pids, ln) is None  # autograd: PyTorch's

@@ -15,6 +15,7 @@ import lowbit
 from lowbit.kernels import native
 from lowbit.kernels.dispatch import use_mode
 from lowbit.nn import fused_blocks as fb
+from lowbit.nn import fused_model as fm
 from lowbit.nn import fused_stack as fs
 
 transformers = pytest.importorskip("transformers")
@@ -112,6 +113,7 @@ def check_one_call(kind: str, preset: object, acts: str = "exact") -> None:
     act = {"tanh": "gelu_pytorch_tanh", "relu": "relu"}.get(acts.partition("-")[2], "gelu")
     model = lowbit.pack(lowbit.compress(tiny(kind, act), preset, progress=False), kernel_activations=acts.split("-")[0])
     assert len(fs.stacked_encoders(model)) == (1 if kind == "bert" else 0)  # ViTModel loops over its blocks itself
+    fm.unfuse_encoder_models(model)  # transformers' embeddings on both paths (their own pass: test_fused_model)
     with use_mode("native"):
         with python_path_only():
             python = run(model, kind)

@@ -12,6 +12,7 @@ import lowbit
 from lowbit.kernels import native
 from lowbit.kernels.dispatch import use_mode
 from lowbit.nn import fused_blocks as fb
+from lowbit.nn import fused_model as fm
 from lowbit.nn import fused_stack as fs
 from tests.nn.test_fused_native import counted_c_calls, inputs, python_path_only, run, tiny
 
@@ -20,7 +21,11 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels u
 
 
 def packed_bert() -> torch.nn.Module:
-    return lowbit.pack(lowbit.compress(tiny("bert"), "w8a8", progress=False))
+    """A packed BERT whose encoder runs stacked, with transformers' own embeddings (so both paths compared here get
+    the same input; the fused embeddings: test_fused_model)."""
+    model = lowbit.pack(lowbit.compress(tiny("bert"), "w8a8", progress=False))
+    fm.unfuse_encoder_models(model)
+    return model
 
 
 def stack_calls(model: torch.nn.Module, warm: int = 1, **kw) -> tuple[int, torch.Tensor]:

@@ -1,5 +1,5 @@
-"""GELU and residual add + LayerNorm on lowbit's native library: the operations a transformer block runs between its
-linear layers, one C pass each (`lowbit_elementwise.cpp`).
+"""GELU, residual add + LayerNorm and BERT's embedding sum + LayerNorm on lowbit's native library: the operations a
+transformer encoder runs around its linear layers, one C pass each (`lowbit_elementwise.cpp`).
 
 Through PyTorch each is one to two operator calls of a few microseconds, and its exact GELU evaluates erf at ~0.6 ns
 per element on x86: at an encoder's batch-1 sizes that is as much time as the int8 matrix products around it. Both
@@ -82,3 +82,57 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Laye
             torch.get_num_threads(),
         )
     return out
+
+
+def embed_layer_norm(
+    ids: torch.Tensor,
+    word: torch.Tensor,
+    types: torch.Tensor | None,
+    type_ids: torch.Tensor | None,
+    positions: torch.Tensor,
+    position_ids: torch.Tensor,
+    norm: nn.LayerNorm,
+) -> torch.Tensor | None:
+    """``norm((word[ids] + types[type_ids]) + positions[position_ids[:L]])`` for token ids ``(B, L)``: BERT's embedding
+    layer (summed in its order) in one native pass, as a new ``(B, L, D)`` tensor. ``type_ids`` None: type 0 for every
+    token; ``types`` None: no type table.
+
+    None where the pass does not apply (no native library, tracing, autograd on a table, tensors that are not
+    contiguous CPU int64 ids / fp32 tables, an index outside its table): the caller runs its own path, which raises
+    the error for a bad index."""
+    if ids.dim() != 2 or position_ids.dim() != 1 or len(norm.normalized_shape) != 1:
+        return None
+    b, n = ids.shape
+    d = word.shape[-1] if word.dim() == 2 else -1
+    tables = [t for t in (word, types, positions) if t is not None]
+    if norm.normalized_shape[0] != d or any(t.dim() != 2 or t.shape[1] != d for t in tables):
+        return None
+    index = [t for t in (ids, type_ids, position_ids) if t is not None]
+    if any(t.dtype is not torch.int64 or not t.is_cpu or not t.is_contiguous() for t in index):
+        return None
+    if (type_ids is not None and type_ids.shape != ids.shape) or position_ids.numel() < n:
+        return None
+    if not _native_ok(*tables, norm.weight, norm.bias) or torch.compiler.is_compiling():
+        return None
+    out = torch.empty(b, n, d)
+    w, bias = norm.weight, norm.bias
+    rc = native._need().lb_embed_layer_norm(
+        word.data_ptr(),
+        word.shape[0],
+        ids.data_ptr(),
+        None if types is None else types.data_ptr(),
+        0 if types is None else types.shape[0],
+        None if type_ids is None else type_ids.data_ptr(),
+        positions.data_ptr(),
+        positions.shape[0],
+        position_ids.data_ptr(),
+        b,
+        n,
+        d,
+        None if w is None else w.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        float(norm.eps),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return None if rc else out

@@ -2,7 +2,8 @@
 //
 //   lb_gelu            x <- GELU(x) in place, exact (erf) or the tanh approximation;
 //   lb_add_layer_norm  out = LayerNorm(a + b) * gamma + beta per row (the residual add and LayerNorm in one pass;
-//                      the sum a + b can be kept too).
+//                      the sum a + b can be kept too);
+//   lb_embed_layer_norm  BERT's embeddings: LayerNorm(word[id] + type[type id] + position[position id]) per token.
 //
 // On a CPU these cost little arithmetic but, through PyTorch, several operator calls each (~3-15 us apiece at the
 // sizes of an encoder at batch 1, as much as the arithmetic), and PyTorch's exact GELU evaluates erf at ~0.6 ns per
@@ -146,4 +147,33 @@ LB_API void lb_add_layer_norm(const float* a, const float* b, i64 M, i64 D, cons
     for (i64 r = 0; r < M; ++r)
         add_layer_norm_row(a + r * D, b ? b + r * D : nullptr, D, gamma, beta, eps, out + r * D,
                            keep ? keep + r * D : nullptr);
+}
+
+// BERT's embedding layer: out[t] = LayerNorm((word[ids[t]] + type[tids[t]]) + pos[pids[t % L]]) * gamma + beta for the
+// T = B * L tokens, summed in that order (as transformers does). tids may be NULL (type row 0 for every token); type
+// may be NULL (no type table). Returns 0, or -1 when an index is outside its table (nothing is written then).
+LB_API int lb_embed_layer_norm(const float* word, i64 n_word, const i64* ids, const float* type, i64 n_type,
+                               const i64* tids, const float* pos, i64 n_pos, const i64* pids, i64 B, i64 L, i64 D,
+                               const float* gamma, const float* beta, float eps, float* out, int threads) {
+    const i64 T = B * L;
+    for (i64 t = 0; t < T; ++t) {
+        if (ids[t] < 0 || ids[t] >= n_word) return -1;
+        if (type && (tids ? (tids[t] < 0 || tids[t] >= n_type) : n_type < 1)) return -1;
+    }
+    for (i64 l = 0; l < L; ++l)
+        if (pids[l] < 0 || pids[l] >= n_pos) return -1;
+    const int Tn = T * D >= PARALLEL_MIN && threads > 1 && T > 1 ? threads : 1;
+#pragma omp parallel for num_threads(Tn) schedule(static) if (Tn > 1)
+    for (i64 t = 0; t < T; ++t) {
+        float* o = out + t * D;
+        const float* w = word + ids[t] * D;
+        if (type) {
+            const float* ty = type + (tids ? tids[t] : 0) * D;
+            for (i64 j = 0; j < D; ++j) o[j] = w[j] + ty[j];
+        } else {
+            for (i64 j = 0; j < D; ++j) o[j] = w[j];
+        }
+        add_layer_norm_row(o, pos + pids[t % L] * D, D, gamma, beta, eps, o, nullptr);
+    }
+    return 0;
 }

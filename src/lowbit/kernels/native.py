@@ -133,6 +133,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         "lb_attention": ([P, P, P, P, I64, I64, I64, I64, I64, I64, P, P, I, F, I, I], I),
         "lb_gelu": ([P, I64, I, I], None),
         "lb_add_layer_norm": ([P, P, I64, I64, P, P, F, P, P, I], None),
+        "lb_embed_layer_norm": ([P, I64, P, P, I64, P, P, I64, P, I64, I64, I64, P, P, F, P, I], I),
         "lb_block_size": ([], I),
         "lb_encoder_block": ([P, P, I64, I64, I64, P, I, P, P, I], I),
         "lb_encoder_stack": ([P, I, P, I64, I64, I64, P, I, P, P, I], I),

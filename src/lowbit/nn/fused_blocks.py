@@ -164,7 +164,7 @@ class FusedEncoderForward:
         if not plain or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self.original(hidden_states, attention_mask, *args, **kwargs)
         fast = self._keys and x.dtype is torch.float32 and x.is_contiguous() and x.is_cpu and not global_hooks()
-        desc = self.planned(call_key(x)) if fast else None
+        desc = self.planned(call_key(x.shape)) if fast else None
         y = None if desc is None else self.run_native(desc, x, attention_mask)
         if y is None:
             y = self.lean(x, attention_mask)
@@ -230,7 +230,7 @@ class FusedEncoderForward:
             self._snap = Snapshot(watched, copied=copied, attrs=attrs, hooks_ignored=[self.block])
             self._keys = set()
         self._desc = desc
-        self._keys.add(call_key(x))
+        self._keys.add(call_key(x.shape))
         return self.run_native(desc, x, mask)
 
     def _describe(self, m: dict[str, Any], joint: nn.Module | None, x: torch.Tensor) -> BlockDesc | None:
@@ -304,10 +304,9 @@ class FusedEncoderForward:
         return m["fc2"](f)
 
 
-def call_key(x: torch.Tensor) -> tuple[int, int, int, str]:
-    """What decides whether a block's C description serves a call on hidden states ``x`` (B, L, D): rows, width,
-    threads and the kernel mode (dispatch decides native or dense per row count and thread count)."""
-    shape = x.shape
+def call_key(shape: tuple[int, ...]) -> tuple[int, int, int, str]:
+    """What decides whether a block's C description serves a call on hidden states of ``shape`` (B, L, D): rows,
+    width, threads and the kernel mode (dispatch decides native or dense per row count and thread count)."""
     return (shape[0] * shape[1], shape[2], torch.get_num_threads(), kernel_mode())
 
 
@@ -363,10 +362,12 @@ def fuse_encoder_blocks(model: nn.Module) -> int:
         fwd.returns_tuple = as_tuple
         block.forward = fwd  # type: ignore[method-assign]
         fused += 1
-    if fused:
-        from lowbit.nn.fused_stack import stack_encoders  # (it builds on this module)
+    if fused:  # (these modules build on this one)
+        from lowbit.nn.fused_model import fuse_encoder_models
+        from lowbit.nn.fused_stack import stack_encoders
 
-        stack_encoders(model)
+        if stack_encoders(model):
+            fuse_encoder_models(model)
     return fused
 
 
@@ -379,8 +380,10 @@ def fused_blocks(model: nn.Module) -> list[tuple[str, FusedEncoderForward]]:
 def unfuse_encoder_blocks(model: nn.Module) -> int:
     """Undo `fuse_encoder_blocks`: every block (and encoder run stacked) gets its class forward back; returns how many
     blocks were changed."""
+    from lowbit.nn.fused_model import unfuse_encoder_models
     from lowbit.nn.fused_stack import unstack_encoders
 
+    unfuse_encoder_models(model)
     unstack_encoders(model)
     undone = 0
     for block in model.modules():

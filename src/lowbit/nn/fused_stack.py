@@ -94,20 +94,28 @@ class FusedStackForward:
             return self.original(hidden_states, attention_mask, *args, **kwargs)
         return self.wrap(y)
 
-    def one_call(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-        """All blocks on hidden states ``x`` (B, L, D) with the attention ``mask`` in one ``lb_encoder_stack`` call;
-        None where that cannot run (see the class docstring)."""
-        if x.dim() != 3 or x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous():
-            return None
-        if (x.requires_grad and torch.is_grad_enabled()) or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return None
+    def ready(self, shape: tuple[int, ...]) -> list[BlockDesc] | None:
+        """The blocks' C descriptions for hidden states of ``shape`` (B, L, D) when the one call can run them: no
+        global hook, the same blocks, fused, without hooks, in eval mode, each described for such a call."""
         if global_hooks() or not self._snap.holds():
             return None
         if not all(d.get("forward") is f for d, f in self._forwards) or any(b.training for b in self.blocks):
             return None
-        key = call_key(x)
+        key = call_key(shape)
         descs = [f.planned(key) for f in self.fused]
-        if any(d is None for d in descs):
+        return None if any(d is None for d in descs) else descs
+
+    def one_call(
+        self, x: torch.Tensor, mask: torch.Tensor | None, descs: list[BlockDesc] | None = None
+    ) -> torch.Tensor | None:
+        """All blocks on hidden states ``x`` (B, L, D) with the attention ``mask`` in one ``lb_encoder_stack`` call;
+        None where that cannot run (see the class docstring). ``descs``: what `ready` just returned for this shape."""
+        if x.dim() != 3 or x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous():
+            return None
+        if (x.requires_grad and torch.is_grad_enabled()) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        descs = self.ready(x.shape) if descs is None else descs
+        if descs is None:
             return None
         if mask is not None and (mask.dtype not in (torch.float32, torch.bool) or not mask.is_cpu):
             return None
@@ -122,7 +130,7 @@ class FusedStackForward:
         out = torch.empty_like(x)
         lib, strides = native._need(), _Strides4(*mstrides)
         rc = lib.lb_encoder_stack(
-            self._array, len(descs), x.data_ptr(), b, n, d, mptr, kind, strides, out.data_ptr(), key[2]
+            self._array, len(descs), x.data_ptr(), b, n, d, mptr, kind, strides, out.data_ptr(), torch.get_num_threads()
         )
         return None if rc else out
 
