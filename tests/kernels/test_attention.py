@@ -89,6 +89,21 @@ def test_masked_keys_get_exactly_zero_weight():
 
 
 @needs_native
+def test_a_mask_that_masks_nothing_takes_the_unmasked_path():
+    """An all-true boolean or all-zero float mask (a padding mask of a batch without padding) gives the unmasked bits;
+    one masked key anywhere (the last batch row, the last key) is seen."""
+    q, k, v = _qkv(2, 3, 3, 5, 7, 16)
+    plain = sdpa(q, k, v)
+    keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    zeros = torch.zeros(2, 3, 5, 7)
+    assert torch.equal(sdpa(q, k, v, keep), plain) and torch.equal(sdpa(q, k, v, zeros), plain)
+    keep[1, ..., 6] = False
+    zeros[1, 2, 4, 6] = float("-inf")
+    assert torch.equal(sdpa(q, k, v, keep)[0], plain[0]) and not torch.equal(sdpa(q, k, v, keep)[1], plain[1])
+    assert not torch.equal(sdpa(q, k, v, zeros)[1, 4, 2], plain[1, 4, 2])  # (out: B, L, H, D)
+
+
+@needs_native
 def test_a_row_with_every_key_masked_gives_zeros():
     q, k, v = _qkv(1, 2, 2, 3, 4, 16)
     mask = torch.ones(1, 1, 3, 4, dtype=torch.bool)

@@ -13,8 +13,10 @@ def model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
 
 
-def snap(m: nn.Sequential, **kw) -> Snapshot:
-    return Snapshot([m, m[0], m[1]], copied=[m[0]], attrs=[(m[1], "eps")], **kw)
+def snap(m: nn.Sequential, hooked: list | None = None) -> Snapshot:
+    """The Linear is copied somewhere, the LayerNorm read in place."""
+    hooked = [m, m[0], m[1]] if hooked is None else hooked
+    return Snapshot(containers=[m], read=[m[1]], copied=[m[0]], hooked=hooked, attrs=[(m[1], "eps")])
 
 
 def test_holds_while_nothing_changes_and_after_calls():
@@ -42,6 +44,13 @@ def test_a_replaced_parameter_or_its_storage_breaks_it():
     assert not s.holds()
 
 
+def test_a_copied_tensor_is_followed_too():
+    buf = torch.zeros(3)
+    s = Snapshot(copied=[buf])
+    buf.add_(1)
+    assert not s.holds()
+
+
 def test_in_place_changes_break_it_for_copied_modules_only():
     m = model()
     s = snap(m)
@@ -53,9 +62,9 @@ def test_in_place_changes_break_it_for_copied_modules_only():
     assert not s.holds()
 
 
-def test_hooks_break_it_unless_ignored():
+def test_hooks_break_it_on_the_hooked_modules():
     m = model()
-    s, t = snap(m), snap(m, hooks_ignored=[m])
+    s, t = snap(m), snap(m, hooked=[m[0], m[1]])
     h = m[0].register_forward_pre_hook(lambda mod, args: None)
     assert not s.holds() and not t.holds()
     h.remove()

@@ -221,13 +221,17 @@ class FusedEncoderForward:
         snap = self._snap
         if snap is None or not snap.holds():
             layers = (joint, m["attn_out"], m["fc1"], m["fc2"])
-            watched = [get_module(self.block, c) for c in self._containers]
-            watched += [self.block, *m.values(), joint]
-            disps = [ly._dispatch for ly in layers]
-            attrs = [*((ly, "_dispatch") for ly in layers), *((d, "state") for d in disps)]
+            qkv = (m["query"], m["key"], m["value"])
+            containers = [self.block, *(get_module(self.block, c) for c in self._containers)]
+            attrs = [*((ly, "_dispatch") for ly in (*layers, *qkv)), *((ly._dispatch, "state") for ly in layers)]
             attrs += [(m["norm1"], "eps"), (m["norm2"], "eps")]
-            copied = (m["query"], m["key"], m["value"])  # (in the concatenated layer)
-            self._snap = Snapshot(watched, copied=copied, attrs=attrs, hooks_ignored=[self.block])
+            self._snap = Snapshot(
+                containers=containers,
+                read=[*layers, m["norm1"], m["norm2"]],
+                copied=qkv,  # (into the concatenated layer)
+                hooked=[*containers[1:], *m.values(), joint],  # (the block's own hooks run on its call)
+                attrs=attrs,
+            )
             self._keys = set()
         self._desc = desc
         self._keys.add(call_key(x.shape))

@@ -96,9 +96,14 @@ class FusedBertForward:
         types = getattr(emb, "token_type_embeddings", None)
         parts = [emb.word_embeddings, emb.position_embeddings, emb.LayerNorm, *([] if types is None else [types])]
         self._params = [p for m in parts for p in m.parameters()]
-        # Submodules swapped, tensors replaced or hooked: look again; buffers changed in place: look again.
-        watched = [self.model, emb, *emb.children()]
-        self._snap = Snapshot(watched, copied=[emb], hooks_ignored=[self.model])
+        checked = [default_types] if isinstance(default_types, torch.Tensor) else []  # (to be type 0)
+        self._snap = Snapshot(
+            containers=[self.model, emb],
+            read=parts,
+            copied=checked,
+            hooked=[emb, *emb.children()],
+            attrs=[(emb, "position_ids"), (emb, "token_type_ids")] if checked else [(emb, "position_ids")],
+        )
         return self._snap.holds()
 
     def fast(self, ids: Any, mask: Any, type_ids: Any) -> Any:

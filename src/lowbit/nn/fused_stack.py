@@ -72,7 +72,7 @@ class FusedStackForward:
         self.fused: list[FusedEncoderForward] = [b.forward for b in blocks]
         self.heads = self.fused[0].heads
         # The loop's blocks stay these, fused, without hooks (the snapshot), and the encoder keeps this list.
-        self._snap = Snapshot([encoder, blocks, *blocks], hooks_ignored=[encoder])
+        self._snap = Snapshot(containers=[encoder, blocks], hooked=blocks)
         self._forwards = [(b.__dict__, f) for b, f in zip(blocks, self.fused, strict=True)]
         self._descs: list[BlockDesc] = []
         self._array: Any = None

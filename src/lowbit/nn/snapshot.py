@@ -1,17 +1,17 @@
 """What a cached fast path was built from, and a test (a few microseconds) that all of it still holds.
 
 A fused encoder block keeps the C description of its layers (`lowbit.nn.fused_blocks`) and reuses it while nothing it
-was built from changed: no submodule swapped, no parameter or buffer replaced (not even through ``.data =``), no
-tensor of a copied layer modified in place (PyTorch's version counters), no forward hook added, the same prepared
-kernel state in each layer. Comparing saved copies of those small dicts and tuples costs far less than looking every
-part up again, which matters at batch 1, where a block's kernels take a few hundred microseconds.
+was built from changed: no submodule swapped, no parameter replaced (not even through ``.data =``), no parameter of a
+copied layer modified in place (PyTorch's version counters), no forward hook added, the same prepared kernels in each
+layer. Comparing saved lists of those objects costs far less than looking every part up again, which matters at batch
+1, where a block's kernels take a few hundred microseconds.
 
 Example:
     >>> import torch
     >>> from torch import nn
     >>> from lowbit.nn.snapshot import Snapshot
     >>> lin = nn.Linear(2, 2)
-    >>> snap = Snapshot([lin], copied=[lin], attrs=[])
+    >>> snap = Snapshot(copied=[lin], hooked=[lin])
     >>> snap.holds()
     True
     >>> with torch.no_grad():
@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from itertools import chain
 from typing import Any
 
@@ -45,33 +45,43 @@ def global_hooks() -> bool:
 
 
 class Snapshot:
-    """The state of ``modules`` when it was taken.
+    """What a cached path reads from a set of modules, as it was; ``holds()`` says whether it still is.
 
-    ``holds()`` is True while: each module's submodules, parameters and buffers are the same objects with the same
-    storage (data pointers); none of the modules has a forward hook (but those of ``hooks_ignored``, whose hooks run
-    anyway, such as the module whose forward uses the snapshot); every tensor of the ``copied`` modules (whose values
-    were copied into something cached) has its version (an in-place change through ``.data`` bypasses version
-    counters, as it bypasses autograd); and each ``(object, attribute name)`` of ``attrs`` holds the object it held
-    (``is``)."""
+    ``holds()`` is True while: the ``containers`` hold the same submodules; the ``read`` modules (whose parameters the
+    cached path reads in place, through pointers) hold the same parameters, on the same storage; the parameters of the
+    ``copied`` modules (copied into something cached, or checked once) and the ``copied`` tensors keep their versions
+    too (an in-place change through ``.data`` bypasses version counters, as it bypasses autograd); none of the
+    ``hooked`` modules has a forward hook; and each ``(object, attribute name)`` of ``attrs`` holds the object it held
+    (``is``).
+
+    Each test is a C-level loop over a few small lists: a transformer block's snapshot takes a few microseconds.
+    Buffers are not followed: a packed layer's kernels are prepared from its buffers once
+    (`lowbit.kernels.dispatch`), so name its ``_dispatch`` in ``attrs`` to follow what its own forward would use."""
 
     def __init__(
         self,
-        modules: Sequence[nn.Module],
-        copied: Iterable[nn.Module] = (),
+        containers: Iterable[nn.Module] = (),
+        read: Iterable[nn.Module] = (),
+        copied: Iterable[nn.Module | torch.Tensor] = (),
+        hooked: Iterable[nn.Module] = (),
         attrs: Iterable[tuple[Any, str]] = (),
-        hooks_ignored: Iterable[nn.Module] = (),
     ) -> None:
-        mods = list(dict.fromkeys(modules))  # in order, each once
-        ignored = set(map(id, hooks_ignored))
-        self._dicts = [d for m in mods for d in (m._modules, m._parameters, m._buffers)]
+        def unique(mods: Iterable[nn.Module]) -> list[nn.Module]:
+            return list({id(m): m for m in mods}.values())
+
+        copied = list(copied)
+        copied_mods = unique(c for c in copied if isinstance(c, nn.Module))
+        read = unique([*read, *copied_mods])
+        self._dicts = [m._modules for m in unique(containers)] + [m._parameters for m in read]
         self._sizes = list(map(len, self._dicts))
         self._entries = list(chain.from_iterable(map(dict.values, self._dicts)))
-        self._hooks = [h for m in mods if id(m) not in ignored for h in (m._forward_hooks, m._forward_pre_hooks)]
-        self._tensors = [t for m in mods for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
+        self._tensors = [t for m in read for t in m._parameters.values() if t is not None]
         self._ptrs = list(map(_data_ptr, self._tensors))
-        self._copied = [t for m in copied for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        self._copied = [t for m in copied_mods for t in m._parameters.values() if t is not None]
+        self._copied += [t for t in copied if isinstance(t, torch.Tensor)]
         self._versions = list(map(_version, self._copied))
-        self._attrs = [(obj, name) for obj, name in attrs]
+        self._hooks = [h for m in unique(hooked) for h in (m._forward_hooks, m._forward_pre_hooks)]
+        self._attrs = list(attrs)
         self._values = [getattr(obj, name) for obj, name in self._attrs]
 
     def holds(self) -> bool:
