@@ -8,7 +8,8 @@
 // biases; QKV computes query, key and value side by side ((M, 3D) rows, heads inside each third), read by
 // lb_attention through strides. act: 1 exact GELU, 2 tanh GELU (lb_gelu), 3 ReLU. Built into the same library as
 // lowbit_kernels.cpp (see native.py); each step is the function the Python path calls, so the results are the same.
-// lb_encoder_stack runs a stack of such blocks (an encoder's layers) in one call.
+// lb_encoder_stack runs a stack of such blocks (an encoder's layers) in one call, lb_bert_encoder a BERT-style model:
+// its embedding layer, then the stack.
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,6 +25,9 @@ int lb_attention(const float* q, const float* k, const float* v, float* out, i64
 void lb_gelu(float* x, i64 n, int tanh_approx, int threads);
 void lb_add_layer_norm(const float* a, const float* b, i64 M, i64 D, const float* gamma, const float* beta, float eps,
                        float* out, float* keep, int threads);
+int lb_embed_layer_norm(const float* word, i64 n_word, const i64* ids, const float* type, i64 n_type, const i64* tids,
+                        const float* pos, i64 n_pos, const i64* pids, i64 B, i64 L, i64 D, const float* gamma,
+                        const float* beta, float eps, float* out, int threads);
 }
 
 // The block's layers and norms; biases and norm parameters may be NULL.
@@ -125,10 +129,9 @@ LB_API int lb_encoder_block(const lb_block* k, const float* x, i64 B, i64 L, i64
     return rc;
 }
 
-// out = blocks[n-1](... blocks[0](x)): a stack of encoder blocks of width D sharing one mask, in one call (the
-// blocks' outputs alternate between two buffers; scratch is allocated once). Returns as lb_encoder_block.
-LB_API int lb_encoder_stack(const lb_block* const* blocks, int n, const float* x, i64 B, i64 L, i64 D,
-                            const void* mask, int mask_kind, const i64* mst, float* out, int threads) {
+// The stack on x, with blocks' outputs alternating between two buffers and scratch allocated once (see below).
+static int run_stack(const lb_block* const* blocks, int n, const float* x, i64 B, i64 L, i64 D, const void* mask,
+                     int mask_kind, const i64* mst, float* out, int threads) {
     const i64 M = B * L;
     i64 F = D;
     for (int i = 0; i < n; ++i) F = blocks[i]->ffn > F ? blocks[i]->ffn : F;
@@ -144,5 +147,39 @@ LB_API int lb_encoder_stack(const lb_block* const* blocks, int n, const float* x
     s.release();
     free(mid[0]);
     free(mid[1]);
+    return rc;
+}
+
+// out = blocks[n-1](... blocks[0](x)): a stack of encoder blocks of width D sharing one mask, in one call.
+// Returns as lb_encoder_block.
+LB_API int lb_encoder_stack(const lb_block* const* blocks, int n, const float* x, i64 B, i64 L, i64 D,
+                            const void* mask, int mask_kind, const i64* mst, float* out, int threads) {
+    return run_stack(blocks, n, x, B, L, D, mask, mask_kind, mst, out, threads);
+}
+
+// A BERT-style model in one call: out (B, L, D) = the stack of blocks on lb_embed_layer_norm's output for token ids
+// (B, L) (type ids, position ids, tables and LayerNorm as there), with attention_mask (B, L, may be NULL; 0 marks a
+// padding token, as transformers' attention_mask) as the keys' padding mask. Returns 0, -1 for an index outside its
+// table, or as lb_encoder_block.
+LB_API int lb_bert_encoder(const float* word, i64 n_word, const i64* ids, const float* type, i64 n_type,
+                           const i64* tids, const float* pos, i64 n_pos, const i64* pids, const float* gamma,
+                           const float* beta, float eps, const i64* attention_mask, const lb_block* const* blocks,
+                           int n, i64 B, i64 L, i64 D, float* out, int threads) {
+    float* x = (float*)malloc(sizeof(float) * B * L * D);
+    unsigned char* keep = attention_mask ? (unsigned char*)malloc(B * L) : nullptr;
+    if (!x || (attention_mask && !keep)) {
+        free(x);
+        free(keep);
+        return -2;
+    }
+    int rc = lb_embed_layer_norm(word, n_word, ids, type, n_type, tids, pos, n_pos, pids, B, L, D, gamma, beta, eps,
+                                 x, threads);
+    if (!rc) {
+        for (i64 i = 0; keep && i < B * L; ++i) keep[i] = attention_mask[i] != 0;
+        const i64 mst[4] = {L, 0, 0, 1};  // (B, 1, 1, L): one row of key flags per sequence
+        rc = run_stack(blocks, n, x, B, L, D, keep, keep ? 2 : 0, mst, out, threads);
+    }
+    free(x);
+    free(keep);
     return rc;
 }

@@ -137,6 +137,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         "lb_block_size": ([], I),
         "lb_encoder_block": ([P, P, I64, I64, I64, P, I, P, P, I], I),
         "lb_encoder_stack": ([P, I, P, I64, I64, I64, P, I, P, P, I], I),
+        "lb_bert_encoder": ([P, I64, P, P, I64, P, P, I64, P, P, P, F, P, P, I, I64, I64, I64, P, I], I),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)

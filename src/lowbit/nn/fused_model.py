@@ -1,11 +1,11 @@
-"""A BERT-style encoder model in two C calls: the embeddings, then every block (`lowbit.nn.fused_stack`).
+"""A BERT-style encoder model in one C call: the embeddings, then every block (`lowbit.nn.fused_stack`).
 
 With its encoder stacked, what is left of a packed BERT's forward at batch 1 is Python: transformers' embedding module
 (three lookups, two adds, a LayerNorm), its attention-mask builder and the decorators around the model's forward —
 about 0.3 ms warm and several times that on a machine that has just woken up, as much as a tenth of the whole call.
-`FusedBertForward`, the instance forward `fuse_encoder_models` gives such a model, runs the embedding sum and its
-LayerNorm in one native pass (`lowbit.kernels.elementwise.embed_layer_norm`), hands the padding mask to the stack as a
-boolean view and calls the pooler, if any, as transformers does.
+`FusedBertForward`, the instance forward `fuse_encoder_models` gives such a model, runs all of it in one C call
+(``lb_bert_encoder``: the embedding sum and its LayerNorm — `lowbit.kernels.elementwise.embed_layer_norm`'s pass —, the
+padding mask as the keys' flags, then the stacked blocks) and calls the pooler, if any, as transformers does.
 
 It applies to the plain call — ``input_ids`` with an optional ``attention_mask`` and ``token_type_ids``, in eval mode
 without autograd — of an encoder-only model whose embedding layer is BERT's (word + token type + absolute position,
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.kernels.elementwise import embed_layer_norm
+from lowbit.kernels import native
 from lowbit.nn.fused_stack import FusedStackForward
 from lowbit.nn.snapshot import Snapshot, global_hooks
 
@@ -95,6 +95,17 @@ class FusedBertForward:
             return False
         types = getattr(emb, "token_type_embeddings", None)
         parts = [emb.word_embeddings, emb.position_embeddings, emb.LayerNorm, *([] if types is None else [types])]
+        d, norm = emb.word_embeddings.embedding_dim, emb.LayerNorm
+        if tuple(norm.normalized_shape) != (d,) or any(p.embedding_dim != d for p in parts if p is not norm):
+            return False
+        tensors = [*(p.weight for p in parts), norm.bias]
+        if any(
+            t is not None and (t.dtype is not torch.float32 or not t.is_contiguous() or not t.is_cpu) for t in tensors
+        ):
+            return False
+        pids = emb.position_ids
+        if pids.dtype is not torch.int64 or not pids.is_contiguous() or not pids.is_cpu:
+            return False
         self._params = [p for m in parts for p in m.parameters()]
         checked = [default_types] if isinstance(default_types, torch.Tensor) else []  # (to be type 0)
         self._snap = Snapshot(
@@ -125,23 +136,45 @@ class FusedBertForward:
         if type_ids is not None and (not isinstance(type_ids, torch.Tensor) or type_ids.shape != ids.shape):
             return None
         emb = m.embeddings
-        descs = self.stack.ready((*ids.shape, emb.word_embeddings.embedding_dim))
+        b, n = ids.shape
+        d = emb.word_embeddings.embedding_dim
+        descs = self.stack.ready((b, n, d))
         if descs is None:  # (the first call at this shape, or hooks on the blocks): the model's own forward
             return None
-        types = getattr(emb, "token_type_embeddings", None)
-        h = embed_layer_norm(
-            ids,
-            emb.word_embeddings.weight,
-            None if types is None else types.weight,
-            type_ids,
-            emb.position_embeddings.weight,
-            emb.position_ids[0],
-            emb.LayerNorm,
-        )
-        if h is None:
+        if mask is not None and mask.dtype is not torch.int64:
+            mask = mask.long()  # (0: padding, as transformers reads it)
+        index = [t for t in (ids, mask, type_ids) if t is not None]
+        if any(t.dtype is not torch.int64 or not t.is_cpu or not t.is_contiguous() for t in index):
             return None
-        y = self.stack.one_call(h, None if mask is None else (mask != 0)[:, None, None, :], descs)
-        if y is None:
+        pids = emb.position_ids[0]
+        if pids.numel() < n:
+            return None
+        types, norm = getattr(emb, "token_type_embeddings", None), emb.LayerNorm
+        word, pos = emb.word_embeddings.weight, emb.position_embeddings.weight
+        y = torch.empty(b, n, d)
+        rc = native._need().lb_bert_encoder(
+            word.data_ptr(),
+            word.shape[0],
+            ids.data_ptr(),
+            None if types is None else types.weight.data_ptr(),
+            0 if types is None else types.weight.shape[0],
+            None if type_ids is None else type_ids.data_ptr(),
+            pos.data_ptr(),
+            pos.shape[0],
+            pids.data_ptr(),
+            None if norm.weight is None else norm.weight.data_ptr(),
+            None if norm.bias is None else norm.bias.data_ptr(),
+            float(norm.eps),
+            None if mask is None else mask.data_ptr(),
+            self.stack.array(descs),
+            len(descs),
+            b,
+            n,
+            d,
+            y.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if rc:  # an index outside its table (the model's own forward raises the error), or no memory
             return None
         pooled = m.pooler(y) if m.pooler is not None else None
         return self.output_cls(last_hidden_state=y, pooler_output=pooled)

@@ -105,6 +105,13 @@ class FusedStackForward:
         descs = [f.planned(key) for f in self.fused]
         return None if any(d is None for d in descs) else descs
 
+    def array(self, descs: list[BlockDesc]) -> Any:
+        """The C array of pointers to ``descs`` (`ready`'s), kept while they are the blocks' descriptions."""
+        if len(descs) != len(self._descs) or any(a is not c for a, c in zip(descs, self._descs, strict=True)):
+            self._descs = descs  # the array holds their addresses: keep them alive with it
+            self._array = (ctypes.c_void_p * len(descs))(*(ctypes.addressof(c) for c in descs))
+        return self._array
+
     def one_call(
         self, x: torch.Tensor, mask: torch.Tensor | None, descs: list[BlockDesc] | None = None
     ) -> torch.Tensor | None:
@@ -124,13 +131,20 @@ class FusedStackForward:
             kind, mptr, mstrides, _held = mask_args(mask, b, self.heads, n, n)
         except RuntimeError:  # not broadcastable to the scores: the blocks say so
             return None
-        if len(descs) != len(self._descs) or any(a is not c for a, c in zip(descs, self._descs, strict=True)):
-            self._descs = descs  # the array holds their addresses: keep them alive with it
-            self._array = (ctypes.c_void_p * len(descs))(*(ctypes.addressof(c) for c in descs))
         out = torch.empty_like(x)
         lib, strides = native._need(), _Strides4(*mstrides)
         rc = lib.lb_encoder_stack(
-            self._array, len(descs), x.data_ptr(), b, n, d, mptr, kind, strides, out.data_ptr(), torch.get_num_threads()
+            self.array(descs),
+            len(descs),
+            x.data_ptr(),
+            b,
+            n,
+            d,
+            mptr,
+            kind,
+            strides,
+            out.data_ptr(),
+            torch.get_num_threads(),
         )
         return None if rc else out
 
