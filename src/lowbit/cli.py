@@ -34,7 +34,8 @@ examples:
   lowbit eval minilm-w4 --compile               the same, both models under torch.compile
   (latency is of the packed model; transformers models in it run their attention on lowbit's fp32 kernel, their
    encoder blocks (BERT-style, DistilBERT, ViT) one fused forward each — one C call once every layer is on its
-   kernel — and weight-only layers with float inputs, FP4 included, an fp32 kernel on their codes from 8 rows on)
+   kernel; a BERT/RoBERTa/DistilBERT encoder all its blocks in one call, a BERT model embeddings included — and
+   weight-only layers with float inputs, FP4 included, an fp32 kernel on their codes from 8 rows on)
 
 environment:
   LOWBIT_KERNELS=auto|native|reference|portable|avx2   kernel choice: measured per layer (default), always the

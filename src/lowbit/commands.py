@@ -187,10 +187,17 @@ def _fused_note(packed: Any) -> str:
     blocks = fused_blocks(packed)
     if not blocks:
         return ""
+    from lowbit.nn.fused_model import fused_models
+    from lowbit.nn.fused_stack import stacked_encoders
+
     joint = sum(f.joint_qkv() for _, f in blocks)
+    stacks, models = len(stacked_encoders(packed)), len(fused_models(packed))
+    whole = f" {stacks} encoder(s) run all their blocks in one C call (lowbit.nn.fused_stack)" if stacks else ""
+    whole += f", {models} model(s) the embeddings too (lowbit.nn.fused_model)" if models else ""
     return (
         f" {len(blocks)} encoder block(s) run fused ({blocks[0][1].layout.name} layout: lowbit.nn.fused_blocks), "
-        f"{joint} of them with query / key / value as one layer (their rows above time each layer alone)."
+        f"{joint} of them with query / key / value as one layer (their rows above time each layer alone).{whole}"
+        + ("." if whole else "")
     )
 
 

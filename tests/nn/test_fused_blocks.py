@@ -267,4 +267,5 @@ def test_inspect_names_the_fused_blocks():
     assert [name for name, _ in fused_blocks(packed)] == ["encoder.layer.0", "encoder.layer.1"]
     note = _fused_note(packed)
     assert "2 encoder block(s) run fused (bert layout" in note and "2 of them with query / key / value" in note
+    assert "1 encoder(s) run all their blocks in one C call" in note and "1 model(s) the embeddings too" in note
     assert _fused_note(lowbit.pack(lowbit.compress(tiny_bert(), "w8a8", progress=False), blocks="keep")) == ""

@@ -127,3 +127,33 @@ def test_a_copied_model_describes_its_own_layers():
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     del model  # the copy holds nothing of the original's kernels
     torch.testing.assert_close(stack_calls(twin)[1], ref, rtol=0, atol=0)
+
+
+def _other(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "distilbert":
+        cfg = transformers.DistilBertConfig(
+            vocab_size=50, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=32
+        )
+        cfg._attn_implementation = "sdpa"
+        return transformers.DistilBertModel(cfg).eval()
+    cfg = transformers.RobertaConfig(
+        vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=40, attn_implementation="sdpa",
+    )  # fmt: skip
+    return transformers.RobertaModel(cfg, add_pooling_layer=False).eval()
+
+
+@pytest.mark.parametrize("kind", ["distilbert", "roberta"])
+def test_distilbert_and_roberta_encoders_run_stacked(kind):
+    model = lowbit.pack(lowbit.compress(_other(kind), "w8a8", progress=False))
+    assert [name for name, _ in fs.stacked_encoders(model)] == ["transformer" if kind == "distilbert" else "encoder"]
+    batch = inputs("bert")  # token ids below 50, the second sequence padded
+    with use_mode("native"), torch.no_grad():
+        with python_path_only():
+            python = model(**batch).last_hidden_state
+        model(**batch)
+        with counted_c_calls() as calls:
+            fast = model(**batch).last_hidden_state
+    assert calls["lb_encoder_stack"] == 1
+    torch.testing.assert_close(fast, python, rtol=0, atol=0)
