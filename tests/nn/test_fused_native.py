@@ -171,3 +171,12 @@ def test_a_wrong_width_input_gets_the_layers_error_not_a_c_call():
         assert one_call(f, torch.randn(1, 5, 32)) is None
         with pytest.raises((RuntimeError, ValueError)):
             f(torch.randn(1, 5, 32))
+
+
+def test_query_key_value_that_cannot_be_concatenated_run_as_three_layers_in_the_one_call():
+    """With the first layer kept at 8 bits, block 0's query is int8 and its key / value 4-bit: no concatenation, so
+    the C block runs the three layers one by one (into their own thirds of its buffer), still bit for bit."""
+    keep = {**W4G32, "stages": [{**W4G32["stages"][0], "keep_first_last": True}]}
+    check_one_call("bert", keep, "int8")
+    model = lowbit.pack(lowbit.compress(tiny("bert"), keep, progress=False), kernel_activations="int8")
+    assert [f.joint_qkv() for _, f in fb.fused_blocks(model)] == [False, True]

@@ -17,7 +17,7 @@ import ctypes
 #: lb_isa() → name: the widest instruction set the loaded build uses.
 ISA_NAMES = {3: "avx512vnni", 2: "avx2", 0: "scalar"}
 
-ABI_VERSION = 6  # lb_abi_version() of the source this module binds
+ABI_VERSION = 7  # lb_abi_version() of the source this module binds
 
 
 class LayerDesc(ctypes.Structure):
@@ -73,4 +73,10 @@ class BlockDesc(ctypes.Structure):
         ("act", ctypes.c_int32),
         ("pre_norm", ctypes.c_int32),
         ("ffn", ctypes.c_int32),
+        ("q", ctypes.c_void_p),  # qkv None: query, key and value as three layers
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("q_b", ctypes.c_void_p),
+        ("k_b", ctypes.c_void_p),
+        ("v_b", ctypes.c_void_p),
     ]

@@ -6,7 +6,7 @@
 //
 // QKV, O, FC1 and FC2 are lb_linear layers (any format, their activation quantization included) with optional
 // biases; QKV computes query, key and value side by side ((M, 3D) rows, heads inside each third), read by
-// lb_attention through strides. act: 1 exact GELU, 2 tanh GELU (lb_gelu), 3 ReLU. Built into the same library as
+// lb_attention through strides — or, where they are three layers, each its own (M, D) block. act: 1 exact GELU, 2 tanh GELU (lb_gelu), 3 ReLU. Built into the same library as
 // lowbit_kernels.cpp (see native.py); each step is the function the Python path calls, so the results are the same.
 // lb_encoder_stack runs a stack of such blocks (an encoder's layers) in one call, lb_bert_encoder a BERT-style model:
 // its embedding layer, then the stack.
@@ -41,6 +41,9 @@ struct lb_block {
     int32_t act;    // 1: GELU (erf), 2: GELU (tanh), 3: ReLU
     int32_t pre_norm;
     int32_t ffn;  // FC1's output width
+    // qkv NULL: query, key and value as three layers (when they cannot be concatenated, e.g. of other formats)
+    const lb_layer *q, *k, *v;
+    const float *q_b, *k_b, *v_b;
 };
 
 LB_API int lb_block_size(void) { return (int)sizeof(lb_block); }
@@ -80,15 +83,29 @@ static int encoder_block(const lb_block* k, const float* x, i64 B, i64 L, i64 D,
         lb_add_layer_norm(x, nullptr, M, D, k->ln1_w, k->ln1_b, k->eps1, t, nullptr, threads);
         in = t;
     }
-    rc = lb_linear(k->qkv, in, M, qkv, threads, k->qkv_b);
-    if (!rc) {
-        // q, k, v: thirds of the qkv rows; out: (B, L, H, hd) rows = (M, D)
-        const i64 st[20] = {L * 3 * D, hd, 3 * D, 1, L * 3 * D, hd, 3 * D, 1, L * 3 * D, hd, 3 * D, 1,
-                            L * D,     hd, D,     1, mst[0],    mst[1], mst[2], mst[3]};
-        rc = lb_attention(qkv, qkv + D, qkv + 2 * D, att, B, H, H, L, L, hd, st, mask, mask_kind, k->scale, 0,
-                          threads)
-                 ? -2
-                 : 0;
+    if (k->qkv) {
+        rc = lb_linear(k->qkv, in, M, qkv, threads, k->qkv_b);
+        if (!rc) {
+            // q, k, v: thirds of the qkv rows; out: (B, L, H, hd) rows = (M, D)
+            const i64 st[20] = {L * 3 * D, hd, 3 * D, 1, L * 3 * D, hd, 3 * D, 1, L * 3 * D, hd, 3 * D, 1,
+                                L * D,     hd, D,     1, mst[0],    mst[1], mst[2], mst[3]};
+            rc = lb_attention(qkv, qkv + D, qkv + 2 * D, att, B, H, H, L, L, hd, st, mask, mask_kind, k->scale, 0,
+                              threads)
+                     ? -2
+                     : 0;
+        }
+    } else {  // three layers, each into its own (M, D) third of the buffer
+        rc = lb_linear(k->q, in, M, qkv, threads, k->q_b);
+        if (!rc) rc = lb_linear(k->k, in, M, qkv + M * D, threads, k->k_b);
+        if (!rc) rc = lb_linear(k->v, in, M, qkv + 2 * M * D, threads, k->v_b);
+        if (!rc) {
+            const i64 st[20] = {L * D, hd, D, 1, L * D, hd, D, 1, L * D, hd, D, 1,
+                                L * D, hd, D, 1, mst[0], mst[1], mst[2], mst[3]};
+            rc = lb_attention(qkv, qkv + M * D, qkv + 2 * M * D, att, B, H, H, L, L, hd, st, mask, mask_kind,
+                              k->scale, 0, threads)
+                     ? -2
+                     : 0;
+        }
     }
     if (!rc) rc = lb_linear(k->o, att, M, h, threads, k->o_b);
     if (!rc) {

@@ -207,7 +207,7 @@ LB_API int lb_isa(void) {
     return 0;
 #endif
 }
-LB_API int lb_abi_version(void) { return 6; }
+LB_API int lb_abi_version(void) { return 7; }
 
 // ================================================================================================
 // W8A32 — int8 per-channel weights, fp32 activations.

@@ -215,21 +215,21 @@ class FusedEncoderForward:
         GELU or ReLU and the tensors are plain fp32; else None (the Python path). ``joint``: the query / key / value
         layer (`qkv`), None where they run one by one. The description it builds is kept for later calls
         (`planned`)."""
-        desc = self._describe(m, joint, x)
-        if desc is None:
+        described = self._describe(m, joint, x)
+        if described is None:
             return None
+        desc, layers = described
         snap = self._snap
         if snap is None or not snap.holds():
-            layers = (joint, m["attn_out"], m["fc1"], m["fc2"])
             qkv = (m["query"], m["key"], m["value"])
             containers = [self.block, *(get_module(self.block, c) for c in self._containers)]
-            attrs = [*((ly, "_dispatch") for ly in (*layers, *qkv)), *((ly._dispatch, "state") for ly in layers)]
+            attrs = [*((ly, "_dispatch") for ly in {*layers, *qkv}), *((ly._dispatch, "state") for ly in layers)]
             attrs += [(m["norm1"], "eps"), (m["norm2"], "eps")]
             self._snap = Snapshot(
                 containers=containers,
                 read=[*layers, m["norm1"], m["norm2"]],
-                copied=qkv,  # (into the concatenated layer)
-                hooked=[*containers[1:], *m.values(), joint],  # (the block's own hooks run on its call)
+                copied=qkv if joint is not None else (),  # (into the concatenated layer)
+                hooked=[*containers[1:], *m.values(), *layers],  # (the block's own hooks run on its call)
                 attrs=attrs,
             )
             self._keys = set()
@@ -237,24 +237,19 @@ class FusedEncoderForward:
         self._keys.add(call_key(x.shape))
         return self.run_native(desc, x, mask)
 
-    def _describe(self, m: dict[str, Any], joint: nn.Module | None, x: torch.Tensor) -> BlockDesc | None:
-        """The block's ``lb_block`` for an input like ``x`` when the one C call can run it (see `_native_block`)."""
+    def _describe(
+        self, m: dict[str, Any], joint: nn.Module | None, x: torch.Tensor
+    ) -> tuple[BlockDesc, tuple[nn.Module, ...]] | None:
+        """The block's ``lb_block`` for an input like ``x`` when the one C call can run it (see `_native_block`), and
+        the layers it runs."""
         if not native.available() or self.act_kind is None or m["act"] is not self.act:
             return None
         if x.dtype is not torch.float32 or not x.is_contiguous() or not x.is_cpu:
             return None
-        if joint is None:
-            return None
         b, n, d = x.shape
         rows, threads = b * n, torch.get_num_threads()
-        layers = (joint, m["attn_out"], m["fc1"], m["fc2"])
-        # The C call trusts these sizes (a mismatch would read past a buffer): any other shape takes the Python path,
-        # whose layers raise the error.
-        widths = [(ly.in_features, ly.out_features) for ly in layers]
-        if d != self.heads * self.head_dim or widths[:2] != [(d, 3 * d), (d, d)]:
-            return None
-        if widths[2][0] != d or widths[3] != (widths[2][1], d):
-            return None
+        qkv = (joint,) if joint is not None else (m["query"], m["key"], m["value"])
+        layers = (*qkv, m["attn_out"], m["fc1"], m["fc2"])
         addrs = []
         for layer in layers:
             disp = getattr(layer, "_dispatch", None)
@@ -262,15 +257,30 @@ class FusedEncoderForward:
             if addr is None:
                 return None
             addrs.append(addr)
+        # The C call trusts these (packed) layers' sizes (a mismatch would read past a buffer): any other shape takes
+        # the Python path, whose layers raise the error.
+        widths = [(ly.in_features, ly.out_features) for ly in layers]
+        qkv_widths = [(d, 3 * d)] if joint is not None else [(d, d)] * 3
+        fc1, fc2 = widths[-2:]
+        if d != self.heads * self.head_dim or widths[:-2] != [*qkv_widths, (d, d)]:
+            return None
+        if fc1[0] != d or fc2 != (fc1[1], d):
+            return None
         n1, n2 = m["norm1"], m["norm2"]
         for t in (n1.weight, n1.bias, n2.weight, n2.bias):
             if t is not None and (t.dtype is not torch.float32 or not t.is_contiguous() or not t.is_cpu):
                 return None
         biases = [_ptr(layer._parameters.get("bias")) for layer in layers]
         norms = [_ptr(n1.weight), _ptr(n1.bias), _ptr(n2.weight), _ptr(n2.bias)]
-        desc = BlockDesc(*addrs, *biases, *norms, n1.eps, n2.eps, self.scale, self.heads, _ACT_CODES[self.act_kind])
-        desc.pre_norm, desc.ffn = int(self.layout.pre_norm), widths[2][1]
-        return desc
+        k = len(qkv)
+        first = [addrs[0] if joint is not None else None, *addrs[k:], biases[0] if joint is not None else None]
+        first += biases[k:]
+        desc = BlockDesc(*first, *norms, n1.eps, n2.eps, self.scale, self.heads, _ACT_CODES[self.act_kind])
+        desc.pre_norm, desc.ffn = int(self.layout.pre_norm), fc1[1]
+        if joint is None:
+            desc.q, desc.k, desc.v = addrs[:3]
+            desc.q_b, desc.k_b, desc.v_b = biases[:3]
+        return desc, layers
 
     def run_native(self, desc: BlockDesc, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """``lb_encoder_block`` with ``desc`` on ``x`` (plain fp32, of the width ``desc`` was built for); None for a
