@@ -551,3 +551,31 @@ def test_an_empty_batch_gives_an_empty_output(conv: bool) -> None:
     with torch.no_grad():
         want = q(x)
         assert want.shape[0] == 0 and torch.equal(p(x), want)
+
+
+@pytest.mark.parametrize(("weights", "acts"), [("fp8_e4m3", "fp8_token"), ("int6", None), ("int6", "int8_token")])
+def test_layers_without_a_route_take_the_short_reference_path_with_the_same_output(monkeypatch, weights, acts) -> None:
+    """A packed layer with no native kernel (FP8, int6) runs its reference forward as the activation quantizer's C
+    pass and one F.linear on the cached weight (`dispatch.dense_hot`), bit for bit the simulated layer's; anything
+    outside that (reference mode, autograd, an input scale) takes the full path."""
+    import lowbit.nn.packed as packed_mod
+
+    q, p = packed_layer(weights, acts)
+    x = torch.randn(2, 5, 384)
+    with torch.no_grad():
+        want = q(x)
+        assert torch.equal(p(x), want)  # the first call finds no route
+        assert p[0]._dispatch is None
+        full: list[int] = []
+        real = packed_mod.dispatch_linear
+        monkeypatch.setattr(packed_mod, "dispatch_linear", lambda *a, **k: full.append(1) or real(*a, **k))
+        assert torch.equal(p(x), want) and full == []
+        with use_mode("reference"):
+            assert torch.equal(p(x), want)
+        assert full == [1]
+        p[0].set_input_scale(torch.full((384,), 2.0))
+        p(x)
+        assert len(full) == 2
+    xg = x.clone().requires_grad_(True)
+    p(xg).sum().backward()
+    assert xg.grad is not None and len(full) == 3

@@ -383,6 +383,32 @@ def compiled_conv(layer: Any, x: torch.Tensor, out_hw: tuple[int, int]) -> torch
     return torch.ops.lowbit.packed_conv(x, _op_key(layer), layer.out_channels, list(out_hw))
 
 
+def dense_hot(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """The reference forward of a packed linear layer that has no native route (its ``_dispatch`` is None: FP8,
+    FP6, int6, static activations, ...) in its fewest steps, in ``auto`` mode: the activation quantizer's C pass
+    (`fake_quantize_fast`, the values of `ActQuantizer`) and one ``F.linear`` on the cached dequantized weight. A small
+    layer's reference forward spends more time in Python than in its matrix product; this is that forward less its
+    calls. None where it does not apply (another mode, compiling or tracing, autograd, an input scale / shift, no
+    cached weight, an activation quantizer that is static, observing or hooked, an input the C pass does not take):
+    the caller runs the full reference forward."""
+    if _mode_override or _env_mode != "auto" or torch.compiler.is_compiling():
+        return None
+    if torch._C._get_tracing_state() is not None or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    w = layer._cache
+    if w is None or w.device != x.device or layer.weight_fp is not None:
+        return None
+    if layer.input_scale is not None or layer.input_shift is not None:
+        return None
+    act = layer.act
+    if act is None:
+        return F.linear(x, w, layer.bias)
+    if act.observing or not act.spec.dynamic or act._forward_hooks or act._forward_pre_hooks:
+        return None
+    xq = fake_quantize_fast(x, act.spec)
+    return None if xq is None else F.linear(xq, w, layer.bias)
+
+
 def dispatch_linear(
     layer: Any, x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor], dense: Callable[[], torch.Tensor]
 ) -> torch.Tensor:

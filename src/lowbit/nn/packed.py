@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from lowbit.formats.layout import num_units
 from lowbit.formats.packing import code_offset, pack_codes, packed_nbytes, unpack_codes
 from lowbit.formats.spec import QuantSpec
-from lowbit.kernels.dispatch import compiled_conv, dispatch_linear, native_patches_ready
+from lowbit.kernels.dispatch import compiled_conv, dense_hot, dispatch_linear, native_patches_ready
 from lowbit.nn.patches import conv_output_size, conv_padding, conv_patches, patches_to_map
 from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
 
@@ -110,6 +110,10 @@ class PackedLinear(PackedMixin, QuantLinear):
         disp = self._dispatch
         if disp:
             y = disp.hot(self, x)
+            if y is not None:
+                return y
+        elif disp is None:  # no native route (FP8, int6, ...): the reference forward, in fewer steps where it can
+            y = dense_hot(self, x)
             if y is not None:
                 return y
         return dispatch_linear(self, x, self._scale_shift_input, lambda: QuantLinear.forward(self, x))
