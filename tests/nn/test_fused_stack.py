@@ -157,3 +157,19 @@ def test_distilbert_and_roberta_encoders_run_stacked(kind):
             fast = model(**batch).last_hidden_state
     assert calls["lb_encoder_stack"] == 1
     torch.testing.assert_close(fast, python, rtol=0, atol=0)
+
+
+def test_concurrent_calls_give_the_sequential_output():
+    """Python threads calling one model at once (the C calls release the GIL) get what one thread gets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = packed_bert()
+    ref = stack_calls(model)[1]
+
+    def call(i: int) -> torch.Tensor:
+        with use_mode("native"), torch.no_grad():
+            return model(**inputs("bert")).last_hidden_state
+
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(call, range(16)))
+    assert all(torch.equal(o, ref) for o in outs)

@@ -121,16 +121,15 @@ class FusedEncoderForward:
         self._qkv_src: tuple[nn.Module, ...] = ()
         self._qkv: nn.Module | None = None
         self._qkv_sig: tuple = ()
-        # The last C description (`_native_block`), what it was built from, and the calls it serves: (rows, width,
-        # threads, kernel mode) for which every layer runs its native kernel.
-        self._desc: BlockDesc | None = None
-        self._snap: Snapshot | None = None
-        self._keys: set[tuple[int, int, int, str]] = set()
+        # The last C description (`_native_block`), what it was built from, and the calls it serves ((rows, width,
+        # threads, kernel mode) for which every layer runs its native kernel): one tuple, replaced as a whole, so a
+        # concurrent call never pairs a description with another one's snapshot.
+        self._plan: tuple[BlockDesc, Snapshot, set[tuple[int, int, int, str]]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy (``copy.deepcopy`` of the model) describes its own layers again: the C description holds raw
         # pointers into these ones.
-        return {**self.__dict__, "_desc": None, "_snap": None, "_keys": set()}
+        return {**self.__dict__, "_plan": None}
 
     def qkv(self, q: nn.Module, k: nn.Module, v: nn.Module) -> nn.Module | None:
         """One layer for the query, key and value products (`lowbit.nn.concat`), rebuilt when one of them was
@@ -163,7 +162,8 @@ class FusedEncoderForward:
         plain = plain and not (x.requires_grad and torch.is_grad_enabled())
         if not plain or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self.original(hidden_states, attention_mask, *args, **kwargs)
-        fast = self._keys and x.dtype is torch.float32 and x.is_contiguous() and x.is_cpu and not global_hooks()
+        fast = self._plan is not None and x.dtype is torch.float32 and x.is_contiguous() and x.is_cpu
+        fast = fast and not global_hooks()
         desc = self.planned(call_key(x.shape)) if fast else None
         y = None if desc is None else self.run_native(desc, x, attention_mask)
         if y is None:
@@ -176,8 +176,8 @@ class FusedEncoderForward:
         """The block's C description for a call of this `call_key` when an earlier call built it for such calls and
         nothing it was built from changed since (`lowbit.nn.snapshot.Snapshot`: no layer swapped or modified, no hook
         added, the same prepared kernels); else None (then the `lean` path runs and builds it again)."""
-        snap = self._snap
-        return self._desc if key in self._keys and snap is not None and snap.holds() else None
+        plan = self._plan
+        return plan[0] if plan is not None and key in plan[2] and plan[1].holds() else None
 
     def lean(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The block's output for hidden states ``x`` (B, L, D) and an additive float or boolean attention mask;
@@ -219,23 +219,22 @@ class FusedEncoderForward:
         if described is None:
             return None
         desc, layers = described
-        snap = self._snap
-        if snap is None or not snap.holds():
+        plan = self._plan
+        if plan is None or not plan[1].holds():
             qkv = (m["query"], m["key"], m["value"])
             containers = [self.block, *(get_module(self.block, c) for c in self._containers)]
             attrs = [*((ly, "_dispatch") for ly in {*layers, *qkv}), *((ly._dispatch, "state") for ly in layers)]
             attrs += [(m["norm1"], "eps"), (m["norm2"], "eps")]
-            self._snap = Snapshot(
+            snap = Snapshot(
                 containers=containers,
                 read=[*layers, m["norm1"], m["norm2"]],
                 copied=qkv if joint is not None else (),  # (into the concatenated layer)
                 hooked=[*containers[1:], *m.values(), *layers],  # (the block's own hooks run on its call)
                 attrs=attrs,
             )
-            self._keys = set()
-        self._desc = desc
-        self._keys.add(call_key(x.shape))
-        return self.run_native(desc, x, mask)
+            plan = self._plan = (desc, snap, set())
+        plan[2].add(call_key(x.shape))  # (while the snapshot holds, the kept description is this one's equal)
+        return self.run_native(plan[0], x, mask)
 
     def _describe(
         self, m: dict[str, Any], joint: nn.Module | None, x: torch.Tensor

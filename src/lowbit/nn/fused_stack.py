@@ -74,13 +74,12 @@ class FusedStackForward:
         # The loop's blocks stay these, fused, without hooks (the snapshot), and the encoder keeps this list.
         self._snap = Snapshot(containers=[encoder, blocks], hooked=blocks)
         self._forwards = [(b.__dict__, f) for b, f in zip(blocks, self.fused, strict=True)]
-        self._descs: list[BlockDesc] = []
-        self._array: Any = None
+        self._array: tuple[list[BlockDesc], Any] = ([], None)  # descriptions, the C array of their addresses
         self.wrap: Callable[[torch.Tensor], Any] = lambda y: y  # set from the probe by `stack_encoders`
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy's blocks describe their own layers: drop the array of these blocks' descriptions (raw pointers).
-        return {**self.__dict__, "_descs": [], "_array": None}
+        return {**self.__dict__, "_array": ([], None)}
 
     def original(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.encoder).forward(self.encoder, *args, **kwargs)
@@ -107,10 +106,12 @@ class FusedStackForward:
 
     def array(self, descs: list[BlockDesc]) -> Any:
         """The C array of pointers to ``descs`` (`ready`'s), kept while they are the blocks' descriptions."""
-        if len(descs) != len(self._descs) or any(a is not c for a, c in zip(descs, self._descs, strict=True)):
-            self._descs = descs  # the array holds their addresses: keep them alive with it
-            self._array = (ctypes.c_void_p * len(descs))(*(ctypes.addressof(c) for c in descs))
-        return self._array
+        held, array = self._array
+        if len(descs) != len(held) or any(a is not c for a, c in zip(descs, held, strict=True)):
+            # The array holds their addresses: keep them alive with it (one tuple, replaced as a whole).
+            array = (ctypes.c_void_p * len(descs))(*(ctypes.addressof(c) for c in descs))
+            self._array = (descs, array)
+        return array
 
     def one_call(
         self, x: torch.Tensor, mask: torch.Tensor | None, descs: list[BlockDesc] | None = None
