@@ -149,7 +149,8 @@ def test_layers_not_on_their_kernels_keep_the_python_path(monkeypatch):
 
 
 def test_auto_mode_takes_the_one_call_path_once_dispatch_decided_native():
-    """In ``auto`` mode a block goes to C only for a row count every layer was decided native for."""
+    """In ``auto`` mode a block goes to C for a row count every layer was decided for: at once where all were decided
+    native, else where the block's own race (one call against the Python path) picked the one call."""
     model = lowbit.pack(lowbit.compress(tiny("bert"), "w8a8", progress=False))
     run(model, "bert")  # dispatch measures every layer at 36 rows
     blocks = [f for _, f in fb.fused_blocks(model)]
@@ -158,8 +159,41 @@ def test_auto_mode_takes_the_one_call_path_once_dispatch_decided_native():
         m = f.parts_now()
         layers = (f.qkv(m["query"], m["key"], m["value"]), m["attn_out"], m["fc1"], m["fc2"])
         all_native = all(layer._dispatch.decided.get((36, torch.get_num_threads())) for layer in layers)
-        assert (one_call(f, x, m) is not None) == all_native
+        got = one_call(f, x, m)
+        raced = [won for key, won in f._chain.items() if key[0] == 36]
+        assert (got is not None) == (all_native or raced == [True])
         assert one_call(f, torch.randn(1, 5, 64), m) is None  # 5 rows: not decided yet
+
+
+@pytest.mark.parametrize("one_call_wins", [True, False])
+def test_a_block_with_layers_decided_dense_races_its_one_call(monkeypatch, one_call_wins):
+    """A layer that runs dense alone (its call overhead outweighs the kernel) still runs its kernel inside the one C
+    call when the block's race says the whole call is faster; the race runs once per row count."""
+    model = lowbit.pack(lowbit.compress(tiny("bert"), "w8a8", progress=False))
+    fm.unfuse_encoder_models(model)
+    run(model, "bert")
+    f = fb.fused_blocks(model)[0][1]
+    m = f.parts_now()
+    threads = torch.get_num_threads()
+    fc2 = m["fc2"]._dispatch
+    for layer in (f.qkv(m["query"], m["key"], m["value"]), m["attn_out"], m["fc1"]):
+        layer._dispatch.decided[(36, threads)] = True
+    fc2.decided[(36, threads)] = False  # as if dense had won its race
+    fc2.state = None  # (dispatch drops the kernel layout of a layer that only runs dense)
+    races = []
+
+    def race(*fns):
+        races.append(len(fns))
+        return [1.0, 2.0] if one_call_wins else [2.0, 1.0]
+
+    monkeypatch.setattr(fb, "race", race)
+    x = torch.randn(3, 12, 64)
+    with torch.no_grad():
+        got = one_call(f, x, m)
+        again = one_call(f, x, m)
+    assert races == [2]
+    assert (got is not None) == one_call_wins and (again is not None) == one_call_wins
+    assert (fc2.state is not None) == one_call_wins  # prepared for the race, kept only for the one call
 
 
 def test_a_wrong_width_input_gets_the_layers_error_not_a_c_call():

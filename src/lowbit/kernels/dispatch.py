@@ -220,6 +220,24 @@ class LayerDispatch:
             return None
         return st.addr
 
+    def chained_addr(self, layer: Any, rows: int, threads: int) -> int | None:
+        """`native_addr` for a caller that times its own chain of native kernels against the layers' chosen paths
+        (`lowbit.nn.fused_blocks`: a whole block in one C call, where the calls between layers cost more than the
+        layers): in ``auto`` mode the kernel's address once dispatch has decided these rows either way, its weights
+        prepared now if the layer alone runs dense; in other modes `native_addr`."""
+        how = _mode_override[-1] if _mode_override else _env_mode
+        if how != "auto" or (rows, threads) not in self.decided:
+            return self.native_addr(layer, rows, threads)
+        if not self.direct_input or not self.unscaled:
+            return None
+        bias = layer._parameters.get("bias")
+        if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous() or not bias.is_cpu):
+            return None
+        many_rows = 0 < self.route.panel_rows <= rows
+        if self.state is None or (many_rows and not self.state.has_panels):  # (as `native` builds it)
+            self.state = self.route.prepare(layer, panels=True) if many_rows else self.route.prepare(layer)
+        return self.state.addr
+
     def hot_conv(self, layer: Any, x: torch.Tensor, cut: Any) -> torch.Tensor | None:
         """`hot` for a convolution with per-patch activations whose patch count is decided native: patches, kernel
         and the move into an ``(N, O, OH, OW)`` map in one C call (`lb_conv`); ``cut``: the `kernels.im2col.Im2col` of

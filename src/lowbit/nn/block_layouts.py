@@ -1,7 +1,7 @@
 """Where transformer encoder block families keep their parts, for `lowbit.nn.fused_blocks`.
 
-A `Layout` names, as dotted paths from the block, the query / key / value projections, the attention output
-projection, the two LayerNorms, the feed-forward layers and activation,
+A `Layout` names, as dotted paths from the block, the query / key / value projections (or their one joint layer), the
+attention output projection, the two LayerNorms, the feed-forward layers and activation (or the function it calls),
 the module holding the head count, and whether the block normalises before (pre-norm: ViT) or after (post-norm:
 BERT) each residual. `encoder_parts` matches a block against `LAYOUTS` and checks the shapes agree; whether the lean
 forward computes what the block computes is checked on a probe input by `fuse_encoder_blocks`.
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 #: The parts a layout may name, in the order `Layout.slots` lists them.
-ROLES = ("query", "key", "value", "attn_out", "norm1", "fc1", "act", "fc2", "norm2")
+ROLES = ("query", "key", "value", "qkv", "attn_out", "norm1", "fc1", "act", "fc2", "norm2")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,11 @@ class Layout:
     act: str = ""
     chunking: str = ""  # the module whose ``chunk_size_feed_forward`` must be 0, where the family has one
     pre_norm: bool = False
+    qkv: str = ""  # query, key and value as one layer already (instead of ``query`` / ``key`` / ``value``)
+    act_fn: str = ""  # the activation where the block calls a function, not a module: "gelu"
+    # Only the one C call (`lowbit.nn.fused_blocks`): the block's own forward is already lean, so the Python path
+    # would not be faster; where the C call cannot run, the block's own forward does.
+    c_only: bool = False
 
     def slots(self) -> dict[str, str]:
         """The parts by role."""
@@ -81,6 +86,20 @@ LAYOUTS = (
         attention="attention",
         heads_attr="n_heads",
         chunking="ffn",
+    ),
+    Layout(  # lowbit's own ViT block (lowbit.zoo.vit.Block: the digits / Fashion-MNIST ViTs; pre-norm)
+        name="lowbit-vit",
+        qkv="attn.qkv",
+        attn_out="attn.proj",
+        norm1="norm1",
+        fc1="fc1",
+        fc2="fc2",
+        norm2="norm2",
+        attention="attn",
+        heads_attr="heads",
+        pre_norm=True,
+        act_fn="gelu",
+        c_only=True,
     ),
     Layout(  # transformers 5's ViT (pre-norm)
         name="vit",
@@ -159,7 +178,8 @@ def _parts_of(block: nn.Module, layout: Layout) -> EncoderParts | None:
     att = get_module(block, layout.attention)
     if att is None or any(m is None for m in mods.values()):
         return None
-    hd = _heads(att, layout, int(getattr(mods["query"], "out_features", 0)))
+    width = getattr(mods["qkv"], "out_features", 0) // 3 if layout.qkv else getattr(mods["query"], "out_features", 0)
+    hd = _heads(att, layout, int(width))
     if hd is None:
         return None
     heads, head_dim = hd
@@ -174,13 +194,14 @@ def _parts_of(block: nn.Module, layout: Layout) -> EncoderParts | None:
     if not all(isinstance(mods[n], nn.LayerNorm) and len(mods[n].normalized_shape) == 1 for n in ("norm1", "norm2")):
         return None
     d = heads * head_dim
-    for role in ("query", "key", "value"):
-        if not _linear_like(mods[role], d) or mods[role].out_features != d:  # type: ignore[union-attr]
+    for role, out in (("qkv", 3 * d),) if layout.qkv else (("query", d), ("key", d), ("value", d)):
+        if not _linear_like(mods[role], d) or mods[role].out_features != out:  # type: ignore[union-attr]
             return None
     if not (_linear_like(mods["attn_out"], d) and _linear_like(mods["fc1"], d) and _linear_like(mods["fc2"])):
         return None
     scale = float(getattr(att, "scaling", head_dim**-0.5))
-    return EncoderParts(layout, mods, heads, head_dim, scale, act_kind(mods["act"]))  # type: ignore[arg-type]
+    kind = layout.act_fn or act_kind(mods["act"])  # type: ignore[arg-type]
+    return EncoderParts(layout, mods, heads, head_dim, scale, kind)
 
 
 def encoder_parts(block: nn.Module) -> EncoderParts | None:

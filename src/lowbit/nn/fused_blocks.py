@@ -43,6 +43,7 @@ from lowbit.kernels import native
 from lowbit.kernels.abi import BlockDesc
 from lowbit.kernels.attention import mask_args, sdpa
 from lowbit.kernels.dispatch import mode as kernel_mode
+from lowbit.kernels.dispatch import race
 from lowbit.kernels.elementwise import add_layer_norm, gelu
 from lowbit.nn.block_layouts import LAYOUTS, EncoderParts, Layout, encoder_parts, get_module
 from lowbit.nn.concat import concat_linears
@@ -114,7 +115,7 @@ class FusedEncoderForward:
         self.block, self.returns_tuple = block, returns_tuple
         self.layout: Layout = parts.layout
         self.heads, self.head_dim, self.scale = parts.heads, parts.head_dim, parts.scale
-        self.act, self.act_kind = parts.mods["act"], parts.act_kind
+        self.act, self.act_kind = parts.mods.get("act"), parts.act_kind  # (no module: the block calls a function)
         slots = parts.layout.slots()
         self._slots = {role: tuple(path.split(".")) for role, path in slots.items()}
         self._containers = tuple(tuple(c.split(".")) for c in _container_paths(tuple(slots.values())))
@@ -125,11 +126,12 @@ class FusedEncoderForward:
         # threads, kernel mode) for which every layer runs its native kernel): one tuple, replaced as a whole, so a
         # concurrent call never pairs a description with another one's snapshot.
         self._plan: tuple[BlockDesc, Snapshot, set[tuple[int, int, int, str]]] | None = None
+        self._chain: dict[tuple, bool] = {}  # `_chained`'s verdicts
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy (``copy.deepcopy`` of the model) describes its own layers again: the C description holds raw
         # pointers into these ones.
-        return {**self.__dict__, "_plan": None}
+        return {**self.__dict__, "_plan": None, "_chain": {}}
 
     def qkv(self, q: nn.Module, k: nn.Module, v: nn.Module) -> nn.Module | None:
         """One layer for the query, key and value products (`lowbit.nn.concat`), rebuilt when one of them was
@@ -146,30 +148,35 @@ class FusedEncoderForward:
         return {role: get_module(self.block, path) for role, path in self._slots.items()}
 
     def joint_qkv(self) -> bool:
-        """Whether query, key and value run as one concatenated layer."""
+        """Whether query, key and value run as one layer (concatenated, or the block's own)."""
         m = self.parts_now()
+        if self.layout.qkv:
+            return m["qkv"] is not None
         return None not in (m["query"], m["key"], m["value"]) and self.qkv(m["query"], m["key"], m["value"]) is not None
 
     def original(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.block).forward(self.block, *args, **kwargs)
 
-    def __call__(self, hidden_states: torch.Tensor, attention_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         x = hidden_states
-        plain = not self.block.training and not any(_is_set(a) for a in args)
-        plain = plain and not any(_is_set(v) for v in kwargs.values())
+        attention_mask = args[0] if args else kwargs.get("attention_mask")
+        rest = (*args[1:], *(v for k, v in kwargs.items() if k != "attention_mask"))
+        plain = not self.block.training and not any(_is_set(a) for a in rest)
         plain = plain and (attention_mask is None or isinstance(attention_mask, torch.Tensor))
         plain = plain and isinstance(x, torch.Tensor) and x.dim() == 3
         plain = plain and not (x.requires_grad and torch.is_grad_enabled())
         if not plain or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return self.original(hidden_states, attention_mask, *args, **kwargs)
-        fast = self._plan is not None and x.dtype is torch.float32 and x.is_contiguous() and x.is_cpu
+            return self.original(hidden_states, *args, **kwargs)
+        if not x.is_contiguous():  # (a transposed stem's tokens): the C paths read rows
+            x = x.contiguous()
+        fast = self._plan is not None and x.dtype is torch.float32 and x.is_cpu
         fast = fast and not global_hooks()
         desc = self.planned(call_key(x.shape)) if fast else None
         y = None if desc is None else self.run_native(desc, x, attention_mask)
         if y is None:
             y = self.lean(x, attention_mask)
-        if y is None:  # a part is missing, or hooks on a module the lean path skips
-            return self.original(hidden_states, attention_mask, *args, **kwargs)
+        if y is None:  # a part is missing, hooks on a module the lean path skips; or no C call for a C-only layout
+            return self.original(hidden_states, *args, **kwargs)
         return (y,) if self.returns_tuple else y
 
     def planned(self, key: tuple[int, int, int, str]) -> BlockDesc | None:
@@ -185,18 +192,30 @@ class FusedEncoderForward:
         m = self.parts_now()
         if any(v is None for v in m.values()) or global_hooks():
             return None
-        act = m["act"]
+        act = m.get("act")
         containers = [get_module(self.block, c) for c in self._containers]
         if any(c is None or _hooked(c) for c in containers) or _hooked(m["norm1"]) or _hooked(m["norm2"]):
             return None
-        if _hooked(act):
+        if act is not None and _hooked(act):
             return None
+        if self.layout.qkv:  # the block's own joint layer (C only)
+            return self._native_block(m, m["qkv"], x, mask)
         q, k, v = m["query"], m["key"], m["value"]
         joint = self.qkv(q, k, v)  # query, key and value as one layer, unless hooks must see them one by one
         joint = None if joint is None or _hooked(q) or _hooked(k) or _hooked(v) else joint
         y = self._native_block(m, joint, x, mask)
-        if y is not None:
+        if y is not None or self.layout.c_only:
             return y
+        return self._python_path(m, joint, x, mask)
+
+    def _python_path(
+        self, m: dict[str, Any], joint: nn.Module | None, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The block on its own layers (each on the path dispatch chose for it) with lowbit's attention and native
+        element-wise passes between them; for a C-only layout, the block's own forward."""
+        if self.layout.c_only:
+            return self.original(x) if mask is None else self.original(x, mask)
+        act = m.get("act")
         pre = self.layout.pre_norm
         h = add_layer_norm(x, None, m["norm1"]) if pre else x  # the attention's input
         a = self._attend(m, joint, h, mask)
@@ -215,20 +234,20 @@ class FusedEncoderForward:
         GELU or ReLU and the tensors are plain fp32; else None (the Python path). ``joint``: the query / key / value
         layer (`qkv`), None where they run one by one. The description it builds is kept for later calls
         (`planned`)."""
-        described = self._describe(m, joint, x)
+        described = self._describe(m, joint, x) or self._chained(m, joint, x, mask)
         if described is None:
             return None
         desc, layers = described
         plan = self._plan
         if plan is None or not plan[1].holds():
-            qkv = (m["query"], m["key"], m["value"])
+            qkv = () if self.layout.qkv else (m["query"], m["key"], m["value"])  # (the sources of a concatenation)
             containers = [self.block, *(get_module(self.block, c) for c in self._containers)]
             attrs = [*((ly, "_dispatch") for ly in {*layers, *qkv}), *((ly._dispatch, "state") for ly in layers)]
             attrs += [(m["norm1"], "eps"), (m["norm2"], "eps")]
             snap = Snapshot(
                 containers=containers,
                 read=[*layers, m["norm1"], m["norm2"]],
-                copied=qkv if joint is not None else (),  # (into the concatenated layer)
+                copied=qkv if joint is not None else (),  # (into the concatenated layer, where there is one)
                 hooked=[*containers[1:], *m.values(), *layers],  # (the block's own hooks run on its call)
                 attrs=attrs,
             )
@@ -236,12 +255,42 @@ class FusedEncoderForward:
         plan[2].add(call_key(x.shape))  # (while the snapshot holds, the kept description is this one's equal)
         return self.run_native(plan[0], x, mask)
 
+    def _chained(
+        self, m: dict[str, Any], joint: nn.Module | None, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[BlockDesc, tuple[nn.Module, ...]] | None:
+        """`_describe` with every layer on its native kernel, where dispatch decided some of them dense for these rows
+        (``auto`` mode): alone, a small layer's call costs about the same either way, but in the one C call the
+        native kernels run without it. Timed once per (rows, threads, layers) against the block's Python path
+        (`dispatch.race`, alternating); the description where the one call won, else None."""
+        if kernel_mode() != "auto":
+            return None
+        layers = [joint] if joint is not None else [m["query"], m["key"], m["value"]]
+        layers += [m["attn_out"], m["fc1"], m["fc2"]]
+        key = (*call_key(x.shape), *(id(getattr(ly, "_dispatch", None)) for ly in layers))
+        won = self._chain.get(key)
+        if won is False:
+            return None
+        disps = [getattr(ly, "_dispatch", None) for ly in layers]
+        unprepared = [d for d in disps if d and d.state is None]  # (dense-only layers keep no kernel layout)
+        described = self._describe(m, joint, x, chained=True)
+        if described is None or won:
+            return described
+        one_call, python = race(
+            lambda: self.run_native(described[0], x, mask), lambda: self._python_path(m, joint, x, mask)
+        )
+        self._chain[key] = won = one_call < python
+        if not won:
+            for d in unprepared:  # back to what dispatch keeps for them
+                d.state = None
+        return described if won else None
+
     def _describe(
-        self, m: dict[str, Any], joint: nn.Module | None, x: torch.Tensor
+        self, m: dict[str, Any], joint: nn.Module | None, x: torch.Tensor, chained: bool = False
     ) -> tuple[BlockDesc, tuple[nn.Module, ...]] | None:
         """The block's ``lb_block`` for an input like ``x`` when the one C call can run it (see `_native_block`), and
-        the layers it runs."""
-        if not native.available() or self.act_kind is None or m["act"] is not self.act:
+        the layers it runs. ``chained``: with the native kernel of every layer dispatch has decided for these rows,
+        whichever path it chose (`LayerDispatch.chained_addr`; see `_chained`)."""
+        if not native.available() or self.act_kind is None or m.get("act") is not self.act:
             return None
         if x.dtype is not torch.float32 or not x.is_contiguous() or not x.is_cpu:
             return None
@@ -252,7 +301,9 @@ class FusedEncoderForward:
         addrs = []
         for layer in layers:
             disp = getattr(layer, "_dispatch", None)
-            addr = disp.native_addr(layer, rows, threads) if disp and not _hooked(layer) else None
+            addr = None
+            if disp and not _hooked(layer):
+                addr = disp.chained_addr(layer, rows, threads) if chained else disp.native_addr(layer, rows, threads)
             if addr is None:
                 return None
             addrs.append(addr)
@@ -334,6 +385,12 @@ def _probe_ok(block: nn.Module, fused: FusedEncoderForward, d: int) -> tuple[boo
     as_tuple = False
     modes = {m: m.training for m in block.modules()}
     block.eval()  # the lean path serves inference only: compare it with the block's inference forward
+    if fused.layout.c_only:
+        try:
+            return _probe_c_only(fused, x), False
+        finally:
+            for m, training in modes.items():
+                m.training = training
     try:
         with torch.no_grad(), use_mode("reference"):  # no kernel races for the probe's shapes
             for mask in (None, pad):
@@ -349,6 +406,21 @@ def _probe_ok(block: nn.Module, fused: FusedEncoderForward, d: int) -> tuple[boo
         for m, training in modes.items():
             m.training = training
     return True, as_tuple
+
+
+def _probe_c_only(fused: FusedEncoderForward, x: torch.Tensor) -> bool:
+    """Whether the one C call runs and matches the block's own forward (called without a mask, as such blocks are)
+    on a probe, every layer on its native kernel (the first calls prepare them)."""
+    from lowbit.kernels.dispatch import use_mode
+
+    if not native.available():
+        return False
+    with torch.no_grad(), use_mode("native"):
+        for _ in range(2):
+            ref = fused.original(x)
+        got = fused.lean(x, None)
+    ok = isinstance(ref, torch.Tensor) and got is not None and got.shape == ref.shape
+    return ok and torch.allclose(got, ref, atol=PROBE_ATOL, rtol=PROBE_ATOL)
 
 
 def fuse_encoder_blocks(model: nn.Module) -> int:
