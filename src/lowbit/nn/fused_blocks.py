@@ -42,8 +42,8 @@ from torch import nn
 from lowbit.kernels import native
 from lowbit.kernels.abi import BlockDesc
 from lowbit.kernels.attention import mask_args, sdpa
+from lowbit.kernels.dispatch import bucket, race
 from lowbit.kernels.dispatch import mode as kernel_mode
-from lowbit.kernels.dispatch import race
 from lowbit.kernels.elementwise import add_layer_norm, gelu
 from lowbit.nn.block_layouts import LAYOUTS, EncoderParts, Layout, encoder_parts, get_module
 from lowbit.nn.concat import concat_linears
@@ -260,13 +260,14 @@ class FusedEncoderForward:
     ) -> tuple[BlockDesc, tuple[nn.Module, ...]] | None:
         """`_describe` with every layer on its native kernel, where dispatch decided some of them dense for these rows
         (``auto`` mode): alone, a small layer's call costs about the same either way, but in the one C call the
-        native kernels run without it. Timed once per (rows, threads, layers) against the block's Python path
+        native kernels run without it. Timed once per (batch bucket, threads, layers) against the block's Python path
         (`dispatch.race`, alternating); the description where the one call won, else None."""
         if kernel_mode() != "auto":
             return None
         layers = [joint] if joint is not None else [m["query"], m["key"], m["value"]]
         layers += [m["attn_out"], m["fc1"], m["fc2"]]
-        key = (*call_key(x.shape), *(id(getattr(ly, "_dispatch", None)) for ly in layers))
+        rows, d, threads, _ = call_key(x.shape)  # per batch bucket, as dispatch races layers
+        key = (bucket(rows), d, threads, *(id(getattr(ly, "_dispatch", None)) for ly in layers))
         won = self._chain.get(key)
         if won is False:
             return None
