@@ -33,8 +33,9 @@ examples:
   lowbit eval minilm-w4                         quality, size, BitOPs, latency vs fp32
   lowbit eval minilm-w4 --compile               the same, both models under torch.compile
   (latency is of the packed model; transformers models in it run their attention on lowbit's fp32 kernel, their
-   encoder blocks (BERT-style, DistilBERT, ViT) one fused forward each — one C call once every layer is on its
-   kernel; a BERT/RoBERTa/DistilBERT encoder all its blocks in one call, a BERT model embeddings included — and
+   encoder blocks (BERT-style, DistilBERT, ViT; lowbit's own ViT) one fused forward each — one C call once every
+   layer is on its kernel; a BERT/RoBERTa/DistilBERT encoder all its blocks in one call, a BERT model embeddings
+   included — and
    weight-only layers with float inputs, FP4 included, an fp32 kernel on their codes from 8 rows on)
 
 environment:

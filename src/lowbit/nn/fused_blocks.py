@@ -13,7 +13,12 @@ with a native GELU (`lowbit.kernels.elementwise.gelu`).
 Once dispatch has decided every layer of a block native for a row count (the first call at that size runs the
 path above, in Python), later calls run the whole block in **one C call** (``lb_encoder_block``,
 ``lowbit_block.cpp``): the same kernels in the same order, so the same outputs bit for bit, without a Python step
-between them.
+between them. The description of the block that call takes is kept while nothing it was built from changes
+(`lowbit.nn.snapshot.Snapshot`). Where dispatch decided some layer dense on its own, the block races the one call
+(every layer on its kernel) against the Python path once per batch bucket. lowbit's own ViT block (layout
+``lowbit-vit``, ``c_only``) is fused as the one call alone: its own forward is already as lean as a Python path would
+be. An encoder that loops over fused blocks runs them all in one call (`lowbit.nn.fused_stack`), a BERT-style model
+its embeddings too (`lowbit.nn.fused_model`).
 
 Nothing in the module tree or the state dict changes: the block keeps its submodules and gets an instance
 ``forward``. That forward hands the call to the block's own class forward whenever anything is outside the plain
