@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lowbit.kernels import native
+from lowbit.nn.fused_blocks import PROBE_ATOL, _is_set
 from lowbit.nn.fused_stack import FusedStackForward
 from lowbit.nn.snapshot import Snapshot, global_hooks
 
@@ -36,12 +37,7 @@ __all__ = ["FusedBertForward", "fuse_encoder_models", "fused_models", "unfuse_en
 
 log = logging.getLogger(__name__)
 
-PROBE_ATOL = 1e-4
 _OUTPUTS = {"last_hidden_state", "pooler_output"}
-
-
-def _is_set(v: Any) -> bool:
-    return v is not None and v is not False
 
 
 def _bert_embeddings(emb: nn.Module) -> bool:

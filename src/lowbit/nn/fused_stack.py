@@ -33,19 +33,14 @@ from torch import nn
 from lowbit.kernels import native
 from lowbit.kernels.abi import BlockDesc
 from lowbit.kernels.attention import mask_args
-from lowbit.nn.fused_blocks import FusedEncoderForward, call_key
+from lowbit.nn.fused_blocks import PROBE_ATOL, FusedEncoderForward, _is_set, call_key
 from lowbit.nn.snapshot import Snapshot, global_hooks
 
 __all__ = ["FusedStackForward", "stack_encoders", "stacked_encoders", "unstack_encoders"]
 
 log = logging.getLogger(__name__)
 
-PROBE_ATOL = 1e-4
 _Strides4 = ctypes.c_int64 * 4
-
-
-def _is_set(v: Any) -> bool:
-    return v is not None and v is not False
 
 
 def _output_wrapper(ref: Any) -> Callable[[torch.Tensor], Any] | None:
