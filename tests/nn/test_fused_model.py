@@ -146,3 +146,17 @@ def test_unfuse_and_copy():
     torch.testing.assert_close(out.last_hidden_state, embed_calls(model)[1].last_hidden_state, rtol=0, atol=0)
     fb.unfuse_encoder_blocks(model)
     assert fm.fused_models(model) == [] and embed_calls(model)[0] == 0
+
+
+def test_a_used_fused_model_pickles():
+    import io
+
+    model = packed()
+    _, ref = embed_calls(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    twin = torch.load(buf, weights_only=False)
+    calls, out = embed_calls(twin)
+    assert calls == 1 and len(fm.fused_models(twin)) == 1
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, rtol=0, atol=0)

@@ -173,3 +173,19 @@ def test_concurrent_calls_give_the_sequential_output():
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(call, range(16)))
     assert all(torch.equal(o, ref) for o in outs)
+
+
+def test_a_used_stacked_model_pickles_and_runs_stacked():
+    """``torch.save(model)`` of a model that has run its one-call paths: nothing of them is pickled but the probe's
+    verdicts (the output class), and the loaded copy runs stacked again."""
+    import io
+
+    model = packed_bert()
+    _, ref = stack_calls(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    twin = torch.load(buf, weights_only=False)
+    assert len(fs.stacked_encoders(twin)) == 1
+    calls, out = stack_calls(twin, warm=2)
+    assert calls == 1 and torch.equal(out, ref)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,18 +42,18 @@ log = logging.getLogger(__name__)
 _Strides4 = ctypes.c_int64 * 4
 
 
-def _output_wrapper(ref: Any) -> Callable[[torch.Tensor], Any] | None:
-    """How the encoder's own forward wraps its last hidden states (seen in ``ref``, its probe output): a tensor, a
-    1-tuple or a transformers ``ModelOutput`` with nothing else set; None for anything else."""
+def _output_kind(ref: Any) -> Any:
+    """How the encoder's own forward wraps its last hidden states (seen in ``ref``, its probe output): ``torch.Tensor``
+    (as is), ``tuple`` (a 1-tuple) or a transformers ``ModelOutput`` class with nothing else set; None for anything
+    else. (A class, not a function: a stacked model stays picklable.)"""
     if isinstance(ref, torch.Tensor):
-        return lambda y: y
+        return torch.Tensor
     if type(ref) is tuple and len(ref) == 1 and isinstance(ref[0], torch.Tensor):
-        return lambda y: (y,)
+        return tuple
     to_tuple = getattr(ref, "to_tuple", None)
     last = getattr(ref, "last_hidden_state", None)
     if callable(to_tuple) and len(to_tuple()) == 1 and isinstance(last, torch.Tensor):
-        cls = type(ref)
-        return lambda y: cls(last_hidden_state=y)
+        return type(ref)
     return None
 
 
@@ -70,7 +69,7 @@ class FusedStackForward:
         self._snap = Snapshot(containers=[encoder, blocks], hooked=blocks)
         self._forwards = [(b.__dict__, f) for b, f in zip(blocks, self.fused, strict=True)]
         self._array: tuple[list[BlockDesc], Any] = ([], None)  # descriptions, the C array of their addresses
-        self.wrap: Callable[[torch.Tensor], Any] = lambda y: y  # set from the probe by `stack_encoders`
+        self.output: Any = torch.Tensor  # what the encoder returns (`_output_kind`), set from the probe
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy's blocks describe their own layers: drop the array of these blocks' descriptions (raw pointers).
@@ -87,6 +86,11 @@ class FusedStackForward:
         if y is None:
             return self.original(hidden_states, attention_mask, *args, **kwargs)
         return self.wrap(y)
+
+    def wrap(self, y: torch.Tensor) -> Any:
+        """``y`` as the encoder's own forward returns its last hidden states."""
+        kind = self.output
+        return y if kind is torch.Tensor else (y,) if kind is tuple else kind(last_hidden_state=y)
 
     def ready(self, shape: tuple[int, ...]) -> list[BlockDesc] | None:
         """The blocks' C descriptions for hidden states of ``shape`` (B, L, D) when the one call can run them: no
@@ -160,9 +164,10 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.Module, nn.ModuleList]]
     return found
 
 
-def _probe(stack: FusedStackForward, d: int) -> Callable[[torch.Tensor], Any] | None:
+def _probe(stack: FusedStackForward, d: int) -> Any:
     """Run the encoder's own forward and the one call on a seeded probe (without and with a padding mask) with every
-    layer on its native kernel; the output wrapper when the one call ran and matched every time, else None."""
+    layer on its native kernel; the encoder's output kind (`_output_kind`) when the one call ran and matched every
+    time, else None."""
     from lowbit.kernels.dispatch import use_mode
 
     gen = torch.Generator().manual_seed(0)
@@ -171,23 +176,23 @@ def _probe(stack: FusedStackForward, d: int) -> Callable[[torch.Tensor], Any] | 
     pad[1, ..., 5:] = torch.finfo(torch.float32).min
     modes = {m: m.training for m in stack.encoder.modules()}
     stack.encoder.eval()
-    wrap = None
+    kind = None
     try:
         with torch.no_grad(), use_mode("native"):
             for mask in (None, pad):
                 for _ in range(2):  # the first call prepares the layers' kernels, the second describes the blocks
                     ref = stack.original(x, mask)
-                wrap = _output_wrapper(ref)
+                kind = _output_kind(ref)
                 got = stack.one_call(x, mask)
                 ref_t = ref if isinstance(ref, torch.Tensor) else ref[0]
-                if wrap is None or got is None or got.shape != ref_t.shape:
+                if kind is None or got is None or got.shape != ref_t.shape:
                     return None
                 if not torch.allclose(got, ref_t, atol=PROBE_ATOL, rtol=PROBE_ATOL):
                     return None
     finally:
         for m, training in modes.items():
             m.training = training
-    return wrap
+    return kind
 
 
 def stack_encoders(model: nn.Module) -> int:
@@ -204,14 +209,14 @@ def stack_encoders(model: nn.Module) -> int:
         stack = FusedStackForward(enc, blocks)
         f0 = stack.fused[0]
         try:
-            wrap = _probe(stack, f0.heads * f0.head_dim)
+            kind = _probe(stack, f0.heads * f0.head_dim)
         except Exception as e:  # an encoder that is not a plain loop over its blocks: keep its own forward
             log.debug("not stacking %s: probe failed (%s)", name, e)
             continue
-        if wrap is None:
+        if kind is None:
             log.debug("not stacking %s: the one call did not run or did not match on the probe", name)
             continue
-        stack.wrap = wrap
+        stack.output = kind
         enc.forward = stack  # type: ignore[method-assign]
         stacked += 1
     return stacked
