@@ -76,3 +76,17 @@ def test_a_hook_or_no_kernel_keeps_the_blocks_own_forward():
         model(images())
     assert calls["lb_encoder_block"] == 2 and len(seen) == 2  # block 0 on its own forward, block 1 in C
     assert fb.fuse_encoder_blocks(zoo_vit()) == 0  # fp32 layers: no C call, and no faster Python path
+
+
+def test_fusing_probes_leave_no_rows_in_the_dispatch_report():
+    """The probes run every layer on its kernel (``native`` mode) at a tiny shape; what dispatch reports per layer
+    (`lowbit inspect --packed`) keeps only measured rows."""
+    from lowbit.kernels.dispatch import layer_report
+    from tests.nn.test_fused_native import tiny
+
+    for model in (zoo_vit(), tiny("bert")):
+        packed = lowbit.pack(lowbit.compress(model, "w8a8", progress=False))
+        assert fb.fused_blocks(packed)
+        for layer in packed.modules():
+            if getattr(layer, "_dispatch", None):
+                assert [r["path"] for r in layer_report(layer)] == ["not run yet"]

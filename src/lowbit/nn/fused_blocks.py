@@ -417,11 +417,11 @@ def _probe_ok(block: nn.Module, fused: FusedEncoderForward, d: int) -> tuple[boo
 def _probe_c_only(fused: FusedEncoderForward, x: torch.Tensor) -> bool:
     """Whether the one C call runs and matches the block's own forward (called without a mask, as such blocks are)
     on a probe, every layer on its native kernel (the first calls prepare them)."""
-    from lowbit.kernels.dispatch import use_mode
+    from lowbit.kernels.dispatch import native_probe
 
     if not native.available():
         return False
-    with torch.no_grad(), use_mode("native"):
+    with torch.no_grad(), native_probe(fused.block):
         for _ in range(2):
             ref = fused.original(x)
         got = fused.lean(x, None)

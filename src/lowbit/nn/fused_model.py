@@ -203,14 +203,14 @@ def _probe_inputs(model: nn.Module) -> list[dict[str, torch.Tensor]]:
 
 def _probe(fused: FusedBertForward) -> Any:
     """The model's output class when the fast path ran on every probe input and matched the model's own forward."""
-    from lowbit.kernels.dispatch import use_mode
+    from lowbit.kernels.dispatch import native_probe
 
     model = fused.model
     modes = {m: m.training for m in model.modules()}
     model.eval()
     cls = None
     try:
-        with torch.no_grad(), use_mode("native"):
+        with torch.no_grad(), native_probe(model):
             for batch in _probe_inputs(model):
                 for _ in range(3):  # prepare the kernels, describe the blocks, run the stack: as a user's calls would
                     ref = fused.original(**batch)

@@ -168,7 +168,7 @@ def _probe(stack: FusedStackForward, d: int) -> Any:
     """Run the encoder's own forward and the one call on a seeded probe (without and with a padding mask) with every
     layer on its native kernel; the encoder's output kind (`_output_kind`) when the one call ran and matched every
     time, else None."""
-    from lowbit.kernels.dispatch import use_mode
+    from lowbit.kernels.dispatch import native_probe
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 7, d, generator=gen)
@@ -178,7 +178,7 @@ def _probe(stack: FusedStackForward, d: int) -> Any:
     stack.encoder.eval()
     kind = None
     try:
-        with torch.no_grad(), use_mode("native"):
+        with torch.no_grad(), native_probe(stack.encoder):
             for mask in (None, pad):
                 for _ in range(2):  # the first call prepares the layers' kernels, the second describes the blocks
                     ref = stack.original(x, mask)
