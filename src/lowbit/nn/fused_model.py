@@ -108,7 +108,7 @@ class FusedBertForward:
             containers=[self.model, emb],
             read=parts,
             copied=checked,
-            hooked=[emb, *emb.children()],
+            hooked=[emb, *emb.children(), self.model.encoder],  # (the encoder's call is skipped too)
             attrs=[(emb, "position_ids"), (emb, "token_type_ids")] if checked else [(emb, "position_ids")],
         )
         return self._snap.holds()
