@@ -43,8 +43,10 @@ def test_lowbit_vit_blocks_run_in_one_c_call(preset):
         with counted_c_calls() as calls:
             out = model(images())
     assert calls["lb_encoder_block"] == 2
-    tol = 1e-5 if preset is W4G32 else 1e-3  # float rounding of another attention / LayerNorm; int8 inputs round it
-    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    if preset is W4G32:  # float inputs: lowbit's attention / LayerNorm / GELU differ from PyTorch's by float rounding
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:  # int8 inputs: a value that rounds the other way moves a few outputs by a quantization step
+        assert float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)) < 1e-2
 
 
 @pytest.mark.parametrize("one_call_wins", [True, False])
