@@ -59,10 +59,20 @@ def register_workload(name: str, *, default: bool = True) -> Callable[[Callable[
     return deco
 
 
+#: The modules of the embedded workloads, in the order they are listed (whichever was imported first).
+_BUILTIN = ("lowbit.zoo.digits", "lowbit.zoo.fashion", "lowbit.zoo.minilm")
+
+
 def list_workloads(include_extra: bool = False) -> list[str]:
-    """Names of the default workloads (and the heavier opt-in ones with ``include_extra``)."""
+    """Names of the default workloads (and the heavier opt-in ones with ``include_extra``): the embedded ones in a
+    fixed order, then any registered elsewhere, in registration order."""
     _load_builtin()
-    return [n for n in _REGISTRY if include_extra or n not in _EXTRA]
+
+    def rank(name: str) -> int:
+        module = getattr(_REGISTRY[name], "__module__", "")
+        return _BUILTIN.index(module) if module in _BUILTIN else len(_BUILTIN)
+
+    return sorted((n for n in _REGISTRY if include_extra or n not in _EXTRA), key=rank)
 
 
 def get_workload(name: str) -> Workload:
