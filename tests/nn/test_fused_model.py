@@ -13,7 +13,7 @@ from lowbit.kernels import native
 from lowbit.kernels.dispatch import use_mode
 from lowbit.nn import fused_blocks as fb
 from lowbit.nn import fused_model as fm
-from tests.nn.test_fused_native import W4G32, inputs, tiny
+from tests.nn.test_fused_native import W4G32, inputs, saved_and_loaded, tiny
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
@@ -150,14 +150,9 @@ def test_unfuse_and_copy():
 
 
 def test_a_used_fused_model_pickles():
-    import io
-
     model = packed()
     _, ref = embed_calls(model)
-    buf = io.BytesIO()
-    torch.save(model, buf)
-    buf.seek(0)
-    twin = torch.load(buf, weights_only=False)
+    twin = saved_and_loaded(model)
     calls, out = embed_calls(twin)
     assert calls == 1 and len(fm.fused_models(twin)) == 1
     torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, rtol=0, atol=0)

@@ -5,6 +5,7 @@ Python path otherwise."""
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Iterator
 
 import pytest
@@ -104,6 +105,14 @@ def counted_c_calls() -> Iterator[dict[str, int]]:
     finally:
         for name, fn in saved.items():
             setattr(lib, name, fn)
+
+
+def saved_and_loaded(model: nn.Module) -> nn.Module:
+    """``model`` through ``torch.save`` / ``torch.load`` (a pickle, as users save whole models)."""
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
 
 
 def check_one_call(kind: str, preset: object, acts: str = "exact") -> None:

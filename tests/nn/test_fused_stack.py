@@ -14,7 +14,7 @@ from lowbit.kernels.dispatch import use_mode
 from lowbit.nn import fused_blocks as fb
 from lowbit.nn import fused_model as fm
 from lowbit.nn import fused_stack as fs
-from tests.nn.test_fused_native import counted_c_calls, inputs, python_path_only, run, tiny
+from tests.nn.test_fused_native import counted_c_calls, inputs, python_path_only, run, saved_and_loaded, tiny
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
@@ -178,14 +178,9 @@ def test_concurrent_calls_give_the_sequential_output():
 def test_a_used_stacked_model_pickles_and_runs_stacked():
     """``torch.save(model)`` of a model that has run its one-call paths: nothing of them is pickled but the probe's
     verdicts (the output class), and the loaded copy runs stacked again."""
-    import io
-
     model = packed_bert()
     _, ref = stack_calls(model)
-    buf = io.BytesIO()
-    torch.save(model, buf)
-    buf.seek(0)
-    twin = torch.load(buf, weights_only=False)
+    twin = saved_and_loaded(model)
     assert len(fs.stacked_encoders(twin)) == 1
     calls, out = stack_calls(twin, warm=2)
     assert calls == 1 and torch.equal(out, ref)

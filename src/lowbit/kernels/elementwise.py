@@ -84,6 +84,48 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Laye
     return out
 
 
+def embedding_args(
+    ids: torch.Tensor,
+    word: torch.Tensor,
+    types: torch.Tensor | None,
+    type_ids: torch.Tensor | None,
+    positions: torch.Tensor,
+    position_ids: torch.Tensor,
+    norm: nn.LayerNorm,
+) -> tuple[tuple, tuple, tuple[int, int, int]] | None:
+    """The C arguments of BERT's embedding pass (``lb_embed_layer_norm``, ``lb_bert_encoder``): the tables and ids
+    (9 values), the LayerNorm (weight, bias, eps) and (B, L, D); None where the pass does not apply (see
+    `embed_layer_norm`)."""
+    if ids.dim() != 2 or position_ids.dim() != 1 or len(norm.normalized_shape) != 1:
+        return None
+    b, n = ids.shape
+    d = word.shape[-1] if word.dim() == 2 else -1
+    tables = [t for t in (word, types, positions) if t is not None]
+    if norm.normalized_shape[0] != d or any(t.dim() != 2 or t.shape[1] != d for t in tables):
+        return None
+    index = [t for t in (ids, type_ids, position_ids) if t is not None]
+    if any(t.dtype is not torch.int64 or not t.is_cpu or not t.is_contiguous() for t in index):
+        return None
+    if (type_ids is not None and type_ids.shape != ids.shape) or position_ids.numel() < n:
+        return None
+    if not _native_ok(*tables, norm.weight, norm.bias) or torch.compiler.is_compiling():
+        return None
+    w, bias = norm.weight, norm.bias
+    lookups = (
+        word.data_ptr(),
+        word.shape[0],
+        ids.data_ptr(),
+        None if types is None else types.data_ptr(),
+        0 if types is None else types.shape[0],
+        None if type_ids is None else type_ids.data_ptr(),
+        positions.data_ptr(),
+        positions.shape[0],
+        position_ids.data_ptr(),
+    )
+    norm_args = (None if w is None else w.data_ptr(), None if bias is None else bias.data_ptr(), float(norm.eps))
+    return lookups, norm_args, (b, n, d)
+
+
 def embed_layer_norm(
     ids: torch.Tensor,
     word: torch.Tensor,
@@ -100,39 +142,10 @@ def embed_layer_norm(
     None where the pass does not apply (no native library, tracing, autograd on a table, tensors that are not
     contiguous CPU int64 ids / fp32 tables, an index outside its table): the caller runs its own path, which raises
     the error for a bad index."""
-    if ids.dim() != 2 or position_ids.dim() != 1 or len(norm.normalized_shape) != 1:
+    args = embedding_args(ids, word, types, type_ids, positions, position_ids, norm)
+    if args is None:
         return None
-    b, n = ids.shape
-    d = word.shape[-1] if word.dim() == 2 else -1
-    tables = [t for t in (word, types, positions) if t is not None]
-    if norm.normalized_shape[0] != d or any(t.dim() != 2 or t.shape[1] != d for t in tables):
-        return None
-    index = [t for t in (ids, type_ids, position_ids) if t is not None]
-    if any(t.dtype is not torch.int64 or not t.is_cpu or not t.is_contiguous() for t in index):
-        return None
-    if (type_ids is not None and type_ids.shape != ids.shape) or position_ids.numel() < n:
-        return None
-    if not _native_ok(*tables, norm.weight, norm.bias) or torch.compiler.is_compiling():
-        return None
-    out = torch.empty(b, n, d)
-    w, bias = norm.weight, norm.bias
-    rc = native._need().lb_embed_layer_norm(
-        word.data_ptr(),
-        word.shape[0],
-        ids.data_ptr(),
-        None if types is None else types.data_ptr(),
-        0 if types is None else types.shape[0],
-        None if type_ids is None else type_ids.data_ptr(),
-        positions.data_ptr(),
-        positions.shape[0],
-        position_ids.data_ptr(),
-        b,
-        n,
-        d,
-        None if w is None else w.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        float(norm.eps),
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
+    lookups, norm_args, shape = args
+    out = torch.empty(shape)
+    rc = native._need().lb_embed_layer_norm(*lookups, *shape, *norm_args, out.data_ptr(), torch.get_num_threads())
     return None if rc else out

@@ -462,10 +462,27 @@ def fuse_encoder_blocks(model: nn.Module) -> int:
     return fused
 
 
+def instance_forwards(model: nn.Module, kind: type) -> list[tuple[str, Any]]:
+    """The modules inside ``model`` whose instance ``forward`` is a ``kind`` (one of the fused forwards of this module,
+    `lowbit.nn.fused_stack` and `lowbit.nn.fused_model`): (module name, that forward)."""
+    found = ((name, m.__dict__.get("forward")) for name, m in model.named_modules())
+    return [(name, f) for name, f in found if isinstance(f, kind)]
+
+
+def drop_instance_forwards(model: nn.Module, kind: type) -> int:
+    """Give every module inside ``model`` whose instance ``forward`` is a ``kind`` its class forward back; returns
+    how many were changed."""
+    undone = 0
+    for m in model.modules():
+        if isinstance(m.__dict__.get("forward"), kind):
+            del m.forward
+            undone += 1
+    return undone
+
+
 def fused_blocks(model: nn.Module) -> list[tuple[str, FusedEncoderForward]]:
     """The fused blocks inside ``model``: (module name, its `FusedEncoderForward`)."""
-    found = ((name, m.__dict__.get("forward")) for name, m in model.named_modules())
-    return [(name, f) for name, f in found if isinstance(f, FusedEncoderForward)]
+    return instance_forwards(model, FusedEncoderForward)
 
 
 def unfuse_encoder_blocks(model: nn.Module) -> int:
@@ -476,9 +493,4 @@ def unfuse_encoder_blocks(model: nn.Module) -> int:
 
     unfuse_encoder_models(model)
     unstack_encoders(model)
-    undone = 0
-    for block in model.modules():
-        if isinstance(block.__dict__.get("forward"), FusedEncoderForward):
-            del block.forward
-            undone += 1
-    return undone
+    return drop_instance_forwards(model, FusedEncoderForward)

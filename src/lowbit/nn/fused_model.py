@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from lowbit.kernels import native
-from lowbit.nn.fused_blocks import PROBE_ATOL, _is_set
+from lowbit.kernels.elementwise import embedding_args
+from lowbit.nn.fused_blocks import PROBE_ATOL, _is_set, drop_instance_forwards, instance_forwards
 from lowbit.nn.fused_stack import FusedStackForward
 from lowbit.nn.snapshot import Snapshot, global_hooks
 
@@ -91,17 +92,6 @@ class FusedBertForward:
             return False
         types = getattr(emb, "token_type_embeddings", None)
         parts = [emb.word_embeddings, emb.position_embeddings, emb.LayerNorm, *([] if types is None else [types])]
-        d, norm = emb.word_embeddings.embedding_dim, emb.LayerNorm
-        if tuple(norm.normalized_shape) != (d,) or any(p.embedding_dim != d for p in parts if p is not norm):
-            return False
-        tensors = [*(p.weight for p in parts), norm.bias]
-        if any(
-            t is not None and (t.dtype is not torch.float32 or not t.is_contiguous() or not t.is_cpu) for t in tensors
-        ):
-            return False
-        pids = emb.position_ids
-        if pids.dtype is not torch.int64 or not pids.is_contiguous() or not pids.is_cpu:
-            return False
         self._params = [p for m in parts for p in m.parameters()]
         checked = [default_types] if isinstance(default_types, torch.Tensor) else []  # (to be type 0)
         self._snap = Snapshot(
@@ -139,36 +129,26 @@ class FusedBertForward:
             return None
         if mask is not None and mask.dtype is not torch.int64:
             mask = mask.long()  # (0: padding, as transformers reads it)
-        index = [t for t in (ids, mask, type_ids) if t is not None]
-        if any(t.dtype is not torch.int64 or not t.is_cpu or not t.is_contiguous() for t in index):
+        if mask is not None and (not mask.is_cpu or not mask.is_contiguous()):
             return None
-        pids = emb.position_ids[0]
-        if pids.numel() < n:
+        types = getattr(emb, "token_type_embeddings", None)
+        args = embedding_args(
+            ids,
+            emb.word_embeddings.weight,
+            None if types is None else types.weight,
+            type_ids,
+            emb.position_embeddings.weight,
+            emb.position_ids[0],
+            emb.LayerNorm,
+        )
+        if args is None:
             return None
-        types, norm = getattr(emb, "token_type_embeddings", None), emb.LayerNorm
-        word, pos = emb.word_embeddings.weight, emb.position_embeddings.weight
-        y = torch.empty(b, n, d)
+        lookups, norm_args, shape = args
+        y = torch.empty(shape)
+        flags = None if mask is None else mask.data_ptr()
+        array, threads = self.stack.array(descs), torch.get_num_threads()
         rc = native._need().lb_bert_encoder(
-            word.data_ptr(),
-            word.shape[0],
-            ids.data_ptr(),
-            None if types is None else types.weight.data_ptr(),
-            0 if types is None else types.weight.shape[0],
-            None if type_ids is None else type_ids.data_ptr(),
-            pos.data_ptr(),
-            pos.shape[0],
-            pids.data_ptr(),
-            None if norm.weight is None else norm.weight.data_ptr(),
-            None if norm.bias is None else norm.bias.data_ptr(),
-            float(norm.eps),
-            None if mask is None else mask.data_ptr(),
-            self.stack.array(descs),
-            len(descs),
-            b,
-            n,
-            d,
-            y.data_ptr(),
-            torch.get_num_threads(),
+            *lookups, *norm_args, flags, array, len(descs), *shape, y.data_ptr(), threads
         )
         if rc:  # an index outside its table (the model's own forward raises the error), or no memory
             return None
@@ -258,15 +238,9 @@ def fuse_encoder_models(model: nn.Module) -> int:
 
 def fused_models(model: nn.Module) -> list[tuple[str, FusedBertForward]]:
     """The models inside ``model`` that run `FusedBertForward`: (module name, it)."""
-    found = ((name, m.__dict__.get("forward")) for name, m in model.named_modules())
-    return [(name, f) for name, f in found if isinstance(f, FusedBertForward)]
+    return instance_forwards(model, FusedBertForward)
 
 
 def unfuse_encoder_models(model: nn.Module) -> int:
     """Undo `fuse_encoder_models`: every model gets its class forward back; returns how many were changed."""
-    undone = 0
-    for m in model.modules():
-        if isinstance(m.__dict__.get("forward"), FusedBertForward):
-            del m.forward
-            undone += 1
-    return undone
+    return drop_instance_forwards(model, FusedBertForward)

@@ -32,7 +32,14 @@ from torch import nn
 from lowbit.kernels import native
 from lowbit.kernels.abi import BlockDesc
 from lowbit.kernels.attention import mask_args
-from lowbit.nn.fused_blocks import PROBE_ATOL, FusedEncoderForward, _is_set, call_key
+from lowbit.nn.fused_blocks import (
+    PROBE_ATOL,
+    FusedEncoderForward,
+    _is_set,
+    call_key,
+    drop_instance_forwards,
+    instance_forwards,
+)
 from lowbit.nn.snapshot import Snapshot, global_hooks
 
 __all__ = ["FusedStackForward", "stack_encoders", "stacked_encoders", "unstack_encoders"]
@@ -224,15 +231,9 @@ def stack_encoders(model: nn.Module) -> int:
 
 def stacked_encoders(model: nn.Module) -> list[tuple[str, FusedStackForward]]:
     """The encoders inside ``model`` that run stacked: (module name, its `FusedStackForward`)."""
-    found = ((name, m.__dict__.get("forward")) for name, m in model.named_modules())
-    return [(name, f) for name, f in found if isinstance(f, FusedStackForward)]
+    return instance_forwards(model, FusedStackForward)
 
 
 def unstack_encoders(model: nn.Module) -> int:
     """Undo `stack_encoders`: every encoder gets its class forward back; returns how many were changed."""
-    undone = 0
-    for enc in model.modules():
-        if isinstance(enc.__dict__.get("forward"), FusedStackForward):
-            del enc.forward
-            undone += 1
-    return undone
+    return drop_instance_forwards(model, FusedStackForward)
