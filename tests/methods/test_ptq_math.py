@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from lowbit.formats import FORMATS, QuantSpec, dequantize, fake_quantize, quantize
+from lowbit.formats.layout import to_units
 from lowbit.kernels.dispatch import use_mode
 from lowbit.methods.ptq.awq_math import awq_clip_search, awq_scale_search
-from lowbit.methods.ptq.hqq_math import hqq_quantize
+from lowbit.methods.ptq.hqq_math import hqq_quantize, is_flat
 from lowbit.methods.ptq.smoothquant_math import smooth_scales
 
 
@@ -96,3 +97,35 @@ def test_hqq_real_zero_points_lower_error_than_integer_ones_and_pack_exactly() -
     x = torch.randn(4, 128)
     with use_mode("reference"):  # exactness of the packed storage; auto dispatch may pick the native kernel by timing
         assert torch.equal(lowbit.pack(q)(x), q(x))
+
+
+def test_hqq_grid_follows_the_shape_of_the_weights() -> None:
+    g = torch.Generator().manual_seed(0)
+    flat = torch.rand(64, 256, generator=g) - 0.5  # a uniform initialisation, barely trained
+    bell = torch.randn(64, 256, generator=g)
+    heavy = torch.distributions.Laplace(0.0, 1.0).sample((64, 256))
+    assert is_flat(to_units(flat, "group", 64))
+    assert not is_flat(to_units(bell, "group", 64)) and not is_flat(to_units(heavy, "group", 64))
+    spec = FORMATS["int3_g64"]
+    for w, search in ((flat, False), (bell, True)):
+        assert torch.equal(dequantize(hqq_quantize(w, spec)), dequantize(hqq_quantize(w, spec, range_search=search)))
+    with pytest.raises(ValueError, match="range_search"):
+        hqq_quantize(flat, spec, range_search="sometimes")
+
+
+def test_hqq_flat_grid_is_min_max_with_a_real_zero_point_and_iterations_only_lower_its_error() -> None:
+    torch.manual_seed(0)
+    w = torch.rand(16, 128) - 0.3
+    spec = FORMATS["int3_g64"]
+    u = to_units(w, "group", 64)
+    step = (u.amax(-1) - u.amin(-1)) / 7
+
+    def extremes_off(qt: object) -> torch.Tensor:
+        v = to_units(dequantize(qt), "group", 64)
+        return torch.maximum((v.amax(-1) - u.amax(-1)).abs(), (v.amin(-1) - u.amin(-1)).abs()) / step
+
+    start = hqq_quantize(w, spec, range_search=False, iters=0)
+    assert extremes_off(start).max() < 0.01  # both ends of every group on the grid (fp16 scale / zero rounding)
+    assert extremes_off(quantize(w, spec)).max() > 0.1  # RTN's integer zero moves one end off it
+    err = lambda qt: float((dequantize(qt) - w).abs().pow(2.4).sum())  # noqa: E731
+    assert err(hqq_quantize(w, spec)) <= err(start)

@@ -1,10 +1,12 @@
-"""HQQ as a registered method: data-free optimisation of group scales (range search) and zero points
-(half-quadratic proximal updates); see `lowbit.methods.ptq.hqq_math`.
+"""HQQ as a registered method: data-free choice of each layer's grid (a clipping search for bell-shaped weights,
+min-max with a real zero point for flat ones) and of its zero points (half-quadratic proximal updates); see
+`lowbit.methods.ptq.hqq_math`.
 
 Asymmetric integer formats are optimised; other formats fall back to RTN (there is nothing to optimise in a
 symmetric absmax or ternary/binary scale without data). Options: ``iters`` (20), ``lp_norm`` (0.7), ``beta``
-(10.0), ``kappa`` (1.01), ``range_search`` (True), ``integer_zero`` (False: real zero points stored at fp16, as in
-the paper), ``error_norm`` (2.4) and ``max_shrink`` (0.8) of the range search.
+(10.0), ``kappa`` (1.01), ``range_search`` ("auto"; true / false force the clipping search or the min-max grid),
+``integer_zero`` (False: real zero points stored at fp16, as in the paper), ``error_norm`` (2.4) and ``max_shrink``
+(0.8) of the range search.
 
 Example:
     >>> import torch
