@@ -13,8 +13,8 @@ from torch import nn
 
 import lowbit
 from lowbit.formats import ACT_FORMATS, FORMATS
+from lowbit.kernels import dispatch, native
 from lowbit.kernels import layer as native_layer
-from lowbit.kernels import native
 from lowbit.kernels.dispatch import bucket, layer_report, use_mode
 from lowbit.kernels.routes import route_for
 from lowbit.recipe import Recipe, Stage
@@ -39,7 +39,10 @@ CASES = [
     ("binary", "int8_token", "w1a8"),
     ("binary", "binary_token", "w1a1"),
     ("binary_sign", "binary_token", "w1a1"),
-    ("fp8_e4m3", None, None),
+    ("fp8_e4m3", None, "fp8a32"),  # panels of its bytes, decoded in the kernel
+    ("fp8_e5m2", None, "fp8a32"),
+    ("fp8_e4m3", "fp8_token", "fp8a8"),  # activations fake-quantized to FP8 per row in the same call
+    ("fp6_e3m2", None, None),
     ("fp4_e2m1", None, "fp4a32"),  # panels of 2 × its values
     ("int6", None, None),
 ]
@@ -56,7 +59,7 @@ def packed_layer(weights: str, acts: str | None, k: int = 384, n: int = 96) -> t
 def test_every_registered_format_is_covered() -> None:
     assert {w for w, _, _ in CASES} | {"int8_asym", "int8_tensor", "int4", "int4_sym_g128", "int2"} >= {
         f for f in FORMATS if FORMATS[f].kind in ("int", "ternary", "binary")
-    } - {"ternary_absmedian", "ternary_tbt", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3"}
+    } - {"ternary_absmedian", "ternary_tbt", "fp6_e2m3"}
 
 
 @pytest.mark.parametrize(("weights", "acts", "kernel"), CASES)
@@ -93,6 +96,7 @@ CONV_CASES = [
     ("ternary_absmean", "int8_token", "ternary"),
     ("binary", "binary_token", "w1a1"),
     ("int4_g32", "int8_token", "w4a8"),  # 32·9 patch columns: nine groups of 32
+    ("fp8_e4m3", "fp8_token", "fp8a8"),
 ]
 
 
@@ -553,7 +557,7 @@ def test_an_empty_batch_gives_an_empty_output(conv: bool) -> None:
         assert want.shape[0] == 0 and torch.equal(p(x), want)
 
 
-@pytest.mark.parametrize(("weights", "acts"), [("fp8_e4m3", "fp8_token"), ("int6", None), ("int6", "int8_token")])
+@pytest.mark.parametrize(("weights", "acts"), [("fp6_e3m2", "fp8_token"), ("int6", None), ("int6", "int8_token")])
 def test_layers_without_a_route_take_the_short_reference_path_with_the_same_output(monkeypatch, weights, acts) -> None:
     """A packed layer with no native kernel (FP8, int6) runs its reference forward as the activation quantizer's C
     pass and one F.linear on the cached weight (`dispatch.dense_hot`), bit for bit the simulated layer's; anything
@@ -579,3 +583,43 @@ def test_layers_without_a_route_take_the_short_reference_path_with_the_same_outp
     xg = x.clone().requires_grad_(True)
     p(xg).sum().backward()
     assert xg.grad is not None and len(full) == 3
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("weights", "acts"),
+    [("int8", "int8_token"), ("int4_g128", None), ("int4_g128", "int8_token"), ("binary", "binary_token"),
+     ("fp8_e4m3", "fp8_token"), ("ternary_absmean", "int8_token")],
+)  # fmt: skip
+@pytest.mark.parametrize("rows", [1, 40])
+def test_the_kernel_applies_a_linear_layers_input_scale(weights: str, acts: str | None, rows: int) -> None:
+    """An explicit input scale (AWQ / SmoothQuant) goes to the C call, which multiplies before quantizing: the same
+    codes as the simulated layer's ``x * scale``, in every activation mode, on the call's and the decided path."""
+    q, p = packed_layer(weights, acts)
+    s = torch.rand(384, generator=torch.Generator().manual_seed(5)) + 0.5
+    q[0].set_input_scale(s)
+    p[0].set_input_scale(s)
+    x = torch.randn(rows, 384)
+    want = q(x).detach()
+    with torch.no_grad():
+        with use_mode("native"):
+            got = p(x)
+        disp = p[0]._dispatch
+        assert disp.kernel_scales
+        assert disp.state.desc.xs == p[0].input_scale.data_ptr()  # the layer's own vector, read in place
+        assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+        disp.decided[(rows, torch.get_num_threads())] = True  # the hot path of a layer decided native
+        hot = disp.hot(p[0], x)
+        assert torch.equal(hot, got) if dispatch.mode() == "auto" else hot is None  # (portable builds: no hot path)
+
+
+def test_input_vectors_are_the_layers_own() -> None:
+    """A layer keeps a copy of the input scale / shift it is given: a vector shared with another layer (a
+    concatenated query / key / value layer and its sources) would be written through it."""
+    q, _ = packed_layer("int4_g128", None)
+    s = torch.rand(384)
+    q[0].set_input_scale(s)
+    q[0].set_input_shift(s)
+    assert q[0].input_scale.data_ptr() != s.data_ptr() and q[0].input_shift.data_ptr() != s.data_ptr()
+    s.zero_()
+    assert bool((q[0].input_scale > 0).any())

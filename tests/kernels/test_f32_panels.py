@@ -132,3 +132,34 @@ def test_fp4_layers_run_on_panels_of_twice_their_values():
             ref = layer(x)
         y = native_layer.linear(prepared, x, bias=layer.bias)
         assert float((y - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_fp8_panels_decode_every_finite_code_exactly(fmt):
+    """FP8 bytes are decoded in the kernel (normal, subnormal, ±0): an identity input returns every weight
+    code·scale bit for bit, the values of `lowfloat.decode_table`."""
+    from lowbit.formats import lowfloat
+
+    table = lowfloat.decode_table(fmt)
+    finite = torch.tensor(sorted(lowfloat._code_table(fmt)[1]), dtype=torch.uint8)  # every code encode can give
+    assert finite.numel() == {"e4m3": 253, "e5m2": 247}[fmt]  # one zero (+0), no NaN / inf
+    N, K = 40, 70  # N·K > 256 codes: each finite one at least once (K not a multiple of 32: padding)
+    codes = finite.repeat(N * K // finite.numel() + 1)[: N * K].reshape(N, K)
+    s = torch.rand(N, generator=gen(3)) + 0.5
+    p = panels.prepare_fp8_panels(codes, s, lowfloat.layout(fmt).exp_bits)
+    y = panels.matmul_f32_panel(torch.eye(K), p)  # (K, N): y[k, n] = w[n, k]
+    assert torch.equal(y.T, table[codes.long()] * s[:, None])
+
+
+@pytest.mark.parametrize("M", [1, 5, 8, 33])
+def test_fp8_panels_compute_the_dense_product(M):
+    from lowbit.formats import lowfloat
+
+    g = gen(M)
+    codes = torch.randint(0, 256, (100, 200), generator=g, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0  # E4M3's NaN patterns are never encoded
+    s = torch.rand(100, generator=g)
+    w = lowfloat.decode_table("e4m3")[codes.long()] * s[:, None]
+    x = torch.randn(M, 200, generator=g)
+    y = panels.matmul_f32_panel(x, panels.prepare_fp8_panels(codes, s, 4), threads=2)
+    _close(y, x.double() @ w.double().T, x, w)

@@ -17,7 +17,7 @@ import ctypes
 #: lb_isa() → name: the widest instruction set the loaded build uses.
 ISA_NAMES = {3: "avx512vnni", 2: "avx2", 0: "scalar"}
 
-ABI_VERSION = 7  # lb_abi_version() of the source this module binds
+ABI_VERSION = 8  # lb_abi_version() of the source this module binds
 
 
 class LayerDesc(ctypes.Structure):
@@ -42,11 +42,15 @@ class LayerDesc(ctypes.Structure):
         ("sp", ctypes.c_void_p),
         ("pld", ctypes.c_int64),
         ("ws", ctypes.c_void_p),
+        ("fp_man", ctypes.c_int32),  # low-bit float activations ("fp"): mantissa bits, normal exponent range
+        ("fp_emin", ctypes.c_int32),
+        ("fp_emax", ctypes.c_int32),
+        ("xs", ctypes.c_void_p),  # per-input-channel scale applied before activation quantization, or NULL
     ]
 
 
-WKINDS = {"w8": 1, "wn": 2, "ternary": 3, "binary_blocked": 4, "binary_inter": 5}
-AKINDS = {"f32": 0, "int8": 1, "sign": 2}
+WKINDS = {"w8": 1, "wn": 2, "ternary": 3, "binary_blocked": 4, "binary_inter": 5, "fp8": 6}
+AKINDS = {"f32": 0, "int8": 1, "sign": 2, "fp": 3}
 
 
 class BlockDesc(ctypes.Structure):

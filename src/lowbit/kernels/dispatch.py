@@ -177,8 +177,13 @@ class LayerDispatch:
         # `hot` serves layers whose input goes to the kernel untouched (no explicit input scale / shift).
         # (A convolution's input scale / shift is applied before its patches are cut: its patches are direct.)
         # (Setting an input scale / shift later drops the layer's LayerDispatch, so these stay true to the layer.)
-        self.unscaled = layer.input_scale is None and layer.input_shift is None
-        self.direct_input = getattr(layer, "patch_tokens", False) or self.unscaled
+        # A linear layer's input scale (no shift) is applied by the kernel itself (`layer.with_input_scale`): its input
+        # goes to the C call untouched as well.
+        patches = getattr(layer, "patch_tokens", False)
+        self.kernel_scales = layer.input_scale is not None and layer.input_shift is None and not patches
+        self.kernel_scales = self.kernel_scales and not getattr(layer, "_channels_first", True)  # linear layers
+        self.unscaled = (layer.input_scale is None or self.kernel_scales) and layer.input_shift is None
+        self.direct_input = patches or self.unscaled
         from lowbit.kernels import layer as native_layer
         from lowbit.kernels import native as native_lib
 
@@ -256,8 +261,18 @@ class LayerDispatch:
             return None
         many_rows = 0 < self.route.panel_rows <= rows
         if self.state is None or (many_rows and not self.state.has_panels):  # (as `native` builds it)
-            self.state = self.route.prepare(layer, panels=True) if many_rows else self.route.prepare(layer)
+            self.state = self.prepare(layer, many_rows)
         return self.state.addr
+
+    def prepare(self, layer: Any, many_rows: bool) -> Any:
+        """The layer's kernel description (`Route.prepare`; the many-row layout too when ``many_rows``), with its
+        input scale where the kernel applies it."""
+        st = self.route.prepare(layer, panels=True) if many_rows else self.route.prepare(layer)
+        if self.kernel_scales:
+            from lowbit.kernels import layer as native_layer
+
+            st = native_layer.with_input_scale(st, layer.input_scale)
+        return st
 
     def hot_conv(self, layer: Any, x: torch.Tensor, cut: Any) -> torch.Tensor | None:
         """`hot` for a convolution with per-patch activations whose patch count is decided native: patches, kernel
@@ -291,11 +306,13 @@ class LayerDispatch:
         return bool, ()
 
     def native(self, layer: Any, x: torch.Tensor, threads: int) -> torch.Tensor:
+        """The kernel's output on ``x``: the input after the layer's scale / shift, or as given where the kernel
+        applies the scale (``kernel_scales``)."""
         st, many = self.state, self.route.panel_rows
         many_rows = many > 0 and x.numel() >= many * x.shape[-1]
         if st is None or (many_rows and not st.has_panels):
             # Built on first use; the many-row layout (`kernels.panels`) on the first call with enough rows, then kept.
-            self.state = st = self.route.prepare(layer, panels=True) if many_rows else self.route.prepare(layer)
+            self.state = st = self.prepare(layer, many_rows)
         return self._linear(st, x, threads, layer.bias)
 
     def dense(self, layer: Any, x: torch.Tensor, xt: torch.Tensor, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -334,7 +351,7 @@ class LayerDispatch:
         if c is None or c["native_ms"] is None:
             w = layer.weight_matrix()  # what an fp32 layer of this shape costs (for the report, not the choice)
             native_ms, dense_ms, fp32_ms = race(
-                lambda: self.native(layer, xt, threads),
+                lambda: self.native(layer, x if self.kernel_scales else xt, threads),
                 lambda: self.dense(layer, x, xt, dense),
                 lambda: F.linear(xt, w, layer.bias),
             )
@@ -474,15 +491,20 @@ def dispatch_linear(
         layer._dispatch = disp
     if disp is None:
         return dense()
-    xt = transform(x)
-    rows = xt.numel() // xt.shape[-1] if xt.dim() and xt.shape[-1] else 0
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0  # (the scale / shift keeps the shape)
     threads = torch.get_num_threads()
     use_native = disp.decided.get((rows, threads)) if how == "auto" else None
+    xt = None
     if use_native is None:
+        xt = transform(x)
         use_native = disp.decide(layer, x, xt, rows, threads, dense, how)
     if not use_native:
-        return disp.dense(layer, x, xt, dense)
-    y = disp.native(layer, xt, threads)  # (..., N) straight from (..., K): no reshapes on the hot path
+        return disp.dense(layer, x, transform(x) if xt is None else xt, dense)
+    if not disp.kernel_scales:
+        x_in = transform(x) if xt is None else xt
+    else:
+        x_in = x if x.dtype is torch.float32 else x.float()
+    y = disp.native(layer, x_in, threads)  # (..., N) straight from (..., K): no reshapes on the hot path
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 

@@ -56,7 +56,7 @@ class NativeLinear:
 
 
 def describe(
-    p: PreparedW8 | PreparedWN | PreparedTernary | PreparedBinary,
+    p: PreparedW8 | PreparedWN | PreparedTernary | PreparedBinary | PreparedPanels,
     act: str,
     *,
     qmax: float = 127.0,
@@ -65,14 +65,20 @@ def describe(
     sign_scale: bool = True,
     sz: torch.Tensor | None = None,
     panels: PreparedPanels | None = None,
+    fp_layout: tuple[int, int, int] | None = None,
 ) -> NativeLinear:
     """Bind prepared weights ``p`` and an activation mode (``"f32"``, ``"int8"``: symmetric per row with ``qmax``
-    and the scale guards, ``"sign"``: signs with mean |x| scales when ``sign_scale``) into one `NativeLinear`.
+    and the scale guards, ``"sign"``: signs with mean |x| scales when ``sign_scale``, ``"fp"``: low-bit float per
+    row, ``fp_layout`` = (mantissa bits, emin, emax) and largest value ``qmax``) into one `NativeLinear`. FP8
+    weights come as their panels alone (`panels.prepare_fp8_panels`: no row layout) and take fp32 / fp inputs.
     ``sz`` (N, K/group) fp32 = scale·zero for group-wise weights with real-valued zero points (the blob must
     then hold zero points 0). ``panels``: the same codes (int8, ternary, or q − z of int2-4 groups) in the many-row
     layout of `kernels.panels` (`prepare_panels` / `prepare_group_panels`), which `lb_linear` runs from the
     route's row count on (`routes.Route.panel_rows`; int8 activations, and fp32 ones: `panels.matmul_f32_panel`)."""
     d = LayerDesc(akind=AKINDS[act], qmax=qmax, min_scale=min_scale, max_scale=max_scale, sign_scale=int(sign_scale))
+    if act == "fp":
+        assert fp_layout is not None, "low-bit float activations need their (mantissa bits, emin, emax)"
+        d.fp_man, d.fp_emin, d.fp_emax = fp_layout
     keep: list = [p]
     if isinstance(p, PreparedW8):
         d.wkind, d.w, d.s, d.ld = WKINDS["w8"], _ptr(p.w), _ptr(p.s), p.Kp
@@ -93,14 +99,28 @@ def describe(
         d.wkind = WKINDS["binary_blocked" if act == "sign" else "binary_inter"]
         d.w, d.s = _ptr(w), _ptr(p.a)
         keep += [w, p.a]
+    elif isinstance(p, PreparedPanels) and p.fp_exp:
+        assert act in ("f32", "fp"), "FP8 weights run the fp32 kernel: fp32 or low-bit float inputs"
+        d.wkind, d.bits, panels = WKINDS["fp8"], p.fp_exp, p
     else:
         raise TypeError(f"no native kernel for {type(p).__name__}")
-    if panels is not None and act in ("int8", "f32"):
+    if panels is not None and act in ("int8", "f32", "fp"):
         assert (panels.N, panels.K) == (p.N, p.K), "panels of another layer"
         d.wp, d.sp, d.pld, d.ws = _ptr(panels.wp), _ptr(panels.sp), panels.Kp, _ptr(panels.ws)
         keep += [panels.wp, panels.sp, panels.ws]
     d.N, d.K = p.N, p.K
     return NativeLinear(d, tuple(keep))
+
+
+def with_input_scale(layer: NativeLinear, scale: torch.Tensor) -> NativeLinear:
+    """``layer`` multiplying its input by ``scale`` (K,) per channel before its activation quantization (a linear
+    layer's explicit input scale: AWQ / SmoothQuant where nothing absorbs it), in the same C call: the products of
+    the simulated layer's ``x * scale``, so the same codes."""
+    scale = _as(scale, torch.float32).reshape(-1).contiguous()
+    assert scale.numel() == layer.K, f"input scale of {scale.numel()} values for a layer of K={layer.K}"
+    layer.desc.xs = _ptr(scale)
+    layer._keep = (*layer._keep, scale)
+    return layer
 
 
 def linear(layer: NativeLinear, x: torch.Tensor, threads: int = 1, bias: torch.Tensor | None = None) -> torch.Tensor:

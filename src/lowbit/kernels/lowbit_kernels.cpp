@@ -207,7 +207,7 @@ LB_API int lb_isa(void) {
     return 0;
 #endif
 }
-LB_API int lb_abi_version(void) { return 7; }
+LB_API int lb_abi_version(void) { return 8; }
 
 // ================================================================================================
 // W8A32 — int8 per-channel weights, fp32 activations.
@@ -1038,6 +1038,7 @@ LB_API void lb_wn_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const i
 // ================================================================================================
 typedef float v16f __attribute__((vector_size(64), aligned(4)));
 typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t v16u __attribute__((vector_size(64), aligned(4)));
 #ifdef __AVX512F__
 static constexpr int F32_MR = 8;  // 8 rows x 2 vectors: 16 zmm accumulators of 32
 #else
@@ -1048,7 +1049,12 @@ static constexpr i64 F32_PANEL_ROWS = 8;
 LB_API int lb_f32_panel_rows(void) { return (int)F32_PANEL_ROWS; }
 
 // B (Kp x 16 x NP floats, row k: the NP panels' 16 columns side by side) = codes * scales of panels p .. p+NP-1.
-template <int NP>
+// FPE 0: the panels hold int8 codes; 4 / 5: FP8 bytes (sign | FPE exponent bits | 7 - FPE mantissa bits, bias
+// 2^(FPE-1) - 1: E4M3 / E5M2) of per-column scaled weights, decoded exactly: a normal value's fp32 bits are the sign,
+// the exponent rebiased to 127 and the mantissa shifted to the top; a subnormal one (exponent 0) is mantissa *
+// 2^(1 - bias - M). Every pattern lowfloat.encode gives, as lowfloat.decode_table. (Written inline: a function
+// taking or returning a 64-byte vector changes its ABI between builds with and without AVX-512, which GCC warns of.)
+template <int NP, int FPE = 0>
 static inline void f32_dequant(const int8_t* wp, const float* sp, i64 Kp, i64 group, i64 p, float* B) {
     const i64 G = group ? Kp / group : 1;
     for (int h = 0; h < NP; ++h) {
@@ -1061,8 +1067,20 @@ static inline void f32_dequant(const int8_t* wp, const float* sp, i64 Kp, i64 gr
             v16i raw;  // 16 columns x 4 k: byte j of lane c is code[c, k + j]
             memcpy(&raw, w + 64 * q, 64);
             for (int j = 0; j < 4; ++j) {
-                const v16i b = (raw << (24 - 8 * j)) >> 24;  // sign-extended byte j
-                const v16f f = __builtin_convertvector(b, v16f) * s;
+                v16f f;
+                if constexpr (FPE == 0) {
+                    const v16i b = (raw << (24 - 8 * j)) >> 24;  // sign-extended byte j
+                    f = __builtin_convertvector(b, v16f) * s;
+                } else {
+                    constexpr int M = 7 - FPE, bias = (1 << (FPE - 1)) - 1;
+                    const v16u u = ((v16u)raw >> (8 * j)) & 0xffu;
+                    const v16u e = (u >> M) & ((1u << FPE) - 1), m = u & ((1u << M) - 1);
+                    const v16u normal = ((e + (127 - bias)) << 23) | (m << (23 - M));
+                    const v16f sub = __builtin_convertvector(m, v16f) * (1.0f / (float)(1 << (bias - 1 + M)));
+                    v16u bits = e != 0 ? normal : (v16u)sub;  // lane-wise select
+                    bits |= (u & 0x80u) << 24;
+                    f = (v16f)bits * s;
+                }
                 memcpy(B + (k + j) * 16 * NP + 16 * h, &f, 64);
             }
         }
@@ -1095,8 +1113,10 @@ static inline void f32_tile(const float* x, i64 K, const float* B, float* y, i64
 // y (M, N) = x (M, K) fp32 . dequant(panels)^T; sp: per-column scales (group 0) or per panel and group (P, G, 16).
 // Each thread owns a contiguous range of panel pairs (output-stationary); rows go in blocks whose x stays in L2.
 // Returns 0, or -2 when scratch memory could not be allocated.
-LB_API int lb_f32_panel(const float* x, i64 M, i64 K, const int8_t* wp, const float* sp, i64 N, i64 Kp, i64 group,
-                        float* y, int threads) {
+// fpe: 0 for int8 codes, 4 / 5 for FP8 bytes (E4M3 / E5M2, per-column scales, group 0).
+template <int FPE>
+static int f32_panel_run(const float* x, i64 M, i64 K, const int8_t* wp, const float* sp, i64 N, i64 Kp, i64 group,
+                         float* y, int threads) {
     const i64 P = (N + 15) / 16, pairs = (P + 1) / 2;
     const i64 rows_l2 = std::max<i64>(F32_MR, (384 * 1024 / (4 * std::max<i64>(K, 1))) / F32_MR * F32_MR);
     const i64 BM = std::min<i64>(M, rows_l2);
@@ -1115,8 +1135,8 @@ LB_API int lb_f32_panel(const float* x, i64 M, i64 K, const int8_t* wp, const fl
             for (i64 q = q0; q < q1; ++q) {
                 const i64 p = 2 * q, two = p + 1 < P;
                 const i64 n0 = 16 * p, nc = std::min<i64>(two ? 32 : 16, N - n0);
-                if (two) f32_dequant<2>(wp, sp, Kp, group, p, B);
-                else f32_dequant<1>(wp, sp, Kp, group, p, B);
+                if (two) f32_dequant<2, FPE>(wp, sp, Kp, group, p, B);
+                else f32_dequant<1, FPE>(wp, sp, Kp, group, p, B);
                 for (i64 m = m0; m < m0 + mb; m += F32_MR) {
                     const i64 mr = std::min<i64>(F32_MR, m0 + mb - m);
                     with_rows<F32_MR>(mr, [&](auto mt) {
@@ -1130,6 +1150,15 @@ LB_API int lb_f32_panel(const float* x, i64 M, i64 K, const int8_t* wp, const fl
         free(B);
     }
     return failed ? -2 : 0;
+}
+
+LB_API int lb_f32_panel(const float* x, i64 M, i64 K, const int8_t* wp, const float* sp, i64 N, i64 Kp, i64 group,
+                        float* y, int threads, int fpe) {
+    if (fpe == 0) return f32_panel_run<0>(x, M, K, wp, sp, N, Kp, group, y, threads);
+    if (group) return -1;
+    if (fpe == 4) return f32_panel_run<4>(x, M, K, wp, sp, N, Kp, 0, y, threads);
+    if (fpe == 5) return f32_panel_run<5>(x, M, K, wp, sp, N, Kp, 0, y, threads);
+    return -1;
 }
 
 // ================================================================================================
@@ -1783,8 +1812,8 @@ LB_API void lb_w1a32(const float* x, i64 M, i64 K, const uint8_t* w, const float
 //   (N, G) fp32 products s_g * z_g; the kernel result is corrected by y[m,n] -= sum_g sz[n,g] * X[m,g], with
 //   X[m,g] the group sum of the activations the kernel saw (sx[m] * sum xq for int8, sum x for fp32).
 // ================================================================================================
-enum { LB_W8 = 1, LB_WN = 2, LB_TERNARY = 3, LB_BIN_BLOCKED = 4, LB_BIN_INTER = 5 };
-enum { LB_ACT_F32 = 0, LB_ACT_I8 = 1, LB_ACT_SIGN = 2 };
+enum { LB_W8 = 1, LB_WN = 2, LB_TERNARY = 3, LB_BIN_BLOCKED = 4, LB_BIN_INTER = 5, LB_FP8 = 6 };
+enum { LB_ACT_F32 = 0, LB_ACT_I8 = 1, LB_ACT_SIGN = 2, LB_ACT_FP = 3 };
 
 struct lb_layer {
     int32_t wkind, akind;     // LB_W8 ... / LB_ACT_...
@@ -1799,6 +1828,9 @@ struct lb_layer {
     const float* sp;          //   panels, or NULL (from PANEL_ROWS / TERNARY_PANEL_ROWS / WN_PANEL_ROWS rows on);
     i64 pld;                  //   their scales padded to 16 columns (WN: per panel and group); the panels' K
     const int32_t* ws;        //   and their column sums (W8 / TERNARY: per column; WN: per panel, group, column)
+    int32_t fp_man, fp_emin, fp_emax;  // FP activations (ExMy per row, max value in qmax): mantissa bits, exponents
+    const float* xs;          // per-input-channel scale (K,) applied before activation quantization (AWQ / SmoothQuant
+                              // where nothing absorbs it), or NULL
 };
 
 LB_API int lb_layer_size(void) { return (int)sizeof(lb_layer); }
@@ -1841,7 +1873,11 @@ struct ActRows {
     // keeps the NaN; its code here is 0). Sign activations need nothing: the simulated sign reads NaN as -1 and
     // its run-time scale guard turns a NaN mean into the smallest scale, as lb_sign_rows does.
     uint8_t* nan_rows = nullptr;
+    // Low-bit float activations (LB_ACT_FP): the fake-quantized fp32 rows (a NaN input becomes +max * s, as the
+    // simulated quantizer's code lookup gives), which the fp32 kernels then read.
+    float* xf = nullptr;
     ~ActRows() {
+        free(xf);
         free(xq);
         free(sx);
         free(xb);
@@ -1849,6 +1885,10 @@ struct ActRows {
     }
     // Buffers for M rows of K values in L's activation mode; false when out of memory.
     bool alloc(const lb_layer* L, i64 M, i64 K) {
+        if (L->akind == LB_ACT_FP || (L->akind == LB_ACT_F32 && L->xs)) {
+            xf = (float*)malloc(sizeof(float) * M * K + 64);
+            if (!xf) return false;
+        }
         if (L->akind == LB_ACT_I8) {
             xq = (int8_t*)malloc(M * K + 64);
             sx = (float*)malloc(sizeof(float) * M + 64);
@@ -1862,8 +1902,34 @@ struct ActRows {
         }
         return true;
     }
-    // Quantize rows [0, M) of x into rows [r, r + M) of the buffers.
-    void fill(const lb_layer* L, const float* x, i64 M, i64 K, i64 r) {
+    // Quantize rows [0, M) of x into rows [r, r + M) of the buffers (after the layer's input scale, if any: a
+    // block of rows at a time through a small buffer, the products x * xs of the simulated layer). False when out
+    // of memory.
+    bool fill(const lb_layer* L, const float* x, i64 M, i64 K, i64 r) {
+        if (!L->xs) {
+            quantize(L, x, M, K, r);
+            return true;
+        }
+        if (L->akind == LB_ACT_F32) {  // the scaled rows are the kernel's input
+            for (i64 m = 0; m < M; ++m)
+                for (i64 k = 0; k < K; ++k) xf[(r + m) * K + k] = x[m * K + k] * L->xs[k];
+            return true;
+        }
+        const i64 B = std::max<i64>(1, std::min<i64>(M, 4096 / std::max<i64>(K, 1)));
+        float* buf = (float*)malloc(sizeof(float) * B * K + 64);
+        if (!buf) return false;
+        for (i64 m0 = 0; m0 < M; m0 += B) {
+            const i64 b = std::min(B, M - m0);
+            for (i64 m = 0; m < b; ++m)
+                for (i64 k = 0; k < K; ++k) buf[m * K + k] = x[(m0 + m) * K + k] * L->xs[k];
+            quantize(L, buf, b, K, r + m0);
+        }
+        free(buf);
+        return true;
+    }
+
+  private:
+    void quantize(const lb_layer* L, const float* x, i64 M, i64 K, i64 r) {
         if (L->akind == LB_ACT_I8) {
             quantize_rows_i8(x, M, K, L->qmax, L->min_scale, L->max_scale, xq + r * K, sx + r, nan_rows + r);
         } else if (L->akind == LB_ACT_SIGN) {
@@ -1871,6 +1937,9 @@ struct ActRows {
                          L->max_scale);
             if (!L->sign_scale)
                 for (i64 m = 0; m < M; ++m) sx[r + m] = 1.0f;
+        } else if (L->akind == LB_ACT_FP) {
+            lb_fake_quant_rows_fp(x, M, K, L->fp_man, L->fp_emin, L->fp_emax, L->qmax, L->min_scale, L->max_scale,
+                                  xf + r * K);
         }
     }
 };
@@ -1884,15 +1953,18 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
     const float* sx = a.sx;
     const uint64_t* xb = a.xb;
     const uint8_t* nan_rows = a.nan_rows;
-    int rc = (L->akind == LB_ACT_I8 || L->akind == LB_ACT_SIGN || L->akind == LB_ACT_F32) ? 0 : -1;
+    int rc = (L->akind == LB_ACT_I8 || L->akind == LB_ACT_SIGN || L->akind == LB_ACT_F32 || L->akind == LB_ACT_FP)
+                 ? 0 : -1;
+    if (a.xf) x = a.xf;  // fake-quantized (FP) or scaled (F32 with xs) rows: from here on the fp32 input
     if (rc == 0) {
-        const bool i8 = L->akind == LB_ACT_I8, f32 = L->akind == LB_ACT_F32;
+        const bool i8 = L->akind == LB_ACT_I8, f32 = L->akind == LB_ACT_F32 || L->akind == LB_ACT_FP;
         // fp32 inputs on a weight-only layer's panels, whatever its format (W8 and binary: per-column scales; WN:
-        // per group, then the s*z correction below): from F32_PANEL_ROWS rows on, or always when the layer holds
-        // no row layout (FP4). Otherwise each format's own kernel.
+        // per group, then the s*z correction below; FP8: bytes decoded in the kernel): from F32_PANEL_ROWS rows on,
+        // or always when the layer holds no row layout (FP4, FP8). Otherwise each format's own kernel.
         const bool f32_panels = f32 && L->wp && (M >= F32_PANEL_ROWS || !L->w);
         const i64 panel_group = L->wkind == LB_WN ? L->group : 0;
-        if (f32_panels) rc = lb_f32_panel(x, M, K, L->wp, L->sp, N, L->pld, panel_group, y, threads);
+        const int fpe = L->wkind == LB_FP8 ? L->bits : 0;
+        if (f32_panels) rc = lb_f32_panel(x, M, K, L->wp, L->sp, N, L->pld, panel_group, y, threads, fpe);
         else switch (L->wkind) {
             case LB_W8:
                 if (i8 && L->wp && (M >= PANEL_ROWS || !L->w))
@@ -1944,8 +2016,7 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
 
 LB_API int lb_linear(const lb_layer* L, const float* x, i64 M, float* y, int threads, const float* bias) {
     ActRows a;
-    if (!a.alloc(L, M, L->K)) return -2;
-    a.fill(L, x, M, L->K, 0);
+    if (!a.alloc(L, M, L->K) || !a.fill(L, x, M, L->K, 0)) return -2;
     return linear_core(L, x, a, M, y, threads, bias);
 }
 
@@ -1992,7 +2063,7 @@ static void conv_panel_maps(const lb_layer* L, const ActRows& a, i64 nb, i64 P, 
 
 LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, int threads, const float* bias) {
     const i64 N = g[0], L_ = g[16] * g[17], K = L->K, O = L->N;
-    if (g[1] * g[8] * g[9] != K || L->akind == LB_ACT_F32) return -1;
+    if (g[1] * g[8] * g[9] != K || L->akind == LB_ACT_F32 || L->xs) return -1;  // (a conv's scale is per channel)
     const bool maps = conv_panels(L, L_);
     const i64 per_image = L_ * std::max(K, O) * (i64)sizeof(float);
     const i64 images = std::max<i64>(1, std::min<i64>(N, CONV_CHUNK_BYTES / std::max<i64>(per_image, 1)));

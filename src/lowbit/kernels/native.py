@@ -113,7 +113,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         "lb_w8a8": ([P, P, I64, I64, P, P, I64, I64, P, I], None),
         "lb_w8a8_panel": ([P, P, I64, I64, P, P, P, I64, I64, P, I], None),
         "lb_wn_panel": ([P, P, I64, I64, P, P, P, I64, I64, I64, P, I], None),
-        "lb_f32_panel": ([P, I64, I64, P, P, I64, I64, I64, P, I], I),
+        "lb_f32_panel": ([P, I64, I64, P, P, I64, I64, I64, P, I, I], I),
         "lb_f32_panel_rows": ([], I),
         "lb_wna8": ([P, P, I64, I64, P, I64, I64, I, I, P, I], I),
         "lb_wna32": ([P, I64, I64, P, I64, I64, I, I, P, I], I),

@@ -64,8 +64,10 @@ class PreparedPanels:
         Kp: int,
         group: int = 0,
         ws: torch.Tensor | None = None,
+        fp_exp: int = 0,
     ) -> None:
         self.wp, self.sp, self.N, self.K, self.Kp, self.group = wp, sp, N, K, Kp, group
+        self.fp_exp = fp_exp  # 0: int8 codes; 4 / 5: FP8 bytes (E4M3 / E5M2) that only the fp32 kernel reads
         self.ws = panel_sums(wp, group) if ws is None else ws
 
     @property
@@ -100,6 +102,18 @@ def prepare_panels(q: torch.Tensor, s: torch.Tensor) -> PreparedPanels:
     sp = torch.zeros(Np, dtype=torch.float32)
     sp[:N] = _vec(s).expand(N) if s.numel() == 1 else _vec(s)
     return PreparedPanels(wp, sp, N, K, Kp)
+
+
+def prepare_fp8_panels(codes: torch.Tensor, s: torch.Tensor, exp_bits: int) -> PreparedPanels:
+    """Panels of FP8 bit patterns ``codes`` (N, K) uint8 (E4M3: ``exp_bits`` 4, E5M2: 5; `lowfloat.encode`) with
+    per-row scales ``s`` (N,): the layout of `matmul_f32_panel`, which decodes the bytes exactly in the kernel
+    (zero padding decodes to +0). Only fp32-input kernels read them (no column sums)."""
+    assert exp_bits in (4, 5), "FP8 panels hold E4M3 or E5M2 bytes"
+    N, K = codes.shape
+    wp, Np, Kp = _panel_codes(_as(codes, torch.uint8).view(torch.int8))
+    sp = torch.zeros(Np, dtype=torch.float32)
+    sp[:N] = _vec(s).expand(N) if s.numel() == 1 else _vec(s)
+    return PreparedPanels(wp, sp, N, K, Kp, ws=torch.zeros(0, dtype=torch.int32), fp_exp=exp_bits)
 
 
 def prepare_group_panels(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int) -> PreparedPanels:
@@ -138,13 +152,18 @@ def matmul_wn_panel(xq: torch.Tensor, sx: torch.Tensor, p: PreparedPanels, threa
 
 def matmul_f32_panel(x: torch.Tensor, p: PreparedPanels, threads: int = 1) -> torch.Tensor:
     """y = x · (codes · scales)^T for fp32 ``x`` (M, K) and any panels (`prepare_panels`: per-column scales;
-    `prepare_group_panels`: per group): the kernel of weight-only layers with fp32 inputs on many rows, which
-    `lb_linear` runs from `routes.f32_panel_rows` rows on. Equal to the dense product within fp32 rounding."""
+    `prepare_group_panels`: per group; `prepare_fp8_panels`: FP8 bytes): the kernel of weight-only layers with fp32
+    inputs on many rows, which `lb_linear` runs from `routes.f32_panel_rows` rows on (FP8 layers on every row
+    count). Equal to the dense product within fp32 rounding."""
     x = _as(x, torch.float32).contiguous()
     M, K = x.shape
     assert K == p.K, f"x has {K} columns, the panels {p.K}"
     y = torch.empty(M, p.N)
-    rc = _need().lb_f32_panel(_ptr(x), M, K, _ptr(p.wp), _ptr(p.sp), p.N, p.Kp, p.group, _ptr(y), threads)
+    rc = _need().lb_f32_panel(_ptr(x), M, K, _ptr(p.wp), _ptr(p.sp), p.N, p.Kp, p.group, _ptr(y), threads, p.fp_exp)
     if rc:
-        raise MemoryError("lb_f32_panel: no memory for its scratch buffer")
+        raise (
+            MemoryError("lb_f32_panel: no memory for its scratch buffer")
+            if rc == -2
+            else ValueError("lb_f32_panel: FP8 panels take per-column scales only")
+        )
     return y

@@ -18,11 +18,14 @@ Float activations on 8+ rows run the layer's int8 panels (`kernels.panels`) dequ
 GEMM (`panels.matmul_f32_panel`), every weight-only format alike (`f32_panel_rows`).
 
 FP4 (E2M1, group scales) runs on group panels of twice its values (integers up to ±12) with halved scales, with float
-inputs only (``fp4a32``). Everything else (fp8, int6, convolutions, static activations) has no route: the layer runs
-its dense reference path. A weight-only int or binary layer whose ``kernel_activations`` is ``"int8"``
+inputs only (``fp4a32``). FP8 (E4M3 / E5M2, per channel) runs panels of its bytes, decoded in the fp32 panel kernel,
+with float inputs or dynamic per-token low-bit float ones fake-quantized in the same call (``fp8a32`` / ``fp8a8``).
+Everything else (FP6, int6, convolutions without per-patch activations, static activations) has no route: the layer
+runs its dense reference path. A weight-only int or binary layer whose ``kernel_activations`` is ``"int8"``
 (`lowbit.pack(..., kernel_activations="int8")`) takes the ``…a8`` kernel, quantizing its input per token to int8
 inside the kernel as ONNX Runtime's ``accuracy_level=4`` does: faster on CPUs, at the cost of that rounding (not in
-the simulated model).
+the simulated model). A linear layer's explicit input scale (AWQ / SmoothQuant) is applied in the same C call
+(`layer.with_input_scale`).
 
 Example:
     >>> import torch
@@ -156,6 +159,34 @@ def _prepare_groups(lay: Any, bits: int, group: int) -> tuple[Any, torch.Tensor 
     return native.prepare_wn(lay.codes.to(torch.uint8), s, torch.zeros_like(z), bits, group), s * z
 
 
+def _fp8_route(w: QuantSpec, act: QuantSpec | None, n: int) -> Route | None:
+    """FP8 weights (E4M3 / E5M2 bytes, per-channel or per-tensor scale) with fp32 inputs or dynamic per-token
+    low-bit float ones (``fp8a32`` / ``fp8a8``): panels of the bytes, decoded exactly in the fp32 panel kernel, on
+    every row count (no row layout); the float activations are fake-quantized per row in the same C call (the
+    values of the simulated quantizer, `fakequant`). Sums in another order than the dense product's: equal within
+    fp32 rounding."""
+    from lowbit.formats import lowfloat
+    from lowbit.kernels import layer as native_layer
+    from lowbit.kernels import panels as panels_mod
+
+    if act is None:
+        mode, kw = "f32", {}
+    elif act.kind == "fp" and act.dynamic and act.granularity == "token" and act.fp_format is not None:
+        lay = lowfloat.layout(str(act.fp_format))
+        mode = "fp"
+        kw = {"qmax": lay.max_value, "min_scale": MIN_SCALE, "max_scale": MAX_SCALE}
+        kw["fp_layout"] = (lay.man_bits, lay.emin, lay.emax)
+    else:
+        return None
+    exp_bits = lowfloat.layout(str(w.fp_format)).exp_bits
+
+    def prep_fp8(lay: Any, panels: bool = False) -> Any:
+        p = panels_mod.prepare_fp8_panels(lay.codes, lay.scale.reshape(-1).float().expand(n), exp_bits)
+        return native_layer.describe(p, mode, **kw)
+
+    return Route("fp8a8" if mode == "fp" else "fp8a32", prep_fp8)
+
+
 def route_for(layer: nn.Module) -> Route | None:
     """The native route of a packed linear layer, or None when its format has no fast kernel."""
     from lowbit.kernels import layer as native_layer
@@ -170,9 +201,11 @@ def route_for(layer: nn.Module) -> Route | None:
     act: QuantSpec | None = layer.act_spec
     if act is None and getattr(layer, "kernel_activations", "exact") == "int8" and w.kind in ("int", "binary"):
         act = ACT_FORMATS["int8_token"]  # opt-in: weight-only layers take int8 inputs inside the kernel
+    n, k = layer._matrix_shape
+    if w.kind == "fp" and w.bits == 8 and w.granularity in ("channel", "tensor"):
+        return _fp8_route(w, act, n)
     if act is not None and not (_is_int8_token(act) or _is_binary_token(act)):
         return None
-    n, k = layer._matrix_shape
     mode, kw = _act_mode(act)
     suffix = {"f32": "a32", "int8": "a8", "sign": "a1"}[mode]
 

@@ -117,7 +117,8 @@ class QuantLayer(nn.Module):
         self._set_input_vector("input_shift", shift)
 
     def _set_input_vector(self, name: str, value: torch.Tensor) -> None:
-        value = value.detach().float().reshape(-1)
+        # A copy the layer owns: a vector shared with another layer (or the caller) would be written through it.
+        value = value.detach().float().reshape(-1).clone()
         if name in self._buffers:
             self._buffers[name] = value.to(self._buffers[name].device)
         else:
