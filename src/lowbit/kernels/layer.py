@@ -87,7 +87,7 @@ def describe(
         d.wkind, d.w, d.ld, d.bits, d.group = WKINDS["wn"], _ptr(p.blob), p.row_bytes, p.bits, p.group
         keep.append(p.blob)
         if sz is not None:
-            sz = _as(sz, torch.float32).reshape(p.N, p.K // p.group).contiguous()
+            sz = _as(sz, torch.float32).reshape(p.N, p.K // p.group).t().contiguous()  # (G, N) for the C loop
             d.sz = _ptr(sz)
             keep.append(sz)
     elif isinstance(p, PreparedTernary):

@@ -1809,7 +1809,7 @@ LB_API void lb_w1a32(const float* x, i64 M, i64 K, const uint8_t* w, const float
 //   same expressions as lb_quantize_rows_i8 / lb_sign_rows, then the weight kernel runs; so a Python caller
 //   pays one foreign call per layer instead of three to five tensor operations.
 //   Real-valued (non-integer) zero points of group-wise weights: the blob holds zero points 0 and `sz` the
-//   (N, G) fp32 products s_g * z_g; the kernel result is corrected by y[m,n] -= sum_g sz[n,g] * X[m,g], with
+//   (G, N) fp32 products s_g * z_g; the kernel result is corrected by y[m,n] -= sum_g sz[g,n] * X[m,g], with
 //   X[m,g] the group sum of the activations the kernel saw (sx[m] * sum xq for int8, sum x for fp32).
 // ================================================================================================
 enum { LB_W8 = 1, LB_WN = 2, LB_TERNARY = 3, LB_BIN_BLOCKED = 4, LB_BIN_INTER = 5, LB_FP8 = 6 };
@@ -1820,7 +1820,7 @@ struct lb_layer {
     i64 N, K, ld;             // ld: Kp (W8) or row_bytes (WN); unused otherwise
     const void* w;            // weight layout of native.py's prepare_*
     const float* s;           // per-row scales (W8, TERNARY, BIN_*)
-    const float* sz;          // WN with real zero points: (N, G) s*z, else NULL
+    const float* sz;          // WN with real zero points: (G, N) s*z (transposed), else NULL
     int32_t bits, group;      // WN
     float qmax, min_scale, max_scale;  // activation quantizer (I8: qmax; SIGN: min_scale > 0 -> mean |x| scale)
     int32_t sign_scale;       // SIGN: 1 -> per-row mean |x| scale, 0 -> scale 1
@@ -1851,13 +1851,17 @@ static void sz_correct(const lb_layer* L, const float* x, const int8_t* xq, cons
                 X[m * G + j] = t;
             }
         }
+    // sz is (G, N): 64 outputs at a time, each sum over the groups in order (vectorised across outputs).
 #pragma omp parallel for num_threads(nthreads(threads)) schedule(static) if (M * N * G > 65536)
-    for (i64 n = 0; n < N; ++n) {
-        const float* szn = L->sz + n * G;
+    for (i64 n0 = 0; n0 < N; n0 += 64) {
+        const i64 nn = std::min<i64>(64, N - n0);
         for (i64 m = 0; m < M; ++m) {
-            float t = 0.f;
-            for (i64 j = 0; j < G; ++j) t += szn[j] * X[m * G + j];
-            y[m * N + n] -= t;
+            float t[64] = {};
+            for (i64 j = 0; j < G; ++j) {
+                const float xv = X[m * G + j], *szj = L->sz + j * N + n0;
+                for (i64 n = 0; n < nn; ++n) t[n] += szj[n] * xv;
+            }
+            for (i64 n = 0; n < nn; ++n) y[m * N + n0 + n] -= t[n];
         }
     }
     free(X);
