@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.batches import as_batches, run_model
+from lowbit.calibration import estimate
 from lowbit.errors import DataError
 from lowbit.methods.registry import LayerPlan
 from lowbit.nn.qlayers import QuantLayer
@@ -50,6 +51,9 @@ class SequentialHooks:
     make_collector: Callable[[LayerPlan], Collector]
     #: Quantize a group of layers sharing an input; swaps them into the model through the callback it is given.
     quantize_group: Callable[[list[LayerPlan], dict[str, Collector]], None]
+    #: (matrix flops, element-wise operations, tensor-operation calls) of quantizing one layer from ``tokens``
+    #: calibration rows (`calibration.estimate`), for the time estimate printed before starting; None: rounding.
+    solve_flops: Callable[[LayerPlan, int], tuple[float, float, float]] | None = None
 
 
 def _has_layers(m: nn.Module) -> bool:
@@ -265,9 +269,10 @@ def run_sequential(
         raise DataError("the calibration data never reached the model's first block")
     est = estimate_memory_bytes(inputs, plan)
     rss_before = _max_rss_bytes()
+    est_s = _estimate_time(blocks, in_blocks, by_name, inputs, masks, hooks, modules(), current)
     log(
         f"sequential calibration: {len(blocks)} blocks, {len(plan)} layers, {len(batches)} batches; "
-        f"estimated peak memory {est / 2**20:.0f} MiB"
+        f"estimated peak memory {est / 2**20:.0f} MiB, time ≈ {_seconds(est_s)}"
     )
     bar = tqdm(blocks, desc="calibrating blocks", disable=None if progress else True, leave=False)
     for bname, block in bar:
@@ -291,10 +296,63 @@ def run_sequential(
         process(post, full_pass)
     growth = max(_max_rss_bytes() - rss_before, 0)
     log(
-        f"sequential calibration done in {time.perf_counter() - t_start:.1f} s; peak memory grew by "
-        f"{growth / 2**20:.0f} MiB (estimate {est / 2**20:.0f} MiB)"
+        f"sequential calibration done in {time.perf_counter() - t_start:.1f} s (estimate {_seconds(est_s)}); "
+        f"peak memory grew by {growth / 2**20:.0f} MiB (estimate {est / 2**20:.0f} MiB)"
     )
-    return {"seconds": time.perf_counter() - t_start, "estimated_peak_bytes": float(est), "peak_growth_bytes": growth}
+    return {
+        "seconds": time.perf_counter() - t_start,
+        "estimated_seconds": est_s,
+        "estimated_peak_bytes": float(est),
+        "peak_growth_bytes": growth,
+    }
+
+
+def _estimate_time(
+    blocks: list[tuple[str, nn.Module]],
+    in_blocks: dict[str, list[str]],
+    by_name: dict[str, LayerPlan],
+    inputs: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    masks: list[torch.Tensor | None],
+    hooks: SequentialHooks,
+    modules: dict[str, nn.Module],
+    current: dict[str, Any],
+) -> float:
+    """Seconds the blocks will take (`calibration.estimate`): one timed pass of the first block over the stored
+    inputs (finding its execution groups), its layers' shapes and the method's solve cost."""
+    name, block = blocks[0]
+    names = in_blocks[name]
+
+    def run() -> None:
+        for (args, kwargs), mask in zip(inputs, masks, strict=True):
+            current["mask"] = mask
+            _call(lambda a=args, k=kwargs: block(*a, **k), current)
+
+    t0 = time.perf_counter()
+    groups = _execution_groups(run, modules, names) if names else []
+    forward_s = time.perf_counter() - t0
+    tokens = sum(int(m.sum()) if m is not None else _rows(a[0]) for (a, _), m in zip(inputs, masks, strict=True))
+    shapes = [(by_name[n].module.weight[0].numel(), by_name[n].module.weight.shape[0]) for n in names]
+    solve = [
+        hooks.solve_flops(by_name[n], tokens) if hooks.solve_flops else estimate.rtn_flops(k, n_out)
+        for n, (k, n_out) in zip(names, shapes, strict=True)
+    ]
+    return estimate.estimate_seconds(
+        blocks=len(blocks),
+        passes=len(groups) + 1,
+        forward_s=forward_s,
+        solve=solve,
+        forward_flops=estimate.forward_flops(shapes, tokens),
+        elementwise_per_s=estimate.elementwise_rate(),
+        call_s=estimate.call_overhead(),
+    )
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
+
+
+def _rows(x: Any) -> int:
+    return int(x.numel() // x.shape[-1]) if isinstance(x, torch.Tensor) and x.dim() else 0
 
 
 def _split_outside(

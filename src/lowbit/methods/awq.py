@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lowbit.calibration import estimate
 from lowbit.calibration.collectors import ChannelStatsCollector
 from lowbit.calibration.sequential import Collector, SequentialHooks, run_sequential
 from lowbit.formats.layout import as_matrix
@@ -74,5 +75,15 @@ class AWQ(Method):
                 results[p.name] = qt
                 ctx.swap(p, qt, None if s is None else 1.0 / s)
 
-        run_sequential(model, plan, ctx.data, SequentialHooks(make_collector, quantize_group), progress=ctx.progress)
+        def solve_flops(p: LayerPlan, tokens: int) -> tuple[float, float, float]:
+            k, n = p.module.weight[0].numel(), p.module.weight.shape[0]
+            if p.weights is None or not isinstance(p.module, nn.Linear):
+                return estimate.rtn_flops(k, n)
+            steps = int(opts["clip_steps"]) if opts["clip"] else 0
+            return estimate.awq_flops(
+                k, n, tokens, grid=int(opts["grid"]), clip_steps=steps, n_tokens=int(opts["n_tokens"])
+            )
+
+        hooks = SequentialHooks(make_collector, quantize_group, solve_flops)
+        run_sequential(model, plan, ctx.data, hooks, progress=ctx.progress)
         return results

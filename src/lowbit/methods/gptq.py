@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lowbit.calibration import estimate
 from lowbit.calibration.collectors import HessianCollector
 from lowbit.calibration.sequential import Collector, SequentialHooks, run_sequential
 from lowbit.formats.layout import as_matrix
@@ -68,7 +69,15 @@ class GPTQ(Method):
                     results[p.name] = qt
                 ctx.swap(p, qt, None)
 
-        run_sequential(model, plan, ctx.data, SequentialHooks(make_collector, quantize_group), progress=ctx.progress)
+        def solve_flops(p: LayerPlan, tokens: int) -> tuple[float, float, float]:
+            k, n = p.module.weight[0].numel(), p.module.weight.shape[0]
+            if p.weights is None or _grouped(p.module):
+                return estimate.rtn_flops(k, n)
+            mse = opts["mse"] if isinstance(opts["mse"], bool) else p.weights.bits <= 3
+            return estimate.gptq_flops(k, n, tokens, mse=bool(mse), group=p.weights.group_size)
+
+        hooks = SequentialHooks(make_collector, quantize_group, solve_flops)
+        run_sequential(model, plan, ctx.data, hooks, progress=ctx.progress)
         return results
 
 
