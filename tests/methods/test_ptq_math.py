@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.formats import FORMATS, QuantSpec, dequantize, fake_quantize, quantize
+from lowbit.formats import ACT_FORMATS, FORMATS, QuantSpec, dequantize, fake_quantize, quantize
 from lowbit.formats.layout import to_units
 from lowbit.kernels.dispatch import use_mode
 from lowbit.methods.ptq.awq_math import awq_clip_search, awq_scale_search
@@ -129,3 +129,34 @@ def test_hqq_flat_grid_is_min_max_with_a_real_zero_point_and_iterations_only_low
     assert extremes_off(quantize(w, spec)).max() > 0.1  # RTN's integer zero moves one end off it
     err = lambda qt: float((dequantize(qt) - w).abs().pow(2.4).sum())  # noqa: E731
     assert err(hqq_quantize(w, spec)) <= err(start)
+
+
+def test_smoothquant_alpha_search_never_loses_to_no_smoothing_and_finds_the_outliers() -> None:
+    from lowbit.methods.ptq.smoothquant_math import alpha_search
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    act = ACT_FORMATS["int8_token"]
+    x = _outlier_inputs(512, 128)
+    s, alpha, err = alpha_search(x, x.abs().amax(0), [w], FORMATS["int8"], act)
+    assert s is not None and alpha is not None and err["best"] < err["none"] / 2  # outlier channels: smoothing wins
+    fixed = smooth_scales(x.abs().amax(0), [w], alpha=0.5)
+    xq = fake_quantize(x / fixed, act)
+    err_half = float(((xq @ dequantize(quantize(w * fixed, FORMATS["int8"])).T - x @ w.T) ** 2).sum())
+    assert err["best"] <= err_half  # the paper's α = 0.5 is in the grid
+    plain = torch.rand(512, 128)  # post-ReLU-like inputs, no outliers
+    s2, _, err2 = alpha_search(plain, plain.abs().amax(0), [w], FORMATS["int8"], act)
+    assert err2["best"] <= err2["none"] and (s2 is None) == (err2["best"] == err2["none"])
+
+
+def test_smoothquant_alpha_option_is_checked() -> None:
+    import lowbit
+    from lowbit.errors import RecipeError
+
+    m = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 8))
+    recipe = {"stages": [{"method": "smoothquant", "weights": "int8", "activations": "int8_token", "options": {}}]}
+    data = [torch.randn(8, 32)]
+    for bad in ("sometimes", 1.5):
+        recipe["stages"][0]["options"] = {"alpha": bad}
+        with pytest.raises(RecipeError, match="alpha"):
+            lowbit.compress(m, recipe, data=data, progress=False)

@@ -3,6 +3,12 @@
 ``s_j = max|X_j|^α / max_i max|W_i[:, j]|^{1−α}``; then ``X' = X·diag(1/s)`` and ``W' = W·diag(s)`` compute the same
 product, with activations much easier to quantize per tensor or per token.
 
+`alpha_search` picks α per group of layers sharing an input on a calibration sample: each α of a grid (0.05 … 0.95,
+the paper's 0.5 included) and no smoothing at all are tried, and the one whose W8A8 outputs (the stage's weight and
+activation formats) are closest to the float outputs on the sample wins — as later SmoothQuant implementations tune
+α automatically (Intel Neural Compressor's ``alpha="auto"``). Where no α helps (a ReLU CNN without outlier
+channels) the group is left unsmoothed, so its sample error is never above plain W8A8's.
+
 Example:
     >>> import torch
     >>> from lowbit.methods.ptq.smoothquant_math import smooth_scales
@@ -16,6 +22,12 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.formats.qtensor import dequantize, fake_quantize, quantize
+from lowbit.formats.spec import QuantSpec
+
+#: The α tried by `alpha_search` (besides no smoothing).
+ALPHAS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
 
 def smooth_scales(
     act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float = 0.5, eps: float = 1e-5
@@ -25,3 +37,37 @@ def smooth_scales(
     a_max = act_absmax.detach().float().clamp_min(eps)
     s = a_max.pow(alpha) / w_max.pow(1.0 - alpha)
     return s.clamp(min=eps, max=1.0 / eps)
+
+
+def alpha_search(
+    x: torch.Tensor,
+    act_absmax: torch.Tensor,
+    weights: list[torch.Tensor],
+    weight_spec: QuantSpec,
+    act_spec: QuantSpec,
+    alphas: tuple[float, ...] = ALPHAS,
+) -> tuple[torch.Tensor | None, float | None, dict[str, float]]:
+    """The smoothing of the layers ``weights`` (all reading ``x``, rows of calibration inputs) whose quantized
+    outputs are closest to the float ones: ``(scales or None, α or None, {"none": error, "best": error})``, the
+    squared error summed over the layers. Activations are quantized as ``act_spec`` with scales from the sample
+    itself (a static spec: per tensor, as its calibrated scale would be)."""
+    x = x.float()
+    spec = act_spec if act_spec.dynamic else QuantSpec(kind="int", bits=act_spec.bits, granularity="tensor")
+    refs = [x @ w.float().T for w in weights]
+
+    def error(s: torch.Tensor | None) -> float:
+        xq = fake_quantize(x if s is None else x / s, spec)
+        total = 0.0
+        for w, ref in zip(weights, refs, strict=True):
+            wq = dequantize(quantize(w.float() if s is None else w.float() * s, weight_spec))
+            total += float(((xq @ wq.T - ref) ** 2).sum())
+        return total
+
+    none = error(None)
+    best: tuple[float, torch.Tensor | None, float | None] = (none, None, None)
+    for a in alphas:
+        s = smooth_scales(act_absmax, weights, alpha=a)
+        e = error(s)
+        if e < best[0]:
+            best = (e, s, a)
+    return best[1], best[2], {"none": none, "best": best[0]}
