@@ -160,3 +160,19 @@ def test_smoothquant_alpha_option_is_checked() -> None:
         recipe["stages"][0]["options"] = {"alpha": bad}
         with pytest.raises(RecipeError, match="alpha"):
             lowbit.compress(m, recipe, data=data, progress=False)
+
+
+def test_smoothquant_auto_keeps_the_papers_alpha_for_static_activations() -> None:
+    import lowbit
+    from lowbit.methods.ptq.smoothquant_math import alpha_search
+
+    with pytest.raises(ValueError, match="static"):
+        x = _outlier_inputs(64, 32)
+        alpha_search(x, x.abs().amax(0), [torch.randn(8, 32)], FORMATS["int8"], ACT_FORMATS["int8_static"])
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 8))
+    data = [_outlier_inputs(16, 32, seed=s) for s in range(2)]
+    stage = {"method": "smoothquant", "weights": "int8", "activations": "int8_static", "keep_first_last": False}
+    auto = lowbit.compress(m, {"stages": [stage]}, data=data, progress=False)
+    half = lowbit.compress(m, {"stages": [{**stage, "options": {"alpha": 0.5}}]}, data=data, progress=False)
+    assert auto[0].input_scale is not None and torch.equal(auto[0].input_scale, half[0].input_scale)

@@ -3,9 +3,9 @@
 For layers sharing an input, ``s_j = max|X_j|^α / max|W_{:,j}|^{1−α}``; weights become ``W·diag(s)`` (then RTN
 in the stage's weight format) and inputs ``X·diag(1/s)`` through the layer's explicit input scale (exactly what
 folding into the preceding LayerNorm computes). Activations are then quantized per the stage (static calibrated
-or dynamic per token). Options: ``alpha``: ``"auto"`` (default: chosen per group of layers sharing an input on the
-calibration sample, no smoothing included; `smoothquant_math.alpha_search`) or a fixed value (the paper's 0.5;
-≈0.75–0.85 for LLaMA-like models).
+or dynamic per token). Options: ``alpha``: ``"auto"`` (default: with dynamic activations chosen per group of layers
+sharing an input on the calibration sample, no smoothing included, `smoothquant_math.alpha_search`; with static
+ones the paper's 0.5) or a fixed value (≈0.75–0.85 for LLaMA-like models).
 
 Example:
     >>> import lowbit
@@ -51,7 +51,12 @@ class SmoothQuant(Method):
                 first = smoothable[0]
                 absmax = collectors[first.name].absmax  # type: ignore[attr-defined]
                 weights = [p.module.weight.detach().float() for p in smoothable]
-                if alpha is None and first.weights is not None and first.activations is not None:
+                if (
+                    alpha is None
+                    and first.weights is not None
+                    and first.activations is not None
+                    and first.activations.dynamic
+                ):
                     x = collectors[first.name].sample()  # type: ignore[attr-defined]
                     scale, _, _ = alpha_search(x, absmax, weights, first.weights, first.activations)
                 else:
@@ -66,7 +71,11 @@ class SmoothQuant(Method):
 
         def solve_flops(p: LayerPlan, tokens: int) -> tuple[float, float, float]:
             k, n = p.module.weight[0].numel(), p.module.weight.shape[0]
-            if alpha is not None or not isinstance(p.module, nn.Linear) or p.activations is None:
+            if (
+                alpha is not None
+                or not isinstance(p.module, nn.Linear)
+                or not (p.activations and p.activations.dynamic)
+            ):
                 return estimate.rtn_flops(k, n)
             return estimate.awq_flops(k, n, tokens, grid=len(ALPHAS) + 1, clip_steps=0, n_tokens=SAMPLE_ROWS)
 
