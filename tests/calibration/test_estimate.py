@@ -56,3 +56,20 @@ def test_the_estimate_is_printed_before_starting_and_counts_the_methods_solves()
     assert f"estimate {cheap['estimated_seconds']:.1f} s" in lines[-1]
     costly, _ = _calibrate(lambda p, tokens: (0.0, 0.0, 1e5))  # 10⁵ tensor-operation calls per layer
     assert costly["estimated_seconds"] > cheap["estimated_seconds"] + 12 * 1e5 * 1e-7  # ≥ 0.1 µs a call
+
+
+def test_no_estimate_when_the_first_block_has_nothing_to_time() -> None:
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    names = ["layers.1.q", "layers.1.fc1"]  # block 0 stays in float
+    plan = [LayerPlan(n, model.get_submodule(n), FORMATS["int4"], None) for n in names]
+    stage = Stage(method="rtn", weights=FORMATS["int4"])
+
+    def quantize_group(group: list[LayerPlan], collectors: dict) -> None:
+        for p in group:
+            swap_layer(model, p, rtn_quantize(p.module.weight, p.weights), stage)
+
+    lines: list[str] = []
+    hooks = SequentialHooks(lambda p: HessianCollector(p.module), quantize_group)
+    out = run_sequential(model, plan, [torch.randn(2, 5, 8)], hooks, progress=False, log=lines.append)
+    assert "time ≈ ?" in lines[0] and out["estimated_seconds"] != out["estimated_seconds"]  # NaN: not a guess

@@ -176,3 +176,13 @@ def test_smoothquant_auto_keeps_the_papers_alpha_for_static_activations() -> Non
     auto = lowbit.compress(m, {"stages": [stage]}, data=data, progress=False)
     half = lowbit.compress(m, {"stages": [{**stage, "options": {"alpha": 0.5}}]}, data=data, progress=False)
     assert auto[0].input_scale is not None and torch.equal(auto[0].input_scale, half[0].input_scale)
+
+
+def test_hqq_flatness_ignores_constant_groups() -> None:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 256, generator=g)
+    w[:48] = 0.0  # three quarters of the rows pruned: their groups have no spread to measure
+    assert not is_flat(to_units(w, "group", 64))
+    assert not is_flat(to_units(torch.zeros(8, 64), "group", 64))
+    tiny = (torch.rand(64, 256, generator=g) - 0.5) * 1e-9  # flat, with a variance below fp32's squared range
+    assert is_flat(to_units(tiny, "group", 64))

@@ -1,14 +1,14 @@
 """How long sequential calibration will take, estimated before it starts.
 
-The engine times one forward pass of the first block over the stored calibration inputs (it needs that pass anyway to
-find the block's execution order), which gives this machine's effective matrix rate on this model's shapes:
+The engine times one forward pass of the first block over the stored calibration inputs (an extra pass, which also
+finds the block's execution order), which gives this machine's effective matrix rate on this model's shapes:
 ``rate = Σ_layers 2·T·K·N / t_forward`` (T calibration tokens, each layer ``K`` inputs and ``N`` outputs), and times
 a few element-wise tensor operations (`elementwise_rate`) and the fixed cost of one small tensor operation
 (`call_overhead`: GPTQ's column loop and range searches make tens of thousands of such calls). Every block then
-costs its passes (one per group of layers sharing an input, plus one to compute the next block's inputs) and the
-method's solves, each counted as (matrix flops, element-wise operations, tensor-operation calls) (`solve_flops` of
-each method: GPTQ's Hessian, factorisation, column sweep and range search, AWQ's scale and clip grids, RTN's
-rounding).
+costs its passes (one to find its execution order, one per group of layers sharing an input, one to compute the
+next block's inputs) and the method's solves, each counted as (matrix flops, element-wise operations, tensor-operation
+calls) (`solve_flops` of each method: GPTQ's Hessian, factorisation, column sweep and range search, AWQ's scale and
+clip grids, RTN's rounding).
 
 Example:
     >>> from lowbit.calibration.estimate import estimate_seconds

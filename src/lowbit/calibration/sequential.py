@@ -318,9 +318,16 @@ def _estimate_time(
     current: dict[str, Any],
 ) -> float:
     """Seconds the blocks will take (`calibration.estimate`): one timed pass of the first block over the stored
-    inputs (finding its execution groups), its layers' shapes and the method's solve cost."""
+    inputs (finding its execution groups), its layers' shapes and the method's solve cost. NaN where there is
+    nothing to time (no planned layer in the first block, no calibration tokens)."""
     name, block = blocks[0]
     names = in_blocks[name]
+    rows = [
+        int(m.sum()) if m is not None else _rows(a[0] if a else None) for (a, _), m in zip(inputs, masks, strict=True)
+    ]
+    tokens = sum(rows)
+    if not names or tokens <= 0:
+        return float("nan")
 
     def run() -> None:
         for (args, kwargs), mask in zip(inputs, masks, strict=True):
@@ -328,30 +335,33 @@ def _estimate_time(
             _call(lambda a=args, k=kwargs: block(*a, **k), current)
 
     t0 = time.perf_counter()
-    groups = _execution_groups(run, modules, names) if names else []
+    groups = _execution_groups(run, modules, names)
     forward_s = time.perf_counter() - t0
-    tokens = sum(int(m.sum()) if m is not None else _rows(a[0]) for (a, _), m in zip(inputs, masks, strict=True))
     shapes = [(by_name[n].module.weight[0].numel(), by_name[n].module.weight.shape[0]) for n in names]
     solve = [
         hooks.solve_flops(by_name[n], tokens) if hooks.solve_flops else estimate.rtn_flops(k, n_out)
         for n, (k, n_out) in zip(names, shapes, strict=True)
     ]
-    return estimate.estimate_seconds(
+    rest = estimate.estimate_seconds(
         blocks=len(blocks),
-        passes=len(groups) + 1,
+        passes=len(groups) + 2,  # the execution-order pass, one per group (they stop early), the next inputs
         forward_s=forward_s,
         solve=solve,
         forward_flops=estimate.forward_flops(shapes, tokens),
         elementwise_per_s=estimate.elementwise_rate(),
         call_s=estimate.call_overhead(),
     )
+    return rest + forward_s  # (and this timed pass)
 
 
 def _seconds(s: float) -> str:
+    if s != s:  # NaN: nothing was timed
+        return "?"
     return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
 
 
 def _rows(x: Any) -> int:
+    """Rows of a block input tensor (0 for anything else)."""
     return int(x.numel() // x.shape[-1]) if isinstance(x, torch.Tensor) and x.dim() else 0
 
 

@@ -195,8 +195,9 @@ class LayerDispatch:
         """The forward of a layer already decided for this input's (rows, threads) in ``auto`` mode, with nothing
         else on its path: the one C call (native) or one ``F.linear`` on the cached weight (plain dense: that is
         the layer's reference forward, whatever the input). ``None`` when anything needs the full `dispatch_linear`:
-        another mode, compilation or tracing, a row count not decided yet, an input scale / shift, an activation
-        quantizer on the dense path, or for the kernel autograd or a non-fp32, strided or non-CPU input.
+        another mode, compilation or tracing, a row count not decided yet, an input shift or an input scale the
+        kernel does not apply itself (``kernel_scales``), an activation quantizer on the dense path, or for the
+        kernel autograd or a non-fp32, strided or non-CPU input.
 
         A small layer's kernel takes a few microseconds, as long as a few Python calls, so this is the whole
         per-call cost of a decided layer (a MiniLM forward makes 37 of these calls, a digits ViT's 9)."""
@@ -440,8 +441,8 @@ def compiled_conv(layer: Any, x: torch.Tensor, out_hw: tuple[int, int]) -> torch
 
 
 def dense_hot(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """The reference forward of a packed linear layer that has no native route (its ``_dispatch`` is None: FP8,
-    FP6, int6, static activations, ...) in its fewest steps, in ``auto`` mode: the activation quantizer's C pass
+    """The reference forward of a packed linear layer that has no native route (its ``_dispatch`` is None: FP6,
+    int6, static activations, ...) in its fewest steps, in ``auto`` mode: the activation quantizer's C pass
     (`fake_quantize_fast`, the values of `ActQuantizer`) and one ``F.linear`` on the cached dequantized weight. A small
     layer's reference forward spends more time in Python than in its matrix product; this is that forward less its
     calls. None where it does not apply (another mode, compiling or tracing, autograd, an input scale / shift, no

@@ -71,11 +71,8 @@ class SmoothQuant(Method):
 
         def solve_flops(p: LayerPlan, tokens: int) -> tuple[float, float, float]:
             k, n = p.module.weight[0].numel(), p.module.weight.shape[0]
-            if (
-                alpha is not None
-                or not isinstance(p.module, nn.Linear)
-                or not (p.activations and p.activations.dynamic)
-            ):
+            dynamic = p.activations is not None and p.activations.dynamic
+            if alpha is not None or p.weights is None or not isinstance(p.module, nn.Linear) or not dynamic:
                 return estimate.rtn_flops(k, n)
             return estimate.awq_flops(k, n, tokens, grid=len(ALPHAS) + 1, clip_steps=0, n_tokens=SAMPLE_ROWS)
 

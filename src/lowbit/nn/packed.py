@@ -112,7 +112,7 @@ class PackedLinear(PackedMixin, QuantLinear):
             y = disp.hot(self, x)
             if y is not None:
                 return y
-        elif disp is None:  # no native route (FP8, int6, ...): the reference forward, in fewer steps where it can
+        elif disp is None:  # no native route (FP6, int6, ...): the reference forward, in fewer steps where it can
             y = dense_hot(self, x)
             if y is not None:
                 return y

@@ -55,18 +55,23 @@ UNIFORM_KURTOSIS = 1.8
 
 
 def group_kurtosis(u: torch.Tensor) -> torch.Tensor:
-    """Sample kurtosis ``m4 / m2²`` of each group over the last axis of ``u`` (1.8 uniform, 3 Gaussian)."""
-    c = u - u.mean(dim=-1, keepdim=True)
+    """Sample kurtosis ``m4 / m2²`` of each group over the last axis of ``u`` (1.8 uniform, 3 Gaussian), in float64;
+    NaN for a constant group (no spread to measure)."""
+    c = u.double() - u.double().mean(dim=-1, keepdim=True)
     m2 = c.pow(2).mean(dim=-1)
-    return c.pow(4).mean(dim=-1) / m2.pow(2).clamp_min(1e-30)
+    k = c.pow(4).mean(dim=-1) / m2.pow(2)
+    return torch.where(m2 > 0, k, torch.full_like(k, float("nan")))
 
 
 def is_flat(u: torch.Tensor) -> bool:
     """True where the median group kurtosis of ``u`` (``(R, G, n)``) is nearer a uniform distribution's than a
-    Gaussian sample's (``3(n − 1)/(n + 1)``): near-uniform weights, which get the min-max real-zero grid."""
+    Gaussian sample's (``3(n − 1)/(n + 1)``): near-uniform weights, which get the min-max real-zero grid. Constant
+    groups (pruned or padded rows) are left out; a layer of nothing else is not flat."""
     n = u.shape[-1]
     gaussian = 3.0 * (n - 1) / (n + 1)
-    return float(group_kurtosis(u).median()) < (UNIFORM_KURTOSIS + gaussian) / 2
+    k = group_kurtosis(u).flatten()
+    k = k[~k.isnan()]
+    return k.numel() > 0 and float(k.median()) < (UNIFORM_KURTOSIS + gaussian) / 2
 
 
 def shrink_lp(r: torch.Tensor, beta: float, p: float) -> torch.Tensor:
