@@ -623,3 +623,14 @@ def test_input_vectors_are_the_layers_own() -> None:
     assert q[0].input_scale.data_ptr() != s.data_ptr() and q[0].input_shift.data_ptr() != s.data_ptr()
     s.zero_()
     assert bool((q[0].input_scale > 0).any())
+
+
+@needs_native
+def test_report_marks_the_layers_that_ran_on_panels() -> None:
+    """Layers without a row layout (FP8) run their panels at any row count; a weight-only int8 layer called on one
+    row runs its row kernel."""
+    for weights, acts, rows, want in (("fp8_e4m3", "fp8_token", 1, True), ("int8", None, 1, False)):
+        _, p = packed_layer(weights, acts)
+        with torch.no_grad(), use_mode("native"):
+            p(torch.randn(rows, 384))
+        assert layer_report(p[0])[0]["panels"] is want, weights

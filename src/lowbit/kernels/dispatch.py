@@ -518,13 +518,14 @@ def layer_report(layer: Any) -> list[dict[str, Any]]:
         return [{"path": "not run yet", "kernel": disp.route.kernel}]
     many, st = disp.route.panel_rows, disp.state
     panels = bool(many and st is not None and st.has_panels)
+    rowless = bool(st is not None and st.has_panels and not st.desc.w)  # (FP8, FP4, VNNI W8A8: panels at any rows)
     return [
         {
             "rows": rows,
             "threads": threads,
             "kernel": disp.route.kernel,
             # the many-row layout (`kernels.panels`) ran for these rows
-            "panels": panels and c["native"] and c.get("rows_seen", 0) >= many,
+            "panels": bool(c["native"]) and (rowless or (panels and c.get("rows_seen", 0) >= many)),
             "path": disp.route.kernel if c["native"] else "reference",
             "native_ms": c["native_ms"],
             "dense_ms": c["dense_ms"],
