@@ -33,10 +33,13 @@ def test_method_costs_grow_with_what_they_do() -> None:
     assert estimate.elementwise_rate(1 << 12) > 0 and 0 < estimate.call_overhead(10) < 1
 
 
-def _calibrate(solve_flops) -> tuple[dict[str, float], list[str]]:
+ALL_LAYERS = [f"layers.{i}.{n}" for i in range(2) for n in ("q", "k", "v", "o", "fc1", "fc2")]
+
+
+def _calibrate(solve_flops, names: list[str] = ALL_LAYERS) -> tuple[dict[str, float], list[str]]:
+    """Sequential RTN of ``names`` in the tiny two-block model: the engine's result and the lines it logged."""
     torch.manual_seed(0)
     model = Tiny().eval()
-    names = [f"layers.{i}.{n}" for i in range(2) for n in ("q", "k", "v", "o", "fc1", "fc2")]
     plan = [LayerPlan(n, model.get_submodule(n), FORMATS["int4"], None) for n in names]
     stage = Stage(method="rtn", weights=FORMATS["int4"])
 
@@ -59,17 +62,5 @@ def test_the_estimate_is_printed_before_starting_and_counts_the_methods_solves()
 
 
 def test_no_estimate_when_the_first_block_has_nothing_to_time() -> None:
-    torch.manual_seed(0)
-    model = Tiny().eval()
-    names = ["layers.1.q", "layers.1.fc1"]  # block 0 stays in float
-    plan = [LayerPlan(n, model.get_submodule(n), FORMATS["int4"], None) for n in names]
-    stage = Stage(method="rtn", weights=FORMATS["int4"])
-
-    def quantize_group(group: list[LayerPlan], collectors: dict) -> None:
-        for p in group:
-            swap_layer(model, p, rtn_quantize(p.module.weight, p.weights), stage)
-
-    lines: list[str] = []
-    hooks = SequentialHooks(lambda p: HessianCollector(p.module), quantize_group)
-    out = run_sequential(model, plan, [torch.randn(2, 5, 8)], hooks, progress=False, log=lines.append)
+    out, lines = _calibrate(None, ["layers.1.q", "layers.1.fc1"])  # block 0 stays in float
     assert "time ≈ ?" in lines[0] and out["estimated_seconds"] != out["estimated_seconds"]  # NaN: not a guess

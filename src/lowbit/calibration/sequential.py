@@ -278,13 +278,8 @@ def run_sequential(
     for bname, block in bar:
         names = in_blocks[bname]
 
-        def run_block(block: nn.Module = block, inputs: list[Any] = inputs) -> None:
-            for (args, kwargs), mask in zip(inputs, masks, strict=True):
-                current["mask"] = mask
-                _call(lambda a=args, k=kwargs: block(*a, **k), current)
-
         if names:
-            process(names, run_block)
+            process(names, _block_runner(block, inputs, masks, current))
         with torch.no_grad():
             new_inputs = []
             for args, kwargs in inputs:
@@ -305,6 +300,22 @@ def run_sequential(
         "estimated_peak_bytes": float(est),
         "peak_growth_bytes": growth,
     }
+
+
+def _block_runner(
+    block: nn.Module,
+    inputs: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    masks: list[torch.Tensor | None],
+    current: dict[str, Any],
+) -> Callable[[], None]:
+    """A call running ``block`` on each stored input (its batch's mask in ``current``), early stops swallowed."""
+
+    def run() -> None:
+        for (args, kwargs), mask in zip(inputs, masks, strict=True):
+            current["mask"] = mask
+            _call(lambda a=args, k=kwargs: block(*a, **k), current)
+
+    return run
 
 
 def _estimate_time(
@@ -329,13 +340,8 @@ def _estimate_time(
     if not names or tokens <= 0:
         return float("nan")
 
-    def run() -> None:
-        for (args, kwargs), mask in zip(inputs, masks, strict=True):
-            current["mask"] = mask
-            _call(lambda a=args, k=kwargs: block(*a, **k), current)
-
     t0 = time.perf_counter()
-    groups = _execution_groups(run, modules, names)
+    groups = _execution_groups(_block_runner(block, inputs, masks, current), modules, names)
     forward_s = time.perf_counter() - t0
     shapes = [(by_name[n].module.weight[0].numel(), by_name[n].module.weight.shape[0]) for n in names]
     solve = [

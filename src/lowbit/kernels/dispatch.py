@@ -501,10 +501,7 @@ def dispatch_linear(
         use_native = disp.decide(layer, x, xt, rows, threads, dense, how)
     if not use_native:
         return disp.dense(layer, x, transform(x) if xt is None else xt, dense)
-    if not disp.kernel_scales:
-        x_in = transform(x) if xt is None else xt
-    else:
-        x_in = x if x.dtype is torch.float32 else x.float()
+    x_in = x if disp.kernel_scales else transform(x) if xt is None else xt  # (the kernel applies its own scale)
     y = disp.native(layer, x_in, threads)  # (..., N) straight from (..., K): no reshapes on the hot path
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 

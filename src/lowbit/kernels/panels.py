@@ -99,9 +99,14 @@ def prepare_panels(q: torch.Tensor, s: torch.Tensor) -> PreparedPanels:
     q = _as(q, torch.int8)
     N, K = q.shape
     wp, Np, Kp = _panel_codes(q)
+    return PreparedPanels(wp, _column_scales(s, N, Np), N, K, Kp)
+
+
+def _column_scales(s: torch.Tensor, N: int, Np: int) -> torch.Tensor:
+    """Per-row scales ``s`` (N,) (or one: expanded) padded with zeros to the panels' Np columns."""
     sp = torch.zeros(Np, dtype=torch.float32)
     sp[:N] = _vec(s).expand(N) if s.numel() == 1 else _vec(s)
-    return PreparedPanels(wp, sp, N, K, Kp)
+    return sp
 
 
 def prepare_fp8_panels(codes: torch.Tensor, s: torch.Tensor, exp_bits: int) -> PreparedPanels:
@@ -111,9 +116,7 @@ def prepare_fp8_panels(codes: torch.Tensor, s: torch.Tensor, exp_bits: int) -> P
     assert exp_bits in (4, 5), "FP8 panels hold E4M3 or E5M2 bytes"
     N, K = codes.shape
     wp, Np, Kp = _panel_codes(_as(codes, torch.uint8).view(torch.int8))
-    sp = torch.zeros(Np, dtype=torch.float32)
-    sp[:N] = _vec(s).expand(N) if s.numel() == 1 else _vec(s)
-    return PreparedPanels(wp, sp, N, K, Kp, ws=torch.zeros(0, dtype=torch.int32), fp_exp=exp_bits)
+    return PreparedPanels(wp, _column_scales(s, N, Np), N, K, Kp, ws=torch.zeros(0, dtype=torch.int32), fp_exp=exp_bits)
 
 
 def prepare_group_panels(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int) -> PreparedPanels:
