@@ -84,6 +84,44 @@ def test_w8a8(K, N, M, threads):
     assert torch.equal(y, ref)
 
 
+@pytest.mark.parametrize("K,N,M", [(64, 16, 1), (96, 43, 3), (100, 33, 5), (4096, 7, 2), (384, 37, 17)])
+def test_int8_kernels_are_exact_on_the_code_minus_128(K, N, M):
+    """Static zero-point activations give the code -128 (q = 0 shifted by 128), which the AVX2 sign trick cannot
+    negate: every int8-activation kernel must still compute the exact integer sums (w8 rows / short-row tiles /
+    panels with -128 weights too, group panels and rows, ternary, binary)."""
+    from lowbit.kernels import panels
+
+    g = gen(K + 7 * N + M)
+    q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    q[0, :] = -128
+    s = torch.rand(N, generator=g) + 0.1
+    xq, sx = rand_xq(M, K, g)
+    xq[torch.rand(M, K, generator=g) < 0.3] = -128
+    xq[0, :] = -128
+    ref = (sx[:, None] * s[None, :]) * exact_dot(xq, q).to(torch.float32)
+    for threads in (1, 2):
+        assert torch.equal(native.matmul_w8a8(xq, sx, native.prepare_w8(q, s), threads), ref)
+        assert torch.equal(panels.matmul_w8a8_panel(xq, sx, panels.prepare_panels(q, s), threads), ref)
+    t = torch.randint(-1, 2, (N, K), generator=g, dtype=torch.int8)
+    want = (sx[:, None] * s[None, :]) * exact_dot(xq, t).to(torch.float32)
+    assert torch.equal(native.matmul_ternary(xq, sx, native.prepare_ternary(t, s), 2), want)
+    bw = torch.rand(N, K, generator=g) > 0.5
+    s1 = exact_dot(xq, bw.to(torch.int8))
+    want = (sx[:, None] * s[None, :]) * (2 * s1 - xq.long().sum(1, keepdim=True)).to(torch.float32)
+    assert torch.equal(native.matmul_w1a8(xq, sx, native.prepare_binary(bw, s, layouts=("a8",)), 2), want)
+    if K % 32 == 0:
+        G = K // 32
+        q4 = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+        sg, z = torch.rand(N, G, generator=g) + 0.1, torch.randint(0, 16, (N, G), generator=g).float()
+        d = xq.double()[:, None, :] * (q4.double() - z.repeat_interleave(32, 1).double())[None]
+        exact = sx.double()[:, None] * (d.reshape(M, N, G, 32).sum(-1) * sg.double()[None]).sum(-1)
+        tol = 1e-6 * float(exact.abs().max())
+        got = panels.matmul_wn_panel(xq, sx, panels.prepare_group_panels(q4, sg, z, 32), 2)
+        assert float((got.double() - exact).abs().max()) <= tol
+        got = native.matmul_wna8(xq, sx, native.prepare_wn(q4, sg, z, 4, 32), 2)
+        assert float((got.double() - exact).abs().max()) <= tol
+
+
 def quantize_rows_int8(x):
     return native.quantize_rows_symmetric(x, 127.0, 2.0**-20, 65504.0)
 
@@ -336,6 +374,8 @@ def test_forced_reference_fallback():
 #: Kernels and whole layers checked in another build of the library (a subprocess with its own LOWBIT_KERNELS).
 OTHER_BUILD_CHECKS = (
     "from tests.kernels import test_native as t\n"
+    "for K, N, M in ((96, 43, 3), (100, 33, 5), (384, 37, 17)):\n"  # the code -128 in the AVX2 sign-trick tiles
+    "    t.test_int8_kernels_are_exact_on_the_code_minus_128(K, N, M)\n"
     "for M in (1, 5):\n"
     "    t.test_w8a8(100, 9, M, 2); t.test_w8a32(100, 9, M, 1); t.test_ternary(130, 3, M, 2, True)\n"
     "    t.test_w1a1(300, 9, M, 2, False); t.test_w1a8(300, 9, M, 1); t.test_w1a32(300, 9, M, 2)\n"
@@ -352,6 +392,10 @@ OTHER_BUILD_CHECKS = (
     "    d.test_native_output_matches_simulated(w, a, k, 3)\n"
     "d.test_real_valued_zero_points_run_natively('int8')\n"
     "d.test_one_call_conv_writes_the_map_from_the_panels('int8', 2)\n"
+    "from tests.kernels import test_static_route as ts\n"  # static zero-point activations: codes made in lb_linear
+    "for w, k in ts.CASES:\n"
+    "    ts.test_native_output_matches_simulated(w, k, 40)\n"
+    "ts.test_symmetric_static_activations_take_the_route_too(100); ts.test_a_nan_row_gives_a_nan_output_row_only(7)\n"
     "from tests.kernels import test_f32_panels as tf\n"  # the fp32 panel tiles of this build (3 rows on AVX2)
     "for M in (3, 9, 50):\n"
     "    tf.test_f32_panels_compute_the_dense_product(100, 33, M)\n"

@@ -17,7 +17,7 @@ import ctypes
 #: lb_isa() → name: the widest instruction set the loaded build uses.
 ISA_NAMES = {3: "avx512vnni", 2: "avx2", 0: "scalar"}
 
-ABI_VERSION = 8  # lb_abi_version() of the source this module binds
+ABI_VERSION = 9  # lb_abi_version() of the source this module binds
 
 
 class LayerDesc(ctypes.Structure):
@@ -46,11 +46,15 @@ class LayerDesc(ctypes.Structure):
         ("fp_emin", ctypes.c_int32),
         ("fp_emax", ctypes.c_int32),
         ("xs", ctypes.c_void_p),  # per-input-channel scale applied before activation quantization, or NULL
+        ("sa", ctypes.c_void_p),  # static int8 activations ("int8s"): the quantizer's scale, zero point (or NULL)
+        ("za", ctypes.c_void_p),
+        ("qmin", ctypes.c_float),  # its lowest code
+        ("wsum", ctypes.c_void_p),  # (N,) sum_k W[n, k]: the zero point's term is sa * (qmin + 128 - za) * wsum
     ]
 
 
 WKINDS = {"w8": 1, "wn": 2, "ternary": 3, "binary_blocked": 4, "binary_inter": 5, "fp8": 6}
-AKINDS = {"f32": 0, "int8": 1, "sign": 2, "fp": 3}
+AKINDS = {"f32": 0, "int8": 1, "sign": 2, "fp": 3, "int8s": 4}
 
 
 class BlockDesc(ctypes.Structure):

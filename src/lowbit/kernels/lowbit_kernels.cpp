@@ -196,6 +196,35 @@ static inline __m256 keep(__m256 v) {
     __asm__("" : "+x"(v));
     return v;
 }
+// int32 sums of four int8 products x * w (madd of the int16 pairs with ones) by the sign trick: maddubs(|w| as u8,
+// sign(x, w)), given |w| = wa. Exact for x in [-127, 127] (|pair| <= 2*127*128 < 2^15). An activation code of -128
+// (static zero-point activations: codes q - 128) breaks it where w < 0 (sign(-128, w) wraps to -128), so X128
+// forms take x clamped to -127 and subtract the weights at those codes, each pair widened before the subtraction:
+// madd(maddubs(|w|, sign(max(x, -127), w))) - madd(maddubs([x == -128], w)), exact for every int8 x and w.
+template <bool X128>
+static inline __m256i sdot_quads(__m256i wa, __m256i w, __m256i x, __m256i ones16) {
+    if constexpr (!X128) {
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, w)), ones16);
+    } else {
+        const __m256i at = _mm256_and_si256(_mm256_cmpeq_epi8(x, _mm256_set1_epi8(-128)), _mm256_set1_epi8(1));
+        const __m256i p = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(_mm256_max_epi8(x, _mm256_set1_epi8(-127)), w));
+        return _mm256_sub_epi32(_mm256_madd_epi16(p, ones16), _mm256_madd_epi16(_mm256_maddubs_epi16(at, w), ones16));
+    }
+}
+// Whether rows [0, rows) of x (row stride ld, K codes each) hold the code -128 (which only static zero-point
+// activations produce): then the sign-trick kernels take their X128 form.
+static inline bool rows_min_code(const int8_t* x, i64 rows, i64 K, i64 stride) {
+    const __m256i lo = _mm256_set1_epi8(-128);
+    __m256i any = _mm256_setzero_si256();
+    for (i64 m = 0; m < rows; ++m) {
+        const int8_t* r = x + m * stride;
+        i64 k = 0;
+        for (; k + 32 <= K; k += 32) any = _mm256_or_si256(any, _mm256_cmpeq_epi8(ld(r + k), lo));
+        for (; k < K; ++k)
+            if (r[k] == -128) return true;
+    }
+    return _mm256_movemask_epi8(any) != 0;
+}
 #endif
 
 LB_API int lb_isa(void) {
@@ -207,7 +236,7 @@ LB_API int lb_isa(void) {
     return 0;
 #endif
 }
-LB_API int lb_abi_version(void) { return 8; }
+LB_API int lb_abi_version(void) { return 9; }
 
 // ================================================================================================
 // W8A32 — int8 per-channel weights, fp32 activations.
@@ -257,12 +286,13 @@ LB_API void lb_w8a32(const float* x, i64 M, i64 K, const int8_t* w, const float*
 }
 
 // ================================================================================================
-// W8A8 — int8 per-channel weights, int8 per-row activations (xq in [-127, 127]).
+// W8A8 — int8 per-channel weights, int8 per-row activations (xq in [-127, 127]; static zero-point ones also -128).
 //   Layout: as W8A32.  acc = sum_k xq[m,k]*w[n,k]  (exact int32)
 //   y[m,n] = (sx[m] * s[n]) * (float)acc
-//   AVX2: maddubs(|w| as u8, sign(xq, w)) then madd with ones (|pair| <= 2*128*127 = 32512, no saturation).
+//   AVX2: maddubs(|w| as u8, sign(xq, w)) then madd with ones (|pair| <= 2*128*127 = 32512, no saturation); calls
+//   whose codes hold -128 take sdot_quads' X128 form.
 // ================================================================================================
-template <int MT>
+template <int MT, bool X128 = false>
 static inline void w8a8_tile(const int8_t* x, i64 Kp, const int8_t* w, const float* sx, float s, float* y, i64 N) {
     int32_t acc[MT];
 #ifdef __AVX2__
@@ -272,10 +302,8 @@ static inline void w8a8_tile(const int8_t* x, i64 Kp, const int8_t* w, const flo
     for (i64 k = 0; k < Kp; k += 32) {
         if ((k & 63) == 0) LB_PF(w + k);
         const __m256i wv = ld(w + k), wa = _mm256_abs_epi8(wv);
-        for (int m = 0; m < MT; ++m) {
-            const __m256i xs = _mm256_sign_epi8(ld(x + m * Kp + k), wv);
-            a[m] = _mm256_add_epi32(a[m], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xs), ones));
-        }
+        for (int m = 0; m < MT; ++m)
+            a[m] = _mm256_add_epi32(a[m], sdot_quads<X128>(wa, wv, ld(x + m * Kp + k), ones));
     }
     for (int m = 0; m < MT; ++m) acc[m] = hsum_epi32(a[m]);
 #else
@@ -292,6 +320,7 @@ static inline void w8a8_tile(const int8_t* x, i64 Kp, const int8_t* w, const flo
 // One activation row against 8 weight rows, for short rows: the 8 horizontal sums share one reduction tree and the
 // 8 outputs are one vector store (with K <= 96 the per-output horizontal sum of w8a8_tile costs more than the
 // products). Same int32 sums and the same final expression as w8a8_tile, so the same bits.
+template <bool X128>
 static inline void w8a8_row8(const int8_t* x, i64 Kp, const int8_t* w, float sx, const float* s, float* y) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i a[8];
@@ -300,8 +329,7 @@ static inline void w8a8_row8(const int8_t* x, i64 Kp, const int8_t* w, float sx,
         const __m256i xv = ld(x + k);
         for (int j = 0; j < 8; ++j) {
             const __m256i wv = ld(w + j * Kp + k);
-            const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
-            a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(p, ones));
+            a[j] = _mm256_add_epi32(a[j], sdot_quads<X128>(_mm256_abs_epi8(wv), wv, xv, ones));
         }
     }
     const __m256i b0 = _mm256_hadd_epi32(a[0], a[1]), b1 = _mm256_hadd_epi32(a[2], a[3]);
@@ -318,6 +346,7 @@ LB_API void lb_w8a8(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_
     int8_t* own;
     const int8_t* xp = pad_rows(xq, M, K, Kp, &own);
 #ifdef __AVX2__
+    const bool x128 = rows_min_code(xq, M, K, K);
     if (Kp <= 96 && N >= 8) {  // short rows: 8 weight rows per activation row (w8a8_row8), the rest one by one
 #pragma omp parallel num_threads(nthreads(threads))
         {
@@ -325,10 +354,22 @@ LB_API void lb_w8a8(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_
             my_rows(N, 8, &n0, &n1);
             for (i64 m = 0; m < M; ++m) {
                 i64 n = n0;
-                for (; n + 8 <= n1; n += 8) w8a8_row8(xp + m * Kp, Kp, w + n * Kp, sx[m], s + n, y + m * N + n);
-                for (; n < n1; ++n) w8a8_tile<1>(xp + m * Kp, Kp, w + n * Kp, sx + m, s[n], y + m * N + n, N);
+                const int8_t* xm = xp + m * Kp;
+                for (; n + 8 <= n1; n += 8)
+                    if (x128) w8a8_row8<true>(xm, Kp, w + n * Kp, sx[m], s + n, y + m * N + n);
+                    else w8a8_row8<false>(xm, Kp, w + n * Kp, sx[m], s + n, y + m * N + n);
+                for (; n < n1; ++n)
+                    if (x128) w8a8_tile<1, true>(xm, Kp, w + n * Kp, sx + m, s[n], y + m * N + n, N);
+                    else w8a8_tile<1>(xm, Kp, w + n * Kp, sx + m, s[n], y + m * N + n, N);
             }
         }
+        free(own);
+        return;
+    }
+    if (x128) {
+        run_rows(M, N, threads, w, Kp, [=](auto mt, i64 m, i64 n) {
+            w8a8_tile<decltype(mt)::value, true>(xp + m * Kp, Kp, w + n * Kp, sx + m, s[n], y + m * N + n, N);
+        });
         free(own);
         return;
     }
@@ -364,7 +405,8 @@ static constexpr i64 BIN_PANEL_ROWS = 4;
 
 #ifdef __AVX2__
 // Output y[m * ldm + n * ldn]: row-major (ldm = N, ldn = 1) or, for a convolution's map, transposed (ldm = 1).
-template <int MR, bool NONNEG>
+// FORM: 0 signed codes, 1 codes >= 0 (no sign trick), 2 signed codes holding -128 (sdot_quads' X128 form).
+template <int MR, int FORM>
 static inline void w8a8_panel_tile(const int8_t* x, i64 Kp, const int8_t* wp, const float* sx, const float* sp,
                                    float* y, i64 ldm, i64 ldn, i64 ncols) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -372,7 +414,7 @@ static inline void w8a8_panel_tile(const int8_t* x, i64 Kp, const int8_t* wp, co
     for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
     for (i64 k = 0; k < Kp; k += 4) {
         const __m256i w0 = ld(wp + 16 * k), w1 = ld(wp + 16 * k + 32);
-        if (NONNEG) {
+        if (FORM == 1) {
             for (int m = 0; m < MR; ++m) {
                 int32_t xv;
                 memcpy(&xv, x + m * Kp + k, 4);
@@ -386,10 +428,8 @@ static inline void w8a8_panel_tile(const int8_t* x, i64 Kp, const int8_t* wp, co
                 int32_t xv;
                 memcpy(&xv, x + m * Kp + k, 4);
                 const __m256i xb = _mm256_set1_epi32(xv);
-                const __m256i p0 = _mm256_maddubs_epi16(a0, _mm256_sign_epi8(xb, w0));
-                const __m256i p1 = _mm256_maddubs_epi16(a1, _mm256_sign_epi8(xb, w1));
-                acc[m][0] = keep(_mm256_add_epi32(acc[m][0], _mm256_madd_epi16(p0, ones)));
-                acc[m][1] = keep(_mm256_add_epi32(acc[m][1], _mm256_madd_epi16(p1, ones)));
+                acc[m][0] = keep(_mm256_add_epi32(acc[m][0], sdot_quads<FORM == 2>(a0, w0, xb, ones)));
+                acc[m][1] = keep(_mm256_add_epi32(acc[m][1], sdot_quads<FORM == 2>(a1, w1, xb, ones)));
             }
         }
     }
@@ -445,8 +485,8 @@ static inline void with_rows(i64 r, F&& f) {
 
 // The shared loop of the many-row kernels: row blocks of BM (split between threads when there are enough, else the
 // panels), panels in chunks that stay in L2 while every row block of the thread passes over them;
-// tile(IC<MR>, m, p, nonneg) computes rows m .. m+MR-1 against panel p (nonneg: those rows hold no negative code;
-// checked only when NONNEG_CHECK: the AVX2 tiles use it, the VNNI tiles do not need it).
+// tile(IC<MR>, m, p, form) computes rows m .. m+MR-1 against panel p (form 1: those rows hold no negative code, 2:
+// they hold the code -128, else 0; checked only when NONNEG_CHECK: the AVX2 tiles use it, the VNNI tiles do not).
 template <int BM, bool NONNEG_CHECK, class X, class F>
 static void panel_blocks(const X* xp, i64 M, i64 N, i64 Kp, int threads, F tile) {
     const i64 P = (N + 15) / 16, blocks = (M + BM - 1) / BM;
@@ -461,12 +501,15 @@ static void panel_blocks(const X* xp, i64 M, i64 N, i64 Kp, int threads, F tile)
             const i64 c1 = std::min(q1, c0 + chunk);
             for (i64 b = b0; b < b1; ++b) {
                 const i64 m = BM * b, mr = std::min<i64>(BM, M - m);
-                bool nonneg = false;
+                int form = 0;
 #ifdef __AVX2__
-                if constexpr (NONNEG_CHECK) nonneg = rows_nonneg((const int8_t*)xp + m * Kp, mr, Kp);
+                if constexpr (NONNEG_CHECK) {
+                    const int8_t* xm = (const int8_t*)xp + m * Kp;
+                    form = rows_nonneg(xm, mr, Kp) ? 1 : rows_min_code(xm, mr, Kp, Kp) ? 2 : 0;
+                }
 #endif
                 with_rows<BM>(mr, [&](auto mt) {
-                    for (i64 p = c0; p < c1; ++p) tile(mt, m, p, nonneg);
+                    for (i64 p = c0; p < c1; ++p) tile(mt, m, p, form);
                 });
             }
         }
@@ -500,7 +543,7 @@ static bool vnni_panels(const int8_t* xq, const int32_t* ws, i64 M, i64 K, i64 N
     if (!ws || Kp > VNNI_MAX_K) return false;
     uint8_t* xu = offset_rows(xq, M, K, Kp);
     if (!xu) return false;
-    panel_blocks<VNNI_ROWS, false>(xu, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, bool) { tile(mt, xu, m, p); });
+    panel_blocks<VNNI_ROWS, false>(xu, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, int) { tile(mt, xu, m, p); });
     free(xu);
     return true;
 }
@@ -564,13 +607,14 @@ static void w8a8_panel_run(const int8_t* xq, const float* sx, i64 M, i64 K, cons
     int8_t* own;
     const int8_t* xp = pad_rows(xq, M, K, Kp, &own);
 #ifdef __AVX2__
-    panel_blocks<4, true>(xp, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, bool nonneg) {
+    panel_blocks<4, true>(xp, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, int form) {
         constexpr int MR = decltype(mt)::value;
         const i64 nc = std::min<i64>(16, N - 16 * p);
         const int8_t *xm = xp + m * Kp, *wq = wp + p * 16 * Kp;
         float* yp = y + m * ldm + 16 * p * ldn;
-        if (nonneg) w8a8_panel_tile<MR, true>(xm, Kp, wq, sx + m, sp + 16 * p, yp, ldm, ldn, nc);
-        else w8a8_panel_tile<MR, false>(xm, Kp, wq, sx + m, sp + 16 * p, yp, ldm, ldn, nc);
+        if (form == 1) w8a8_panel_tile<MR, 1>(xm, Kp, wq, sx + m, sp + 16 * p, yp, ldm, ldn, nc);
+        else if (form == 2) w8a8_panel_tile<MR, 2>(xm, Kp, wq, sx + m, sp + 16 * p, yp, ldm, ldn, nc);
+        else w8a8_panel_tile<MR, 0>(xm, Kp, wq, sx + m, sp + 16 * p, yp, ldm, ldn, nc);
     });
 #else
     for (i64 m = 0; m < M; ++m)
@@ -917,7 +961,7 @@ LB_API int lb_panel_rows(int wkind) {
 }
 
 #ifdef __AVX2__
-template <int MR, bool NONNEG>
+template <int MR, int FORM>  // FORM as w8a8_panel_tile's
 static inline void wn_panel_tile(const int8_t* x, i64 Kp, const int8_t* wp, const float* sx, const float* spg,
                                  i64 group, float* y, i64 ldm, i64 ncols) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -928,15 +972,18 @@ static inline void wn_panel_tile(const int8_t* x, i64 Kp, const int8_t* wp, cons
         for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
         for (i64 k = k0; k < k0 + group; k += 4) {
             const __m256i w0 = ld(wp + 16 * k), w1 = ld(wp + 16 * k + 32);
+            constexpr bool NONNEG = FORM == 1;
             const __m256i a0 = NONNEG ? w0 : _mm256_abs_epi8(w0), a1 = NONNEG ? w1 : _mm256_abs_epi8(w1);
             for (int m = 0; m < MR; ++m) {
                 int32_t xv;
                 memcpy(&xv, x + m * Kp + k, 4);
                 const __m256i xb = _mm256_set1_epi32(xv);
-                const __m256i p0 = NONNEG ? _mm256_maddubs_epi16(xb, w0) : _mm256_maddubs_epi16(a0, _mm256_sign_epi8(xb, w0));
-                const __m256i p1 = NONNEG ? _mm256_maddubs_epi16(xb, w1) : _mm256_maddubs_epi16(a1, _mm256_sign_epi8(xb, w1));
-                acc[m][0] = keep(_mm256_add_epi32(acc[m][0], _mm256_madd_epi16(p0, ones)));
-                acc[m][1] = keep(_mm256_add_epi32(acc[m][1], _mm256_madd_epi16(p1, ones)));
+                const __m256i p0 = NONNEG ? _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w0), ones)
+                                          : sdot_quads<FORM == 2>(a0, w0, xb, ones);
+                const __m256i p1 = NONNEG ? _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w1), ones)
+                                          : sdot_quads<FORM == 2>(a1, w1, xb, ones);
+                acc[m][0] = keep(_mm256_add_epi32(acc[m][0], p0));
+                acc[m][1] = keep(_mm256_add_epi32(acc[m][1], p1));
             }
         }
         const __m256 s0 = _mm256_loadu_ps(spg + 16 * g), s1 = _mm256_loadu_ps(spg + 16 * g + 8);
@@ -1000,14 +1047,15 @@ LB_API void lb_wn_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const i
     int8_t* own;
     const int8_t* xp = pad_rows(xq, M, K, Kp, &own);
 #ifdef __AVX2__
-    panel_blocks<4, true>(xp, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, bool nonneg) {
+    panel_blocks<4, true>(xp, M, N, Kp, threads, [=](auto mt, i64 m, i64 p, int form) {
         constexpr int MR = decltype(mt)::value;
         const i64 nc = std::min<i64>(16, N - 16 * p);
         const int8_t *xm = xp + m * Kp, *wq = wp + p * 16 * Kp;
         const float* sg = spg + p * G * 16;
         float* ym = y + m * N + 16 * p;
-        if (nonneg) wn_panel_tile<MR, true>(xm, Kp, wq, sx + m, sg, group, ym, N, nc);
-        else wn_panel_tile<MR, false>(xm, Kp, wq, sx + m, sg, group, ym, N, nc);
+        if (form == 1) wn_panel_tile<MR, 1>(xm, Kp, wq, sx + m, sg, group, ym, N, nc);
+        else if (form == 2) wn_panel_tile<MR, 2>(xm, Kp, wq, sx + m, sg, group, ym, N, nc);
+        else wn_panel_tile<MR, 0>(xm, Kp, wq, sx + m, sg, group, ym, N, nc);
     });
 #else
     for (i64 m = 0; m < M; ++m)
@@ -1577,6 +1625,45 @@ LB_API void lb_fake_quant_rows_i8(const float* x, i64 M, i64 K, float qmax, floa
     }
 }
 
+// Static per-tensor int8 activations with a zero point (the simulated ActQuantizer's encode: rint(x / s + z)
+// clamped to [qmin, qmax], in IEEE division and round-half-even, so the same codes), stored as the signed code
+// q - (qmin + 128) with row scale s; NaN: code 0 and a NaN row, as quantize_rows_i8.
+static void quantize_rows_static(const float* x, i64 M, i64 K, float s, float z, float qmin, float qmax, int8_t* xq,
+                                 float* sx, uint8_t* nan_rows) {
+    const float off = qmin + 128.0f;
+    for (i64 m = 0; m < M; ++m) {
+        const float* xr = x + m * K;
+        int8_t* q = xq + m * K;
+        sx[m] = s;
+        bool nan = false;
+        i64 k = 0;
+#ifdef __AVX2__
+        const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), vo = _mm256_set1_ps(off);
+        const __m256 lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax);
+        __m256 bad = _mm256_setzero_ps();
+        for (; k + 8 <= K; k += 8) {
+            __m256 v = _mm256_add_ps(_mm256_div_ps(_mm256_loadu_ps(xr + k), vs), vz);
+            v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            v = _mm256_min_ps(hi, _mm256_max_ps(lo, v));  // NaN stays NaN (2nd operand)
+            const __m256 ok = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
+            bad = _mm256_or_ps(bad, _mm256_xor_ps(ok, _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
+            v = _mm256_and_ps(_mm256_sub_ps(v, vo), ok);  // NaN -> code 0
+            const __m256i i = _mm256_cvtps_epi32(v);      // exact: an integer in [-128, 127]
+            const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+            _mm_storel_epi64((__m128i*)(q + k), _mm_packs_epi16(w, w));
+        }
+        nan = _mm256_movemask_ps(bad) != 0;
+#endif
+        for (; k < K; ++k) {
+            float v = rintf(xr[k] / s + z);
+            v = v < qmin ? qmin : v > qmax ? qmax : v;  // NaN stays NaN
+            if (v != v) nan = true;
+            q[k] = v == v ? (int8_t)(v - off) : 0;
+        }
+        if (nan_rows) nan_rows[m] = nan;
+    }
+}
+
 // --- Low-bit float (ExMy: FP8 E4M3 / E5M2, FP6, FP4) per-row fake quantization, bit-identical to lowbit's torch
 // path (lowfloat.fit with runtime scales, lowfloat.encode / decode): s = row_scale_i8(x, max_value) (amax / max,
 // the same guards); v = x / s; mag = min(|v|, max); e = clamp(floor(log2(max(mag, 2^emin))), emin, emax) (read
@@ -1813,7 +1900,7 @@ LB_API void lb_w1a32(const float* x, i64 M, i64 K, const uint8_t* w, const float
 //   X[m,g] the group sum of the activations the kernel saw (sx[m] * sum xq for int8, sum x for fp32).
 // ================================================================================================
 enum { LB_W8 = 1, LB_WN = 2, LB_TERNARY = 3, LB_BIN_BLOCKED = 4, LB_BIN_INTER = 5, LB_FP8 = 6 };
-enum { LB_ACT_F32 = 0, LB_ACT_I8 = 1, LB_ACT_SIGN = 2, LB_ACT_FP = 3 };
+enum { LB_ACT_F32 = 0, LB_ACT_I8 = 1, LB_ACT_SIGN = 2, LB_ACT_FP = 3, LB_ACT_I8S = 4 };
 
 struct lb_layer {
     int32_t wkind, akind;     // LB_W8 ... / LB_ACT_...
@@ -1831,6 +1918,14 @@ struct lb_layer {
     int32_t fp_man, fp_emin, fp_emax;  // FP activations (ExMy per row, max value in qmax): mantissa bits, exponents
     const float* xs;          // per-input-channel scale (K,) applied before activation quantization (AWQ / SmoothQuant
                               // where nothing absorbs it), or NULL
+    // I8S (static per-tensor int8, zero point or none): q = clamp(rint(x / *sa + *za), qmin, qmax) and the kernels
+    // see the signed code q - (qmin + 128) with row scale *sa (asymmetric codes 0..255 -> -128..127; symmetric ones
+    // as they are); the constant *sa * (qmin + 128 - *za) * wsum[n] per output (wsum[n] = sum_k W[n,k]) is added
+    // before the bias. sa / za point at the quantizer's calibrated values (read per call; za NULL: zero 0).
+    const float* sa;
+    const float* za;
+    float qmin;
+    const float* wsum;
 };
 
 LB_API int lb_layer_size(void) { return (int)sizeof(lb_layer); }
@@ -1893,7 +1988,7 @@ struct ActRows {
             xf = (float*)malloc(sizeof(float) * M * K + 64);
             if (!xf) return false;
         }
-        if (L->akind == LB_ACT_I8) {
+        if (L->akind == LB_ACT_I8 || L->akind == LB_ACT_I8S) {
             xq = (int8_t*)malloc(M * K + 64);
             sx = (float*)malloc(sizeof(float) * M + 64);
             nan_rows = (uint8_t*)malloc(M + 64);
@@ -1936,6 +2031,9 @@ struct ActRows {
     void quantize(const lb_layer* L, const float* x, i64 M, i64 K, i64 r) {
         if (L->akind == LB_ACT_I8) {
             quantize_rows_i8(x, M, K, L->qmax, L->min_scale, L->max_scale, xq + r * K, sx + r, nan_rows + r);
+        } else if (L->akind == LB_ACT_I8S) {
+            quantize_rows_static(x, M, K, *L->sa, L->za ? *L->za : 0.0f, L->qmin, L->qmax, xq + r * K, sx + r,
+                                 nan_rows + r);
         } else if (L->akind == LB_ACT_SIGN) {
             lb_sign_rows(x, M, K, xb + r * ((K + 255) / 256 * 4), L->sign_scale ? sx + r : nullptr, L->min_scale,
                          L->max_scale);
@@ -1957,11 +2055,12 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
     const float* sx = a.sx;
     const uint64_t* xb = a.xb;
     const uint8_t* nan_rows = a.nan_rows;
-    int rc = (L->akind == LB_ACT_I8 || L->akind == LB_ACT_SIGN || L->akind == LB_ACT_F32 || L->akind == LB_ACT_FP)
-                 ? 0 : -1;
+    int rc = (L->akind == LB_ACT_I8 || L->akind == LB_ACT_I8S || L->akind == LB_ACT_SIGN || L->akind == LB_ACT_F32 ||
+              L->akind == LB_ACT_FP) ? 0 : -1;
     if (a.xf) x = a.xf;  // fake-quantized (FP) or scaled (F32 with xs) rows: from here on the fp32 input
     if (rc == 0) {
-        const bool i8 = L->akind == LB_ACT_I8, f32 = L->akind == LB_ACT_F32 || L->akind == LB_ACT_FP;
+        const bool i8 = L->akind == LB_ACT_I8 || L->akind == LB_ACT_I8S;
+        const bool f32 = L->akind == LB_ACT_F32 || L->akind == LB_ACT_FP;
         // fp32 inputs on a weight-only layer's panels, whatever its format (W8 and binary: per-column scales; WN:
         // per group, then the s*z correction below; FP8: bytes decoded in the kernel): from F32_PANEL_ROWS rows on,
         // or always when the layer holds no row layout (FP4, FP8). Otherwise each format's own kernel.
@@ -2006,6 +2105,12 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
                 rc = -1;
         }
         if (rc == 0 && L->wkind == LB_WN && L->sz) sz_correct(L, x, xq, sx, M, y, threads);  // real zero points
+    }
+    if (rc == 0 && L->akind == LB_ACT_I8S) {  // the zero point's constant term (then the bias)
+        const float c = *L->sa * (L->qmin + 128.0f - (L->za ? *L->za : 0.0f));
+        if (c != 0.0f)
+            for (i64 m = 0; m < M; ++m)
+                for (i64 n = 0; n < N; ++n) y[m * N + n] += c * L->wsum[n];
     }
     if (rc == 0 && bias)
 #pragma omp parallel for num_threads(nthreads(threads)) schedule(static) if (M * N >= 262144)
@@ -2067,7 +2172,8 @@ static void conv_panel_maps(const lb_layer* L, const ActRows& a, i64 nb, i64 P, 
 
 LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, int threads, const float* bias) {
     const i64 N = g[0], L_ = g[16] * g[17], K = L->K, O = L->N;
-    if (g[1] * g[8] * g[9] != K || L->akind == LB_ACT_F32 || L->xs) return -1;  // (a conv's scale is per channel)
+    // (a conv's input scale is per channel; static activations are per tensor, not per patch: no conv route)
+    if (g[1] * g[8] * g[9] != K || L->akind == LB_ACT_F32 || L->akind == LB_ACT_I8S || L->xs) return -1;
     const bool maps = conv_panels(L, L_);
     const i64 per_image = L_ * std::max(K, O) * (i64)sizeof(float);
     const i64 images = std::max<i64>(1, std::min<i64>(N, CONV_CHUNK_BYTES / std::max<i64>(per_image, 1)));

@@ -20,8 +20,12 @@ GEMM (`panels.matmul_f32_panel`), every weight-only format alike (`f32_panel_row
 FP4 (E2M1, group scales) runs on group panels of twice its values (integers up to ±12) with halved scales, with float
 inputs only (``fp4a32``). FP8 (E4M3 / E5M2, per channel) runs panels of its bytes, decoded in the fp32 panel kernel,
 with float inputs or dynamic per-token low-bit float ones fake-quantized in the same call (``fp8a32`` / ``fp8a8``).
-Everything else (FP6, int6, convolutions without per-patch activations, static activations) has no route: the layer
-runs its dense reference path. A weight-only int or binary layer whose ``kernel_activations`` is ``"int8"``
+Static per-tensor int8 activations (calibrated scale and zero point: ``w8a8-static``) take the ``…a8`` kernel of
+their weights (``w8a8-static``, ``w4a8-static``, ``ternary-static``, ...): ``lb_linear`` makes the codes
+``clamp(rint(x / s + z), 0, 255)`` from the quantizer's own buffers, shifted by −128 to signed bytes, and adds back
+``s · (128 − z) · Σₖ W[n, k]`` per output (`layer.with_static_activations`). Everything else (FP6, int6,
+convolutions without per-patch activations) has no route: the layer runs its dense reference path. A weight-only
+int or binary layer whose ``kernel_activations`` is ``"int8"``
 (`lowbit.pack(..., kernel_activations="int8")`) takes the ``…a8`` kernel, quantizing its input per token to int8
 inside the kernel as ONNX Runtime's ``accuracy_level=4`` does: faster on CPUs, at the cost of that rounding (not in
 the simulated model). A linear layer's explicit input scale (AWQ / SmoothQuant) is applied in the same C call
@@ -117,6 +121,10 @@ def _is_int8_token(spec: QuantSpec | None) -> bool:
     )
 
 
+def _is_int8_static(spec: QuantSpec | None) -> bool:
+    return spec is not None and spec.kind == "int" and spec.bits == 8 and not spec.dynamic
+
+
 def _is_binary_token(spec: QuantSpec | None) -> bool:
     return spec is not None and spec.kind == "binary" and spec.dynamic and spec.granularity == "token"
 
@@ -187,8 +195,44 @@ def _fp8_route(w: QuantSpec, act: QuantSpec | None, n: int) -> Route | None:
     return Route("fp8a8" if mode == "fp" else "fp8a32", prep_fp8)
 
 
+def static_weight_sums(w: torch.Tensor) -> torch.Tensor:
+    """``Σₖ W[n, k]`` per output of a dequantized weight matrix (N, K), summed in float64: with static zero-point
+    activations the kernels see codes ``q − 128``, and ``scale · (128 − zero) · Σₖ W[n, k]`` restores the rest."""
+    return w.detach().double().sum(dim=1).float()
+
+
 def route_for(layer: nn.Module) -> Route | None:
-    """The native route of a packed linear layer, or None when its format has no fast kernel."""
+    """The native route of a packed linear layer, or None when its format has no fast kernel.
+
+    Static per-tensor int8 activations (calibrated scale and zero point) take the route of dynamic per-token int8
+    ones, their codes made in the same C call from the quantizer's calibrated range (`layer.with_static_activations`):
+    kernel names end in ``-static``."""
+    act: QuantSpec | None = getattr(layer, "act_spec", None)
+    if not _is_int8_static(act):
+        return _route(layer)
+    quantizer = layer.act
+    zero = quantizer.zero
+    if quantizer.scale.dtype is not torch.float32 or (zero is not None and zero.dtype is not torch.float32):
+        return None
+    route = _route(layer, ACT_FORMATS["int8_token"])
+    if route is None:
+        return None
+    inner = route.prepare
+
+    def prep_static(lay: Any, panels: bool = False) -> Any:
+        from lowbit.kernels import layer as native_layer
+
+        q = lay.act
+        qrange = integer.qrange(8, q.spec.symmetric)
+        return native_layer.with_static_activations(
+            inner(lay, panels), q.scale, q.zero, qrange, static_weight_sums(lay.weight_matrix())
+        )
+
+    return Route(route.kernel + "-static", prep_static, route.panel_rows)
+
+
+def _route(layer: nn.Module, act_override: QuantSpec | None = None) -> Route | None:
+    """`route_for` for dynamic or no activation quantization (``act_override``: the activation spec to route as)."""
     from lowbit.kernels import layer as native_layer
     from lowbit.kernels import native
     from lowbit.kernels import panels as panels_mod
@@ -198,7 +242,7 @@ def route_for(layer: nn.Module) -> Route | None:
     if not (isinstance(layer, PackedLinear) or conv_as_linear):
         return None
     w: QuantSpec = layer.weight_spec
-    act: QuantSpec | None = layer.act_spec
+    act: QuantSpec | None = act_override or layer.act_spec
     if act is None and getattr(layer, "kernel_activations", "exact") == "int8" and w.kind in ("int", "binary"):
         act = ACT_FORMATS["int8_token"]  # opt-in: weight-only layers take int8 inputs inside the kernel
     n, k = layer._matrix_shape

@@ -1,0 +1,135 @@
+"""Static per-tensor int8 activations (calibrated scale and zero point) on the native kernels: the codes are made in
+the kernel's C call from the quantizer's own range, shifted to signed bytes, and the zero point's constant term is
+added back per output (`routes.route_for`, `layer.with_static_activations`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.formats import ACT_FORMATS, FORMATS
+from lowbit.formats.spec import QuantSpec
+from lowbit.kernels import dispatch
+from lowbit.kernels.dispatch import layer_report, use_mode
+from lowbit.kernels.routes import route_for, static_weight_sums
+from lowbit.recipe import Recipe, Stage
+
+STATIC_SYMMETRIC = QuantSpec(kind="int", bits=8, symmetric=True, granularity="tensor")
+
+CASES = [
+    ("int8", "w8a8-static"),
+    ("int4_g32", "w4a8-static"),
+    ("int2_g64", "w2a8-static"),
+    ("ternary_absmean", "ternary-static"),
+    ("binary", "w1a8-static"),
+]
+
+
+def static_layer(weights: str, act: QuantSpec, k: int = 384, n: int = 96) -> tuple[nn.Module, nn.Module]:
+    """A linear layer after a GELU (a skewed input: the zero point is far from 128), calibrated on inputs half as
+    large as the test inputs, so codes clamp at both ends."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.GELU(), nn.Linear(k, n))
+    recipe = Recipe(stages=(Stage(method="rtn", weights=FORMATS[weights], activations=act),))
+    data = [torch.randn(16, k) * 0.5 for _ in range(2)]
+    q = lowbit.compress(model, recipe, data=data, progress=False)
+    return q, lowbit.pack(q)
+
+
+def test_a_static_range_is_calibrated_and_asymmetric() -> None:
+    q, _ = static_layer("int8", ACT_FORMATS["int8_static"])
+    z = float(q[1].act.zero)
+    assert 0 < z < 255 and z == round(z) and abs(z - 128) > 20  # a GELU's range: most codes on one side
+
+
+@pytest.mark.parametrize(("weights", "kernel"), CASES)
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_native_output_matches_simulated(weights: str, kernel: str, rows: int) -> None:
+    q, p = static_layer(weights, ACT_FORMATS["int8_static"])
+    assert route_for(p[1]).kernel == kernel
+    x = torch.randn(2, rows, 384)
+    with torch.no_grad(), use_mode("native"):
+        got = p(x)
+    want = q(x).detach()
+    assert layer_report(p[1])[0]["path"] == kernel
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("k", [384, 100])  # 100: a row tail past the 8-lane quantizer loop
+def test_symmetric_static_activations_take_the_route_too(k: int) -> None:
+    q, p = static_layer("int8", STATIC_SYMMETRIC, k=k)
+    assert q[1].act.zero is None and route_for(p[1]).kernel == "w8a8-static"
+    x = torch.randn(5, k)
+    with torch.no_grad(), use_mode("native"):
+        got = p(x)
+    want = q(x).detach()
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("col", [7, 99])  # in the vector loop / in the row tail
+def test_a_nan_row_gives_a_nan_output_row_only(col: int) -> None:
+    q, p = static_layer("int8", ACT_FORMATS["int8_static"], k=100)
+    x = torch.randn(3, 100)
+    x[1, col] = float("nan")
+    with torch.no_grad(), use_mode("native"):
+        got = p(x)
+    want = q(x).detach()
+    assert bool(got[1].isnan().all()) and bool(want[1].isnan().all())
+    keep = torch.tensor([0, 2])
+    assert float((got[keep] - want[keep]).abs().max()) <= 2e-5 * float(want[keep].abs().max())
+
+
+def test_a_range_calibrated_again_in_place_takes_effect() -> None:
+    """The kernel reads the quantizer's scale and zero point on every call (not a copy made when it was prepared)."""
+    q, p = static_layer("int8", ACT_FORMATS["int8_static"])
+    x = torch.randn(4, 384)
+    with torch.no_grad(), use_mode("native"):
+        before = p(x)
+        for m in (q, p):
+            m[1].act.set_range(m[1].act.scale * 2, m[1].act.zero - 3)
+        got = p(x)
+    want = q(x).detach()
+    assert not torch.allclose(before, got)
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
+def test_the_kernel_applies_an_input_scale_before_the_static_quantizer() -> None:
+    """SmoothQuant with static activations: ``x * scale`` then the calibrated range, in the same C call."""
+    q, p = static_layer("int8", ACT_FORMATS["int8_static"])
+    s = torch.rand(384, generator=torch.Generator().manual_seed(5)) + 0.5
+    q[1].set_input_scale(s)
+    p[1].set_input_scale(s)
+    x = torch.randn(40, 384)
+    want = q(x).detach()
+    with torch.no_grad(), use_mode("native"):
+        got = p(x)
+    assert p[1]._dispatch.kernel_scales
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
+def test_weight_sums_are_the_dequantized_rows_sums() -> None:
+    w = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]])
+    assert torch.equal(static_weight_sums(w), torch.tensor([-0.5, 0.0]))
+
+
+def test_static_presets_run_every_layer_natively_and_fast_paths_agree() -> None:
+    """The ``w8a8-static`` preset on a small MLP: every linear layer routed, the decided (hot) call and the full
+    path give the same output."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    data = [torch.randn(8, 64) for _ in range(3)]
+    q = lowbit.compress(model, "w8a8-static", data=data, progress=False)
+    p = lowbit.pack(q)
+    assert all(route_for(p[i]).kernel == "w8a8-static" for i in (0, 2, 4))
+    x = torch.randn(6, 64)
+    want = q(x).detach()
+    with torch.no_grad(), use_mode("native"):
+        got = p(x)
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+    with torch.no_grad():
+        for layer in (p[0], p[2], p[4]):
+            layer._dispatch.decided[(6, torch.get_num_threads())] = True
+        hot = p(x)
+    assert torch.equal(hot, got) if dispatch.mode() == "auto" else True
