@@ -396,6 +396,7 @@ OTHER_BUILD_CHECKS = (
     "for w, k in ts.CASES:\n"
     "    ts.test_native_output_matches_simulated(w, k, 40)\n"
     "ts.test_symmetric_static_activations_take_the_route_too(100); ts.test_a_nan_row_gives_a_nan_output_row_only(7)\n"
+    "ts.test_a_static_conv_runs_the_linear_kernel_on_its_patches('int8', 'w8a8-static')\n"
     "from tests.kernels import test_f32_panels as tf\n"  # the fp32 panel tiles of this build (3 rows on AVX2)
     "for M in (3, 9, 50):\n"
     "    tf.test_f32_panels_compute_the_dense_product(100, 33, M)\n"

@@ -179,7 +179,7 @@ class LayerDispatch:
         # (Setting an input scale / shift later drops the layer's LayerDispatch, so these stay true to the layer.)
         # A linear layer's input scale (no shift) is applied by the kernel itself (`layer.with_input_scale`): its input
         # goes to the C call untouched as well.
-        patches = getattr(layer, "patch_tokens", False)
+        patches = getattr(layer, "patch_kernel", False)
         self.kernel_scales = layer.input_scale is not None and layer.input_shift is None and not patches
         self.kernel_scales = self.kernel_scales and not getattr(layer, "_channels_first", True)  # linear layers
         self.unscaled = (layer.input_scale is None or self.kernel_scales) and layer.input_shift is None

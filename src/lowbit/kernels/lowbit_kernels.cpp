@@ -2046,6 +2046,12 @@ struct ActRows {
     }
 };
 
+// Static activations (I8S): the factor c of the constant term c * wsum[n] the code shift and the zero point leave
+// per output, c = sa * (qmin + 128 - za); 0 otherwise.
+static inline float zero_term(const lb_layer* L) {
+    return L->akind == LB_ACT_I8S ? *L->sa * (L->qmin + 128.0f - (L->za ? *L->za : 0.0f)) : 0.0f;
+}
+
 // The kernel of layer L on M rows: fp32 x for float activations, the quantized rows in a otherwise (x may then be
 // null); then the bias, and NaN rows.
 static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 M, float* y, int threads,
@@ -2106,12 +2112,10 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
         }
         if (rc == 0 && L->wkind == LB_WN && L->sz) sz_correct(L, x, xq, sx, M, y, threads);  // real zero points
     }
-    if (rc == 0 && L->akind == LB_ACT_I8S) {  // the zero point's constant term (then the bias)
-        const float c = *L->sa * (L->qmin + 128.0f - (L->za ? *L->za : 0.0f));
-        if (c != 0.0f)
-            for (i64 m = 0; m < M; ++m)
-                for (i64 n = 0; n < N; ++n) y[m * N + n] += c * L->wsum[n];
-    }
+    const float c = zero_term(L);
+    if (rc == 0 && c != 0.0f)  // the static zero point's constant term (then the bias), one rounding as lb_conv's
+        for (i64 m = 0; m < M; ++m)
+            for (i64 n = 0; n < N; ++n) y[m * N + n] = fmaf(c, L->wsum[n], y[m * N + n]);
     if (rc == 0 && bias)
 #pragma omp parallel for num_threads(nthreads(threads)) schedule(static) if (M * N >= 262144)
         for (i64 m = 0; m < M; ++m)
@@ -2129,7 +2133,8 @@ LB_API int lb_linear(const lb_layer* L, const float* x, i64 M, float* y, int thr
     return linear_core(L, x, a, M, y, threads, bias);
 }
 
-// A convolution whose activations are quantized per patch (int8 or signs), as one call: patches (geometry g) are cut
+// A convolution whose activations are quantized per patch (int8 or signs) or with a static per-tensor int8 range
+// (the same codes per patch as per map), as one call: patches (geometry g) are cut
 // a few at a time into a small buffer and quantized at once, so only their codes are stored, not fp32 patches (4x /
 // 32x less memory traffic) -- the codes and scales lb_linear computes from the fp32 patches; then the kernel and the
 // (N, O, OH, OW) map y. Layers with int8 panels (conv_panels) write the map straight from the panel kernel, image by
@@ -2141,7 +2146,7 @@ static const i64 CONV_CHUNK_BYTES = 8 << 20;
 
 // Whether lb_conv runs the panel kernel on images of P patches (the rule linear_core applies to rows).
 static inline bool conv_panels(const lb_layer* L, i64 P) {
-    if (L->akind != LB_ACT_I8 || !L->wp) return false;
+    if ((L->akind != LB_ACT_I8 && L->akind != LB_ACT_I8S) || !L->wp) return false;
     if (L->wkind == LB_W8) return P >= PANEL_ROWS || !L->w;
     if (L->wkind == LB_BIN_INTER) return P >= BIN_PANEL_ROWS;
     return L->wkind == LB_TERNARY && P >= TERNARY_PANEL_ROWS;
@@ -2154,6 +2159,10 @@ static void conv_panel_maps(const lb_layer* L, const ActRows& a, i64 nb, i64 P, 
     auto image = [&](i64 n, int inner) {
         float* yn = y + n * O * P;
         w8a8_panel_run(a.xq + n * P * K, a.sx + n * P, P, K, L->wp, L->sp, L->ws, O, L->pld, yn, 1, P, inner);
+        const float c = zero_term(L);
+        if (c != 0.0f)
+            for (i64 o = 0; o < O; ++o)
+                for (i64 l = 0; l < P; ++l) yn[o * P + l] = fmaf(c, L->wsum[o], yn[o * P + l]);
         if (bias)
             for (i64 o = 0; o < O; ++o)
                 for (i64 l = 0; l < P; ++l) yn[o * P + l] += bias[o];
@@ -2172,8 +2181,8 @@ static void conv_panel_maps(const lb_layer* L, const ActRows& a, i64 nb, i64 P, 
 
 LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, int threads, const float* bias) {
     const i64 N = g[0], L_ = g[16] * g[17], K = L->K, O = L->N;
-    // (a conv's input scale is per channel; static activations are per tensor, not per patch: no conv route)
-    if (g[1] * g[8] * g[9] != K || L->akind == LB_ACT_F32 || L->akind == LB_ACT_I8S || L->xs) return -1;
+    // (a conv's input scale is per channel: applied before its patches are cut, never here)
+    if (g[1] * g[8] * g[9] != K || L->akind == LB_ACT_F32 || L->xs) return -1;
     const bool maps = conv_panels(L, L_);
     const i64 per_image = L_ * std::max(K, O) * (i64)sizeof(float);
     const i64 images = std::max<i64>(1, std::min<i64>(N, CONV_CHUNK_BYTES / std::max<i64>(per_image, 1)));

@@ -214,6 +214,8 @@ def route_for(layer: nn.Module) -> Route | None:
     zero = quantizer.zero
     if quantizer.scale.dtype is not torch.float32 or (zero is not None and zero.dtype is not torch.float32):
         return None
+    if not quantizer.calibrated:  # the reference path says so
+        return None
     route = _route(layer, ACT_FORMATS["int8_token"])
     if route is None:
         return None
@@ -238,7 +240,7 @@ def _route(layer: nn.Module, act_override: QuantSpec | None = None) -> Route | N
     from lowbit.kernels import panels as panels_mod
     from lowbit.nn.packed import PackedConv2d, PackedLinear
 
-    conv_as_linear = isinstance(layer, PackedConv2d) and layer.groups == 1 and layer.patch_tokens
+    conv_as_linear = isinstance(layer, PackedConv2d) and layer.groups == 1 and layer.patch_kernel
     if not (isinstance(layer, PackedLinear) or conv_as_linear):
         return None
     w: QuantSpec = layer.weight_spec

@@ -34,6 +34,7 @@ from lowbit.formats.layout import num_units
 from lowbit.formats.packing import code_offset, pack_codes, packed_nbytes, unpack_codes
 from lowbit.formats.spec import QuantSpec
 from lowbit.kernels.dispatch import compiled_conv, dense_hot, dispatch_linear, native_patches_ready
+from lowbit.kernels.dispatch import mode as dispatch_mode
 from lowbit.nn.patches import conv_output_size, conv_padding, conv_patches, patches_to_map
 from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
 
@@ -120,9 +121,10 @@ class PackedLinear(PackedMixin, QuantLinear):
 
 
 class PackedConv2d(PackedMixin, QuantConv2d):
-    """`QuantConv2d` stored bit-packed. With per-token (per-patch) activations and ``groups=1`` it runs as a packed
-    linear layer over the input's patches (`lowbit.nn.patches`; patches cut in one C pass), so dispatch picks a
-    native kernel where one is faster; otherwise its forward is the reference one on the cached weight."""
+    """`QuantConv2d` stored bit-packed. With per-token (per-patch) activations, or a static per-tensor int8 range
+    (`QuantConv2d.patch_kernel`), and ``groups=1`` it runs as a packed linear layer over the input's patches
+    (`lowbit.nn.patches`; patches cut in one C pass), so dispatch picks a native kernel where one is faster;
+    otherwise its forward is the reference one on the cached weight."""
 
     def __init__(self, *args: Any, zero_format: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -138,7 +140,9 @@ class PackedConv2d(PackedMixin, QuantConv2d):
             y = None if cut is None else disp.hot_conv(self, x, cut)
             if y is not None:
                 return y
-        if self.patch_tokens:
+        if self.patch_tokens or (self.patch_kernel and dispatch_mode() != "reference"):
+            # (a static per-tensor range gives the same codes per patch: its kernel runs on patches; its reference
+            # path stays the simulated layer's conv)
             return self._patch_forward(x)
         # QuantConv2d.forward less its per-call bookkeeping (a small conv takes ~20 µs, the bookkeeping ~10):
         # the 4-D weight view is kept while the cached weight is the same tensor.

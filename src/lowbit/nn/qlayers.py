@@ -277,6 +277,18 @@ class QuantConv2d(QuantLayer):
         act = self.act
         return act is not None and act.spec.dynamic and act.spec.granularity == "token"
 
+    @property
+    def patch_kernel(self) -> bool:
+        """True when a packed copy of the layer can run as patches × weight matrix with the simulated layer's codes:
+        per-patch activations, or a static per-tensor int8 range with an integer zero point (the same code per
+        patch as per map; a padded 0 codes the zero point exactly, as in the padded quantized map)."""
+        if self.patch_tokens:
+            return True
+        act = self.act
+        if act is None or act.spec.dynamic or act.spec.kind != "int" or act.spec.bits != 8:
+            return False
+        return act.zero is None or bool(act.zero == act.zero.round())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.patch_tokens:
             u, (oh, ow) = conv_patches(
