@@ -442,7 +442,7 @@ def compiled_conv(layer: Any, x: torch.Tensor, out_hw: tuple[int, int]) -> torch
 
 def dense_hot(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
     """The reference forward of a packed linear layer that has no native route (its ``_dispatch`` is None: FP6,
-    int6, static activations, ...) in its fewest steps, in ``auto`` mode: the activation quantizer's C pass
+    int6, ...) in its fewest steps, in ``auto`` mode: the activation quantizer's C pass
     (`fake_quantize_fast`, the values of `ActQuantizer`) and one ``F.linear`` on the cached dequantized weight. A small
     layer's reference forward spends more time in Python than in its matrix product; this is that forward less its
     calls. None where it does not apply (another mode, compiling or tracing, autograd, an input scale / shift, no
