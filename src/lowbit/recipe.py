@@ -279,7 +279,7 @@ PRESETS: dict[str, Recipe] = {
 }
 
 #: The recipes the demo runs, in table order.
-DEMO_PRESETS: tuple[str, ...] = ("w8a8", "w4g128", "w3g64", "w2g64", "fp8", "fp4", "ternary", "binary")
+DEMO_PRESETS: tuple[str, ...] = ("w8a8", "w8a8-static", "w4g128", "w3g64", "w2g64", "fp8", "fp4", "ternary", "binary")
 
 #: ``lowbit demo --suite ptq``: every post-training method at every bit width.
 PTQ_SUITE: tuple[str, ...] = tuple(
