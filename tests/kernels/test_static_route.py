@@ -175,3 +175,75 @@ def test_a_static_conv_runs_the_linear_kernel_on_its_patches(weights: str, kerne
             assert hot is not None and torch.equal(hot.isnan(), got.isnan()) and torch.equal(hot[ok], got[ok])
     with torch.no_grad(), use_mode("reference"):
         assert torch.equal(p(x).isnan(), want.isnan()) and torch.equal(p(x)[ok], want[ok])
+
+
+def test_a_static_conv_without_a_kernel_runs_the_map_conv_bit_for_bit() -> None:
+    """Static convs go to their patches only for a native kernel: int6 weights (no route) keep the simulated conv,
+    and a conv whose patches dispatch decided dense runs the map conv too (what dispatch races the kernel against)."""
+    q, p = static_conv("int6")
+    x = torch.randn(3, 32, 9, 10)
+    want = q(x).detach()
+    with torch.no_grad():
+        assert route_for(p[1]) is None and torch.equal(p(x), want) and not p[1]._im2col
+    q, p = static_conv("int8")
+    with torch.no_grad():
+        p(x)  # auto: measured once, then decided
+        disp = p[1]._dispatch
+        disp.decided = dict.fromkeys(disp.decided, False)
+        assert torch.equal(p(x), q(x))
+        with use_mode("native"):
+            assert not torch.equal(p(x), q(x))  # (the kernel: equal within fp32 rounding only)
+
+
+def test_the_kernel_follows_the_range_through_moves_and_loads() -> None:
+    """The kernel reads a copy of the range the quantizer keeps in step, not the quantizer's buffers: moving them
+    to shared memory or replacing them by a state-dict load leaves the kernel right."""
+    q, p = static_layer("int8", ACT_FORMATS["int8_static"])
+    x = torch.randn(4, 384)
+    with torch.no_grad(), use_mode("native"):
+        p(x)
+        p.share_memory()
+        torch.randn(1 << 16)  # allocations that would reuse freed memory
+        want = q(x)
+        assert float((p(x) - want).abs().max()) <= 2e-5 * float(want.abs().max())
+        state = {"scale": q[1].act.scale * 1.5, "zero": q[1].act.zero + 2}
+        for m in (q, p):
+            m[1].act.load_state_dict(state, assign=True)
+        want = q(x)
+        assert float((p(x) - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
+def test_a_layer_calibrated_after_its_first_call_gets_its_route() -> None:
+    _, p = static_layer("int8", ACT_FORMATS["int8_static"])
+    scale, zero = p[1].act.scale.clone(), p[1].act.zero.clone()
+    p[1].act.scale.fill_(float("nan"))  # as before calibration
+    x = torch.randn(2, 384)
+    with torch.no_grad(), use_mode("native"):
+        with pytest.raises(lowbit.errors.ModelError, match="before calibration"):
+            p(x)
+        p[1].act.set_range(scale, zero)
+        p(x)
+    assert layer_report(p[1])[0]["path"] == "w8a8-static"
+
+
+def test_a_static_zero_point_is_an_integer_code() -> None:
+    q, _ = static_layer("int8", ACT_FORMATS["int8_static"])
+    for bad in (q[1].act.zero + 0.4, torch.tensor(256.0), torch.tensor(-1.0)):
+        with pytest.raises(lowbit.errors.ModelError, match="integer in \\[0, 255\\]"):
+            q[1].act.set_range(q[1].act.scale, bad)
+        with pytest.raises(lowbit.errors.ModelError, match="integer in \\[0, 255\\]"):  # a tampered checkpoint
+            q[1].act.load_state_dict({"scale": q[1].act.scale, "zero": bad})
+
+
+def test_kernel_copies_of_a_range_go_with_their_kernels() -> None:
+    import gc
+
+    from lowbit.nn.act import _KERNEL_RANGES
+
+    q, _ = static_layer("int8", ACT_FORMATS["int8_static"])
+    act = q[1].act
+    copies = [act.kernel_range() for _ in range(3)]
+    assert all(float(c[0]) == float(act.scale) and float(c[1]) == float(act.zero) for c in copies)
+    del copies
+    gc.collect()
+    assert len(_KERNEL_RANGES[act]) == 0

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from lowbit.formats.registry import ACT_FORMATS
 from lowbit.formats.spec import QuantSpec
 from lowbit.kernels.fakequant import fake_quantize_fast
-from lowbit.kernels.routes import Route, int8_token_constants, route_for
+from lowbit.kernels.routes import Route, awaits_calibration, int8_token_constants, route_for
 
 MODES = ("auto", "native", "reference", "portable")
 REPEATS = 3
@@ -488,6 +488,8 @@ def dispatch_linear(
         return dense()
     if disp is False:
         route = route_for(layer)
+        if route is None and awaits_calibration(layer):
+            return dense()  # (which says so; the route is looked for again once the range is calibrated)
         disp = LayerDispatch(route, layer) if route is not None and _native_ready() else None
         layer._dispatch = disp
     if disp is None:

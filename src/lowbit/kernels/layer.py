@@ -124,23 +124,22 @@ def with_input_scale(layer: NativeLinear, scale: torch.Tensor) -> NativeLinear:
 
 
 def with_static_activations(
-    layer: NativeLinear, scale: torch.Tensor, zero: torch.Tensor | None, qrange: tuple[int, int], wsum: torch.Tensor
+    layer: NativeLinear, rng: torch.Tensor, qrange: tuple[int, int], wsum: torch.Tensor
 ) -> NativeLinear:
     """``layer`` (described with ``"int8"`` activations) quantizing its input with a static per-tensor range instead:
     codes ``clamp(rint(x / scale + zero), qmin, qmax)`` (the simulated `ActQuantizer`'s), which the kernels see as
     the signed codes ``q − (qmin + 128)`` with row scale ``scale``; the constant term that shift and the zero point
     leave per output, ``scale · (qmin + 128 − zero) · wsum[n]`` with ``wsum[n] = Σₖ W[n, k]`` of the dequantized
-    weights, is added before the bias. ``scale`` / ``zero``: the quantizer's fp32 buffers (one value each), read on
-    every call, so a range calibrated again in place takes effect."""
-    for t in (scale, zero):
-        assert t is None or (t.dtype is torch.float32 and t.numel() == 1 and t.is_contiguous()), "fp32 scalars"
+    weights, is added before the bias. ``rng``: the fp32 ``[scale, zero]`` the kernel reads on every call (zero 0
+    for a symmetric range): `ActQuantizer.kernel_range`, which the quantizer keeps in step with its range."""
+    assert rng.dtype is torch.float32 and rng.shape == (2,) and rng.is_contiguous(), "an fp32 [scale, zero]"
     wsum = _as(wsum, torch.float32).reshape(-1).contiguous()
     assert wsum.numel() == layer.N, f"weight sums of {wsum.numel()} values for a layer of N={layer.N}"
     assert layer.desc.akind == AKINDS["int8"], "static activations replace an int8 activation quantizer"
     d = layer.desc
-    d.akind, d.sa, d.za, d.wsum = AKINDS["int8s"], _ptr(scale), None if zero is None else _ptr(zero), _ptr(wsum)
+    d.akind, d.sa, d.za, d.wsum = AKINDS["int8s"], _ptr(rng), _ptr(rng) + 4, _ptr(wsum)
     d.qmin, d.qmax = float(qrange[0]), float(qrange[1])
-    layer._keep = (*layer._keep, scale, zero, wsum)
+    layer._keep = (*layer._keep, rng, wsum)
     return layer
 
 

@@ -195,6 +195,12 @@ def _fp8_route(w: QuantSpec, act: QuantSpec | None, n: int) -> Route | None:
     return Route("fp8a8" if mode == "fp" else "fp8a32", prep_fp8)
 
 
+def awaits_calibration(layer: nn.Module) -> bool:
+    """Whether a layer's static activation quantizer has no range yet: its route is decided once it has."""
+    act = getattr(layer, "act", None)
+    return act is not None and not act.spec.dynamic and not act.calibrated
+
+
 def static_weight_sums(w: torch.Tensor) -> torch.Tensor:
     """``Σₖ W[n, k]`` per output of a dequantized weight matrix (N, K), summed in float64: with static zero-point
     activations the kernels see codes ``q − 128``, and ``scale · (128 − zero) · Σₖ W[n, k]`` restores the rest."""
@@ -205,8 +211,9 @@ def route_for(layer: nn.Module) -> Route | None:
     """The native route of a packed linear layer, or None when its format has no fast kernel.
 
     Static per-tensor int8 activations (calibrated scale and zero point) take the route of dynamic per-token int8
-    ones, their codes made in the same C call from the quantizer's calibrated range (`layer.with_static_activations`):
-    kernel names end in ``-static``."""
+    ones, their codes made in the same C call from the quantizer's calibrated range (`layer.with_static_activations`,
+    a copy the quantizer keeps in step: `ActQuantizer.kernel_range`): kernel names end in ``-static``. A static
+    quantizer not calibrated yet has no route (`awaits_calibration`)."""
     act: QuantSpec | None = getattr(layer, "act_spec", None)
     if not _is_int8_static(act):
         return _route(layer)
@@ -222,13 +229,14 @@ def route_for(layer: nn.Module) -> Route | None:
     inner = route.prepare
 
     def prep_static(lay: Any, panels: bool = False) -> Any:
+        from lowbit.formats.qtensor import dequantize
         from lowbit.kernels import layer as native_layer
 
         q = lay.act
         qrange = integer.qrange(8, q.spec.symmetric)
-        return native_layer.with_static_activations(
-            inner(lay, panels), q.scale, q.zero, qrange, static_weight_sums(lay.weight_matrix())
-        )
+        cached = lay.weight_fp is not None or lay._cache is not None  # (else dequantized without filling the cache)
+        w = lay.weight_matrix() if cached else dequantize(lay.qweight())
+        return native_layer.with_static_activations(inner(lay, panels), q.kernel_range(), qrange, static_weight_sums(w))
 
     return Route(route.kernel + "-static", prep_static, route.panel_rows)
 

@@ -135,15 +135,16 @@ class PackedConv2d(PackedMixin, QuantConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         disp = self._dispatch
+        cut = None
         if disp and disp.unscaled:  # a per-patch conv with a kernel route, input used as is: try the one C call
             cut = self._im2col.get((x.shape, x.stride()))
             y = None if cut is None else disp.hot_conv(self, x, cut)
             if y is not None:
                 return y
-        if self.patch_tokens or (self.patch_kernel and dispatch_mode() != "reference"):
-            # (a static per-tensor range gives the same codes per patch: its kernel runs on patches; its reference
-            # path stays the simulated layer's conv)
+        if self.patch_tokens:
             return self._patch_forward(x)
+        if self._static_patches(disp, cut):
+            return self._patch_forward(x, map_dense=True)
         # QuantConv2d.forward less its per-call bookkeeping (a small conv takes ~20 µs, the bookkeeping ~10):
         # the 4-D weight view is kept while the cached weight is the same tensor.
         c = self._cache
@@ -157,7 +158,22 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         xq = x if act is None else act(x)
         return F.conv2d(xq, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def _patch_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _static_patches(self, disp: Any, cut: Any) -> bool:
+        """Whether a conv with a static activation range runs on its patches: where its weights have a native
+        kernel (`QuantConv2d.patch_kernel`: the same codes per patch as per map), outside ``reference`` mode, and
+        not for an input whose patch count dispatch has decided dense (the map conv then runs at once)."""
+        how = dispatch_mode()
+        if disp is None or not self.patch_kernel or how == "reference":
+            return False
+        if disp is False:
+            from lowbit.kernels.routes import route_for
+
+            return route_for(self) is not None  # (dispatch derives the route on the first patches)
+        return how != "auto" or cut is None or disp.decided.get((cut.rows, torch.get_num_threads())) is not False
+
+    def _patch_forward(self, x: torch.Tensor, map_dense: bool = False) -> torch.Tensor:
+        """The conv as a linear layer on its patches; ``map_dense``: the dense path is the conv on the quantized map
+        (a static range: the simulated layer's own forward, so dispatch races the kernel against it)."""
         if self.groups != 1:
             return QuantConv2d.forward(self, x)
         if torch.compiler.is_compiling():  # one opaque op: inductor's patches (unfold) are slower than the C ones
@@ -174,15 +190,23 @@ class PackedConv2d(PackedMixin, QuantConv2d):
             if y is not None:
                 return y
         u, (oh, ow) = self._patches(x)
-        return patches_to_map(self.patch_linear(u), oh, ow)
+        dense = None
+        if map_dense:
 
-    def patch_linear(self, u: torch.Tensor) -> torch.Tensor:
+            def dense() -> torch.Tensor:  # the map conv's output as (N, OH·OW, O) rows (a view)
+                y = F.conv2d(self.act(x), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+                return y.flatten(2).transpose(1, 2)
+
+        return patches_to_map(self.patch_linear(u, dense), oh, ow)
+
+    def patch_linear(self, u: torch.Tensor, dense: Any = None) -> torch.Tensor:
         """The layer on its input's patches ``(N, OH·OW, in·kh·kw)`` → ``(N, OH·OW, out)``: a packed linear layer's
-        forward: dispatch to a native kernel or the dense path."""
+        forward: dispatch to a native kernel or the dense path (``dense()``, by default the patches' product)."""
         disp = self._dispatch
         y = disp.hot(self, u) if disp else None
         if y is None:
-            y = dispatch_linear(self, u, _unchanged, lambda: F.linear(self.act(u), self.weight_matrix(), self.bias))
+            fallback = dense or (lambda: F.linear(self.act(u), self.weight_matrix(), self.bias))
+            y = dispatch_linear(self, u, _unchanged, fallback)
         return y
 
     def _patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
