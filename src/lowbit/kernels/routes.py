@@ -22,7 +22,8 @@ inputs only (``fp4a32``). FP8 (E4M3 / E5M2, per channel) runs panels of its byte
 with float inputs or dynamic per-token low-bit float ones fake-quantized in the same call (``fp8a32`` / ``fp8a8``).
 Static per-tensor int8 activations (calibrated scale and zero point: ``w8a8-static``) take the ``…a8`` kernel of
 their weights (``w8a8-static``, ``w4a8-static``, ``ternary-static``, ...): ``lb_linear`` makes the codes
-``clamp(rint(x / s + z), 0, 255)`` from the quantizer's own buffers, shifted by −128 to signed bytes, and adds back
+``clamp(rint(x / s + z), 0, 255)`` from a copy of the quantizer's range (kept in step by ``set_range``), shifted by
+−128 to signed bytes, and adds back
 ``s · (128 − z) · Σₖ W[n, k]`` per output (`layer.with_static_activations`). Everything else (FP6, int6,
 convolutions without per-patch activations) has no route: the layer runs its dense reference path. A weight-only
 int or binary layer whose ``kernel_activations`` is ``"int8"``
