@@ -23,10 +23,9 @@ with float inputs or dynamic per-token low-bit float ones fake-quantized in the 
 Static per-tensor int8 activations (calibrated scale and zero point: ``w8a8-static``) take the ``…a8`` kernel of
 their weights (``w8a8-static``, ``w4a8-static``, ``ternary-static``, ...): ``lb_linear`` makes the codes
 ``clamp(rint(x / s + z), 0, 255)`` from a copy of the quantizer's range (kept in step by ``set_range``), shifted by
-−128 to signed bytes, and adds back
-``s · (128 − z) · Σₖ W[n, k]`` per output (`layer.with_static_activations`). Everything else (FP6, int6,
-convolutions without per-patch activations) has no route: the layer runs its dense reference path. A weight-only
-int or binary layer whose ``kernel_activations`` is ``"int8"``
+−128 to signed bytes, and adds back ``s · (128 − z) · Σₖ W[n, k]`` per output (`layer.with_static_activations`).
+Everything else (FP6, int6, convolutions with float activations) has no route: the layer runs its dense reference
+path. A weight-only int or binary layer whose ``kernel_activations`` is ``"int8"``
 (`lowbit.pack(..., kernel_activations="int8")`) takes the ``…a8`` kernel, quantizing its input per token to int8
 inside the kernel as ONNX Runtime's ``accuracy_level=4`` does: faster on CPUs, at the cost of that rounding (not in
 the simulated model). A linear layer's explicit input scale (AWQ / SmoothQuant) is applied in the same C call
