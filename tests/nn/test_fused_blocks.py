@@ -269,3 +269,19 @@ def test_inspect_names_the_fused_blocks():
     assert "2 encoder block(s) run fused (bert layout" in note and "2 of them with query / key / value" in note
     assert "1 encoder(s) run all their blocks in one C call" in note and "1 model(s) the embeddings too" in note
     assert _fused_note(lowbit.pack(lowbit.compress(tiny_bert(), "w8a8", progress=False), blocks="keep")) == ""
+
+
+def test_the_probe_tolerates_rounding_ties_not_wrong_outputs():
+    """Quantized activations at a rounding tie take the next code on one path: a few rows move by ~1e-3 of their size
+    (the probe agrees); a shifted or rescaled output, a wrong row or a NaN does not."""
+    from lowbit.nn.fused_blocks import probe_agrees
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 7, 64, generator=g)
+    tie = ref.clone()
+    tie[0, 3] += 2e-3 * torch.randn(64, generator=g)  # one row a code step off
+    assert not torch.allclose(tie, ref, atol=1e-4, rtol=1e-4) and probe_agrees(tie, ref)
+    wrong_row = ref.clone()
+    wrong_row[1, 5] = 0.0  # a padded token computed differently
+    for bad in (ref + 0.05, ref * 1.01, wrong_row, torch.full_like(ref, float("nan"))):
+        assert not probe_agrees(bad, ref)

@@ -120,7 +120,8 @@ def check_one_call(kind: str, preset: object, acts: str = "exact") -> None:
     tiny shapes): once the kernels are prepared, each block runs in one C call (a BERT encoder: all its blocks in
     one), with the same outputs bit for bit as the Python path of the same kernels."""
     act = {"tanh": "gelu_pytorch_tanh", "relu": "relu"}.get(acts.partition("-")[2], "gelu")
-    model = lowbit.pack(lowbit.compress(tiny(kind, act), preset, progress=False), kernel_activations=acts.split("-")[0])
+    q = lowbit.compress(tiny(kind, act), preset, data=[inputs(kind)], progress=False)  # (static presets calibrate)
+    model = lowbit.pack(q, kernel_activations=acts.split("-")[0])
     assert len(fs.stacked_encoders(model)) == (1 if kind == "bert" else 0)  # ViTModel loops over its blocks itself
     fm.unfuse_encoder_models(model)  # transformers' embeddings on both paths (their own pass: test_fused_model)
     with use_mode("native"):
@@ -137,7 +138,8 @@ def check_one_call(kind: str, preset: object, acts: str = "exact") -> None:
 
 @pytest.mark.parametrize("kind", ["bert", "vit"])
 @pytest.mark.parametrize(
-    "preset,acts", [("w8a8", "exact"), (W4G32, "int8"), ("w8a8", "exact-tanh"), ("w8a8", "exact-relu")]
+    "preset,acts",
+    [("w8a8", "exact"), (W4G32, "int8"), ("w8a8", "exact-tanh"), ("w8a8", "exact-relu"), ("w8a8-static", "exact")],
 )
 def test_one_call_block_equals_the_python_path(kind, preset, acts):
     check_one_call(kind, preset, acts)

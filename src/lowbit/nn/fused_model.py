@@ -30,7 +30,7 @@ from torch import nn
 
 from lowbit.kernels import native
 from lowbit.kernels.elementwise import embedding_args
-from lowbit.nn.fused_blocks import PROBE_ATOL, _is_set, drop_instance_forwards, instance_forwards
+from lowbit.nn.fused_blocks import _is_set, drop_instance_forwards, instance_forwards, probe_agrees
 from lowbit.nn.fused_stack import FusedStackForward
 from lowbit.nn.snapshot import Snapshot, global_hooks
 
@@ -203,7 +203,7 @@ def _probe(fused: FusedBertForward) -> Any:
                 if got is None:
                     return None
                 for k in keys:
-                    if not torch.allclose(got[k], ref[k], atol=PROBE_ATOL, rtol=PROBE_ATOL):
+                    if not probe_agrees(got[k], ref[k]):
                         return None
     finally:
         fused.output_cls = None

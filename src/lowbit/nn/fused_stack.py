@@ -33,12 +33,12 @@ from lowbit.kernels import native
 from lowbit.kernels.abi import BlockDesc
 from lowbit.kernels.attention import mask_args
 from lowbit.nn.fused_blocks import (
-    PROBE_ATOL,
     FusedEncoderForward,
     _is_set,
     call_key,
     drop_instance_forwards,
     instance_forwards,
+    probe_agrees,
 )
 from lowbit.nn.snapshot import Snapshot, global_hooks
 
@@ -194,7 +194,7 @@ def _probe(stack: FusedStackForward, d: int) -> Any:
                 ref_t = ref if isinstance(ref, torch.Tensor) else ref[0]
                 if kind is None or got is None or got.shape != ref_t.shape:
                     return None
-                if not torch.allclose(got, ref_t, atol=PROBE_ATOL, rtol=PROBE_ATOL):
+                if not probe_agrees(got, ref_t):
                     return None
     finally:
         for m, training in modes.items():
