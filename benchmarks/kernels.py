@@ -16,6 +16,7 @@ which prefetches, can stream faster); the "weights GB/s" column is weight bytes 
 
     python benchmarks/kernels.py --threads 1 2 --out benchmarks/results/kernels.md
     python benchmarks/kernels.py --shapes 1x4096x4096 --formats w4g128 w1a1 --threads 1
+    python benchmarks/kernels.py --shapes 1x4096x4096 --threads 1 2 --scaling   # 2 vs 1 thread, in alternation
 """
 
 from __future__ import annotations
@@ -163,10 +164,12 @@ def ort_runners(m: int, k: int, n: int, count: int, threads: int) -> dict[str, t
     return result
 
 
-def bench_shape(
-    m: int, k: int, n: int, threads: int, formats: list[str], reps: int, stream_mib: int, max_layers: int = 512
-) -> list[dict]:
-    torch.set_num_threads(threads)
+def build_runners(
+    m: int, k: int, n: int, formats: list[str], stream_mib: int, max_layers: int
+) -> tuple[dict[str, tuple[Runner, int]], dict[str, float], int]:
+    """The thread-agnostic contenders of one shape (PyTorch and lowbit chains: they run on
+    ``torch.get_num_threads()``), the weight bytes one layer of each reads, and the chain length of int8 contenders
+    (for ONNX Runtime's, built per thread count by `ort_runners`)."""
     stream = stream_mib << 20
 
     def count_for(nbytes: float) -> int:
@@ -189,7 +192,6 @@ def bench_shape(
     ]
     runners["PyTorch dynamic int8"] = (chain(n_q, lambda i: dq[i](x)), n_q)
     weight_bytes["PyTorch dynamic int8"] = weight_bytes["ORT dynamic int8"] = k * n + n * 4
-    runners.update(ort_runners(m, k, n, n_q, threads))
     for bits, block in ((4, 32), (2, 64)):
         weight_bytes[f"ORT MatMulNBits {bits}-bit g{block} acc4"] = k * n * bits / 8 + k // block * n * 4
     for name in formats:
@@ -199,20 +201,40 @@ def bench_shape(
         layers = lowbit_layers(k, n, weights, acts, count)
         runners[f"lowbit {name}"] = (chain(count, lambda i, layers=layers: layers[i](x)), count)
         weight_bytes[f"lowbit {name}"] = k * n * bits / 8
+    return runners, weight_bytes, n_q
+
+
+def with_ort(runners: dict[str, tuple[Runner, int]], ort: dict[str, tuple[Runner, int]]) -> dict:
+    """The contenders in table order: PyTorch's, ONNX Runtime's, lowbit's."""
+    others = {name: r for name, r in runners.items() if not name.startswith("lowbit")}
+    return {**others, **ort, **{name: r for name, r in runners.items() if name.startswith("lowbit")}}
+
+
+def time_once(run: Runner, count: int) -> float:
+    """One timed chain after the pause and the untimed warm-up (see IDLE_S, WARM_S): seconds per layer."""
+    time.sleep(IDLE_S)  # let the previous contender's spinning worker threads go idle
+    warm_until = time.perf_counter() + WARM_S
+    run()  # untimed, for at least WARM_S: wakes this contender's threads and the vCPUs (see WARM_S)
+    while time.perf_counter() < warm_until:
+        run()
+    t0 = time.perf_counter()
+    run()
+    return (time.perf_counter() - t0) / count
+
+
+def bench_shape(
+    m: int, k: int, n: int, threads: int, formats: list[str], reps: int, stream_mib: int, max_layers: int = 512
+) -> list[dict]:
+    torch.set_num_threads(threads)
+    runners, weight_bytes, n_q = build_runners(m, k, n, formats, stream_mib, max_layers)
+    runners = with_ort(runners, ort_runners(m, k, n, n_q, threads))
     times: dict[str, list[float]] = {name: [] for name in runners}
     with torch.no_grad(), use_mode("native"):
         for run, _ in runners.values():
             run()  # warm-up: prepares kernel layouts, ORT allocations
         for _ in range(reps):
             for name, (run, count) in runners.items():
-                time.sleep(IDLE_S)  # let the previous contender's spinning worker threads go idle
-                warm_until = time.perf_counter() + WARM_S
-                run()  # untimed, for at least WARM_S: wakes this contender's threads and the vCPUs (see WARM_S)
-                while time.perf_counter() < warm_until:
-                    run()
-                t0 = time.perf_counter()
-                run()
-                times[name].append((time.perf_counter() - t0) / count)
+                times[name].append(time_once(run, count))
     fp32 = statistics.median(times["fp32 PyTorch"])
     return [
         {
@@ -226,6 +248,51 @@ def bench_shape(
         }
         for name, t in times.items()
     ]
+
+
+def thread_scaling(
+    m: int, k: int, n: int, threads: list[int], formats: list[str], reps: int, stream_mib: int, max_layers: int = 512
+) -> list[dict]:
+    """Every contender at each thread count in alternation inside one loop (the same chains; ONNX Runtime one
+    session per thread count), so a VM's slow and fast phases fall on both alike: per contender the median time at
+    each count and the speed-up of the last count over the first."""
+    torch.set_num_threads(threads[0])
+    runners, _, n_q = build_runners(m, k, n, formats, stream_mib, max_layers)
+    per_threads = {t: with_ort(runners, ort_runners(m, k, n, n_q, t)) for t in threads}
+    names = list(per_threads[threads[0]])
+    times: dict[tuple[str, int], list[float]] = {(name, t): [] for name in names for t in threads}
+    with torch.no_grad(), use_mode("native"):
+        for t in threads:
+            torch.set_num_threads(t)
+            for run, _ in per_threads[t].values():
+                run()  # warm-up
+        for _ in range(reps):
+            for name in names:
+                for t in threads:
+                    torch.set_num_threads(t)
+                    run, count = per_threads[t][name]
+                    times[(name, t)].append(time_once(run, count))
+    rows = []
+    for name in names:
+        ms = {t: statistics.median(times[(name, t)]) * 1e3 for t in threads}
+        rows.append({"shape": f"{m}x{k}x{n}", "path": name, "ms": ms, "scaling": ms[threads[0]] / ms[threads[-1]]})
+    return rows
+
+
+def scaling_markdown(rows: list[dict], threads: list[int], env: dict) -> str:
+    head = (
+        f"CPU: {env.get('cpu')}; torch {env.get('torch')}; onnxruntime {_version('onnxruntime')}; "
+        f"native kernels: {native.build_info().get('isa')}\n\n"
+    )
+    cols = " | ".join(f"ms / layer, {t} thread(s)" for t in threads)
+    lines = [
+        f"| shape (MxKxN) | path | {cols} | {threads[-1]} vs {threads[0]} thread(s) |",
+        "|---|---|" + "---|" * len(threads) + "---|",
+    ]
+    for r in rows:
+        times = " | ".join(f"{r['ms'][t]:.3f}" for t in threads)
+        lines.append(f"| {r['shape']} | {r['path']} | {times} | {r['scaling']:.2f}× |")
+    return head + "\n".join(lines) + "\n"
 
 
 def cpu_jiffies() -> tuple[int, int] | None:
@@ -274,10 +341,17 @@ def main(argv: list[str] | None = None) -> int:
         "--max-layers", type=int, default=512, help="cap on the chain length (compute-bound large-M shapes)"
     )
     ap.add_argument("--out", help="write the markdown table here")
+    ap.add_argument(
+        "--scaling",
+        action="store_true",
+        help="time each contender at every --threads count in alternation and report the speed-up between them",
+    )
     args = ap.parse_args(argv)
     if not native.available():
         print(f"native kernels unavailable: {native.unavailable_reason()}", file=sys.stderr)
     env = environment()
+    if args.scaling:
+        return scaling_main(args, env)
     rows: list[dict] = []
     for shape in args.shapes:
         m, k, n = (int(v) for v in shape.split("x"))
@@ -295,11 +369,34 @@ def main(argv: list[str] | None = None) -> int:
                 )
             rows += new
             if args.out:  # rewritten after every shape, so an interrupted run keeps what it measured
-                path = Path(args.out)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(markdown(rows, env))
-                os.replace(tmp, path)
+                write_atomically(args.out, markdown(rows, env))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def write_atomically(path_name: str, text: str) -> None:
+    path = Path(path_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def scaling_main(args: argparse.Namespace, env: dict) -> int:
+    threads = sorted(set(args.threads))
+    if len(threads) < 2:
+        print("--scaling needs two or more --threads counts", file=sys.stderr)
+        return 2
+    rows: list[dict] = []
+    for shape in args.shapes:
+        m, k, n = (int(v) for v in shape.split("x"))
+        for r in thread_scaling(m, k, n, threads, args.formats, args.reps, args.stream_mib, args.max_layers):
+            times = "  ".join(f"{r['ms'][t]:8.3f} ms" for t in threads)
+            print(f"{r['shape']:>14} {r['path']:<34} {times}  {r['scaling']:5.2f}×", flush=True)
+            rows.append(r)
+        if args.out:  # rewritten after every shape, so an interrupted run keeps what it measured
+            write_atomically(args.out, scaling_markdown(rows, threads, env))
     if args.out:
         print(f"wrote {args.out}")
     return 0
