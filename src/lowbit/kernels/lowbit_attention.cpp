@@ -6,10 +6,11 @@
 // Grouped-query attention: head h reads key / value head h / (H / HKV).
 //
 // Per work item K is copied once into a (D, S) transposed scratch (S padded to 16 with zeros). Scores: 8 query rows
-// x 16 keys accumulate in registers over D (one key vector, eight broadcasts, eight FMAs per step); softmax per row
+// x one vector of keys (16 with AVX-512, 8 with AVX2) accumulate in registers over D (one key vector, eight
+// broadcasts, eight FMAs per step); softmax per row
 // with a Cody-Waite reduction and a degree-6 polynomial for exp (relative error ~2e-7, branch-free, vectorised);
 // then the weighted sum of the value rows, again a register block (up to 8 rows x D). Written with GCC vector
-// extensions (v16 below), so the same source is AVX-512, AVX2 or plain code as the build allows. The next work
+// extensions (vf below, of the build's register width), so the same source is AVX-512, AVX2 or plain code. The next work
 // item's rows are prefetched a share per row block. A row whose every key is masked out gives zeros (SDPA: NaN).
 //
 // Built into the same library as lowbit_kernels.cpp (see native.py).
@@ -26,32 +27,38 @@
 
 #define LB_API extern "C" __attribute__((visibility("default")))
 typedef int64_t i64;
-// 16 floats as one value (GCC vector extension): one zmm with AVX-512, two ymm with AVX2, plain loops elsewhere;
-// `aligned(4)`: loads and stores at any float address.
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+// vf: VL floats, the build's vector register (lowbit_exp.h).
 
-// Max of p[0 .. n), n a multiple of 16, through 16 lane-wise partials (a plain reduction would not vectorise).
+static const int QR = 8;   // query rows per score block: QR x VL scores in QR vector registers
+static const int KC = 16;  // kt (the keys) is padded to a multiple of KC keys, with zeros
+// The weighted sum's register block: PR rows x CV output vectors (of the DD / VL of a row) at a time. AVX-512: whole
+// rows, at most 16 of its 32 zmm; AVX2: 12 of its 16 ymm (6 x 2 for DD = 16, else 3 rows x 4 vectors).
+static constexpr int sum_vectors(int dd) { return VL == 16 ? dd / VL : (dd / VL < 4 ? dd / VL : 4); }
+static constexpr int rows_per_sum(int dd) { return VL == 16 ? (dd > 32 ? 4 : QR) : dd <= 16 ? 6 : 3; }
+
+// Max of p[0 .. n), n a multiple of 16, lane-wise in one vector then across it (written with vectors: a loop over 16
+// scalar partials did not vectorise on AVX2 builds).
 static inline float row_max(const float* p, i64 n) {
-    float part[16];
-    for (int l = 0; l < 16; ++l) part[l] = -INFINITY;
-    for (i64 j = 0; j < n; j += 16)
-        for (int l = 0; l < 16; ++l) part[l] = part[l] > p[j + l] ? part[l] : p[j + l];
-    float m = -INFINITY;
-    for (int l = 0; l < 16; ++l) m = std::max(m, part[l]);
-    return m;
+    vf m = *(const vf*)p;
+    for (i64 j = VL; j < n; j += VL) {
+        const vf x = *(const vf*)(p + j);
+        m = m > x ? m : x;
+    }
+    float r = m[0];
+    for (int l = 1; l < VL; ++l) r = std::max(r, m[l]);
+    return r;
 }
 
 // p[j] = exp(p[j] - mx) for j < n (n a multiple of 16; -inf gives 0); returns their sum.
 static inline float exp_sum(float* p, i64 n, float mx) {
-    float part[16] = {0};
-    for (i64 j = 0; j < n; j += 16)
-        for (int l = 0; l < 16; ++l) {
-            const float e = exp_neg(p[j + l] - mx);
-            p[j + l] = e;
-            part[l] += e;
-        }
+    vf part = {};
+    for (i64 j = 0; j < n; j += VL) {
+        const vf e = exp_neg_v(*(const vf*)(p + j) - mx);
+        *(vf*)(p + j) = e;
+        part += e;
+    }
     float sum = 0.0f;
-    for (int l = 0; l < 16; ++l) sum += part[l];
+    for (int l = 0; l < VL; ++l) sum += part[l];
     return sum;
 }
 
@@ -61,23 +68,25 @@ template <int DD, int PR>
 static inline void weighted_values(const float* p, i64 pstride, i64 rows, i64 n, const float* v, i64 vstride, i64 D,
                                    const float* inv, float* o, i64 ostride, float* scratch) {
     if constexpr (DD > 0) {
-        constexpr int NV = DD / 16;
-        v16 acc[PR][NV] = {};
-        for (i64 j = 0; j < n; ++j) {
-            const v16* vj = (const v16*)(v + j * vstride);
-            v16 vv[NV];
+        constexpr int NV = DD / VL, CV = sum_vectors(DD);  // CV of the NV output vectors at a time
+        for (int c0 = 0; c0 < NV; c0 += CV) {
+            vf acc[PR][CV] = {};
+            for (i64 j = 0; j < n; ++j) {
+                const vf* vj = (const vf*)(v + j * vstride) + c0;
+                vf vv[CV];
 #pragma GCC unroll 8
-            for (int c = 0; c < NV; ++c) vv[c] = vj[c];
+                for (int c = 0; c < CV; ++c) vv[c] = vj[c];
 #pragma GCC unroll 16
-            for (int r = 0; r < PR; ++r) {
-                const float pj = p[r * pstride + j];
+                for (int r = 0; r < PR; ++r) {
+                    const float pj = p[r * pstride + j];
 #pragma GCC unroll 8
-                for (int c = 0; c < NV; ++c) acc[r][c] += pj * vv[c];
+                    for (int c = 0; c < CV; ++c) acc[r][c] += pj * vv[c];
+                }
             }
+            for (int r = 0; r < PR; ++r)
+                if (r < rows)
+                    for (int c = 0; c < CV; ++c) ((vf*)(o + r * ostride))[c0 + c] = acc[r][c] * inv[r];
         }
-        for (int r = 0; r < PR; ++r)
-            if (r < rows)
-                for (int c = 0; c < NV; ++c) ((v16*)(o + r * ostride))[c] = acc[r][c] * inv[r];
     } else {
         for (i64 r = 0; r < rows; ++r) {
             for (i64 d = 0; d < D; ++d) scratch[d] = 0.0f;
@@ -96,8 +105,6 @@ static inline float* alloc_floats(i64 n) {
     return (float*)aligned_alloc(64, std::max<size_t>(64, ((size_t)n * 4 + 63) / 64 * 64));
 }
 
-static const int QR = 8;   // query rows per score block
-static const int KC = 16;  // key columns per score block (kt is padded to a multiple, with zeros)
 
 // One (batch, head): scores of QR query rows at a time against the transposed keys, then per row mask, softmax
 // and the weighted sum of the value rows.
@@ -122,15 +129,15 @@ static void attend_head(const float* qb, i64 qrow, const float* kb, i64 krow, co
         }
         const float* qr[QR];
         for (int r = 0; r < QR; ++r) qr[r] = qb + std::min(i0 + r, L - 1) * qrow;  // short block: repeat the last row
-        for (i64 j0 = 0; j0 < Sp; j0 += KC) {  // KC = 16: one vector of keys
-            v16 acc[QR] = {};
+        for (i64 j0 = 0; j0 < Sp; j0 += VL) {  // one vector of keys
+            vf acc[QR] = {};
             for (i64 d = 0; d < D; ++d) {
-                const v16 kd = *(const v16*)(kt + d * Sp + j0);
+                const vf kd = *(const vf*)(kt + d * Sp + j0);
 #pragma GCC unroll 16
                 for (int r = 0; r < QR; ++r) acc[r] += qr[r][d] * kd;
             }
 #pragma GCC unroll 16
-            for (int r = 0; r < QR; ++r) *(v16*)(sc + r * Sp + j0) = acc[r] * scale;
+            for (int r = 0; r < QR; ++r) *(vf*)(sc + r * Sp + j0) = acc[r] * scale;
         }
         const i64 rows = std::min<i64>(QR, L - i0);
         float inv[QR] = {0};
@@ -155,7 +162,7 @@ static void attend_head(const float* qb, i64 qrow, const float* kb, i64 krow, co
             inv[r] = 1.0f / exp_sum(p, Sp, mx);
             vis_max = std::max(vis_max, visible);
         }
-        constexpr int PR = DD > 32 ? 4 : QR;  // rows per weighted sum: PR x DD / 16 accumulators, at most 16
+        constexpr int PR = rows_per_sum(DD);  // rows per weighted sum: PR x DD / 16 vector accumulators
         for (int r0 = 0; r0 < rows; r0 += PR)
             weighted_values<DD, PR>(sc + r0 * Sp, Sp, std::min<i64>(PR, rows - r0), vis_max, vb, vrow, D, inv + r0,
                                     ob + (i0 + r0) * orow, orow, scratch);

@@ -8,8 +8,8 @@
 // On a CPU these cost little arithmetic but, through PyTorch, several operator calls each (~3-15 us apiece at the
 // sizes of an encoder at batch 1, as much as the arithmetic), and PyTorch's exact GELU evaluates erf at ~0.6 ns per
 // element. erf here: a rational minimax fit on [-4, 4] (one division, no exp; erf(4) = 1 - 1.5e-8); the tanh form
-// uses the exp polynomial of lowbit_exp.h (relative error ~2e-7). Branch-free, so the GELU loop vectorises; the
-// LayerNorm rows use GCC vector types. LayerNorm: two passes over the row (mean, then the centred variance, as
+// uses the exp polynomial of lowbit_exp.h (relative error ~2e-7). GELU and the LayerNorm rows run on GCC vector types
+// of the build's width (vf), the scalar functions on the tails. LayerNorm: two passes over the row (mean, then the centred variance, as
 // PyTorch), biased variance, eps inside the square root.
 //
 // Rows are split across `threads` OpenMP threads only when there is enough work (a parallel region costs
@@ -35,7 +35,8 @@ constexpr i64 PARALLEL_MIN = 1 << 16;
 // (degrees 13 / 8; the minimax fit Eigen and XLA use for float erf): one division and 12 FMAs, no exp.
 inline float gelu_erf(float x) {
     float z = x * 0.70710678118654752f;
-    z = z < -4.0f ? -4.0f : (z > 4.0f ? 4.0f : z);
+    z = z < -4.0f ? -4.0f : z;  // two plain selects: a nested one is control flow that AVX2 builds do not vectorise
+    z = z > 4.0f ? 4.0f : z;
     const float z2 = z * z;
     float p = -2.72614225801306e-10f;
     p = p * z2 + 2.77068142495902e-08f;
@@ -55,24 +56,49 @@ inline float gelu_erf(float x) {
 // 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))), tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|).
 inline float gelu_tanh(float x) {
     const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-    const float au = u < 0.0f ? -u : u;
-    const float e = exp_neg(-2.0f * au);
-    const float th_abs = (1.0f - e) / (1.0f + e);
-    const float th = u < 0.0f ? -th_abs : th_abs;
+    const float e = exp_neg(-2.0f * std::fabs(u));
+    const float th = std::copysign((1.0f - e) / (1.0f + e), u);
     return 0.5f * x * (1.0f + th);
+}
+
+// The same two on a vector of the build's width (vf, lowbit_exp.h): the loop of scalar calls did not vectorise on
+// AVX2 builds (its selects stayed branches), 7x slower than PyTorch's GELU there.
+inline vf gelu_erf_v(vf x) {
+    vf z = x * 0.70710678118654752f;
+    z = z < -4.0f ? -4.0f : z;
+    z = z > 4.0f ? 4.0f : z;
+    const vf z2 = z * z;
+    vf p = z2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
+    p = p * z2 - 2.10102402082508e-06f;
+    p = p * z2 - 5.69250639462346e-05f;
+    p = p * z2 - 7.34990630326855e-04f;
+    p = p * z2 - 2.95459980854025e-03f;
+    p = p * z2 - 1.60960333262415e-02f;
+    vf q = z2 * -1.45660718464996e-05f - 2.13374055278905e-04f;
+    q = q * z2 - 1.68282697438203e-03f;
+    q = q * z2 - 7.37332916720468e-03f;
+    q = q * z2 - 1.42647390514189e-02f;
+    return 0.5f * x * (1.0f + z * p / q);
+}
+
+inline vf gelu_tanh_v(vf x) {
+    const vf u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    const vi neg = u < 0.0f;
+    const vf e = exp_neg_v(-2.0f * (neg ? -u : u));
+    const vf th_abs = (1.0f - e) / (1.0f + e);
+    return 0.5f * x * (1.0f + (neg ? -th_abs : th_abs));
 }
 
 template <bool TANH>
 void gelu_range(float* x, i64 lo, i64 hi) {
-    for (i64 i = lo; i < hi; ++i) x[i] = TANH ? gelu_tanh(x[i]) : gelu_erf(x[i]);
+    i64 i = lo;
+    for (; i + VL <= hi; i += VL) *(vf*)(x + i) = TANH ? gelu_tanh_v(*(vf*)(x + i)) : gelu_erf_v(*(vf*)(x + i));
+    for (; i < hi; ++i) x[i] = TANH ? gelu_tanh(x[i]) : gelu_erf(x[i]);
 }
 
-// 16 floats as one value (GCC vector extension, as in lowbit_attention.cpp); aligned(4): any float address.
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-
-inline float lanes_sum(v16 v) {
+inline float lanes_sum(vf v) {
     float t = 0.0f;
-    for (int l = 0; l < 16; ++l) t += v[l];
+    for (int l = 0; l < VL; ++l) t += v[l];
     return t;
 }
 
@@ -80,37 +106,37 @@ inline float lanes_sum(v16 v) {
 void add_layer_norm_row(const float* a, const float* b, i64 D, const float* gamma, const float* beta, float eps,
                         float* out, float* keep) {
     float* s = keep ? keep : out;
-    const i64 D16 = D / 16 * 16;
-    v16 acc = {};
+    const i64 DV = D / VL * VL;
+    vf acc = {};
     float sum = 0.0f;
     if (b) {
-        for (i64 j = 0; j < D16; j += 16) {
-            const v16 v = *(const v16*)(a + j) + *(const v16*)(b + j);
-            *(v16*)(s + j) = v;
+        for (i64 j = 0; j < DV; j += VL) {
+            const vf v = *(const vf*)(a + j) + *(const vf*)(b + j);
+            *(vf*)(s + j) = v;
             acc += v;
         }
-        for (i64 j = D16; j < D; ++j) sum += (s[j] = a[j] + b[j]);
+        for (i64 j = DV; j < D; ++j) sum += (s[j] = a[j] + b[j]);
     } else {
-        for (i64 j = 0; j < D16; j += 16) {
-            const v16 v = *(const v16*)(a + j);
-            *(v16*)(s + j) = v;
+        for (i64 j = 0; j < DV; j += VL) {
+            const vf v = *(const vf*)(a + j);
+            *(vf*)(s + j) = v;
             acc += v;
         }
-        for (i64 j = D16; j < D; ++j) sum += (s[j] = a[j]);
+        for (i64 j = DV; j < D; ++j) sum += (s[j] = a[j]);
     }
     const float mean = (sum + lanes_sum(acc)) / float(D);
-    v16 vacc = {};
+    vf vacc = {};
     float var = 0.0f;
-    for (i64 j = 0; j < D16; j += 16) {
-        const v16 c = *(const v16*)(s + j) - mean;
+    for (i64 j = 0; j < DV; j += VL) {
+        const vf c = *(const vf*)(s + j) - mean;
         vacc += c * c;
     }
-    for (i64 j = D16; j < D; ++j) var += (s[j] - mean) * (s[j] - mean);
+    for (i64 j = DV; j < D; ++j) var += (s[j] - mean) * (s[j] - mean);
     const float rstd = 1.0f / std::sqrt((var + lanes_sum(vacc)) / float(D) + eps);
     if (gamma && beta) {
-        for (i64 j = 0; j < D16; j += 16)
-            *(v16*)(out + j) = (*(const v16*)(s + j) - mean) * rstd * *(const v16*)(gamma + j) + *(const v16*)(beta + j);
-        for (i64 j = D16; j < D; ++j) out[j] = (s[j] - mean) * rstd * gamma[j] + beta[j];
+        for (i64 j = 0; j < DV; j += VL)
+            *(vf*)(out + j) = (*(const vf*)(s + j) - mean) * rstd * *(const vf*)(gamma + j) + *(const vf*)(beta + j);
+        for (i64 j = DV; j < D; ++j) out[j] = (s[j] - mean) * rstd * gamma[j] + beta[j];
     } else {
         for (i64 j = 0; j < D; ++j) {
             const float n = (s[j] - mean) * rstd;

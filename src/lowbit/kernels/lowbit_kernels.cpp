@@ -20,6 +20,8 @@
 #include <omp.h>
 #include <algorithm>
 #include <type_traits>
+
+#include "lowbit_exp.h"  // vf / vi: the build's float / int32 vectors
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -1082,15 +1084,15 @@ LB_API void lb_wn_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const i
 //   are turned into fp32 weights code * scale (B, K x 32 floats, L2-resident) once per block of rows, and an
 //   FMA register tile of F32_MR rows x 32 columns runs over B: y[m, n] = sum_k x[m, k] * (code[n, k] * s[n, g(k)]).
 //   The fp32 sum order differs from the dense path's, so outputs agree within float rounding, not bit for bit.
-//   GCC vector types (v16f: 16 floats) make the same source AVX-512, AVX2 (pairs of ymm) or plain code.
+//   GCC vector types of the build's width (vf: VL = 16 floats with AVX-512, 8 with AVX2, lowbit_exp.h) make the same
+//   source AVX-512, AVX2 or plain code. (16 floats everywhere, as before session 17, ran 30x slower than fp32 on AVX2
+//   builds: GCC lowers the 64-byte vectors such a build lacks through the stack.)
 // ================================================================================================
-typedef float v16f __attribute__((vector_size(64), aligned(4)));
-typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
-typedef uint32_t v16u __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4), aligned(4)));
 #ifdef __AVX512F__
 static constexpr int F32_MR = 8;  // 8 rows x 2 vectors: 16 zmm accumulators of 32
 #else
-static constexpr int F32_MR = 3;  // 3 rows x 2 x 2 ymm: 12 of 16 registers
+static constexpr int F32_MR = 3;  // 3 rows x 4 ymm: 12 of 16 registers
 #endif
 // From this many rows lb_linear runs fp32-activation layers on their panels (the row kernels below it).
 static constexpr i64 F32_PANEL_ROWS = 8;
@@ -1100,8 +1102,8 @@ LB_API int lb_f32_panel_rows(void) { return (int)F32_PANEL_ROWS; }
 // FPE 0: the panels hold int8 codes; 4 / 5: FP8 bytes (sign | FPE exponent bits | 7 - FPE mantissa bits, bias
 // 2^(FPE-1) - 1: E4M3 / E5M2) of per-column scaled weights, decoded exactly: a normal value's fp32 bits are the sign,
 // the exponent rebiased to 127 and the mantissa shifted to the top; a subnormal one (exponent 0) is mantissa *
-// 2^(1 - bias - M). Every pattern lowfloat.encode gives, as lowfloat.decode_table. (Written inline: a function
-// taking or returning a 64-byte vector changes its ABI between builds with and without AVX-512, which GCC warns of.)
+// 2^(1 - bias - M). Every pattern lowfloat.encode gives, as lowfloat.decode_table. VL columns at a time. (Written
+// inline: a function taking or returning a 64-byte vector changes its ABI between builds, which GCC warns of.)
 template <int NP, int FPE = 0>
 static inline void f32_dequant(const int8_t* wp, const float* sp, i64 Kp, i64 group, i64 p, float* B) {
     const i64 G = group ? Kp / group : 1;
@@ -1110,26 +1112,28 @@ static inline void f32_dequant(const int8_t* wp, const float* sp, i64 Kp, i64 gr
         for (i64 q = 0; q < Kp / 4; ++q) {
             const i64 k = 4 * q;
             const float* sc = group ? sp + ((p + h) * G + k / group) * 16 : sp + (p + h) * 16;
-            v16f s;
-            memcpy(&s, sc, 64);
-            v16i raw;  // 16 columns x 4 k: byte j of lane c is code[c, k + j]
-            memcpy(&raw, w + 64 * q, 64);
-            for (int j = 0; j < 4; ++j) {
-                v16f f;
-                if constexpr (FPE == 0) {
-                    const v16i b = (raw << (24 - 8 * j)) >> 24;  // sign-extended byte j
-                    f = __builtin_convertvector(b, v16f) * s;
-                } else {
-                    constexpr int M = 7 - FPE, bias = (1 << (FPE - 1)) - 1;
-                    const v16u u = ((v16u)raw >> (8 * j)) & 0xffu;
-                    const v16u e = (u >> M) & ((1u << FPE) - 1), m = u & ((1u << M) - 1);
-                    const v16u normal = ((e + (127 - bias)) << 23) | (m << (23 - M));
-                    const v16f sub = __builtin_convertvector(m, v16f) * (1.0f / (float)(1 << (bias - 1 + M)));
-                    v16u bits = e != 0 ? normal : (v16u)sub;  // lane-wise select
-                    bits |= (u & 0x80u) << 24;
-                    f = (v16f)bits * s;
+            for (int c = 0; c < 16; c += VL) {
+                vf s;
+                memcpy(&s, sc + c, sizeof s);
+                vi raw;  // VL columns x 4 k: byte j of lane l is code[c + l, k + j]
+                memcpy(&raw, w + 64 * q + 4 * c, sizeof raw);
+                for (int j = 0; j < 4; ++j) {
+                    vf f;
+                    if constexpr (FPE == 0) {
+                        const vi b = (raw << (24 - 8 * j)) >> 24;  // sign-extended byte j
+                        f = __builtin_convertvector(b, vf) * s;
+                    } else {
+                        constexpr int M = 7 - FPE, bias = (1 << (FPE - 1)) - 1;
+                        const vu u = ((vu)raw >> (8 * j)) & 0xffu;
+                        const vu e = (u >> M) & ((1u << FPE) - 1), m = u & ((1u << M) - 1);
+                        const vu normal = ((e + (127 - bias)) << 23) | (m << (23 - M));
+                        const vf sub = __builtin_convertvector(m, vf) * (1.0f / (float)(1 << (bias - 1 + M)));
+                        vu bits = e != 0 ? normal : (vu)sub;  // lane-wise select
+                        bits |= (u & 0x80u) << 24;
+                        f = (vf)bits * s;
+                    }
+                    memcpy(B + (k + j) * 16 * NP + 16 * h + c, &f, sizeof f);
                 }
-                memcpy(B + (k + j) * 16 * NP + 16 * h, &f, 64);
             }
         }
     }
@@ -1138,22 +1142,23 @@ static inline void f32_dequant(const int8_t* wp, const float* sp, i64 Kp, i64 gr
 // y rows m .. m+MR-1, the NP*16 columns of B (ncols valid) = x rows . B over k < K.
 template <int MR, int NP>
 static inline void f32_tile(const float* x, i64 K, const float* B, float* y, i64 N, i64 ncols) {
-    v16f acc[MR][NP] = {};
+    constexpr int NV = 16 * NP / VL;
+    vf acc[MR][NV] = {};
     for (i64 k = 0; k < K; ++k) {
-        const v16f* b = (const v16f*)(B + k * 16 * NP);
+        const vf* b = (const vf*)(B + k * 16 * NP);
         for (int m = 0; m < MR; ++m) {
             const float xv = x[m * K + k];
-            for (int h = 0; h < NP; ++h) acc[m][h] += xv * b[h];
+            for (int h = 0; h < NV; ++h) acc[m][h] += xv * b[h];
         }
     }
-    // Stores through vector pointers (v16f is 4-byte aligned): taking the accumulators' address (memcpy) made GCC
+    // Stores through vector pointers (vf is 4-byte aligned): taking the accumulators' address (memcpy) made GCC
     // keep a copy of them on the stack, stored at every k.
     for (int m = 0; m < MR; ++m)
-        for (int h = 0; h < NP; ++h) {
-            if (ncols >= 16 * (h + 1)) {
-                *(v16f*)(y + m * N + 16 * h) = acc[m][h];
+        for (int h = 0; h < NV; ++h) {
+            if (ncols >= VL * (h + 1)) {
+                *(vf*)(y + m * N + VL * h) = acc[m][h];
             } else {
-                for (i64 j = 16 * h; j < ncols; ++j) y[m * N + j] = acc[m][h][j - 16 * h];
+                for (i64 j = VL * h; j < ncols; ++j) y[m * N + j] = acc[m][h][j - VL * h];
             }
         }
 }
