@@ -31,10 +31,12 @@ typedef int64_t i64;
 
 static const int QR = 8;   // query rows per score block: QR x VL scores in QR vector registers
 static const int KC = 16;  // kt (the keys) is padded to a multiple of KC keys, with zeros
-// The weighted sum's register block: PR rows x CV output vectors (of the DD / VL of a row) at a time. AVX-512: whole
-// rows, at most 16 of its 32 zmm; AVX2: 12 of its 16 ymm (6 x 2 for DD = 16, else 3 rows x 4 vectors).
+// The weighted sum's register block: PR rows x CV output vectors (of the DD / VL of a row) at a time, PR dividing QR
+// (weighted_values reads PR score rows). AVX-512: whole rows, at most 16 of its 32 zmm; otherwise 8 of 16 registers
+// (AVX2: 4 rows x 2 ymm for DD = 16, else 2 x 4; SSE / NEON: 2 rows x 4 xmm).
 static constexpr int sum_vectors(int dd) { return VL == 16 ? dd / VL : (dd / VL < 4 ? dd / VL : 4); }
-static constexpr int rows_per_sum(int dd) { return VL == 16 ? (dd > 32 ? 4 : QR) : dd <= 16 ? 6 : 3; }
+static constexpr int rows_per_sum(int dd) { return VL == 16 ? (dd > 32 ? 4 : QR) : VL == 8 && dd <= 16 ? 4 : 2; }
+static_assert(QR % rows_per_sum(16) == 0 && QR % rows_per_sum(32) == 0 && QR % rows_per_sum(64) == 0, "PR | QR");
 
 // Max of p[0 .. n), n a multiple of 16, lane-wise in one vector then across it (written with vectors: a loop over 16
 // scalar partials did not vectorise on AVX2 builds).

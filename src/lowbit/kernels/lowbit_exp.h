@@ -6,15 +6,17 @@
 #include <stdint.h>
 #include <string.h>
 
-// VL floats as one value (GCC vector extension) of the build's register width: 16 (one zmm) with AVX-512, else 8 (one
-// ymm with AVX2; plain code elsewhere). Not 16 everywhere: GCC lowers a vector mode the target lacks (64 bytes on an
-// AVX2 build) through the stack, and loops of scalar calls with selects did not vectorise there either -- the
+// VL floats as one value (GCC vector extension) of the build's register width: 16 (one zmm) with AVX-512, 8 (one ymm)
+// with AVX2, 4 (one xmm: SSE2, NEON) otherwise. Not 16 everywhere: GCC lowers a vector mode the target lacks (64 bytes
+// on an AVX2 build) through the stack, and loops of scalar calls with selects did not vectorise there either -- the
 // attention kernel ran 0.08-0.52x PyTorch's SDPA and GELU 7x slower than PyTorch's on AVX2 builds (session 17).
 // `aligned(4)`: loads and stores at any float address.
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
 static constexpr int VL = 16;
-#else
+#elif defined(__AVX2__)
 static constexpr int VL = 8;
+#else
+static constexpr int VL = 4;
 #endif
 typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(VL * 4), aligned(4)));

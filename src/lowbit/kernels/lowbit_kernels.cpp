@@ -1084,15 +1084,17 @@ LB_API void lb_wn_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const i
 //   are turned into fp32 weights code * scale (B, K x 32 floats, L2-resident) once per block of rows, and an
 //   FMA register tile of F32_MR rows x 32 columns runs over B: y[m, n] = sum_k x[m, k] * (code[n, k] * s[n, g(k)]).
 //   The fp32 sum order differs from the dense path's, so outputs agree within float rounding, not bit for bit.
-//   GCC vector types of the build's width (vf: VL = 16 floats with AVX-512, 8 with AVX2, lowbit_exp.h) make the same
-//   source AVX-512, AVX2 or plain code. (16 floats everywhere, as before session 17, ran 30x slower than fp32 on AVX2
-//   builds: GCC lowers the 64-byte vectors such a build lacks through the stack.)
+//   GCC vector types of the build's width (vf: VL = 16 floats with AVX-512, 8 with AVX2, 4 else; lowbit_exp.h) make
+//   the same source AVX-512, AVX2 or plain code. (16 floats everywhere, as before session 17, ran 30x slower than
+//   fp32 on AVX2 builds: GCC lowers the 64-byte vectors such a build lacks through the stack.)
 // ================================================================================================
 typedef uint32_t vu __attribute__((vector_size(VL * 4), aligned(4)));
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
 static constexpr int F32_MR = 8;  // 8 rows x 2 vectors: 16 zmm accumulators of 32
-#else
+#elif defined(__AVX2__)
 static constexpr int F32_MR = 3;  // 3 rows x 4 ymm: 12 of 16 registers
+#else
+static constexpr int F32_MR = 1;  // 1 row x 8 xmm (SSE / NEON): 8 of 16 registers
 #endif
 // From this many rows lb_linear runs fp32-activation layers on their panels (the row kernels below it).
 static constexpr i64 F32_PANEL_ROWS = 8;

@@ -70,21 +70,17 @@ log = logging.getLogger(__name__)
 #: The choices of `lowbit.pack`'s ``blocks`` argument.
 BLOCKS = ("fused", "keep")
 PROBE_ATOL = 1e-4
-#: A probe also agrees when its whole output is this close in relative L2 norm: quantized activations make a value
-#: at a rounding tie take the next code on one path and not the other (static ranges especially: one code step of a
-#: layer's input moves a few output rows by ~1e-3 of their size), while a wrong wiring, mask or norm moves whole
-#: rows or everything (relative errors of 1e-2 and up).
-PROBE_REL_L2 = 1e-3
+#: Probe inputs tried in turn (their generator seeds): a fused path is taken when one agrees. Quantized activations
+#: at a rounding tie take the next code on one path and not the other (a static range's code flip left one MiniLM
+#: `w8a8-static` block unfused in session 17); a tie is particular to its input, a wrong wiring, mask, norm or GELU
+#: variant disagrees on every input. (A relative-L2 tolerance instead would have let a tanh-for-erf GELU through on
+#: MiniLM: 1.5-5e-4.)
+PROBE_SEEDS = (0, 1, 2)
 
 
 def probe_agrees(got: torch.Tensor, ref: torch.Tensor) -> bool:
-    """Whether a fused path's probe output ``got`` matches the model's own ``ref``: elementwise within `PROBE_ATOL`,
-    or as a whole within `PROBE_REL_L2` (rounding ties of quantized activations)."""
-    if torch.allclose(got, ref, atol=PROBE_ATOL, rtol=PROBE_ATOL):
-        return True
-    if not bool(torch.isfinite(got).all()) or not bool(torch.isfinite(ref).all()):
-        return False
-    return float(torch.linalg.vector_norm(got - ref)) <= PROBE_REL_L2 * float(torch.linalg.vector_norm(ref))
+    """Whether a fused path's probe output ``got`` matches the model's own ``ref`` (elementwise, `PROBE_ATOL`)."""
+    return torch.allclose(got, ref, atol=PROBE_ATOL, rtol=PROBE_ATOL)
 
 
 _ACT_CODES = {"gelu": 1, "gelu_tanh": 2, "relu": 3}  # lb_block.act
@@ -397,11 +393,11 @@ def call_key(shape: tuple[int, ...]) -> tuple[int, int, int, str]:
     return (shape[0] * shape[1], shape[2], torch.get_num_threads(), kernel_mode())
 
 
-def _probe_ok(block: nn.Module, fused: FusedEncoderForward, d: int) -> tuple[bool, bool]:
+def _probe_ok(block: nn.Module, fused: FusedEncoderForward, d: int, seed: int = 0) -> tuple[bool, bool]:
     """(outputs agree, the block's forward returns a tuple) on a seeded probe, without and with a padding mask."""
     from lowbit.kernels.dispatch import use_mode
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 7, d, generator=gen)
     pad = torch.zeros(2, 1, 1, 7)
     pad[1, ..., 5:] = torch.finfo(torch.float32).min  # the second sequence has two padding tokens
@@ -460,7 +456,10 @@ def fuse_encoder_blocks(model: nn.Module) -> int:
             continue
         fwd = FusedEncoderForward(block, parts, returns_tuple=False)
         try:
-            ok, as_tuple = _probe_ok(block, fwd, parts.heads * parts.head_dim)
+            for seed in PROBE_SEEDS:
+                ok, as_tuple = _probe_ok(block, fwd, parts.heads * parts.head_dim, seed)
+                if ok:
+                    break
         except Exception as e:  # a block that only looks like one: keep its own forward
             log.debug("not fusing %s: probe failed (%s)", name, e)
             continue

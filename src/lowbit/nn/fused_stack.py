@@ -33,6 +33,7 @@ from lowbit.kernels import native
 from lowbit.kernels.abi import BlockDesc
 from lowbit.kernels.attention import mask_args
 from lowbit.nn.fused_blocks import (
+    PROBE_SEEDS,
     FusedEncoderForward,
     _is_set,
     call_key,
@@ -171,13 +172,13 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.Module, nn.ModuleList]]
     return found
 
 
-def _probe(stack: FusedStackForward, d: int) -> Any:
+def _probe(stack: FusedStackForward, d: int, seed: int = 0) -> Any:
     """Run the encoder's own forward and the one call on a seeded probe (without and with a padding mask) with every
     layer on its native kernel; the encoder's output kind (`_output_kind`) when the one call ran and matched every
     time, else None."""
     from lowbit.kernels.dispatch import native_probe
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 7, d, generator=gen)
     pad = torch.zeros(2, 1, 1, 7)
     pad[1, ..., 5:] = torch.finfo(torch.float32).min
@@ -216,7 +217,8 @@ def stack_encoders(model: nn.Module) -> int:
         stack = FusedStackForward(enc, blocks)
         f0 = stack.fused[0]
         try:
-            kind = _probe(stack, f0.heads * f0.head_dim)
+            kinds = (_probe(stack, f0.heads * f0.head_dim, seed) for seed in PROBE_SEEDS)
+            kind = next((k for k in kinds if k is not None), None)
         except Exception as e:  # an encoder that is not a plain loop over its blocks: keep its own forward
             log.debug("not stacking %s: probe failed (%s)", name, e)
             continue
