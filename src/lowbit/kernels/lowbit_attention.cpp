@@ -55,7 +55,7 @@ static inline float row_max(const float* p, i64 n) {
 static inline float exp_sum(float* p, i64 n, float mx) {
     vf part = {};
     for (i64 j = 0; j < n; j += VL) {
-        const vf e = exp_neg_v(*(const vf*)(p + j) - mx);
+        const vf e = exp_neg_t(*(const vf*)(p + j) - mx);
         *(vf*)(p + j) = e;
         part += e;
     }

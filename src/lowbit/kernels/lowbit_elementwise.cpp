@@ -32,21 +32,23 @@ namespace {
 constexpr i64 PARALLEL_MIN = 1 << 16;
 
 // 0.5 * x * (1 + erf(x / sqrt 2)), erf as the odd rational function z P(z^2) / Q(z^2) on z clamped to [-4, 4]
-// (degrees 13 / 8; the minimax fit Eigen and XLA use for float erf): one division and 12 FMAs, no exp.
-inline float gelu_erf(float x) {
-    float z = x * 0.70710678118654752f;
-    z = z < -4.0f ? -4.0f : z;  // two plain selects: a nested one is control flow that AVX2 builds do not vectorise
+// (degrees 13 / 8; the minimax fit Eigen and XLA use for float erf): one division and 12 FMAs, no exp. F: a float
+// (the tails) or the build's vector vf (lowbit_exp.h): a loop of scalar calls did not vectorise on AVX2 builds (its
+// selects stayed branches), 7x slower than PyTorch's GELU there. Two plain selects for the clamp: a nested one is
+// control flow.
+template <class F>
+inline F gelu_erf(F x) {
+    F z = x * 0.70710678118654752f;
+    z = z < -4.0f ? -4.0f : z;
     z = z > 4.0f ? 4.0f : z;
-    const float z2 = z * z;
-    float p = -2.72614225801306e-10f;
-    p = p * z2 + 2.77068142495902e-08f;
+    const F z2 = z * z;
+    F p = z2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
     p = p * z2 - 2.10102402082508e-06f;
     p = p * z2 - 5.69250639462346e-05f;
     p = p * z2 - 7.34990630326855e-04f;
     p = p * z2 - 2.95459980854025e-03f;
     p = p * z2 - 1.60960333262415e-02f;
-    float q = -1.45660718464996e-05f;
-    q = q * z2 - 2.13374055278905e-04f;
+    F q = z2 * -1.45660718464996e-05f - 2.13374055278905e-04f;
     q = q * z2 - 1.68282697438203e-03f;
     q = q * z2 - 7.37332916720468e-03f;
     q = q * z2 - 1.42647390514189e-02f;
@@ -54,45 +56,19 @@ inline float gelu_erf(float x) {
 }
 
 // 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))), tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|).
-inline float gelu_tanh(float x) {
-    const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-    const float e = exp_neg(-2.0f * std::fabs(u));
-    const float th = std::copysign((1.0f - e) / (1.0f + e), u);
-    return 0.5f * x * (1.0f + th);
-}
-
-// The same two on a vector of the build's width (vf, lowbit_exp.h): the loop of scalar calls did not vectorise on
-// AVX2 builds (its selects stayed branches), 7x slower than PyTorch's GELU there.
-inline vf gelu_erf_v(vf x) {
-    vf z = x * 0.70710678118654752f;
-    z = z < -4.0f ? -4.0f : z;
-    z = z > 4.0f ? 4.0f : z;
-    const vf z2 = z * z;
-    vf p = z2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
-    p = p * z2 - 2.10102402082508e-06f;
-    p = p * z2 - 5.69250639462346e-05f;
-    p = p * z2 - 7.34990630326855e-04f;
-    p = p * z2 - 2.95459980854025e-03f;
-    p = p * z2 - 1.60960333262415e-02f;
-    vf q = z2 * -1.45660718464996e-05f - 2.13374055278905e-04f;
-    q = q * z2 - 1.68282697438203e-03f;
-    q = q * z2 - 7.37332916720468e-03f;
-    q = q * z2 - 1.42647390514189e-02f;
-    return 0.5f * x * (1.0f + z * p / q);
-}
-
-inline vf gelu_tanh_v(vf x) {
-    const vf u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-    const vi neg = u < 0.0f;
-    const vf e = exp_neg_v(-2.0f * (neg ? -u : u));
-    const vf th_abs = (1.0f - e) / (1.0f + e);
+template <class F>
+inline F gelu_tanh(F x) {
+    const F u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    const auto neg = u < 0.0f;
+    const F e = exp_neg_t<F>(-2.0f * (neg ? -u : u));
+    const F th_abs = (1.0f - e) / (1.0f + e);
     return 0.5f * x * (1.0f + (neg ? -th_abs : th_abs));
 }
 
 template <bool TANH>
 void gelu_range(float* x, i64 lo, i64 hi) {
     i64 i = lo;
-    for (; i + VL <= hi; i += VL) *(vf*)(x + i) = TANH ? gelu_tanh_v(*(vf*)(x + i)) : gelu_erf_v(*(vf*)(x + i));
+    for (; i + VL <= hi; i += VL) *(vf*)(x + i) = TANH ? gelu_tanh(*(vf*)(x + i)) : gelu_erf(*(vf*)(x + i));
     for (; i < hi; ++i) x[i] = TANH ? gelu_tanh(x[i]) : gelu_erf(x[i]);
 }
 

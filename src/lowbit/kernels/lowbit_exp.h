@@ -21,45 +21,32 @@ static constexpr int VL = 4;
 typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(VL * 4), aligned(4)));
 
-// exp(x) for x <= 0 after the max subtraction (also fine up to ~88); 0 below -87.3 (masked keys give exactly 0).
-static inline float exp_neg(float x) {
-    const float lo = -87.3f;
-    const bool under = x < lo;
-    float xc = under ? lo : x;
+// 2^n for whole-number n (the exponent field written directly): a float, or each lane of a vector.
+static inline float pow2_of(float n) {
+    const int32_t bits = (int32_t(n) + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return two_n;
+}
+static inline vf pow2_of(vf n) { return (vf)((__builtin_convertvector(n, vi) + 127) << 23); }
+
+// exp(x) for x <= 0 after the max subtraction (also fine up to ~88); 0 below -87.3 (masked keys give exactly 0). F: a
+// float or the build's vector vf (lane-wise, selects instead of branches: the same steps, so the same polynomial).
+template <class F>
+static inline F exp_neg_t(F x) {
+    const auto under = x < -87.3f;
+    F xc = under ? -87.3f : x;
     xc = xc > 88.0f ? 88.0f : xc;
-    const float t = xc * 1.44269504088896341f;
-    const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (no -ffast-math, so kept as written)
-    float r = xc - n * 0.693359375f;                  // Cody-Waite: ln 2 split in two parts
+    const F t = xc * 1.44269504088896341f;
+    const F n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (no -ffast-math, so kept as written)
+    F r = xc - n * 0.693359375f;                  // Cody-Waite: ln 2 split in two parts
     r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
+    F p = r * 1.9875691500e-4f + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    const int32_t bits = (int32_t(n) + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return under ? 0.0f : p * two_n;
-}
-
-// exp_neg on a vector: the same steps lane-wise (selects instead of branches), so the same polynomial and error.
-static inline vf exp_neg_v(vf x) {
-    const vi under = x < -87.3f;
-    vf xc = under ? -87.3f : x;
-    xc = xc > 88.0f ? 88.0f : xc;
-    const vf t = xc * 1.44269504088896341f;
-    const vf n = (t + 12582912.0f) - 12582912.0f;
-    vf r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    vf q = r * 1.9875691500e-4f + 1.3981999507e-3f;
-    q = q * r + 8.3334519073e-3f;
-    q = q * r + 4.1665795894e-2f;
-    q = q * r + 1.6666665459e-1f;
-    q = q * r + 5.0000001201e-1f;
-    q = q * r * r + r + 1.0f;
-    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-    const vf e = q * (vf)bits;
+    const F e = p * pow2_of(n);
     return under ? 0.0f : e;
 }

@@ -163,13 +163,16 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         kernel (`QuantConv2d.patch_kernel`: the same codes per patch as per map), outside ``reference`` mode, and
         not for an input whose patch count dispatch has decided dense (the map conv then runs at once)."""
         how = dispatch_mode()
-        if disp is None or not self.patch_kernel or how == "reference":
+        if disp is None or how == "reference":
             return False
         if disp is False:
             from lowbit.kernels.routes import route_for
 
-            return route_for(self) is not None  # (dispatch derives the route on the first patches)
-        return how != "auto" or cut is None or disp.decided.get((cut.rows, torch.get_num_threads())) is not False
+            # (dispatch derives the route on the first patches)
+            return self.patch_kernel and route_for(self) is not None
+        if how == "auto" and cut is not None and disp.decided.get((cut.rows, torch.get_num_threads())) is False:
+            return False
+        return self.patch_kernel
 
     def _patch_forward(self, x: torch.Tensor, map_dense: bool = False) -> torch.Tensor:
         """The conv as a linear layer on its patches; ``map_dense``: the dense path is the conv on the quantized map
