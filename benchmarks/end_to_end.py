@@ -26,6 +26,7 @@ from lowbit.batches import run_model
 from lowbit.kernels import native
 from lowbit.measure.envinfo import _version, environment
 from lowbit.measure.latency import compare_latency
+from lowbit.nn.batchnorm_fold import fold_batchnorm
 from lowbit.nn.fused_blocks import fuse_encoder_blocks
 from lowbit.nn.hf_attention import use_lowbit_attention
 from lowbit.zoo import get_workload
@@ -39,12 +40,16 @@ from lowbit.zoo import get_workload
 #: `lowbit.pack` applies by default; ``--attention keep`` packs without it), so the kernel's share is visible;
 #: ``fp32+fused-blocks`` the fp32 model with that attention and fused encoder blocks (`lowbit.nn.fused_blocks`, also a
 #: `lowbit.pack` default; ``--blocks keep`` packs without them): what lowbit's runtime gives without low bits.
+#: ``fp32+fold-bn`` the fp32 model with its BatchNorms folded into the layers before them (what `lowbit.compress`
+#: does before quantizing: the CNNs' packed rows include that gain).
 FP32_ATTENTION = "fp32+lowbit-attention"
 FP32_FUSED = "fp32+fused-blocks"
+FP32_FOLDED = "fp32+fold-bn"
 PRESETS = [
     "fp32+compile",
     FP32_ATTENTION,
     FP32_FUSED,
+    FP32_FOLDED,
     "w8a8",
     "w8a8+compile",
     "w4g128-gptq",
@@ -113,10 +118,13 @@ def build_models(
     quality: dict[str, float] = {"fp32 PyTorch": 1.0}
     key = "cosine" if workload == "minilm" else "logit_cosine"
     for spec in presets:
-        if spec in (FP32_ATTENTION, FP32_FUSED):  # the runtime's share of a packed model's speed, on its own
+        if spec in (FP32_ATTENTION, FP32_FUSED, FP32_FOLDED):  # the runtime's share of a packed model's speed
             name = "fp32 PyTorch+" + spec.partition("+")[2]
-            models[name] = copy.deepcopy(base)
-            use_lowbit_attention(models[name])
+            models[name] = copy.deepcopy(base).eval()
+            if spec == FP32_FOLDED:
+                fold_batchnorm(models[name])
+            else:
+                use_lowbit_attention(models[name])
             if spec == FP32_FUSED:
                 fuse_encoder_blocks(models[name])
             with torch.no_grad():

@@ -28,6 +28,7 @@ from lowbit.batches import as_batches
 from lowbit.calibration.static import calibrate_activations
 from lowbit.errors import DataError, ModelError
 from lowbit.methods.registry import LayerPlan, MethodContext, get_method
+from lowbit.nn.batchnorm_fold import fold_batchnorm
 from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
 from lowbit.plan import build_plan
 from lowbit.recipe import Recipe, load_recipe
@@ -53,6 +54,10 @@ def compress(
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
+    if recipe.fold_batchnorm:
+        folded = fold_batchnorm(model)
+        if folded:
+            model.lowbit_folded_batchnorm = {**getattr(model, "lowbit_folded_batchnorm", {}), **folded}
     for i, stage in enumerate(recipe.stages):
         where = f"stage {i + 1} ({stage.method})"
         method = get_method(stage.method)

@@ -36,6 +36,7 @@ from torch import nn
 from lowbit.compress import quant_layers, set_submodule
 from lowbit.errors import CheckpointError, LowbitError
 from lowbit.formats.spec import QuantSpec
+from lowbit.nn.batchnorm_fold import rebuild_folded
 from lowbit.nn.fused_blocks import fuse_encoder_blocks
 from lowbit.nn.hf_attention import use_lowbit_attention
 from lowbit.nn.packed import PackedConv2d, PackedLinear, PackedMixin
@@ -82,6 +83,7 @@ def save(model: nn.Module, directory: str | Path, *, source: dict[str, Any] | No
         "source": source if source is not None else getattr(model, "lowbit_source", None),
         "recipe": recipe.to_dict() if recipe is not None else None,
         "layers": {name: layer_entry(layer) for name, layer in quant_layers(model)},
+        "folded_batchnorm": dict(getattr(model, "lowbit_folded_batchnorm", {})),
         "tensors": {
             k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in state.items()
         },
@@ -171,6 +173,15 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
             "it was compressed from) to lowbit.load"
         )
     base.eval()
+    folded = spec.get("folded_batchnorm") or {}
+    if not isinstance(folded, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in folded.items()):
+        raise CheckpointError(f"{SPEC_FILE}: 'folded_batchnorm' must map BatchNorm names to layer names")
+    try:
+        rebuild_folded(base, folded)
+    except (AttributeError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint's folded BatchNorm layers do not fit the model ({exc})") from None
+    if folded:
+        base.lowbit_folded_batchnorm = dict(folded)  # type: ignore[assignment]
     for name, entry in spec.get("layers", {}).items():
         try:
             set_submodule(base, name, _empty_layer(entry))

@@ -65,6 +65,12 @@ def _check_keys(data: dict[str, Any], cls: type, where: str) -> None:
             raise RecipeError(f"{where}: unknown key '{key}'{suggest(str(key), names)}; valid keys: {', '.join(names)}")
 
 
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise RecipeError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Override:
     """Per-layer exception inside a stage: layers whose name matches ``pattern`` get these formats (or are skipped)."""
@@ -189,12 +195,17 @@ class Stage:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named, versioned list of stages."""
+    """A named, versioned list of stages.
+
+    ``fold_batchnorm`` (default on): before the first stage, fold each eval-mode BatchNorm into the convolution or
+    linear layer feeding it (`lowbit.nn.batchnorm_fold`), so the folded weights are the ones quantized and run.
+    """
 
     stages: tuple[Stage, ...]
     name: str = "custom"
     description: str = ""
     version: int = RECIPE_VERSION
+    fold_batchnorm: bool = True
 
     def __post_init__(self) -> None:
         if self.version != RECIPE_VERSION:
@@ -215,6 +226,7 @@ class Recipe:
             name=str(data.get("name", "custom")),
             description=str(data.get("description", "")),
             version=int(data.get("version", RECIPE_VERSION)),
+            fold_batchnorm=_flag(data.get("fold_batchnorm", True), f"{where}.fold_batchnorm"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -223,6 +235,7 @@ class Recipe:
             "name": self.name,
             "description": self.description,
             "stages": [s.to_dict() for s in self.stages],
+            **({} if self.fold_batchnorm else {"fold_batchnorm": False}),
         }
 
     def to_yaml(self) -> str:

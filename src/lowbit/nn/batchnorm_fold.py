@@ -1,0 +1,156 @@
+"""Fold inference-mode BatchNorm into the convolution or linear layer that feeds it.
+
+A ``Conv2d → BatchNorm2d`` (or ``Linear → BatchNorm1d``) pair computes, in eval mode, an affine map per output channel
+after the layer: ``bn(y) = (y − μ) · γ / √(σ² + ε) + β``. Folding it into the layer's weight and bias gives one layer
+computing the same function (within float rounding) and removes a whole operator from every forward. `compress` does
+this before quantizing (``Recipe.fold_batchnorm``, default on), as deployment runtimes do: the weights that get
+quantized are the ones that run, per-channel scales absorb the BatchNorm's factors, and a packed CNN runs one native
+layer where it ran a layer and a BatchNorm.
+
+Pairs are found on the model's traced graph (`torch.fx`): the BatchNorm's only input is the layer's output, and that
+output goes nowhere else. Models that do not trace fall back to neighbours in an ``nn.Sequential``. A BatchNorm
+without running statistics, or a module called more than once, is left alone.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    >>> _ = m[1].running_mean.uniform_(-1, 1), m[1].running_var.uniform_(0.5, 2)
+    >>> x = torch.randn(2, 3, 8, 8)
+    >>> before = m(x)
+    >>> fold_batchnorm(m)
+    {'1': '0'}
+    >>> type(m[1]).__name__, bool(torch.allclose(m(x), before, atol=1e-5))
+    ('Identity', True)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import nn
+
+#: (layer type, the BatchNorm type that may follow it).
+PAIRS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = ((nn.Conv2d, nn.BatchNorm2d), (nn.Linear, nn.BatchNorm1d))
+
+
+def fold_params(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of a layer (output channels first in ``weight``) followed by an eval-mode BatchNorm:
+    ``W' = W · a`` and ``b' = (b − μ) · a + β`` per output channel, with ``a = γ / √(σ² + ε)``. Computed in float64,
+    returned in the weight's dtype.
+
+    >>> w, b = fold_params(torch.ones(2, 3), None, torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0]),
+    ...                    torch.tensor([2.0, 1.0]), torch.tensor([0.0, 5.0]), eps=1.0)
+    >>> w.tolist(), b.tolist()
+    ([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], [-1.0, 5.0])
+    """
+    a = torch.rsqrt(var.double() + eps)
+    if gamma is not None:
+        a = a * gamma.double()
+    b = -mean.double() if bias is None else bias.double() - mean.double()
+    b = b * a + (beta.double() if beta is not None else 0.0)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return (weight.double() * a.reshape(shape)).to(weight.dtype), b.to(weight.dtype)
+
+
+def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
+    if not any(isinstance(layer, lt) and type(bn) is bt for lt, bt in PAIRS):
+        return False
+    assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+    channels = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+    return bn.running_mean is not None and bn.running_var is not None and bn.num_features == channels
+
+
+def _traced_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
+    """(layer, BatchNorm) module names on the traced graph, or None when the model does not trace."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # any tracing failure (data-dependent control flow, unsupported ops): use the fallback
+        return None
+    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        src = node.args[0]
+        if not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        layer_name, bn_name = str(src.target), str(node.target)
+        if calls[layer_name] != 1 or calls[bn_name] != 1:
+            continue
+        if _foldable(model.get_submodule(layer_name), model.get_submodule(bn_name)):
+            pairs.append((layer_name, bn_name))
+    return pairs
+
+
+def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(layer, BatchNorm) neighbours inside ``nn.Sequential`` containers (for models that do not trace)."""
+    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    pairs = []
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for (a, layer), (b, bn) in zip(children, children[1:], strict=False):
+            if uses[id(layer)] == 1 and uses[id(bn)] == 1 and _foldable(layer, bn):
+                pairs.append((f"{name}.{a}" if name else a, f"{name}.{b}" if name else b))
+    return pairs
+
+
+def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Names of the (layer, BatchNorm) pairs of ``model`` that `fold_batchnorm` folds."""
+    traced = _traced_pairs(model)
+    return traced if traced is not None else _sequential_pairs(model)
+
+
+def fold_batchnorm(model: nn.Module) -> dict[str, str]:
+    """Fold every foldable eval-mode BatchNorm of ``model`` into the layer before it, in place: the layer gets the
+    folded weight and bias (a bias parameter is added if it had none), the BatchNorm becomes ``nn.Identity``.
+    Returns ``{batchnorm name: layer name}`` (`lowbit.save` records it, `lowbit.load` rebuilds the structure)."""
+    from lowbit.compress import set_submodule  # local: compress imports this module
+
+    folded: dict[str, str] = {}
+    for layer_name, bn_name in foldable_pairs(model):
+        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+        assert isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None
+        assert bn.running_var is not None
+        with torch.no_grad():
+            w, b = fold_params(
+                layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps)
+            )
+            if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+                continue  # a damaged BatchNorm (negative variance, Inf): leave the pair as it is
+            layer.weight.copy_(w)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(b, requires_grad=layer.weight.requires_grad)
+            else:
+                layer.bias.copy_(b)
+        set_submodule(model, bn_name, nn.Identity())
+        folded[bn_name] = layer_name
+    return folded
+
+
+def rebuild_folded(model: nn.Module, folded: dict[str, str]) -> None:
+    """Give a freshly built float model the structure `fold_batchnorm` left (for loading a checkpoint): each
+    folded BatchNorm becomes ``nn.Identity`` and its layer gets a bias parameter if it had none (the checkpoint's
+    values are loaded over both)."""
+    from lowbit.compress import set_submodule  # local: compress imports this module
+
+    for bn_name, layer_name in folded.items():
+        layer = model.get_submodule(layer_name)
+        if getattr(layer, "bias", False) is None:
+            out = layer.weight.shape[0]
+            layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype), requires_grad=False)
+        set_submodule(model, bn_name, nn.Identity())
+
+
+__all__ = ["PAIRS", "fold_batchnorm", "fold_params", "foldable_pairs", "rebuild_folded"]
