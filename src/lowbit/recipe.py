@@ -197,8 +197,8 @@ class Stage:
 class Recipe:
     """A named, versioned list of stages.
 
-    ``fold_batchnorm`` (default on): before the first stage, fold each eval-mode BatchNorm into the convolution or
-    linear layer feeding it (`lowbit.nn.batchnorm_fold`), so the folded weights are the ones quantized and run.
+    ``fold_batchnorm`` (default on): before the first stage, fold each eval-mode BatchNorm into the convolution
+    feeding it (`lowbit.nn.batchnorm_fold`), so the folded weights are the ones quantized and run.
     """
 
     stages: tuple[Stage, ...]

@@ -1,6 +1,6 @@
 """Fold inference-mode BatchNorm into the convolution or linear layer that feeds it.
 
-A ``Conv2d → BatchNorm2d`` (or ``Linear → BatchNorm1d``) pair computes, in eval mode, an affine map per output channel
+A ``Conv2d → BatchNorm2d`` pair computes, in eval mode, an affine map per output channel
 after the layer: ``bn(y) = (y − μ) · γ / √(σ² + ε) + β``. Folding it into the layer's weight and bias gives one layer
 computing the same function (within float rounding) and removes a whole operator from every forward. `compress` does
 this before quantizing (``Recipe.fold_batchnorm``, default on), as deployment runtimes do: the weights that get
@@ -31,8 +31,9 @@ from collections import Counter
 import torch
 from torch import nn
 
-#: (layer type, the BatchNorm type that may follow it).
-PAIRS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = ((nn.Conv2d, nn.BatchNorm2d), (nn.Linear, nn.BatchNorm1d))
+#: (layer type, the BatchNorm type that may follow it). Not ``Linear → BatchNorm1d``: on a 3-D input (N, C, L) the
+#: BatchNorm's channels are dim 1 but a Linear's outputs are the last dim, which the graph alone does not tell apart.
+PAIRS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = ((nn.Conv2d, nn.BatchNorm2d),)
 
 
 def fold_params(
@@ -66,8 +67,8 @@ def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
     if not any(isinstance(layer, lt) and type(bn) is bt for lt, bt in PAIRS):
         return False
     assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
-    channels = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-    return bn.running_mean is not None and bn.running_var is not None and bn.num_features == channels
+    assert isinstance(layer, nn.Conv2d)
+    return bn.running_mean is not None and bn.running_var is not None and bn.num_features == layer.out_channels
 
 
 def _traced_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
@@ -113,7 +114,7 @@ def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def fold_batchnorm(model: nn.Module) -> dict[str, str]:
-    """Fold every foldable eval-mode BatchNorm of ``model`` into the layer before it, in place: the layer gets the
+    """Fold every foldable eval-mode BatchNorm of ``model`` into the convolution before it, in place: the layer gets the
     folded weight and bias (a bias parameter is added if it had none), the BatchNorm becomes ``nn.Identity``.
     Returns ``{batchnorm name: layer name}`` (`lowbit.save` records it, `lowbit.load` rebuilds the structure)."""
     from lowbit.compress import set_submodule  # local: compress imports this module
