@@ -132,6 +132,34 @@ def test_conv_with_per_patch_activations_runs_the_linear_kernel_on_its_patches(
 
 
 @needs_native
+@pytest.mark.parametrize(("weights", "acts"), [("int8", "int8_token"), ("int8", "int8_static")])
+def test_conv_dispatch_races_the_whole_calls(monkeypatch, weights: str, acts: str) -> None:
+    """A conv on its patches is decided by racing what each choice then runs for the whole call: the one C call
+    (patches, kernel, output map) against the patches, their dense product and the map (or, static, the map conv).
+    Racing the patches' products alone left the cutting and the map out (a 1-channel conv went dense, 0.57× fp32)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 9, 10)
+    recipe = Recipe(stages=(Stage(method="rtn", weights=FORMATS[weights], activations=ACT_FORMATS[acts]),))
+    q = lowbit.compress(nn.Sequential(nn.Conv2d(32, 16, 3, padding=1)), recipe, data=[x], progress=False)
+    p = lowbit.pack(q)
+    raced: list[list] = []
+
+    def record(*fns):
+        raced.append([fn() for fn in fns])
+        return [1.0, 2.0, 3.0]  # native "faster"
+
+    monkeypatch.setattr(dispatch, "race", record)
+    with torch.no_grad():
+        want = q(x)
+        p(x)
+        native_out, dense_out, _ = raced[0]
+        for out in (native_out, dense_out):
+            assert out.shape == want.shape  # whole output maps, not the patches' rows
+            assert float((out - want).abs().max()) <= 2e-5 * float(want.abs().max())
+        assert torch.equal(p(x), native_out)  # decided native: the one C call that was raced
+
+
+@needs_native
 def test_per_patch_conv_applies_its_input_scale_and_shift_before_cutting_patches() -> None:
     """AWQ / SmoothQuant input scales and binary thresholds act per channel on the map, before its patches are cut
     (so padding stays 0): packed (native) and simulated layers agree, and the decided one-call path too."""

@@ -157,6 +157,10 @@ def race(*fns: Callable[[], Any]) -> list[float]:
     return [b * 1e3 for b in best]
 
 
+#: A convolution's two whole calls for `LayerDispatch.decide`: (native, dense).
+WholeCalls = tuple[Callable[[], Any], Callable[[], Any]]
+
+
 class LayerDispatch:
     """Per-layer state: the route, its prepared weights (built once) and the decision per batch bucket."""
 
@@ -288,6 +292,11 @@ class LayerDispatch:
             return None
         if x.dtype is not torch.float32 or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
             return None
+        return self.conv_call(layer, x, cut, threads)
+
+    def conv_call(self, layer: Any, x: torch.Tensor, cut: Any, threads: int) -> torch.Tensor | None:
+        """The whole convolution in one C call (`lb_conv`: patches, kernel, output map) on fp32 CPU input ``x``,
+        whatever was decided; None where it cannot run (no prepared weights for these patches, a non-fp32 bias)."""
         bias = layer._parameters.get("bias")
         st = self.state
         if (bias is not None and bias.dtype is not torch.float32) or st is None or cut.k != st.K:
@@ -341,9 +350,12 @@ class LayerDispatch:
         threads: int,
         dense: Callable[[], torch.Tensor],
         how: str,
+        whole: Callable[[LayerDispatch], WholeCalls | None] | None = None,
     ) -> bool:
         """Native or dense for ``rows`` input rows (``xt``: the input after the layer's scale / shift): measured
-        once per batch bucket in ``auto`` mode."""
+        once per batch bucket in ``auto`` mode. ``whole``: for a convolution on its patches, its two whole calls
+        (native: `conv_call`; dense: patches, dense product, output map) given this dispatch: raced instead of the
+        two paths on the patches alone, which leave out what the one C call saves."""
         key = (bucket(rows), threads)
         if how != "auto":
             self.choice.setdefault(key, {"native_ms": None, "dense_ms": None, "fp32_ms": None, "native": True})
@@ -351,11 +363,14 @@ class LayerDispatch:
         c = self.choice.get(key)
         if c is None or c["native_ms"] is None:
             w = layer.weight_matrix()  # what an fp32 layer of this shape costs (for the report, not the choice)
-            native_ms, dense_ms, fp32_ms = race(
-                lambda: self.native(layer, x if self.kernel_scales else xt, threads),
-                lambda: self.dense(layer, x, xt, dense),
-                lambda: F.linear(xt, w, layer.bias),
-            )
+            native_fn: Callable[[], Any] = lambda: self.native(layer, x if self.kernel_scales else xt, threads)  # noqa: E731
+            dense_fn: Callable[[], Any] = lambda: self.dense(layer, x, xt, dense)  # noqa: E731
+            calls = whole(self) if whole is not None else None
+            if calls is not None:
+                native_fn()  # prepares the kernel's weights for these rows
+                if calls[0]() is not None:
+                    native_fn, dense_fn = calls
+            native_ms, dense_ms, fp32_ms = race(native_fn, dense_fn, lambda: F.linear(xt, w, layer.bias))
             c = self.choice[key] = {
                 "native_ms": native_ms,
                 "dense_ms": dense_ms,
@@ -467,12 +482,17 @@ def dense_hot(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def dispatch_linear(
-    layer: Any, x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor], dense: Callable[[], torch.Tensor]
+    layer: Any,
+    x: torch.Tensor,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    dense: Callable[[], torch.Tensor],
+    whole: Callable[[LayerDispatch], WholeCalls | None] | None = None,
 ) -> torch.Tensor:
     """Output of packed linear ``layer`` on ``x``: native kernel or ``dense()`` (the reference forward).
 
     ``transform`` applies the layer's input scale / shift (everything before activation quantization). This is
-    on every forward's path, so a decided call does little more than one dict lookup and one C call.
+    on every forward's path, so a decided call does little more than one dict lookup and one C call. ``whole``:
+    a convolution's whole calls, raced when its patch count is decided (`LayerDispatch.decide`).
     """
     how = _mode_override[-1] if _mode_override else _env_mode or mode()
     if torch.compiler.is_compiling():
@@ -500,7 +520,7 @@ def dispatch_linear(
     xt = None
     if use_native is None:
         xt = transform(x)
-        use_native = disp.decide(layer, x, xt, rows, threads, dense, how)
+        use_native = disp.decide(layer, x, xt, rows, threads, dense, how, whole)
     if not use_native:
         return disp.dense(layer, x, transform(x) if xt is None else xt, dense)
     x_in = x if disp.kernel_scales else transform(x) if xt is None else xt  # (the kernel applies its own scale)
