@@ -46,7 +46,9 @@ from lowbit.report.atomic import atomic_dir
 
 #: 2: a convolution's per-token activations are quantized per patch (`lowbit.nn.patches`); version 1 quantized
 #: them along the input's last dimension, so a version-1 checkpoint holding such a convolution is refused.
-FORMAT_VERSION = 2
+#: 3: ``folded_batchnorm`` (BatchNorms folded into the convolutions before them, rebuilt on load: an older lowbit
+#: would report a tensor mismatch).
+FORMAT_VERSION = 3
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "lowbit.json"
 
@@ -112,10 +114,10 @@ def read_spec(directory: str | Path) -> dict[str, Any]:
             "the checkpoint is damaged, save it again"
         ) from None
     version = spec.get("format_version") if isinstance(spec, dict) else None
-    if version not in (1, FORMAT_VERSION):
+    if version not in (1, 2, FORMAT_VERSION):
         raise CheckpointError(
             f"{spec_path}: checkpoint format version {version!r} is not supported by this lowbit "
-            f"(reads versions 1 and {FORMAT_VERSION})"
+            f"(reads versions 1 to {FORMAT_VERSION})"
         )
     if version == 1:
         _check_version_1(spec, spec_path)

@@ -11,7 +11,7 @@ from torch import nn
 import lowbit
 from lowbit.errors import CheckpointError, RecipeError
 from lowbit.kernels.dispatch import use_mode
-from lowbit.nn.batchnorm_fold import fold_batchnorm, fold_params, foldable_pairs
+from lowbit.nn.batchnorm_fold import fold_batchnorm, fold_params
 from lowbit.recipe import Recipe, load_recipe
 
 
@@ -123,27 +123,120 @@ def test_a_damaged_batchnorm_is_left_alone() -> None:
 
 
 class Untraceable(nn.Module):
-    """Data-dependent control flow (torch.fx cannot trace it) around an nn.Sequential holding a foldable pair."""
+    """Data-dependent control flow (torch.fx cannot trace it) around an nn.Sequential holding a conv and a
+    BatchNorm: the module tree alone cannot tell whether the forward runs them as a pair, so nothing folds."""
 
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(3, 4, 3), trained_bn(nn.BatchNorm2d(4)), nn.ReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.body(x)
+        y = self.body[0](x)  # the BatchNorm is skipped on this path
         return y * 2 if y.sum() > 0 else y
 
 
-def test_models_that_do_not_trace_fold_their_sequential_neighbours() -> None:
-    m = Untraceable().eval()
-    with pytest.raises(torch.fx.proxy.TraceError):
-        torch.fx.symbolic_trace(m)
-    assert foldable_pairs(m) == [("body.0", "body.1")]
-    x = torch.randn(2, 3, 6, 6)
+class Tied(nn.Module):
+    """Two convs sharing one weight, each with its own BatchNorm: one weight cannot absorb two BatchNorms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.b.weight = self.a.weight
+        self.bn_a, self.bn_b = trained_bn(nn.BatchNorm2d(4), 1), trained_bn(nn.BatchNorm2d(4), 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_a(self.a(x)) + self.bn_b(self.b(x))
+
+
+class Alias(nn.Module):
+    """One BatchNorm registered under two names (fx names it by the first, the forward calls the second)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), trained_bn(nn.BatchNorm2d(4))
+        self.norm = self.bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+class ReadsWeight(nn.Module):
+    """The forward also reads the conv's weight and the BatchNorm's scale directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), trained_bn(nn.BatchNorm2d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y + torch.nn.functional.conv2d(x, self.conv.weight, padding=1) * self.bn.weight.mean()
+
+
+class Stores(nn.Module):
+    """A forward that keeps its last output on the module (tracing must not leave a proxy there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), trained_bn(nn.BatchNorm2d(4))
+        self.last = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last = self.bn(self.conv(x))
+        return self.last
+
+
+def weight_normed() -> nn.Module:
+    conv = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 3, padding=1))
+    return nn.Sequential(conv, trained_bn(nn.BatchNorm2d(4)))
+
+
+def hooked() -> nn.Module:
+    m = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), trained_bn(nn.BatchNorm2d(4)))
+    m[0].register_forward_hook(lambda mod, inp, out: out.clamp(-0.1, 0.1))
+    return m
+
+
+class StdConv(nn.Conv2d):
+    """A conv subclass whose forward standardizes its weight: scaling the stored weight would be undone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / self.weight.std((1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w, self.bias)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        Untraceable(),
+        Tied(),
+        Alias(),
+        ReadsWeight(),
+        weight_normed(),
+        hooked(),
+        nn.Sequential(StdConv(4, 4, 3, padding=1), trained_bn(nn.BatchNorm2d(4))),
+    ],
+    ids=["untraceable", "tied-weights", "aliased-bn", "reads-weight", "weight-norm", "hook", "subclass"],
+)
+def test_pairs_the_forward_does_not_run_as_one_are_left_alone(model: nn.Module) -> None:
+    model.eval()
+    x = torch.randn(2, 3 if isinstance(model, Untraceable) else 4, 6, 6)
     with torch.no_grad():
-        before = m(x)
-        fold_batchnorm(m)
-        torch.testing.assert_close(m(x), before, rtol=1e-4, atol=1e-5)
+        before = model(x)
+        assert fold_batchnorm(model) == {}
+        assert torch.equal(model(x), before)
+
+
+def test_a_batchnorm_in_training_mode_is_left_alone() -> None:
+    m = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), trained_bn(nn.BatchNorm2d(4))).eval()
+    m[1].train()  # it normalizes with batch statistics: no fixed affine map to fold
+    assert fold_batchnorm(m) == {}
+    assert fold_batchnorm(m.eval()) == {"1": "0"}
+
+
+def test_tracing_leaves_no_proxy_on_the_model() -> None:
+    m = Stores().eval()
+    assert fold_batchnorm(m) == {"bn": "conv"}
+    assert m.last is None
 
 
 def test_compress_folds_by_default_and_the_recipe_can_keep_the_batchnorms() -> None:
@@ -192,6 +285,10 @@ def test_a_malformed_folded_entry_is_refused(tmp_path) -> None:
     spec["folded_batchnorm"] = {"1": "no.such.layer"}
     spec_path.write_text(json.dumps(spec))
     with pytest.raises(CheckpointError, match="folded BatchNorm"):
+        lowbit.load(tmp_path / "ckpt", cnn())
+    spec["folded_batchnorm"] = {"2": "0"}  # a ReLU, not a BatchNorm
+    spec_path.write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match="not the BatchNorm2d and Conv2d"):
         lowbit.load(tmp_path / "ckpt", cnn())
     spec["folded_batchnorm"] = ["1"]
     spec_path.write_text(json.dumps(spec))

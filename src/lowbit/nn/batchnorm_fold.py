@@ -7,9 +7,11 @@ this before quantizing (``Recipe.fold_batchnorm``, default on), as deployment ru
 quantized are the ones that run, per-channel scales absorb the BatchNorm's factors, and a packed CNN runs one native
 layer where it ran a layer and a BatchNorm.
 
-Pairs are found on the model's traced graph (`torch.fx`): the BatchNorm's only input is the layer's output, and that
-output goes nowhere else. Models that do not trace fall back to neighbours in an ``nn.Sequential``. A BatchNorm
-without running statistics, or a module called more than once, is left alone.
+Pairs are found on the model's traced graph (`torch.fx`): the BatchNorm's only input is the conv's output, and that
+output goes nowhere else. Only plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` modules fold (no subclasses, parametrizations
+or hooks), each called once, registered once, read by nothing else, sharing no parameter; a BatchNorm without running
+statistics or in training mode is left alone, and so is every pair of a model that does not trace (a guess from the
+module tree could fold a pair the forward does not run as one).
 
 Example:
     >>> import torch
@@ -30,6 +32,7 @@ from collections import Counter
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 #: (layer type, the BatchNorm type that may follow it). Not ``Linear → BatchNorm1d``: on a 3-D input (N, C, L) the
 #: BatchNorm's channels are dim 1 but a Linear's outputs are the last dim, which the graph alone does not tell apart.
@@ -63,21 +66,44 @@ def fold_params(
     return (weight.double() * a.reshape(shape)).to(weight.dtype), b.to(weight.dtype)
 
 
+def _plain(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """Exactly ``kind`` (no subclass: its forward may not read ``weight`` as stored), without parametrizations
+    (weight norm, spectral norm: ``weight`` is computed) or hooks (they would act on the other side of the fold)."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks)
+    return type(module) is kind and not parametrize.is_parametrized(module) and not any(hooks)
+
+
 def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
-    if not any(isinstance(layer, lt) and type(bn) is bt for lt, bt in PAIRS):
+    if not any(_plain(layer, lt) and _plain(bn, bt) for lt, bt in PAIRS):
         return False
-    assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
-    assert isinstance(layer, nn.Conv2d)
-    return bn.running_mean is not None and bn.running_var is not None and bn.num_features == layer.out_channels
+    assert isinstance(bn, nn.BatchNorm2d) and isinstance(layer, nn.Conv2d)
+    stats = bn.running_mean is not None and bn.running_var is not None
+    return stats and not bn.training and bn.num_features == layer.out_channels
 
 
-def _traced_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
-    """(layer, BatchNorm) module names on the traced graph, or None when the model does not trace."""
+def _traced_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, BatchNorm) module names on the traced graph (none when the model does not trace). A pair folds when
+    the BatchNorm's only input is the conv's output, used nowhere else; each module is called once, registered
+    under one name, read by nothing else (no ``get_attr`` of it or its tensors), and shares no parameter with
+    another module."""
+    owners = _attribute_owners(model)
     try:
         graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # any tracing failure (data-dependent control flow, unsupported ops): use the fallback
-        return None
+    except Exception:  # any tracing failure (data-dependent control flow, unsupported ops): nothing folds
+        return []
+    finally:
+        _restore_attributes(owners)
     calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+    read = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+    names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    params = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+
+    def alone(name: str) -> bool:
+        module = model.get_submodule(name)
+        if calls[name] != 1 or names[id(module)] != 1 or any(r == name or r.startswith(name + ".") for r in read):
+            return False
+        return all(params[id(p)] == 1 for p in module.parameters())
+
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
@@ -86,31 +112,29 @@ def _traced_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
         if not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
             continue
         layer_name, bn_name = str(src.target), str(node.target)
-        if calls[layer_name] != 1 or calls[bn_name] != 1:
-            continue
-        if _foldable(model.get_submodule(layer_name), model.get_submodule(bn_name)):
-            pairs.append((layer_name, bn_name))
+        if alone(layer_name) and alone(bn_name):
+            if _foldable(model.get_submodule(layer_name), model.get_submodule(bn_name)):
+                pairs.append((layer_name, bn_name))
     return pairs
 
 
-def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(layer, BatchNorm) neighbours inside ``nn.Sequential`` containers (for models that do not trace)."""
-    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    pairs = []
-    for name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        children = list(seq.named_children())
-        for (a, layer), (b, bn) in zip(children, children[1:], strict=False):
-            if uses[id(layer)] == 1 and uses[id(bn)] == 1 and _foldable(layer, bn):
-                pairs.append((f"{name}.{a}" if name else a, f"{name}.{b}" if name else b))
-    return pairs
+def _attribute_owners(model: nn.Module) -> list[tuple[nn.Module, dict]]:
+    """Every module's plain attributes: tracing runs the forward's Python code on symbolic values, and a forward
+    that stores something on its module (``self.last = y``) would leave a proxy there."""
+    return [(m, dict(vars(m))) for m in model.modules()]
+
+
+def _restore_attributes(owners: list[tuple[nn.Module, dict]]) -> None:
+    for module, attrs in owners:
+        state = vars(module)
+        for key in [k for k in state if k not in attrs]:
+            del state[key]
+        state.update(attrs)
 
 
 def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """Names of the (layer, BatchNorm) pairs of ``model`` that `fold_batchnorm` folds."""
-    traced = _traced_pairs(model)
-    return traced if traced is not None else _sequential_pairs(model)
+    """Names of the (conv, BatchNorm) pairs of ``model`` that `fold_batchnorm` folds (see `_traced_pairs`)."""
+    return _traced_pairs(model)
 
 
 def fold_batchnorm(model: nn.Module) -> dict[str, str]:
@@ -147,11 +171,15 @@ def rebuild_folded(model: nn.Module, folded: dict[str, str]) -> None:
     from lowbit.compress import set_submodule  # local: compress imports this module
 
     for bn_name, layer_name in folded.items():
-        layer = model.get_submodule(layer_name)
-        if getattr(layer, "bias", False) is None:
-            out = layer.weight.shape[0]
-            layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype), requires_grad=False)
+        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+        if isinstance(layer, nn.Conv2d) and isinstance(bn, nn.Identity) and layer.bias is not None:
+            continue  # folded already
+        if not isinstance(layer, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(
+                f"'{bn_name}' / '{layer_name}' are a {type(bn).__name__} and a {type(layer).__name__}, "
+                "not the BatchNorm2d and Conv2d that were folded"
+            )
+        if layer.bias is None:
+            w = layer.weight
+            layer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), w.requires_grad)
         set_submodule(model, bn_name, nn.Identity())
-
-
-__all__ = ["PAIRS", "fold_batchnorm", "fold_params", "foldable_pairs", "rebuild_folded"]
