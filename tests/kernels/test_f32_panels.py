@@ -83,6 +83,7 @@ def _weight_only(fmt: str, k: int, n: int, recipe: str | None = None) -> nn.Modu
         (None, "w4g128-hqq", "w4a32"),  # real-valued zero points: panels of q and the s·z correction
         ("ternary_absmean", None, "w2a32"),
         ("binary", None, "w1a32"),
+        ("fp4_e2m1", None, "fp4a32"),  # rows: the 4-bit codes through a table; panels: 2 × its values
     ],
 )
 def test_weight_only_layers_run_f32_panels_from_their_row_count(fmt, recipe, kernel):
@@ -115,22 +116,27 @@ def test_dispatch_gives_weight_only_layers_panels_on_the_first_call_with_many_ro
     assert decided_native is False or st.has_panels
 
 
-def test_fp4_layers_run_on_panels_of_twice_their_values():
-    """FP4 (E2M1) values × 2 are integers ≤ 12: the panels with halved group scales hold the dequantized weights
-    exactly (an identity input reads them back bit for bit), at every row count (no row layout)."""
+def test_fp4_layers_run_rows_of_codes_and_panels_of_twice_their_values():
+    """FP4 (E2M1) values × 2 are integers ≤ 12: with halved group scales both layouts hold the dequantized weights
+    exactly (an identity input reads them back bit for bit): the row kernel's 4-bit codes read through a table, for
+    a few rows, and the fp32 panels from the route's row count on."""
     torch.manual_seed(0)
     layer = lowbit.pack(lowbit.compress(nn.Sequential(nn.Linear(256, 70)), "fp4", progress=False))[0]
     route = route_for(layer)
-    assert route.kernel == "fp4a32" and route.panel_rows == 0
-    prepared = route.prepare(layer)
-    assert prepared.has_panels and not prepared.desc.w
+    assert route.kernel == "fp4a32" and route.panel_rows == f32_panel_rows()
+    rows_only, both = route.prepare(layer), route.prepare(layer, panels=True)
+    assert rows_only.desc.w and not rows_only.has_panels and both.has_panels
     w = layer.weight_matrix()
-    assert torch.equal(native_layer.linear(prepared, torch.eye(256)), w.T)
+    eye = torch.eye(256)
+    assert torch.equal(native_layer.linear(both, eye), w.T)  # 256 rows: the panels
+    few = f32_panel_rows() - 1
+    by_rows = torch.cat([native_layer.linear(rows_only, eye[i : i + few]) for i in range(0, 256, few)])
+    assert torch.equal(by_rows, w.T)  # the row kernel
     for rows in (1, 3, 20):
         x = torch.randn(rows, 256)
         with torch.no_grad(), use_mode("reference"):
             ref = layer(x)
-        y = native_layer.linear(prepared, x, bias=layer.bias)
+        y = native_layer.linear(both, x, bias=layer.bias)
         assert float((y - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 

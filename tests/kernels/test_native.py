@@ -189,6 +189,26 @@ def test_wna8(bits, group, K, N, M, threads):
     close(y, ref, scale)
 
 
+@pytest.mark.parametrize("group,K,N", [(32, 64, 5), (32, 4096, 3), (64, 320, 3), (128, 768, 6)])
+@pytest.mark.parametrize("M", MS)
+def test_e2m1_rows(group, K, N, M):
+    """FP4 E2M1 codes in the int4 layout, read through the table of their values × 2 (every code, negative zero
+    included), times the halved group scales: the dense product within fp32 summation order."""
+    g = gen(K + N + M)
+    table = torch.tensor(native.E2M1_X2, dtype=torch.float32)
+    v2 = table[torch.randint(0, 16, (N, K), generator=g)]
+    half = torch.rand(N, K // group, generator=g) * 0.05 + 0.01
+    x = torch.randn(M, K, generator=g)
+    y = native.matmul_wna32(x, native.prepare_e2m1(v2, half, group), 1)
+    w = v2.double() * half.double().repeat_interleave(group, dim=1)
+    close(y, x.double() @ w.T, x.double().abs() @ w.abs().T + 1e-6)
+
+
+def test_e2m1_rows_refuse_other_values():
+    with pytest.raises(ValueError, match="E2M1 values times 2"):
+        native.prepare_e2m1(torch.full((2, 32), 5.0), torch.ones(2, 1), 32)
+
+
 def test_wn_rejects_bad_group():
     with pytest.raises(AssertionError):
         native.prepare_wn(torch.zeros(2, 96, dtype=torch.uint8), torch.ones(2, 1), torch.zeros(2, 1), 4, 64)
@@ -381,6 +401,7 @@ OTHER_BUILD_CHECKS = (
     "    t.test_w1a1(300, 9, M, 2, False); t.test_w1a8(300, 9, M, 1); t.test_w1a32(300, 9, M, 2)\n"
     "    for b in (2, 3, 4):\n"
     "        t.test_wna8(b, 32, 96, 9, M, 2); t.test_wna32(b, 128, 768, 6, M, 1)\n"
+    "    t.test_e2m1_rows(32, 64, 5, M)\n"
     "from tests.kernels import test_panels as tp\n"
     "for nonneg in (False, True):\n"
     "    tp.test_panel_kernel_is_exact_and_equals_the_row_kernel(100, 33, 7, 2, nonneg)\n"
@@ -390,6 +411,7 @@ OTHER_BUILD_CHECKS = (
     "from tests.kernels import test_dispatch as d\n"  # whole layers through lb_linear
     "for w, a, k in d.CASES[:13]:\n"
     "    d.test_native_output_matches_simulated(w, a, k, 3)\n"
+    "d.test_native_output_matches_simulated('fp4_e2m1', None, 'fp4a32', 3)\n"  # FP4's row kernel
     "d.test_real_valued_zero_points_run_natively('int8')\n"
     "d.test_one_call_conv_writes_the_map_from_the_panels('int8', 2)\n"
     "from tests.kernels import test_static_route as ts\n"  # static zero-point activations: codes made in lb_linear

@@ -650,18 +650,27 @@ LB_API void lb_w8a8_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const
 //          y = sx[m] * sum_g s_g * (float)d_g       (fp32, group order unspecified -> not bit-exact)
 //   WNA32: y = sum_g s_g * (sum_{k in g} x_k q_k - z_g * sum_{k in g} x_k)   (fp32)
 // ================================================================================================
+// BITS = E2M1 (-4): 4-bit FP4 E2M1 codes in the int4 layout, read through a table as their values times 2 (the
+// integers 0, 1, 2, 3, 4, 6, 8, 12 and their negatives; group scales halved, zero points 0). fp32 activations only.
+static constexpr int E2M1 = -4;
 template <int BITS>
-static inline i64 wn_code_bytes(i64 units) { return (units + 3) / 4 * 16 * BITS; }
+static inline i64 wn_code_bytes(i64 units) { return (units + 3) / 4 * 16 * (BITS < 0 ? -BITS : BITS); }
 
 #ifdef __AVX2__
 // Unit u (32 consecutive codes) of a block as 32 unsigned bytes.
 template <int BITS>
 static inline __m256i wn_unit(const uint8_t* codes, int u) {
     const int c = u >> 2, r = u & 3;
-    if (BITS == 4) {
+    if (BITS == 4 || BITS == E2M1) {
         __m256i v = ld(codes + c * 64 + (r >> 1) * 32);
         if (r & 1) v = _mm256_srli_epi16(v, 4);
-        return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+        v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+        if (BITS == E2M1) {  // signed bytes: 2 x the E2M1 value of each code
+            const __m256i x2 = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0, 1, 2, 3, 4, 6,
+                                                8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+            v = _mm256_shuffle_epi8(x2, v);
+        }
+        return v;
     } else if (BITS == 2) {
         __m256i v = _mm256_srli_epi16(ld(codes + c * 32), 2 * r);
         return _mm256_and_si256(v, _mm256_set1_epi8(3));
@@ -684,9 +693,11 @@ static inline __m256i wn_unit(const uint8_t* codes, int u) {
 template <int BITS>
 static inline int wn_code(const uint8_t* codes, i64 idx) {
     const i64 c = idx >> 7, r = (idx >> 5) & 3, i = idx & 31;
-    if (BITS == 4) {
+    if (BITS == 4 || BITS == E2M1) {
+        static const int8_t x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
         const uint8_t b = codes[c * 64 + (r >> 1) * 32 + i];
-        return (r & 1 ? b >> 4 : b) & 15;
+        const int q = (r & 1 ? b >> 4 : b) & 15;
+        return BITS == E2M1 ? x2[q] : q;
     } else if (BITS == 2) {
         return (codes[c * 32 + i] >> (2 * r)) & 3;
     } else {
@@ -836,10 +847,11 @@ static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp,
                 if ((u & 3) == 0) LB_PF(codes + u * 4 * BITS);  // 4 units = 16*BITS bytes of codes
                 const __m256i w = wn_unit<BITS>(codes, u);
                 const __m128i wl = _mm256_castsi256_si128(w), wh = _mm256_extracti128_si256(w, 1);
-                const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(wl));
-                const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(wl, wl)));
-                const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(wh));
-                const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(wh, wh)));
+                auto widen = [](__m128i b) {  // 8 codes (E2M1: signed values) as fp32
+                    return _mm256_cvtepi32_ps(BITS == E2M1 ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+                };
+                const __m256 w0 = widen(wl), w1 = widen(_mm_unpackhi_epi64(wl, wl));
+                const __m256 w2 = widen(wh), w3 = widen(_mm_unpackhi_epi64(wh, wh));
                 for (int m = 0; m < MT; ++m) {
                     const float* xm = x + m * Kp + k0 + 32 * u;
                     __m256 e = _mm256_mul_ps(w0, _mm256_loadu_ps(xm));
@@ -892,6 +904,7 @@ static bool wn_dispatch(int bits, int gu, F f) {
     LB_WN_CASE(4, 1) LB_WN_CASE(4, 2) LB_WN_CASE(4, 4)
     LB_WN_CASE(3, 1) LB_WN_CASE(3, 2) LB_WN_CASE(3, 4)
     LB_WN_CASE(2, 1) LB_WN_CASE(2, 2) LB_WN_CASE(2, 4)
+    LB_WN_CASE(E2M1, 1) LB_WN_CASE(E2M1, 2) LB_WN_CASE(E2M1, 4)
 #undef LB_WN_CASE
     return false;
 }
@@ -911,11 +924,12 @@ LB_API int lb_wna8(const int8_t* xq, const float* sx, i64 M, i64 K, const uint8_
             sxg[m * ldg + g] = t;
         }
     }
-    const bool ok = wn_dispatch(bits, gu, [=](auto B, auto U) {
-        run_rows(M, N, threads, blob, row_bytes, [=](auto mt, i64 m, i64 n) {
-            wna8_tile<decltype(B)::value, decltype(U)::value, decltype(mt)::value>(
-                blob + n * row_bytes, G, xp + m * Kp, Kp, sxg + m * ldg, ldg, sx + m, y + m * N + n, N);
-        });
+    const bool ok = bits > 0 && wn_dispatch(bits, gu, [=](auto B, auto U) {
+        if constexpr (decltype(B)::value > 0)  // (E2M1 codes: fp32 activations only)
+            run_rows(M, N, threads, blob, row_bytes, [=](auto mt, i64 m, i64 n) {
+                wna8_tile<decltype(B)::value, decltype(U)::value, decltype(mt)::value>(
+                    blob + n * row_bytes, G, xp + m * Kp, Kp, sxg + m * ldg, ldg, sx + m, y + m * N + n, N);
+            });
     });
     free(xp);
     free(sxg);

@@ -458,6 +458,29 @@ def prepare_wn(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, gro
     return PreparedWN(_t(blob), N, K, bits, group, row_bytes)
 
 
+#: ``PreparedWN.bits`` of FP4 E2M1 codes (`prepare_e2m1`): the int4 layout, read through a table of values × 2.
+E2M1_BITS = -4
+#: E2M1 values times 2 in code order (bit 3: sign; bits 0-2: magnitude 0, 0.5, 1, 1.5, 2, 3, 4, 6).
+E2M1_X2 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+def prepare_e2m1(v2: torch.Tensor, half_scale: torch.Tensor, group: int) -> PreparedWN:
+    """FP4 E2M1 weights for the row kernel of ``lb_wna32``: ``v2`` (N, K) their values times 2 (integers in
+    ``E2M1_X2``), ``half_scale`` (N, K/group) the group scales halved, so ``v2 · half_scale`` is the weight. Stored
+    as E2M1 codes in the int4 layout of `prepare_wn` (zero points 0), with ``bits = E2M1_BITS``."""
+    v = _as(v2, torch.float32).round().to(torch.int64)
+    index = torch.full((25,), -1, dtype=torch.int64)
+    for code, value in enumerate(E2M1_X2[:8]):
+        index[value + 12] = code
+        index[12 - value] = code + 8 if value else 0
+    if v.abs().max().item() > 12 or bool((index[v.clamp(-12, 12) + 12] < 0).any()):
+        raise ValueError("prepare_e2m1: values must be E2M1 values times 2 (0, ±1, ±2, ±3, ±4, ±6, ±8, ±12)")
+    codes = index[v + 12].to(torch.uint8)
+    p = prepare_wn(codes, half_scale, torch.zeros_like(half_scale, dtype=torch.float32), 4, group)
+    p.bits = E2M1_BITS
+    return p
+
+
 def matmul_wna32(x: torch.Tensor, p: PreparedWN, threads: int = 1) -> torch.Tensor:
     """y = sum_g s_g (sum_{k in g} x_k q_k - z_g sum_{k in g} x_k) (fp32)."""
     lib = _need()

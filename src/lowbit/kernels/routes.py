@@ -17,8 +17,9 @@ with the simulated layer up to float rounding of the final rescale.
 Float activations on 8+ rows run the layer's int8 panels (`kernels.panels`) dequantized into an fp32 register-tile
 GEMM (`panels.matmul_f32_panel`), every weight-only format alike (`f32_panel_rows`).
 
-FP4 (E2M1, group scales) runs on group panels of twice its values (integers up to ±12) with halved scales, with float
-inputs only (``fp4a32``). FP8 (E4M3 / E5M2, per channel) runs panels of its bytes, decoded in the fp32 panel kernel,
+FP4 (E2M1, group scales) runs its 4-bit codes in the int4 row kernel, read through a table of twice their values
+(integers up to ±12) with halved scales, and group panels of those values on many rows, with float inputs only
+(``fp4a32``). FP8 (E4M3 / E5M2, per channel) runs panels of its bytes, decoded in the fp32 panel kernel,
 with float inputs or dynamic per-token low-bit float ones fake-quantized in the same call (``fp8a32`` / ``fp8a8``).
 Static per-tensor int8 activations (calibrated scale and zero point: ``w8a8-static``) take the ``…a8`` kernel of
 their weights (``w8a8-static``, ``w4a8-static``, ``ternary-static``, ...): ``lb_linear`` makes the codes
@@ -299,20 +300,22 @@ def _route(layer: nn.Module, act_override: QuantSpec | None = None) -> Route | N
         return Route(f"w{bits}{suffix}", prep_wn, many)
 
     if w.kind == "fp" and w.fp_format == "e2m1" and group is not None and mode == "f32":
-        # FP4 (E2M1) values times 2 are the integers 0, ±1, ±2, ±3, ±4, ±6, ±8, ±12: group panels of those codes with
-        # the group scales halved hold exactly the dequantized weights (code · s/2 rounds like value · s). No row
-        # layout: the fp32 panel kernel serves every row count, and dispatch keeps it where it beats dense.
+        # FP4 (E2M1) values times 2 are the integers 0, ±1, ±2, ±3, ±4, ±6, ±8, ±12: with the group scales halved
+        # they hold exactly the dequantized weights (code · s/2 rounds like value · s). A few rows run the row kernel
+        # on the 4-bit codes (`native.prepare_e2m1`: the int4 layout read through a table), many rows the fp32 panel
+        # kernel on group panels of the values × 2 (before the row kernel, the panels served every row count: at one
+        # row they dequantized the whole matrix per call, 0.55× fp32 on an AVX2 build).
         g = group
 
         def prep_fp4(lay: Any, panels: bool = False) -> Any:
             half = lay.scale.float().reshape(n, k // g) / 2
             codes = (lay.weight_matrix().float() / half.repeat_interleave(g, dim=1)).round()
             codes = torch.nan_to_num(codes, nan=0.0)  # a zero scale gives 0/0 codes for weights that are all 0
-            rowless = native.PreparedWN(torch.empty(0, dtype=torch.uint8), n, k, 4, g, 0)
-            p = panels_mod.prepare_group_panels(codes, half, torch.zeros_like(half), g)
-            return native_layer.describe(rowless, mode, panels=p)
+            zero = torch.zeros_like(half)
+            extra = {"panels": panels_mod.prepare_group_panels(codes, half, zero, g)} if panels else {}
+            return native_layer.describe(native.prepare_e2m1(codes, half, g), mode, **extra)
 
-        return Route("fp4a32", prep_fp4)
+        return Route("fp4a32", prep_fp4, many_f32)
 
     if w.kind == "ternary" and mode == "int8":
 
