@@ -1552,6 +1552,13 @@ LB_API void lb_pack_signs(const uint8_t* b, i64 R, i64 K, uint64_t* out) {
 // (integer.fit + scales.runtime_scale + integer.encode): s = max|x| / qmax in fp32; NaN -> min_scale,
 // +inf -> max_scale, then s = max(s, min_scale); q = clamp(rint(x / s), -qmax - 1, qmax) (rint: ties to even,
 // as torch.round). A row containing NaN gets s = min_scale and its NaN entries code 0.
+#ifdef __AVX2__
+// Lanes [0, n) of a vector (n <= 8): the mask of a short row's tail, for masked loads (the other lanes read as 0).
+static inline __m256i first_lanes(i64 n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+
 static inline float row_scale_i8(const float* xr, i64 K, float qmax, float min_scale, float max_scale,
                                  bool* has_nan = nullptr) {
     float amax = 0.0f;
@@ -1561,15 +1568,18 @@ static inline float row_scale_i8(const float* xr, i64 K, float qmax, float min_s
     {
         const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
         __m256 vmax = _mm256_setzero_ps(), vnan = _mm256_setzero_ps();
-        for (; k + 8 <= K; k += 8) {
-            const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xr + k), absmask);
+        for (; k < K; k += 8) {  // the tail as a masked load: its zero lanes leave the max of |x| >= 0 as it is
+            const __m256 v = k + 8 <= K ? _mm256_loadu_ps(xr + k) : _mm256_maskload_ps(xr + k, first_lanes(K - k));
+            const __m256 a = _mm256_and_ps(v, absmask);
             vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
             vmax = _mm256_max_ps(a, vmax);  // a NaN lane keeps vmax (second operand), as the scalar loop
         }
-        float t[8];
-        _mm256_storeu_ps(t, vmax);
-        for (int i = 0; i < 8; ++i) amax = t[i] > amax ? t[i] : amax;
+        // (no lane of vmax is NaN: the horizontal max is the scalar loop's, in any order)
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
         nan = _mm256_movemask_ps(vnan) != 0;
+        k = K;
     }
 #endif
     for (; k < K; ++k) {
@@ -1608,12 +1618,21 @@ static void quantize_rows_i8(const float* x, i64 M, i64 K, float qmax, float min
         i64 k = 0;
 #ifdef __AVX2__
         const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-qmax - 1.0f), hi = _mm256_set1_ps(qmax);
-        for (; k + 8 <= K; k += 8) {
-            __m256 v = code_i8x8(_mm256_loadu_ps(xr + k), vs, lo, hi);
+        for (; k < K; k += 8) {
+            const bool full = k + 8 <= K;  // else the tail: a masked load, and only its codes stored
+            __m256 v = code_i8x8(full ? _mm256_loadu_ps(xr + k) : _mm256_maskload_ps(xr + k, first_lanes(K - k)), vs,
+                                 lo, hi);
             v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));  // NaN -> code 0
             const __m256i i = _mm256_cvtps_epi32(v);                 // exact: v is an integer in [-128, 127]
             const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
-            _mm_storel_epi64((__m128i*)(q + k), _mm_packs_epi16(w, w));
+            const __m128i b = _mm_packs_epi16(w, w);
+            if (full) {
+                _mm_storel_epi64((__m128i*)(q + k), b);
+            } else {
+                int8_t t[16];
+                _mm_storeu_si128((__m128i*)t, b);
+                memcpy(q + k, t, K - k);
+            }
         }
 #endif
         for (; k < K; ++k) {
@@ -1639,8 +1658,15 @@ LB_API void lb_fake_quant_rows_i8(const float* x, i64 M, i64 K, float qmax, floa
         i64 k = 0;
 #ifdef __AVX2__
         const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-qmax - 1.0f), hi = _mm256_set1_ps(qmax);
-        for (; k + 8 <= K; k += 8)
-            _mm256_storeu_ps(o + k, _mm256_mul_ps(code_i8x8(_mm256_loadu_ps(xr + k), vs, lo, hi), vs));
+        for (; k < K; k += 8) {
+            if (k + 8 <= K) {
+                _mm256_storeu_ps(o + k, _mm256_mul_ps(code_i8x8(_mm256_loadu_ps(xr + k), vs, lo, hi), vs));
+            } else {  // the tail: masked load and store
+                const __m256i tail = first_lanes(K - k);
+                const __m256 v = code_i8x8(_mm256_maskload_ps(xr + k, tail), vs, lo, hi);
+                _mm256_maskstore_ps(o + k, tail, _mm256_mul_ps(v, vs));
+            }
+        }
 #endif
         for (; k < K; ++k) o[k] = code_i8(xr[k], s, qmax) * s;
     }
