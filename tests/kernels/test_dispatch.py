@@ -133,7 +133,8 @@ def test_conv_with_per_patch_activations_runs_the_linear_kernel_on_its_patches(
 
 @needs_native
 @pytest.mark.parametrize(("weights", "acts"), [("int8", "int8_token"), ("int8", "int8_static")])
-def test_conv_dispatch_races_the_whole_calls(monkeypatch, weights: str, acts: str) -> None:
+@pytest.mark.parametrize("scaled", [False, True])  # an input scale (AWQ / SmoothQuant) applied before the cut
+def test_conv_dispatch_races_the_whole_calls(monkeypatch, weights: str, acts: str, scaled: bool) -> None:
     """A conv on its patches is decided by racing what each choice then runs for the whole call: the one C call
     (patches, kernel, output map) against the patches, their dense product and the map (or, static, the map conv).
     Racing the patches' products alone left the cutting and the map out (a 1-channel conv went dense, 0.57× fp32)."""
@@ -142,6 +143,10 @@ def test_conv_dispatch_races_the_whole_calls(monkeypatch, weights: str, acts: st
     recipe = Recipe(stages=(Stage(method="rtn", weights=FORMATS[weights], activations=ACT_FORMATS[acts]),))
     q = lowbit.compress(nn.Sequential(nn.Conv2d(32, 16, 3, padding=1)), recipe, data=[x], progress=False)
     p = lowbit.pack(q)
+    if scaled:
+        for layer in (q[0], p[0]):
+            layer.set_input_scale(torch.rand(32) + 0.5)
+        p[0].input_scale.copy_(q[0].input_scale)
     raced: list[list] = []
 
     def record(*fns):

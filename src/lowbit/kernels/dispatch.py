@@ -365,7 +365,8 @@ class LayerDispatch:
             w = layer.weight_matrix()  # what an fp32 layer of this shape costs (for the report, not the choice)
             native_fn: Callable[[], Any] = lambda: self.native(layer, x if self.kernel_scales else xt, threads)  # noqa: E731
             dense_fn: Callable[[], Any] = lambda: self.dense(layer, x, xt, dense)  # noqa: E731
-            calls = whole(self) if whole is not None else None
+            # (an overridden mode, `use_mode`, takes the patches' path: `hot_conv` serves only plain auto mode)
+            calls = whole(self) if whole is not None and not _mode_override else None
             if calls is not None:
                 native_fn()  # prepares the kernel's weights for these rows
                 if calls[0]() is not None:
@@ -537,7 +538,7 @@ def layer_report(layer: Any) -> list[dict[str, Any]]:
         return [{"path": "not run yet", "kernel": disp.route.kernel}]
     many, st = disp.route.panel_rows, disp.state
     panels = bool(many and st is not None and st.has_panels)
-    rowless = bool(st is not None and st.has_panels and not st.desc.w)  # (FP8, FP4, VNNI W8A8: panels at any rows)
+    rowless = bool(st is not None and st.has_panels and not st.desc.w)  # (FP8, VNNI W8A8: panels at any rows)
     return [
         {
             "rows": rows,

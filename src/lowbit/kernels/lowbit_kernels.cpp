@@ -732,7 +732,7 @@ static inline void wna8_tile(const uint8_t* row, i64 G, const int8_t* x, i64 Kp,
         for (int j = 0; j < nb; ++j) {
             for (int t = 0; t < GU; ++t) {
                 const int u = j * GU + t;
-                if ((u & 3) == 0) LB_PF(codes + u * 4 * BITS);  // 4 units = 16*BITS bytes of codes
+                if ((u & 3) == 0) LB_PF(codes + wn_code_bytes<BITS>(u));  // 4 units = 16*BITS bytes of codes
                 const __m256i w = wn_unit<BITS>(codes, u);
                 for (int m = 0; m < MT; ++m)
                     d[m][j] = keep(_mm256_add_epi16(d[m][j], _mm256_maddubs_epi16(w, ld(x + m * Kp + k0 + 32 * u))));
@@ -844,7 +844,7 @@ static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp,
         for (int j = 0; j < nb; ++j) {
             for (int t = 0; t < GU; ++t) {
                 const int u = j * GU + t;
-                if ((u & 3) == 0) LB_PF(codes + u * 4 * BITS);  // 4 units = 16*BITS bytes of codes
+                if ((u & 3) == 0) LB_PF(codes + wn_code_bytes<BITS>(u));  // 4 units = 16*BITS bytes of codes
                 const __m256i w = wn_unit<BITS>(codes, u);
                 const __m128i wl = _mm256_castsi256_si128(w), wh = _mm256_extracti128_si256(w, 1);
                 auto widen = [](__m128i b) {  // 8 codes (E2M1: signed values) as fp32
@@ -864,7 +864,8 @@ static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp,
         }
         for (int m = 0; m < MT; ++m) {
             __m256 r = reduce8_ps(d[m]);
-            r = _mm256_fnmadd_ps(zf, _mm256_loadu_ps(sxg + m * ldg + 8 * b), r);  // sum x q - z * sum x
+            if (BITS != E2M1)  // (E2M1: zero points 0, and no 0 * inf = NaN from an infinite input)
+                r = _mm256_fnmadd_ps(zf, _mm256_loadu_ps(sxg + m * ldg + 8 * b), r);  // sum x q - z * sum x
             acc[m] = _mm256_fmadd_ps(r, sc, acc[m]);
         }
     };
@@ -888,7 +889,7 @@ static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp,
             for (int m = 0; m < MT; ++m) {
                 float dot = 0.f;
                 for (int i = 0; i < GU * 32; ++i) dot += x[m * Kp + kb + i] * (float)wn_code<BITS>(codes, j * GU * 32 + i);
-                acc[m] += sc[j] * (dot - (float)zp[j] * sxg[m * ldg + 8 * b + j]);
+                acc[m] += sc[j] * (BITS == E2M1 ? dot : dot - (float)zp[j] * sxg[m * ldg + 8 * b + j]);
             }
         }
     }
@@ -943,7 +944,7 @@ LB_API int lb_wna32(const float* x, i64 M, i64 K, const uint8_t* blob, i64 row_b
     float* own;
     const float* xp = pad_rows(x, M, K, Kp, &own);
     float* sxg = (float*)scratch(sizeof(float) * M * ldg);
-    for (i64 m = 0; m < M; ++m)
+    for (i64 m = 0; bits != E2M1 && m < M; ++m)  // group sums for the zero points (E2M1 has none)
         for (i64 g = 0; g < G; ++g) {
             float t = 0.f;
             for (i64 i = 0; i < group; ++i) t += x[m * K + g * group + i];

@@ -468,13 +468,16 @@ def prepare_e2m1(v2: torch.Tensor, half_scale: torch.Tensor, group: int) -> Prep
     """FP4 E2M1 weights for the row kernel of ``lb_wna32``: ``v2`` (N, K) their values times 2 (integers in
     ``E2M1_X2``), ``half_scale`` (N, K/group) the group scales halved, so ``v2 · half_scale`` is the weight. Stored
     as E2M1 codes in the int4 layout of `prepare_wn` (zero points 0), with ``bits = E2M1_BITS``."""
+    wrong = "prepare_e2m1: values must be E2M1 values times 2 (0, ±1, ±2, ±3, ±4, ±6, ±8, ±12)"
+    if not bool(torch.isfinite(v2).all()):
+        raise ValueError(wrong + ", got NaN / Inf")
     v = _as(v2, torch.float32).round().to(torch.int64)
     index = torch.full((25,), -1, dtype=torch.int64)
     for code, value in enumerate(E2M1_X2[:8]):
         index[value + 12] = code
         index[12 - value] = code + 8 if value else 0
     if v.abs().max().item() > 12 or bool((index[v.clamp(-12, 12) + 12] < 0).any()):
-        raise ValueError("prepare_e2m1: values must be E2M1 values times 2 (0, ±1, ±2, ±3, ±4, ±6, ±8, ±12)")
+        raise ValueError(wrong)
     codes = index[v + 12].to(torch.uint8)
     p = prepare_wn(codes, half_scale, torch.zeros_like(half_scale, dtype=torch.float32), 4, group)
     p.bits = E2M1_BITS

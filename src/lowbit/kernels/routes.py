@@ -309,8 +309,9 @@ def _route(layer: nn.Module, act_override: QuantSpec | None = None) -> Route | N
 
         def prep_fp4(lay: Any, panels: bool = False) -> Any:
             half = lay.scale.float().reshape(n, k // g) / 2
-            codes = (lay.weight_matrix().float() / half.repeat_interleave(g, dim=1)).round()
-            codes = torch.nan_to_num(codes, nan=0.0)  # a zero scale gives 0/0 codes for weights that are all 0
+            # The stored codes are E2M1 bit patterns (sign bit 3), in the order of native.E2M1_X2: no dequantized
+            # copy of the weights is made (nor cached on the layer).
+            codes = torch.tensor(native.E2M1_X2, dtype=torch.float32)[lay.codes.reshape(n, k).long()]
             zero = torch.zeros_like(half)
             extra = {"panels": panels_mod.prepare_group_panels(codes, half, zero, g)} if panels else {}
             return native_layer.describe(native.prepare_e2m1(codes, half, g), mode, **extra)

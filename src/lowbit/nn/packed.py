@@ -214,7 +214,7 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         return y
 
     def _whole_calls(self, x: torch.Tensor, map_dense: bool) -> Any:
-        """For dispatch's race on input ``x`` (the conv's own, no input scale / shift): given the layer's dispatch,
+        """For dispatch's race on input ``x`` (after the conv's input scale / shift, if any): given its dispatch,
         the one C call `forward` makes once decided native (`LayerDispatch.conv_call`) and the whole dense path it
         runs otherwise (patches, their dense product, the output map; or, ``map_dense``, the map conv), or None
         where the one C call cannot serve this input. Racing the patches' products alone left out the cutting and
@@ -222,7 +222,7 @@ class PackedConv2d(PackedMixin, QuantConv2d):
 
         def calls(disp: Any) -> Any:
             cut = self._im2col.get((x.shape, x.stride()))
-            if cut is None or not disp.unscaled or x.dtype is not torch.float32 or not x.is_cpu:
+            if cut is None or x.dtype is not torch.float32 or not x.is_cpu:
                 return None
             threads = torch.get_num_threads()
             args = (self.stride, self.padding, self.dilation, self.groups)
