@@ -1,8 +1,10 @@
 """`compress(model, recipe, data)`: the one entry point that applies a recipe to a model.
 
-For each stage: select layers (`lowbit.plan`), let the stage's method compute quantized weights, swap each
-selected layer for a `QuantLinear` / `QuantConv2d` holding codes and scales, then calibrate static activation
-quantizers on ``data``. The input model is left untouched (a deep copy is compressed) unless ``inplace=True``.
+First fold eval-mode BatchNorms into the convolutions feeding them (`lowbit.nn.batchnorm_fold`; the recipe's
+``fold_batchnorm``). Then for each stage: select layers (`lowbit.plan`), let the stage's method compute quantized
+weights, swap each selected layer for a `QuantLinear` / `QuantConv2d` holding codes and scales, then calibrate static
+activation quantizers on ``data``. The input model is left untouched (a deep copy is compressed) unless
+``inplace=True``.
 
 Example:
     >>> import torch

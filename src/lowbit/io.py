@@ -46,8 +46,8 @@ from lowbit.report.atomic import atomic_dir
 
 #: 2: a convolution's per-token activations are quantized per patch (`lowbit.nn.patches`); version 1 quantized
 #: them along the input's last dimension, so a version-1 checkpoint holding such a convolution is refused.
-#: 3: ``folded_batchnorm`` (BatchNorms folded into the convolutions before them, rebuilt on load: an older lowbit
-#: would report a tensor mismatch).
+#: 3: ``folded_batchnorm`` lists BatchNorms folded into the convolutions before them (rebuilt on load: an older
+#: lowbit would report a tensor mismatch). Checkpoints without folded pairs are still written as version 2.
 FORMAT_VERSION = 3
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "lowbit.json"
@@ -80,7 +80,7 @@ def save(model: nn.Module, directory: str | Path, *, source: dict[str, Any] | No
     recipe: Recipe | None = getattr(model, "lowbit_recipe", None)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     spec: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if getattr(model, "lowbit_folded_batchnorm", None) else 2,
         "lowbit_version": _version(),
         "source": source if source is not None else getattr(model, "lowbit_source", None),
         "recipe": recipe.to_dict() if recipe is not None else None,
@@ -91,7 +91,11 @@ def save(model: nn.Module, directory: str | Path, *, source: dict[str, Any] | No
         },
     }
     with atomic_dir(directory) as tmp:
-        save_file(state, str(Path(tmp) / WEIGHTS_FILE), metadata={"format": "pt", "lowbit_format": str(FORMAT_VERSION)})
+        save_file(
+            state,
+            str(Path(tmp) / WEIGHTS_FILE),
+            metadata={"format": "pt", "lowbit_format": str(spec["format_version"])},
+        )
         weights = Path(tmp) / WEIGHTS_FILE
         spec["weights"] = {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": _sha256(weights)}
         (Path(tmp) / SPEC_FILE).write_text(json.dumps(spec, indent=1))
@@ -175,7 +179,7 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
             "it was compressed from) to lowbit.load"
         )
     base.eval()
-    folded = spec.get("folded_batchnorm") or {}
+    folded = spec.get("folded_batchnorm", {})
     if not isinstance(folded, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in folded.items()):
         raise CheckpointError(f"{SPEC_FILE}: 'folded_batchnorm' must map BatchNorm names to layer names")
     try:

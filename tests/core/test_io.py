@@ -76,6 +76,15 @@ def test_missing_and_bad_spec(tmp_path) -> None:
         load(ck, model=base)
 
 
+def test_checkpoints_without_folded_batchnorms_stay_format_2(tmp_path) -> None:
+    """Format 3 only adds the folded BatchNorm pairs: without any, a checkpoint is written as version 2, which the
+    previous lowbit reads too."""
+    base, ck = _saved(tmp_path)
+    spec = json.loads((ck / "lowbit.json").read_text())
+    assert spec["format_version"] == 2 and spec["folded_batchnorm"] == {}
+    assert load(ck, model=base) is not None
+
+
 def test_future_version_and_no_source(tmp_path) -> None:
     base, ck = _saved(tmp_path)
     with pytest.raises(CheckpointError, match="records no model source"):

@@ -347,7 +347,7 @@ def test_int8_kernel_activations_equal_the_int8_activation_model(weights: str, k
 
 
 @needs_native
-@pytest.mark.parametrize("k", [1000, 9, 13, 27])  # whole vectors, and rows ending in a masked tail
+@pytest.mark.parametrize("k", [1000, 9, 13, 27, 5])  # whole vectors, rows ending in a masked tail, a tail alone
 def test_c_activation_quantizer_is_bit_identical_to_the_simulated_one(k: int) -> None:
     from lowbit.formats.layout import to_units
     from lowbit.formats.qtensor import encode, fit_params
@@ -356,7 +356,9 @@ def test_c_activation_quantizer_is_bit_identical_to_the_simulated_one(k: int) ->
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, k, generator=g) * torch.logspace(-8, 6, 64)[:, None]
     x[3] = 0.0
-    x[5, :7] = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5, 127.5, -127.5]) * float(x[5].abs().max()) / 127.5
+    ties = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5, 127.5, -127.5]) * float(x[5].abs().max()) / 127.5
+    x[5, : min(k, 7)] = ties[:k]
+    x[9, k - 1] = float("nan")  # a NaN in the last (masked) lane
     x[7, 0] = float("inf")
     u = to_units(x, "token", None)
     s, _ = fit_params(u, spec, store=False)

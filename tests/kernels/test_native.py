@@ -204,9 +204,10 @@ def test_e2m1_rows(group, K, N, M):
     close(y, x.double() @ w.T, x.double().abs() @ w.abs().T + 1e-6)
 
 
-def test_e2m1_rows_refuse_other_values():
+@pytest.mark.parametrize("bad", [5.0, 1.4, float("nan")])
+def test_e2m1_rows_refuse_other_values(bad):
     with pytest.raises(ValueError, match="E2M1 values times 2"):
-        native.prepare_e2m1(torch.full((2, 32), 5.0), torch.ones(2, 1), 32)
+        native.prepare_e2m1(torch.full((2, 32), bad), torch.ones(2, 1), 32)
 
 
 def test_wn_rejects_bad_group():

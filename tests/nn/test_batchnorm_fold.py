@@ -271,6 +271,7 @@ def test_folded_checkpoints_load_into_the_unfolded_architecture(tmp_path, packed
     if packed:
         q = lowbit.pack(q)
     lowbit.save(q, tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "lowbit.json").read_text())["format_version"] == 3
     loaded = lowbit.load(tmp_path / "ckpt", cnn(bias=False))
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad(), use_mode("reference"):

@@ -157,8 +157,8 @@ def race(*fns: Callable[[], Any]) -> list[float]:
     return [b * 1e3 for b in best]
 
 
-#: A convolution's two whole calls for `LayerDispatch.decide`: (native, dense).
-WholeCalls = tuple[Callable[[], Any], Callable[[], Any]]
+#: A convolution's whole calls for `LayerDispatch.decide`: (native, dense, an fp32 conv of its shape for the report).
+WholeCalls = tuple[Callable[[], Any], Callable[[], Any], Callable[[], Any]]
 
 
 class LayerDispatch:
@@ -365,13 +365,14 @@ class LayerDispatch:
             w = layer.weight_matrix()  # what an fp32 layer of this shape costs (for the report, not the choice)
             native_fn: Callable[[], Any] = lambda: self.native(layer, x if self.kernel_scales else xt, threads)  # noqa: E731
             dense_fn: Callable[[], Any] = lambda: self.dense(layer, x, xt, dense)  # noqa: E731
+            fp32_fn: Callable[[], Any] = lambda: F.linear(xt, w, layer.bias)  # noqa: E731
             # (an overridden mode, `use_mode`, takes the patches' path: `hot_conv` serves only plain auto mode)
             calls = whole(self) if whole is not None and not _mode_override else None
             if calls is not None:
                 native_fn()  # prepares the kernel's weights for these rows
                 if calls[0]() is not None:
-                    native_fn, dense_fn = calls
-            native_ms, dense_ms, fp32_ms = race(native_fn, dense_fn, lambda: F.linear(xt, w, layer.bias))
+                    native_fn, dense_fn, fp32_fn = calls
+            native_ms, dense_ms, fp32_ms = race(native_fn, dense_fn, fp32_fn)
             c = self.choice[key] = {
                 "native_ms": native_ms,
                 "dense_ms": dense_ms,

@@ -2117,7 +2117,7 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
         const bool f32 = L->akind == LB_ACT_F32 || L->akind == LB_ACT_FP;
         // fp32 inputs on a weight-only layer's panels, whatever its format (W8 and binary: per-column scales; WN:
         // per group, then the s*z correction below; FP8: bytes decoded in the kernel): from F32_PANEL_ROWS rows on,
-        // or always when the layer holds no row layout (FP4, FP8). Otherwise each format's own kernel.
+        // or always when the layer holds no row layout (FP8). Otherwise each format's own kernel.
         const bool f32_panels = f32 && L->wp && (M >= F32_PANEL_ROWS || !L->w);
         const i64 panel_group = L->wkind == LB_WN ? L->group : 0;
         const int fpe = L->wkind == LB_FP8 ? L->bits : 0;

@@ -476,7 +476,8 @@ def prepare_e2m1(v2: torch.Tensor, half_scale: torch.Tensor, group: int) -> Prep
     for code, value in enumerate(E2M1_X2[:8]):
         index[value + 12] = code
         index[12 - value] = code + 8 if value else 0
-    if v.abs().max().item() > 12 or bool((index[v.clamp(-12, 12) + 12] < 0).any()):
+    integral = bool((v.to(torch.float32) == _as(v2, torch.float32)).all())
+    if not integral or v.abs().max().item() > 12 or bool((index[v.clamp(-12, 12) + 12] < 0).any()):
         raise ValueError(wrong)
     codes = index[v + 12].to(torch.uint8)
     p = prepare_wn(codes, half_scale, torch.zeros_like(half_scale, dtype=torch.float32), 4, group)

@@ -1,11 +1,11 @@
-"""Fold inference-mode BatchNorm into the convolution or linear layer that feeds it.
+"""Fold inference-mode BatchNorm into the convolution that feeds it.
 
 A ``Conv2d → BatchNorm2d`` pair computes, in eval mode, an affine map per output channel
 after the layer: ``bn(y) = (y − μ) · γ / √(σ² + ε) + β``. Folding it into the layer's weight and bias gives one layer
 computing the same function (within float rounding) and removes a whole operator from every forward. `compress` does
 this before quantizing (``Recipe.fold_batchnorm``, default on), as deployment runtimes do: the weights that get
-quantized are the ones that run, per-channel scales absorb the BatchNorm's factors, and a packed CNN runs one native
-layer where it ran a layer and a BatchNorm.
+quantized are the ones that run, per-channel scales absorb the BatchNorm's factors, and a packed CNN runs one layer
+where it ran a layer and a BatchNorm.
 
 Pairs are found on the model's traced graph (`torch.fx`): the BatchNorm's only input is the conv's output, and that
 output goes nowhere else. Only plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` modules fold (no subclasses, parametrizations

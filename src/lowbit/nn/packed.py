@@ -215,8 +215,9 @@ class PackedConv2d(PackedMixin, QuantConv2d):
 
     def _whole_calls(self, x: torch.Tensor, map_dense: bool) -> Any:
         """For dispatch's race on input ``x`` (after the conv's input scale / shift, if any): given its dispatch,
-        the one C call `forward` makes once decided native (`LayerDispatch.conv_call`) and the whole dense path it
-        runs otherwise (patches, their dense product, the output map; or, ``map_dense``, the map conv), or None
+        the one C call `forward` makes once decided native (`LayerDispatch.conv_call`), the whole dense path it
+        runs otherwise (patches, their dense product, the output map; or, ``map_dense``, the map conv) and an fp32
+        conv of its shape (the report's reference, not part of the choice), or None
         where the one C call cannot serve this input. Racing the patches' products alone left out the cutting and
         the map: a 1-channel 3×3 conv at batch 32 went dense and ran 0.57× fp32 where the one C call is faster."""
 
@@ -226,6 +227,7 @@ class PackedConv2d(PackedMixin, QuantConv2d):
                 return None
             threads = torch.get_num_threads()
             args = (self.stride, self.padding, self.dilation, self.groups)
+            w = self.weight  # the dequantized 4-D weight: an fp32 conv of this shape, for the report
 
             def dense_whole() -> torch.Tensor:
                 if map_dense:
@@ -234,7 +236,11 @@ class PackedConv2d(PackedMixin, QuantConv2d):
                 y = disp.dense(self, v, v, lambda: F.linear(self.act(v), self.weight_matrix(), self.bias))
                 return patches_to_map(y, *cut.out_size)
 
-            return (lambda: disp.conv_call(self, x, cut, threads)), dense_whole
+            return (
+                (lambda: disp.conv_call(self, x, cut, threads)),
+                dense_whole,
+                lambda: F.conv2d(x, w, self.bias, *args),
+            )
 
         return calls
 
