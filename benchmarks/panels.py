@@ -18,7 +18,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels import native, panels
+from lowbit.kernels import group_layout, native, panels
 from lowbit.kernels.dispatch import race
 from lowbit.measure.envinfo import environment
 
@@ -54,7 +54,7 @@ def _row(M: int, K: int, N: int, threads: int, g: torch.Generator) -> str:
     gs = next(gs for gs in (128, 64, 32) if K % gs == 0)  # int4 groups: the largest of 128 / 64 / 32 dividing K
     q4 = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
     s4, z4 = torch.rand(N, K // gs, generator=g) + 0.1, torch.randint(0, 16, (N, K // gs), generator=g).float()
-    w4, w4p = native.prepare_wn(q4, s4, z4, 4, gs), panels.prepare_group_panels(q4, s4, z4, gs)
+    w4, w4p = group_layout.prepare_wn(q4, s4, z4, 4, gs), panels.prepare_group_panels(q4, s4, z4, gs)
     xf, wf = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
     row, panel, pos, t2, tp, i4, i4p, fp = race(
         lambda: native.matmul_w8a8(xq, sx, rows, threads),
@@ -62,7 +62,7 @@ def _row(M: int, K: int, N: int, threads: int, g: torch.Generator) -> str:
         lambda: panels.matmul_w8a8_panel(xpos, sx, pan, threads),
         lambda: native.matmul_ternary(xq, sx, tern, threads),
         lambda: panels.matmul_w8a8_panel(xq, sx, tpan, threads),
-        lambda: native.matmul_wna8(xq, sx, w4, threads),
+        lambda: group_layout.matmul_wna8(xq, sx, w4, threads),
         lambda: panels.matmul_wn_panel(xq, sx, w4p, threads),
         lambda: F.linear(xf, wf),
     )

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from lowbit.kernels import native
+from lowbit.kernels import group_layout, native
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Only a machine without a C++ compiler may lack the native kernels; with one, a failed build is a test failure.
@@ -118,7 +118,7 @@ def test_int8_kernels_are_exact_on_the_code_minus_128(K, N, M):
         tol = 1e-6 * float(exact.abs().max())
         got = panels.matmul_wn_panel(xq, sx, panels.prepare_group_panels(q4, sg, z, 32), 2)
         assert float((got.double() - exact).abs().max()) <= tol
-        got = native.matmul_wna8(xq, sx, native.prepare_wn(q4, sg, z, 4, 32), 2)
+        got = group_layout.matmul_wna8(xq, sx, group_layout.prepare_wn(q4, sg, z, 4, 32), 2)
         assert float((got.double() - exact).abs().max()) <= tol
 
 
@@ -162,8 +162,8 @@ WN_SHAPES = [(32, 64, 5), (32, 96, 9), (64, 320, 3), (128, 768, 6), (32, 1024, 4
 def test_wna32(bits, group, K, N, M, threads):
     q, s, z = wn_case(bits, group, K, N, M, bits * 7 + K + N + M)
     x = torch.randn(M, K, generator=gen(K + M))
-    p = native.prepare_wn(q, s, z, bits, group)
-    y = native.matmul_wna32(x, p, threads)
+    p = group_layout.prepare_wn(q, s, z, bits, group)
+    y = group_layout.matmul_wna32(x, p, threads)
     w = wn_weight(q, s, z, group)
     ref = x.double() @ w.T
     scale = x.double().abs() @ w.abs().T + 1e-6
@@ -177,8 +177,8 @@ def test_wna32(bits, group, K, N, M, threads):
 def test_wna8(bits, group, K, N, M, threads):
     q, s, z = wn_case(bits, group, K, N, M, bits * 11 + K + N + M)
     xq, sx = rand_xq(M, K, gen(K + M + 5))
-    p = native.prepare_wn(q, s, z, bits, group)
-    y = native.matmul_wna8(xq, sx, p, threads)
+    p = group_layout.prepare_wn(q, s, z, bits, group)
+    y = group_layout.matmul_wna8(xq, sx, p, threads)
     # reference: exact int per-group sums d (M, N, G), then the float formula
     G = K // group
     xg = xq.long().reshape(M, G, group)
@@ -195,11 +195,11 @@ def test_e2m1_rows(group, K, N, M):
     """FP4 E2M1 codes in the int4 layout, read through the table of their values × 2 (every code, negative zero
     included), times the halved group scales: the dense product within fp32 summation order."""
     g = gen(K + N + M)
-    table = torch.tensor(native.E2M1_X2, dtype=torch.float32)
+    table = torch.tensor(group_layout.E2M1_X2, dtype=torch.float32)
     v2 = table[torch.randint(0, 16, (N, K), generator=g)]
     half = torch.rand(N, K // group, generator=g) * 0.05 + 0.01
     x = torch.randn(M, K, generator=g)
-    y = native.matmul_wna32(x, native.prepare_e2m1(v2, half, group), 1)
+    y = group_layout.matmul_wna32(x, group_layout.prepare_e2m1(v2, half, group), 1)
     w = v2.double() * half.double().repeat_interleave(group, dim=1)
     close(y, x.double() @ w.T, x.double().abs() @ w.abs().T + 1e-6)
 
@@ -207,12 +207,12 @@ def test_e2m1_rows(group, K, N, M):
 @pytest.mark.parametrize("bad", [5.0, 1.4, float("nan")])
 def test_e2m1_rows_refuse_other_values(bad):
     with pytest.raises(ValueError, match="E2M1 values times 2"):
-        native.prepare_e2m1(torch.full((2, 32), bad), torch.ones(2, 1), 32)
+        group_layout.prepare_e2m1(torch.full((2, 32), bad), torch.ones(2, 1), 32)
 
 
 def test_wn_rejects_bad_group():
     with pytest.raises(AssertionError):
-        native.prepare_wn(torch.zeros(2, 96, dtype=torch.uint8), torch.ones(2, 1), torch.zeros(2, 1), 4, 64)
+        group_layout.prepare_wn(torch.zeros(2, 96, dtype=torch.uint8), torch.ones(2, 1), torch.zeros(2, 1), 4, 64)
 
 
 # ------------------------------------------------------------------------------------------------ ternary
@@ -338,9 +338,9 @@ def test_large_m_all(M):
         (x.double().abs() @ q8.double().abs().T) * s8.double(),
     )
     q, s, z = wn_case(4, 64, K, N, M, 3)
-    pw = native.prepare_wn(q, s, z, 4, 64)
+    pw = group_layout.prepare_wn(q, s, z, 4, 64)
     w = wn_weight(q, s, z, 64)
-    close(native.matmul_wna32(x, pw, 2), x.double() @ w.T, x.double().abs() @ w.abs().T)
+    close(group_layout.matmul_wna32(x, pw, 2), x.double() @ w.T, x.double().abs() @ w.abs().T)
     bw = torch.rand(N, K, generator=g) > 0.5
     a = torch.rand(N, generator=g)
     pb = native.prepare_binary(bw, a, layouts=("a1", "a8"))
@@ -481,5 +481,5 @@ def test_wna8_extreme_codes_do_not_wrap(bits, group, sign):
         z = torch.zeros(N, G)
         xq = torch.full((M, K), 127 * sign, dtype=torch.int8)
         sx = torch.ones(M)
-        y = native.matmul_wna8(xq, sx, native.prepare_wn(q, s, z, bits, group), 1)
+        y = group_layout.matmul_wna8(xq, sx, group_layout.prepare_wn(q, s, z, bits, group), 1)
         assert torch.equal(y, torch.full((M, N), float(sign * 127 * (2**bits - 1) * K)))

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from lowbit.kernels import native, panels
+from lowbit.kernels import group_layout, native, panels
 from tests.kernels.test_native import exact_dot, gen, rand_xq
 
 pytestmark = pytest.mark.skipif(
@@ -131,7 +131,7 @@ def test_group_panels_compute_the_group_sums_exactly(bits, group, M, nonneg):
     exact = sx.double()[:, None] * (d.reshape(M, N, G, group).sum(-1) * s.double()[None]).sum(-1)
     tol = 1e-6 * float(exact.abs().max())
     assert float((y.double() - exact).abs().max()) <= tol
-    ref = native.matmul_wna8(xq, sx, native.prepare_wn(q, s, z, bits, group))
+    ref = group_layout.matmul_wna8(xq, sx, group_layout.prepare_wn(q, s, z, bits, group))
     assert float((y - ref).abs().max()) <= 2 * tol
 
 

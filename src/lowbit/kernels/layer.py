@@ -1,7 +1,8 @@
 """One packed layer as the C entry ``lb_linear`` runs it: activation quantization, kernel and bias in one call.
 
-`describe` binds weights prepared by `lowbit.kernels.native` (``prepare_w8`` / ``prepare_wn`` / ``prepare_ternary``
-/ ``prepare_binary``) and the layer's activation quantizer into a `NativeLinear` once; `linear` then runs it.
+`describe` binds weights prepared by `lowbit.kernels.native` (``prepare_w8`` / ``prepare_ternary`` / ``prepare_binary``;
+`lowbit.kernels.group_layout`: ``prepare_wn`` / ``prepare_e2m1``) and the layer's activation quantizer into a
+`NativeLinear` once; `linear` then runs it.
 
 Example:
     >>> import torch
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from lowbit.kernels.group_layout import PreparedWN
 from lowbit.kernels.native import (
     AKINDS,
     WKINDS,
@@ -29,7 +31,6 @@ from lowbit.kernels.native import (
     PreparedBinary,
     PreparedTernary,
     PreparedW8,
-    PreparedWN,
     _as,
     _need,
     _ptr,

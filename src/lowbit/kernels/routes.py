@@ -160,12 +160,12 @@ def _kernel_group(spec: QuantSpec, k: int) -> int | None:
 
 def _prepare_groups(lay: Any, bits: int, group: int) -> tuple[Any, torch.Tensor | None]:
     """Group-wise weights in the wN layout; real-valued zero points go to the ``s·z`` correction instead."""
-    from lowbit.kernels import native
+    from lowbit.kernels import group_layout
 
     s, z = lay.scale.float(), lay.zero.float()
     if bool(torch.equal(z, z.round())):
-        return native.prepare_wn(lay.codes.to(torch.uint8), s, z, bits, group), None
-    return native.prepare_wn(lay.codes.to(torch.uint8), s, torch.zeros_like(z), bits, group), s * z
+        return group_layout.prepare_wn(lay.codes.to(torch.uint8), s, z, bits, group), None
+    return group_layout.prepare_wn(lay.codes.to(torch.uint8), s, torch.zeros_like(z), bits, group), s * z
 
 
 def _fp8_route(w: QuantSpec, act: QuantSpec | None, n: int) -> Route | None:
@@ -244,8 +244,8 @@ def route_for(layer: nn.Module) -> Route | None:
 
 def _route(layer: nn.Module, act_override: QuantSpec | None = None) -> Route | None:
     """`route_for` for dynamic or no activation quantization (``act_override``: the activation spec to route as)."""
+    from lowbit.kernels import group_layout, native
     from lowbit.kernels import layer as native_layer
-    from lowbit.kernels import native
     from lowbit.kernels import panels as panels_mod
     from lowbit.nn.packed import PackedConv2d, PackedLinear
 
@@ -302,19 +302,19 @@ def _route(layer: nn.Module, act_override: QuantSpec | None = None) -> Route | N
     if w.kind == "fp" and w.fp_format == "e2m1" and group is not None and mode == "f32":
         # FP4 (E2M1) values times 2 are the integers 0, ±1, ±2, ±3, ±4, ±6, ±8, ±12: with the group scales halved
         # they hold exactly the dequantized weights (code · s/2 rounds like value · s). A few rows run the row kernel
-        # on the 4-bit codes (`native.prepare_e2m1`: the int4 layout read through a table), many rows the fp32 panel
-        # kernel on group panels of the values × 2 (before the row kernel, the panels served every row count: at one
-        # row they dequantized the whole matrix per call, 0.55× fp32 on an AVX2 build).
+        # on the 4-bit codes (`group_layout.prepare_e2m1`: the int4 layout read through a table), many rows the fp32
+        # panel kernel on group panels of the values × 2 (before the row kernel, the panels served every row count:
+        # at one row they dequantized the whole matrix per call, 0.55× fp32 on an AVX2 build).
         g = group
 
         def prep_fp4(lay: Any, panels: bool = False) -> Any:
             half = lay.scale.float().reshape(n, k // g) / 2
-            # The stored codes are E2M1 bit patterns (sign bit 3), in the order of native.E2M1_X2: no dequantized
+            # The stored codes are E2M1 bit patterns (sign bit 3), in the order of group_layout.E2M1_X2: no dequantized
             # copy of the weights is made (nor cached on the layer).
-            codes = torch.tensor(native.E2M1_X2, dtype=torch.float32)[lay.codes.reshape(n, k).long()]
+            codes = torch.tensor(group_layout.E2M1_X2, dtype=torch.float32)[lay.codes.reshape(n, k).long()]
             zero = torch.zeros_like(half)
             extra = {"panels": panels_mod.prepare_group_panels(codes, half, zero, g)} if panels else {}
-            return native_layer.describe(native.prepare_e2m1(codes, half, g), mode, **extra)
+            return native_layer.describe(group_layout.prepare_e2m1(codes, half, g), mode, **extra)
 
         return Route("fp4a32", prep_fp4, many_f32)
 
@@ -340,7 +340,7 @@ def _route(layer: nn.Module, act_override: QuantSpec | None = None) -> Route | N
         def prep_t2(lay: Any, panels: bool = False) -> Any:  # codes + 1 as 2-bit with zero point 1
             s = lay.scale.reshape(-1).float().expand(n).reshape(n, 1).expand(n, k // tg).contiguous()
             codes = (lay.codes + 1).to(torch.uint8)
-            prepared = native.prepare_wn(codes, s, torch.ones_like(s), 2, tg)
+            prepared = group_layout.prepare_wn(codes, s, torch.ones_like(s), 2, tg)
             extra = {"panels": panels_mod.prepare_group_panels(codes, s, torch.ones_like(s), tg)} if panels else {}
             return native_layer.describe(prepared, mode, **extra)
 
