@@ -81,11 +81,11 @@ def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
     return stats and not bn.training and bn.num_features == layer.out_channels
 
 
-def _traced_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv, BatchNorm) module names on the traced graph (none when the model does not trace). A pair folds when
-    the BatchNorm's only input is the conv's output, used nowhere else; each module is called once, registered
-    under one name, read by nothing else (no ``get_attr`` of it or its tensors), and shares no parameter with
-    another module."""
+def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Names of the (conv, BatchNorm) pairs `fold_batchnorm` folds, from the traced graph (none when the model does
+    not trace). A pair folds when the BatchNorm's only input is the conv's output, used nowhere else; each module is
+    called once, registered under one name, read by nothing else (no ``get_attr`` of it or its tensors), and shares
+    no parameter with another module."""
     owners = _attribute_owners(model)
     try:
         graph = torch.fx.symbolic_trace(model).graph
@@ -130,11 +130,6 @@ def _restore_attributes(owners: list[tuple[nn.Module, dict]]) -> None:
         for key in [k for k in state if k not in attrs]:
             del state[key]
         state.update(attrs)
-
-
-def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """Names of the (conv, BatchNorm) pairs of ``model`` that `fold_batchnorm` folds (see `_traced_pairs`)."""
-    return _traced_pairs(model)
 
 
 def fold_batchnorm(model: nn.Module) -> dict[str, str]:
