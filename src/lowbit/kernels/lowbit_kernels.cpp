@@ -2227,10 +2227,181 @@ static void conv_panel_maps(const lb_layer* L, const ActRows& a, i64 nb, i64 P, 
     }
 }
 
+// --- Convolutions with tiny patches (C*KH*KW <= SMALL_CONV_K: a network's first conv on one or three channels) and
+// unit horizontal stride, on int8 weights (W8, ternary or binary codes as int8 panels or W8 rows) with per-patch or
+// static int8 activations. Cutting 9-value patches, quantizing them one short row at a time and running the panel
+// kernel on a 9-deep product costs tens of ns per patch, several times the products themselves; here 8 neighbouring
+// output positions of one output row share a vector lane each: a tap of all 8 patches is one load from a
+// zero-padded copy of the image, the patch maxima are lane-wise, and the integer products (exact in fp32: |acc| <=
+// 32 * 128 * 128 < 2^24) go straight into the (O, OH, OW) map. The codes, scales and epilogue -- (sx * sp) * acc,
+// then the static zero term, the bias, NaN patches -- are those of the patch path, so the output is bit for bit
+// the same (tested).
+static const i64 SMALL_CONV_K = 32;
+
+// Weight (o, k) of an int8 layer as float, from its panels or (W8) its rows.
+static inline float int8_weight(const lb_layer* L, i64 o, i64 k) {
+    if (L->wp) return (float)L->wp[(o / 16) * 16 * L->pld + 16 * (k & ~(i64)3) + 4 * (o % 16) + (k & 3)];
+    return (float)((const int8_t*)L->w)[o * L->ld + k];
+}
+
+static bool small_conv_fits(const lb_layer* L, const i64* g) {
+#ifdef __AVX2__
+    const bool act = L->akind == LB_ACT_I8 || L->akind == LB_ACT_I8S;
+    const bool weights = L->wp ? (L->wkind == LB_W8 || L->wkind == LB_TERNARY || L->wkind == LB_BIN_INTER)
+                               : (L->wkind == LB_W8 && L->w);
+    return act && weights && L->K <= SMALL_CONV_K && g[11] == 1 && g[16] > 0 && g[17] > 0;
+#else
+    (void)L, (void)g;
+    return false;
+#endif
+}
+
+#ifdef __AVX2__
+// The O dot products of 8 patches' codes q[0..K) with the weights wf (small_conv's layout), each handed to store(o,
+// sums). KC > 0: K as a compile-time constant.
+template <int KC, class Store>
+static inline void small_conv_dots(const float* wf, const __m256* q, i64 K_, i64 O, Store&& store) {
+    const i64 K = KC > 0 ? KC : K_;
+    i64 o = 0;
+    for (; o + 4 <= O; o += 4) {  // four outputs at a time: four independent sums per tap
+        const float* w4 = wf + o * K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (i64 k = 0; k < K; ++k) {
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(w4[4 * k]), q[k], a0);
+            a1 = _mm256_fmadd_ps(_mm256_set1_ps(w4[4 * k + 1]), q[k], a1);
+            a2 = _mm256_fmadd_ps(_mm256_set1_ps(w4[4 * k + 2]), q[k], a2);
+            a3 = _mm256_fmadd_ps(_mm256_set1_ps(w4[4 * k + 3]), q[k], a3);
+        }
+        store(o, a0), store(o + 1, a1), store(o + 2, a2), store(o + 3, a3);
+    }
+    for (; o < O; ++o) {
+        const float* w1 = wf + o * K;
+        __m256 acc = _mm256_setzero_ps();
+        for (i64 k = 0; k < K; ++k) acc = _mm256_fmadd_ps(_mm256_set1_ps(w1[k]), q[k], acc);
+        store(o, acc);
+    }
+}
+
+static int small_conv(const lb_layer* L, const float* x, const i64* g, float* y, int threads, const float* bias) {
+    const i64 N = g[0], C = g[1], H = g[2], W = g[3], sn = g[4], sc = g[5], sh = g[6], sw = g[7], KH = g[8], KW = g[9];
+    const i64 SH = g[10], PT = g[12], PL = g[13], DH = g[14], DW = g[15], OH = g[16], OW = g[17];
+    const i64 K = L->K, O = L->N;
+    // the padded image: rows [0, HP) = input rows [-PT, HP - PT), columns [0, WP) = input columns [-PL, WP - PL)
+    const i64 HP = (OH - 1) * SH + (KH - 1) * DH + 1, WP = (OW + 7) / 8 * 8 + (KW - 1) * DW;
+    // the weights as floats: outputs in blocks of 4 interleaved per tap (block b: wf[b*4*K + 4*k + o%4]), the last
+    // O%4 outputs one after another (wf[o*K + k]); taps in (c, i, j) order. ws: the per-output weight scales.
+    float* wf = (float*)malloc(sizeof(float) * (O * K + 2 * O) + 64);
+    if (!wf) return -2;
+    float *ws = wf + O * K, *wsum = ws + O;
+    const i64 O4 = O / 4 * 4;
+    for (i64 o = 0; o < O; ++o) {
+        for (i64 k = 0; k < K; ++k) wf[o < O4 ? (o / 4) * 4 * K + 4 * k + o % 4 : o * K + k] = int8_weight(L, o, k);
+        ws[o] = L->wp ? L->sp[o] : L->s[o];
+        wsum[o] = L->wsum ? L->wsum[o] : 0.0f;
+    }
+    const bool stat = L->akind == LB_ACT_I8S;
+    const float c0 = zero_term(L), sa = stat ? *L->sa : 0.0f, za = stat && L->za ? *L->za : 0.0f;
+    const bool has_c = c0 != 0.0f;
+    const i64 P = OH * OW;
+    int failed = 0;
+    const int nth = nthreads(threads);
+#pragma omp parallel num_threads(nth) if (nth > 1 && N * P * O * K >= (1 << 18))
+    {
+        float* img = (float*)malloc(sizeof(float) * C * HP * WP + 64);
+        if (!img) failed = 1;
+        i64 lo = 0, hi = N;
+        if (img) my_rows(N, 1, &lo, &hi);
+        // (one image per thread at a time; a batch of one splits nothing -- its work is a few microseconds)
+        for (i64 n = lo; img && n < hi; ++n) {
+            for (i64 c = 0; c < C; ++c)
+                for (i64 r = 0; r < HP; ++r) {
+                    float* dst = img + (c * HP + r) * WP;
+                    const i64 h = r - PT;
+                    for (i64 col = 0; col < WP; ++col) {
+                        const i64 w = col - PL;
+                        dst[col] = (h >= 0 && h < H && w >= 0 && w < W) ? x[n * sn + c * sc + h * sh + w * sw] : 0.0f;
+                    }
+                }
+            float* yn = y + n * O * P;
+            const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+            const __m256 qlo = _mm256_set1_ps(stat ? L->qmin : -L->qmax - 1.0f), qhi = _mm256_set1_ps(L->qmax);
+            const __m256 off = _mm256_set1_ps(L->qmin + 128.0f);
+            __m256 q[SMALL_CONV_K];
+            for (i64 oh = 0; oh < OH; ++oh)
+                for (i64 ow = 0; ow < OW; ow += 8) {
+                    const i64 lanes = std::min<i64>(8, OW - ow);
+                    const float* base = img + oh * SH * WP + ow;
+                    i64 k = 0;
+                    __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+                    for (i64 c = 0; c < C; ++c)
+                        for (i64 i = 0; i < KH; ++i)
+                            for (i64 j = 0; j < KW; ++j, ++k) {
+                                q[k] = _mm256_loadu_ps(base + (c * HP + i * DH) * WP + j * DW);
+                                const __m256 a = _mm256_and_ps(q[k], absmask);
+                                bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+                                amax = _mm256_max_ps(a, amax);  // as row_scale_i8: a NaN lane keeps amax
+                            }
+                    __m256 s;
+                    if (stat) {
+                        s = _mm256_set1_ps(sa);
+                        const __m256 vz = _mm256_set1_ps(za);
+                        bad = _mm256_setzero_ps();
+                        for (k = 0; k < K; ++k) {  // quantize_rows_static's codes
+                            __m256 v = _mm256_round_ps(_mm256_add_ps(_mm256_div_ps(q[k], s), vz),
+                                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                            v = _mm256_min_ps(qhi, _mm256_max_ps(qlo, v));
+                            const __m256 ok = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
+                            bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+                            q[k] = _mm256_and_ps(_mm256_sub_ps(v, off), ok);
+                        }
+                    } else {  // row_scale_i8's scale per lane, then code_i8x8 (NaN -> code 0)
+                        s = _mm256_div_ps(amax, _mm256_set1_ps(L->qmax));
+                        s = _mm256_blendv_ps(s, _mm256_set1_ps(L->max_scale),
+                                             _mm256_cmp_ps(s, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
+                        s = _mm256_blendv_ps(s, _mm256_set1_ps(L->min_scale), bad);
+                        const __m256 smin = _mm256_set1_ps(L->min_scale);
+                        s = _mm256_blendv_ps(s, smin, _mm256_cmp_ps(s, smin, _CMP_LT_OQ));
+                        for (k = 0; k < K; ++k) {
+                            const __m256 v = code_i8x8(q[k], s, qlo, qhi);
+                            q[k] = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));
+                        }
+                    }
+                    const __m256 nanv = _mm256_set1_ps(NAN);
+                    auto store = [&](i64 o, __m256 acc) {  // the patch path's epilogue, then the map's row
+                        __m256 v = _mm256_mul_ps(_mm256_mul_ps(s, _mm256_set1_ps(ws[o])), acc);
+                        if (has_c) v = _mm256_fmadd_ps(_mm256_set1_ps(c0), _mm256_set1_ps(wsum[o]), v);
+                        if (bias) v = _mm256_add_ps(v, _mm256_set1_ps(bias[o]));
+                        v = _mm256_blendv_ps(v, nanv, bad);
+                        float* dst = yn + o * P + oh * OW + ow;
+                        if (lanes == 8) {
+                            _mm256_storeu_ps(dst, v);
+                        } else {  // (a masked store is slow on some CPUs)
+                            alignas(32) float t[8];
+                            _mm256_store_ps(t, v);
+                            memcpy(dst, t, sizeof(float) * lanes);
+                        }
+                    };
+                    switch (K) {  // (a constant patch size unrolls the taps: the codes stay in registers)
+                        case 9: small_conv_dots<9>(wf, q, K, O, store); break;
+                        case 27: small_conv_dots<27>(wf, q, K, O, store); break;
+                        default: small_conv_dots<0>(wf, q, K, O, store);
+                    }
+                }
+        }
+        free(img);
+    }
+    free(wf);
+    return failed ? -2 : 0;
+}
+#endif
+
 LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, int threads, const float* bias) {
     const i64 N = g[0], L_ = g[16] * g[17], K = L->K, O = L->N;
     // (a conv's input scale is per channel: applied before its patches are cut, never here)
     if (g[1] * g[8] * g[9] != K || L->akind == LB_ACT_F32 || L->xs) return -1;
+#ifdef __AVX2__
+    if (small_conv_fits(L, g)) return small_conv(L, x, g, y, threads, bias);
+#endif
     const bool maps = conv_panels(L, L_);
     const i64 per_image = L_ * std::max(K, O) * (i64)sizeof(float);
     const i64 images = std::max<i64>(1, std::min<i64>(N, CONV_CHUNK_BYTES / std::max<i64>(per_image, 1)));

@@ -134,6 +134,13 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         self._im2col: dict[tuple, Any] = {}  # (input shape, strides) → its C patch cutter (`kernels.im2col.Im2col`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is None and self.input_scale is None and self.input_shift is None:
+            # Weight-only (no patch path, nothing to dispatch): the conv on the cached weight's 4-D view, first and
+            # in the fewest steps -- a small conv takes a few microseconds, the checks below one more.
+            w, of = self._conv_weight
+            if of is not None and of is self._cache and of.device == x.device:
+                bias = self._parameters.get("bias")
+                return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
         disp = self._dispatch
         cut = None
         if disp and disp.unscaled:  # a per-patch conv with a kernel route, input used as is: try the one C call

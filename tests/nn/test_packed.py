@@ -1,0 +1,31 @@
+"""Packed layers' forwards (`lowbit.nn.packed`) outside the kernels: the weight-only conv's short path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.formats import FORMATS
+from lowbit.recipe import Recipe, Stage
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_only_conv_runs_the_conv_on_its_cached_weight_and_follows_new_weights(bias: bool) -> None:
+    """A weight-only packed conv (no patch path) is one conv on its cached dequantized weight: the simulated layer's
+    output bit for bit, and still after its codes change (the cache, and with it the short path, is dropped)."""
+    torch.manual_seed(0)
+    recipe = Recipe(stages=(Stage(method="rtn", weights=FORMATS["int4_g32"]),))
+    q = lowbit.compress(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=bias)), recipe, progress=False)
+    p = lowbit.pack(q)
+    x = torch.randn(2, 4, 6, 7)
+    with torch.no_grad():
+        assert torch.equal(p(x), q(x)) and torch.equal(p(x), q(x))  # (the second call takes the short path)
+        assert p[0]._conv_weight[1] is p[0]._cache  # its weight is the cached one
+        before = p(x)
+        qt = q[0].qweight()
+        flipped = type(qt)(qt.codes.flip(0), qt.scale.flip(0), qt.zero.flip(0), qt.spec)
+        for layer in (q[0], p[0]):
+            layer.set_qweight(flipped)
+        assert torch.equal(p(x), q(x)) and not torch.equal(p(x), before)
