@@ -29,3 +29,16 @@ def test_weight_only_conv_runs_the_conv_on_its_cached_weight_and_follows_new_wei
         for layer in (q[0], p[0]):
             layer.set_qweight(flipped)
         assert torch.equal(p(x), q(x)) and not torch.equal(p(x), before)
+
+
+def test_weight_only_conv_short_path_reads_the_bias_as_the_layer_does() -> None:
+    """A bias set later as a plain tensor (the layer was built without one) is added on every call."""
+    torch.manual_seed(0)
+    recipe = Recipe(stages=(Stage(method="rtn", weights=FORMATS["int8"]),))
+    q = lowbit.compress(nn.Sequential(nn.Conv2d(4, 8, 3, bias=False)), recipe, progress=False)
+    p = lowbit.pack(q)
+    for layer in (q[0], p[0]):
+        layer.bias = torch.full((8,), 10.0)
+    x = torch.randn(2, 4, 6, 7)
+    with torch.no_grad():
+        assert all(torch.equal(p(x), q(x)) for _ in range(3))

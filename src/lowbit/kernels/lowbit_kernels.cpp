@@ -2307,10 +2307,13 @@ static int small_conv(const lb_layer* L, const float* x, const i64* g, float* y,
     const int nth = nthreads(threads);
 #pragma omp parallel num_threads(nth) if (nth > 1 && N * P * O * K >= (1 << 18))
     {
-        float* img = (float*)malloc(sizeof(float) * C * HP * WP + 64);
-        if (!img) failed = 1;
-        i64 lo = 0, hi = N;
-        if (img) my_rows(N, 1, &lo, &hi);
+        i64 lo, hi;
+        my_rows(N, 1, &lo, &hi);
+        float* img = lo < hi ? (float*)malloc(sizeof(float) * C * HP * WP + 64) : nullptr;
+        if (lo < hi && !img) {
+#pragma omp atomic write
+            failed = 1;
+        }
         // (one image per thread at a time; a batch of one splits nothing -- its work is a few microseconds)
         for (i64 n = lo; img && n < hi; ++n) {
             for (i64 c = 0; c < C; ++c)
@@ -2369,6 +2372,7 @@ static int small_conv(const lb_layer* L, const float* x, const i64* g, float* y,
                     const __m256 nanv = _mm256_set1_ps(NAN);
                     auto store = [&](i64 o, __m256 acc) {  // the patch path's epilogue, then the map's row
                         __m256 v = _mm256_mul_ps(_mm256_mul_ps(s, _mm256_set1_ps(ws[o])), acc);
+                        __asm__("" : "+x"(v));  // rounded here: no multiply-add contracted with the bias below
                         if (has_c) v = _mm256_fmadd_ps(_mm256_set1_ps(c0), _mm256_set1_ps(wsum[o]), v);
                         if (bias) v = _mm256_add_ps(v, _mm256_set1_ps(bias[o]));
                         v = _mm256_blendv_ps(v, nanv, bad);

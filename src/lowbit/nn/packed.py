@@ -139,8 +139,7 @@ class PackedConv2d(PackedMixin, QuantConv2d):
             # in the fewest steps -- a small conv takes a few microseconds, the checks below one more.
             w, of = self._conv_weight
             if of is not None and of is self._cache and of.device == x.device:
-                bias = self._parameters.get("bias")
-                return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+                return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         disp = self._dispatch
         cut = None
         if disp and disp.unscaled:  # a per-patch conv with a kernel route, input used as is: try the one C call
