@@ -24,6 +24,7 @@
 #include <cmath>
 
 #include "lowbit_exp.h"
+#include "lowbit_omp.h"
 
 #define LB_API extern "C" __attribute__((visibility("default")))
 typedef int64_t i64;
@@ -199,8 +200,7 @@ LB_API int lb_attention(const float* q, const float* k, const float* v, float* o
     const int nt = threads > 0 ? threads : omp_get_max_threads();
     const size_t esize = mask_kind == 2 ? 1 : 4;
     int failed = 0;
-#pragma omp parallel num_threads(nt) if (nt != 1 && items > 1 && work >= (1 << 16))
-    {
+    lb_parallel(nt, items > 1 && work >= (1 << 16), [&] {
         float* kt = alloc_floats(D * Sp);
         float* sc = alloc_floats(QR * Sp);
         float* scratch = alloc_floats(D);
@@ -209,9 +209,9 @@ LB_API int lb_attention(const float* q, const float* k, const float* v, float* o
 #pragma omp atomic write
             failed = 1;
         }
-        // Every thread meets the work-sharing loop (OpenMP requires it); one without its buffers skips the work.
-#pragma omp for schedule(static)
-        for (i64 item = 0; item < items; ++item) {
+        int64_t lo, hi;  // this thread's heads (a thread without its buffers skips them: the call then fails)
+        lb_my_range(items, &lo, &hi);
+        for (i64 item = lo; item < hi; ++item) {
             if (ready) {
                 const i64 b = item / H, h = item % H, hk = h / group;
                 const float* qb = q + b * qs[0] + h * qs[1];
@@ -243,6 +243,6 @@ LB_API int lb_attention(const float* q, const float* k, const float* v, float* o
         free(kt);
         free(sc);
         free(scratch);
-    }
+    });
     return failed;
 }

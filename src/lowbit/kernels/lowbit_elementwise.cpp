@@ -22,6 +22,7 @@
 #include <cmath>
 
 #include "lowbit_exp.h"
+#include "lowbit_omp.h"
 
 #define LB_API extern "C" __attribute__((visibility("default")))
 typedef int64_t i64;
@@ -132,12 +133,11 @@ LB_API void lb_gelu(float* x, i64 n, int tanh_approx, int threads) {
         return;
     }
     const i64 chunk = ((n + T - 1) / T + 15) / 16 * 16;
-#pragma omp parallel num_threads(T)
-    {
-        const i64 lo = std::min(n, chunk * omp_get_thread_num()), hi = std::min(n, lo + chunk);
+    lb_parallel(T, true, [&] {
+        const i64 lo = std::min(n, chunk * lb_team_rank()), hi = std::min(n, lo + chunk);
         if (tanh_approx) gelu_range<true>(x, lo, hi);
         else gelu_range<false>(x, lo, hi);
-    }
+    });
 }
 
 // out[r] = LayerNorm(a[r] + b[r]) * gamma + beta for rows r < M of D floats (rows contiguous); b, gamma, beta may be
@@ -145,10 +145,13 @@ LB_API void lb_gelu(float* x, i64 n, int tanh_approx, int threads) {
 LB_API void lb_add_layer_norm(const float* a, const float* b, i64 M, i64 D, const float* gamma, const float* beta,
                               float eps, float* out, float* keep, int threads) {
     const int T = M * D >= PARALLEL_MIN && threads > 1 && M > 1 ? threads : 1;
-#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
-    for (i64 r = 0; r < M; ++r)
-        add_layer_norm_row(a + r * D, b ? b + r * D : nullptr, D, gamma, beta, eps, out + r * D,
-                           keep ? keep + r * D : nullptr);
+    lb_parallel(T, true, [&] {
+        int64_t lo, hi;
+        lb_my_range(M, &lo, &hi);
+        for (i64 r = lo; r < hi; ++r)
+            add_layer_norm_row(a + r * D, b ? b + r * D : nullptr, D, gamma, beta, eps, out + r * D,
+                               keep ? keep + r * D : nullptr);
+    });
 }
 
 // BERT's embedding layer: out[t] = LayerNorm((word[ids[t]] + type[tids[t]]) + pos[pids[t % L]]) * gamma + beta for the
@@ -165,17 +168,20 @@ LB_API int lb_embed_layer_norm(const float* word, i64 n_word, const i64* ids, co
     for (i64 l = 0; l < L; ++l)
         if (pids[l] < 0 || pids[l] >= n_pos) return -1;
     const int Tn = T * D >= PARALLEL_MIN && threads > 1 && T > 1 ? threads : 1;
-#pragma omp parallel for num_threads(Tn) schedule(static) if (Tn > 1)
-    for (i64 t = 0; t < T; ++t) {
-        float* o = out + t * D;
-        const float* w = word + ids[t] * D;
-        if (type) {
-            const float* ty = type + (tids ? tids[t] : 0) * D;
-            for (i64 j = 0; j < D; ++j) o[j] = w[j] + ty[j];
-        } else {
-            for (i64 j = 0; j < D; ++j) o[j] = w[j];
+    lb_parallel(Tn, true, [&] {
+        int64_t lo, hi;
+        lb_my_range(T, &lo, &hi);
+        for (i64 t = lo; t < hi; ++t) {
+            float* o = out + t * D;
+            const float* w = word + ids[t] * D;
+            if (type) {
+                const float* ty = type + (tids ? tids[t] : 0) * D;
+                for (i64 j = 0; j < D; ++j) o[j] = w[j] + ty[j];
+            } else {
+                for (i64 j = 0; j < D; ++j) o[j] = w[j];
+            }
+            add_layer_norm_row(o, pos + pids[t % L] * D, D, gamma, beta, eps, o, nullptr);
         }
-        add_layer_norm_row(o, pos + pids[t % L] * D, D, gamma, beta, eps, o, nullptr);
-    }
+    });
     return 0;
 }

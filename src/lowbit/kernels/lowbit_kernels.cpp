@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "lowbit_exp.h"  // vf / vi: the build's float / int32 vectors
+#include "lowbit_omp.h"  // lb_parallel, lb_team_size / lb_team_rank
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -57,7 +58,7 @@ static void* scratch(size_t bytes) {
 
 // Contiguous share of [0, n) for the calling OpenMP thread, in whole units of `align` rows.
 static inline void my_rows(i64 n, i64 align, i64* lo, i64* hi) {
-    const i64 nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const i64 nth = lb_team_size(), tid = lb_team_rank();
     const i64 units = (n + align - 1) / align, per = units / nth, rem = units % nth;
     const i64 u0 = tid * per + std::min(tid, rem), u1 = u0 + per + (tid < rem ? 1 : 0);
     *lo = std::min(n, u0 * align);
@@ -92,8 +93,7 @@ static inline void prefetch_rows(const void* base, i64 rb, i64 n, i64 r) {
 // Generic driver: tile(IC<MT>, m, n) computes y[m .. m+MT-1][n]; weight row n starts at wbase + n*rb.
 template <class F>
 static void run_rows(i64 M, i64 N, int threads, const void* wbase, i64 rb, F tile) {
-#pragma omp parallel num_threads(nthreads(threads))
-    {
+    lb_parallel(nthreads(threads), true, [&] {
         i64 n0, n1;
         my_rows(N, 1, &n0, &n1);
         for (i64 mb = 0; mb < M; mb += MB) {
@@ -112,7 +112,7 @@ static void run_rows(i64 M, i64 N, int threads, const void* wbase, i64 rb, F til
                 }
             }
         }
-    }
+    });
 }
 
 // Copy rows of length K into rows of length Kp (zero tail). Returns src itself when K == Kp.
@@ -350,8 +350,7 @@ LB_API void lb_w8a8(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_
 #ifdef __AVX2__
     const bool x128 = rows_min_code(xq, M, K, K);
     if (Kp <= 96 && N >= 8) {  // short rows: 8 weight rows per activation row (w8a8_row8), the rest one by one
-#pragma omp parallel num_threads(nthreads(threads))
-        {
+        lb_parallel(nthreads(threads), true, [&] {
             i64 n0, n1;
             my_rows(N, 8, &n0, &n1);
             for (i64 m = 0; m < M; ++m) {
@@ -364,7 +363,7 @@ LB_API void lb_w8a8(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_
                     if (x128) w8a8_tile<1, true>(xm, Kp, w + n * Kp, sx + m, s[n], y + m * N + n, N);
                     else w8a8_tile<1>(xm, Kp, w + n * Kp, sx + m, s[n], y + m * N + n, N);
             }
-        }
+        });
         free(own);
         return;
     }
@@ -493,9 +492,8 @@ template <int BM, bool NONNEG_CHECK, class X, class F>
 static void panel_blocks(const X* xp, i64 M, i64 N, i64 Kp, int threads, F tile) {
     const i64 P = (N + 15) / 16, blocks = (M + BM - 1) / BM;
     const i64 chunk = std::max<i64>(1, (192 * 1024) / (16 * Kp));
-#pragma omp parallel num_threads(nthreads(threads)) if (threads != 1 && M * N * Kp >= (1 << 18))
-    {
-        const i64 nth = omp_get_num_threads();
+    lb_parallel(nthreads(threads), threads != 1 && M * N * Kp >= (1 << 18), [&] {
+        const i64 nth = lb_team_size();
         i64 b0 = 0, b1 = blocks, q0 = 0, q1 = P;
         if (blocks >= 2 * nth) my_rows(blocks, 1, &b0, &b1);
         else my_rows(P, 1, &q0, &q1);
@@ -515,7 +513,7 @@ static void panel_blocks(const X* xp, i64 M, i64 N, i64 Kp, int threads, F tile)
                 });
             }
         }
-    }
+    });
 }
 
 #ifdef LB_VNNI
@@ -1191,8 +1189,7 @@ static int f32_panel_run(const float* x, i64 M, i64 K, const int8_t* wp, const f
     const i64 rows_l2 = std::max<i64>(F32_MR, (384 * 1024 / (4 * std::max<i64>(K, 1))) / F32_MR * F32_MR);
     const i64 BM = std::min<i64>(M, rows_l2);
     int failed = 0;
-#pragma omp parallel num_threads(nthreads(threads)) if (threads != 1 && M * N * K >= (1 << 20))
-    {
+    lb_parallel(nthreads(threads), threads != 1 && M * N * K >= (1 << 20), [&] {
         i64 q0, q1;
         my_rows(pairs, 1, &q0, &q1);
         float* B = q1 > q0 ? (float*)scratch_uninit(sizeof(float) * Kp * 32) : nullptr;
@@ -1218,7 +1215,7 @@ static int f32_panel_run(const float* x, i64 M, i64 K, const int8_t* wp, const f
             }
         }
         free(B);
-    }
+    });
     return failed ? -2 : 0;
 }
 
@@ -1431,11 +1428,10 @@ LB_API int lb_w1a1(const uint64_t* xb, const float* bxs, i64 M, i64 K, const uin
     const i64 lut_bytes = (mbl * steps * 32 + 63) / 64 * 64;
     uint8_t* luts = (uint8_t*)scratch_uninit(lut_bytes * nt);  // every table is written before it is read
     if (!luts) return -2;
-#pragma omp parallel num_threads(nt)
-    {
+    lb_parallel(nt, true, [&] {
         i64 b0, b1;
         my_rows(NB, 1, &b0, &b1);
-        uint8_t* lut = luts + omp_get_thread_num() * lut_bytes;
+        uint8_t* lut = luts + lb_team_rank() * lut_bytes;
         for (i64 mb = 0; b0 < b1 && mb < M; mb += mbl) {
             const i64 me = std::min(M, mb + mbl);
             for (i64 m = mb; m < me; ++m) w1a1_tables((const uint8_t*)(xb + m * W), steps, lut + (m - mb) * steps * 32);
@@ -1453,7 +1449,7 @@ LB_API int lb_w1a1(const uint64_t* xb, const float* bxs, i64 M, i64 K, const uin
                 if (m < me) rows(IC<1>(), m);
             }
         }
-    }
+    });
     free(luts);
     return 0;
 }
@@ -1517,16 +1513,11 @@ static void im2col_range(const float* x, const i64* g, float* out, i64 r0, i64 r
         }
     };
     const i64 rows = r1 - r0;
-    if (threads == 1 || rows * C * KH * KW < (1 << 16)) {
-        run(r0, r1);
-        return;
-    }
-#pragma omp parallel num_threads(nthreads(threads))
-    {
+    lb_parallel(nthreads(threads), threads != 1 && rows * C * KH * KW >= (1 << 16), [&] {
         i64 lo, hi;
         my_rows(rows, 1, &lo, &hi);
         run(r0 + lo, r0 + hi);
-    }
+    });
 }
 
 LB_API void lb_im2col(const float* x, const i64* g, float* out, int threads) {
@@ -1995,18 +1986,21 @@ static void sz_correct(const lb_layer* L, const float* x, const int8_t* xq, cons
             }
         }
     // sz is (G, N): 64 outputs at a time, each sum over the groups in order (vectorised across outputs).
-#pragma omp parallel for num_threads(nthreads(threads)) schedule(static) if (M * N * G > 65536)
-    for (i64 n0 = 0; n0 < N; n0 += 64) {
-        const i64 nn = std::min<i64>(64, N - n0);
-        for (i64 m = 0; m < M; ++m) {
-            float t[64] = {};
-            for (i64 j = 0; j < G; ++j) {
-                const float xv = X[m * G + j], *szj = L->sz + j * N + n0;
-                for (i64 n = 0; n < nn; ++n) t[n] += szj[n] * xv;
+    lb_parallel(nthreads(threads), M * N * G > 65536, [&] {
+        i64 lo_, hi_;
+        my_rows((N + 63) / 64, 1, &lo_, &hi_);
+        for (i64 n0 = 64 * lo_; n0 < std::min(N, 64 * hi_); n0 += 64) {
+            const i64 nn = std::min<i64>(64, N - n0);
+            for (i64 m = 0; m < M; ++m) {
+                float t[64] = {};
+                for (i64 j = 0; j < G; ++j) {
+                    const float xv = X[m * G + j], *szj = L->sz + j * N + n0;
+                    for (i64 n = 0; n < nn; ++n) t[n] += szj[n] * xv;
+                }
+                for (i64 n = 0; n < nn; ++n) y[m * N + n0 + n] -= t[n];
             }
-            for (i64 n = 0; n < nn; ++n) y[m * N + n0 + n] -= t[n];
         }
-    }
+    });
     free(X);
 }
 
@@ -2165,9 +2159,12 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
         for (i64 m = 0; m < M; ++m)
             for (i64 n = 0; n < N; ++n) y[m * N + n] = fmaf(c, L->wsum[n], y[m * N + n]);
     if (rc == 0 && bias)
-#pragma omp parallel for num_threads(nthreads(threads)) schedule(static) if (M * N >= 262144)
-        for (i64 m = 0; m < M; ++m)
-            for (i64 n = 0; n < N; ++n) y[m * N + n] += bias[n];
+        lb_parallel(nthreads(threads), M * N >= 262144, [&] {
+            i64 lo_, hi_;
+            my_rows(M, 1, &lo_, &hi_);
+            for (i64 m = lo_; m < hi_; ++m)
+                for (i64 n = 0; n < N; ++n) y[m * N + n] += bias[n];
+        });
     if (rc == 0 && nan_rows)
         for (i64 m = 0; m < M; ++m)
             if (nan_rows[m])
@@ -2220,8 +2217,11 @@ static void conv_panel_maps(const lb_layer* L, const ActRows& a, i64 nb, i64 P, 
     };
     const int nth = nthreads(threads);
     if (nth > 1 && nb >= nth) {  // whole images per thread
-#pragma omp parallel for num_threads(nth) schedule(static)
-        for (i64 n = 0; n < nb; ++n) image(n, 1);
+        lb_parallel(nth, true, [&] {
+            i64 lo, hi;
+            my_rows(nb, 1, &lo, &hi);
+            for (i64 n = lo; n < hi; ++n) image(n, 1);
+        });
     } else {
         for (i64 n = 0; n < nb; ++n) image(n, threads);
     }
@@ -2305,8 +2305,7 @@ static int small_conv(const lb_layer* L, const float* x, const i64* g, float* y,
     const i64 P = OH * OW;
     int failed = 0;
     const int nth = nthreads(threads);
-#pragma omp parallel num_threads(nth) if (nth > 1 && N * P * O * K >= (1 << 18))
-    {
+    lb_parallel(nth, N * P * O * K >= (1 << 18), [&] {
         i64 lo, hi;
         my_rows(N, 1, &lo, &hi);
         float* img = lo < hi ? (float*)malloc(sizeof(float) * C * HP * WP + 64) : nullptr;
@@ -2393,7 +2392,7 @@ static int small_conv(const lb_layer* L, const float* x, const i64* g, float* y,
                 }
         }
         free(img);
-    }
+    });
     free(wf);
     return failed ? -2 : 0;
 }
@@ -2416,8 +2415,7 @@ LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, in
     for (i64 n0 = 0; rc == 0 && n0 < N; n0 += images) {
         const i64 nb = std::min(images, N - n0), r0 = n0 * L_, rows = nb * L_;
         int failed = 0;
-#pragma omp parallel num_threads(nthreads(threads)) if (threads != 1 && rows * K >= (1 << 16))
-        {
+        lb_parallel(nthreads(threads), threads != 1 && rows * K >= (1 << 16), [&] {
             float* buf = (float*)malloc(sizeof(float) * B * K + 64);
             if (!buf) failed = 1;
             i64 lo, hi;
@@ -2428,7 +2426,7 @@ LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, in
                 a.fill(L, buf, e - r, K, r);
             }
             free(buf);
-        }
+        });
         if (failed) {
             rc = -2;
             break;
@@ -2440,17 +2438,20 @@ LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, in
         rc = linear_core(L, nullptr, a, rows, rowmajor, threads, bias);
         if (rc) break;
         // (n, l, o) -> (n, o, l), in 8 x 8 blocks so both sides are read / written a cache line at a time
-#pragma omp parallel for num_threads(nthreads(threads)) schedule(static) if (threads != 1 && nb * L_ * O >= (1 << 16))
-        for (i64 n = 0; n < nb; ++n) {
-            const float* src = rowmajor + n * L_ * O;
-            float* dst = y + (n0 + n) * O * L_;
-            for (i64 l0 = 0; l0 < L_; l0 += 8)
-                for (i64 o0 = 0; o0 < O; o0 += 8) {
-                    const i64 l1 = std::min(L_, l0 + 8), o1 = std::min(O, o0 + 8);
-                    for (i64 o = o0; o < o1; ++o)
-                        for (i64 l = l0; l < l1; ++l) dst[o * L_ + l] = src[l * O + o];
-                }
-        }
+        lb_parallel(nthreads(threads), threads != 1 && nb * L_ * O >= (1 << 16), [&] {
+            i64 lo_, hi_;
+            my_rows(nb, 1, &lo_, &hi_);
+            for (i64 n = lo_; n < hi_; ++n) {
+                const float* src = rowmajor + n * L_ * O;
+                float* dst = y + (n0 + n) * O * L_;
+                for (i64 l0 = 0; l0 < L_; l0 += 8)
+                    for (i64 o0 = 0; o0 < O; o0 += 8) {
+                        const i64 l1 = std::min(L_, l0 + 8), o1 = std::min(O, o0 + 8);
+                        for (i64 o = o0; o < o1; ++o)
+                            for (i64 l = l0; l < l1; ++l) dst[o * L_ + l] = src[l * O + o];
+                    }
+            }
+        });
     }
     free(rowmajor);
     return rc;

@@ -54,7 +54,7 @@ __all__ = ["ABI_VERSION", "AKINDS", "ISA_NAMES", "WKINDS", "BlockDesc", "LayerDe
 _SOURCES = ("lowbit_kernels.cpp", "lowbit_attention.cpp", "lowbit_elementwise.cpp", "lowbit_block.cpp")
 _SRCS = [pathlib.Path(__file__).with_name(n) for n in _SOURCES]
 #: Headers the sources include: part of the cache key, so editing one rebuilds the library.
-_HEADERS = [pathlib.Path(__file__).with_name("lowbit_exp.h")]
+_HEADERS = [pathlib.Path(__file__).with_name(n) for n in ("lowbit_exp.h", "lowbit_omp.h")]
 _CXX = os.environ.get("CXX", "g++")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _FLAGS_PORTABLE = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]  # retry when -march=native is refused
