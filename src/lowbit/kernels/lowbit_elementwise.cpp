@@ -132,8 +132,8 @@ LB_API void lb_gelu(float* x, i64 n, int tanh_approx, int threads) {
         else gelu_range<false>(x, 0, n);
         return;
     }
-    const i64 chunk = ((n + T - 1) / T + 15) / 16 * 16;
-    lb_parallel(T, true, [&] {
+    lb_parallel(T, true, [&] {  // (chunks from the team's real size: OMP_THREAD_LIMIT may give fewer than T)
+        const i64 nth = lb_team_size(), chunk = ((n + nth - 1) / nth + 15) / 16 * 16;
         const i64 lo = std::min(n, chunk * lb_team_rank()), hi = std::min(n, lo + chunk);
         if (tanh_approx) gelu_range<true>(x, lo, hi);
         else gelu_range<false>(x, lo, hi);

@@ -2417,7 +2417,10 @@ LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, in
         int failed = 0;
         lb_parallel(nthreads(threads), threads != 1 && rows * K >= (1 << 16), [&] {
             float* buf = (float*)malloc(sizeof(float) * B * K + 64);
-            if (!buf) failed = 1;
+            if (!buf) {
+#pragma omp atomic write
+                failed = 1;
+            }
             i64 lo, hi;
             my_rows(rows, 1, &lo, &hi);
             for (i64 r = lo; buf && r < hi; r += B) {

@@ -5,7 +5,8 @@
 
 // True while a body runs on its calling thread alone (lb_parallel's direct path), perhaps inside another region:
 // lb_team_size / lb_team_rank then say 1 / 0, as a region of one thread would, not the enclosing team's numbers.
-inline thread_local bool lb_alone = false;
+// (hidden: one flag inside this library, not a process-wide unique symbol, and a cheaper TLS access)
+__attribute__((visibility("hidden"))) inline thread_local bool lb_alone = false;
 
 static inline int lb_team_size() { return lb_alone ? 1 : omp_get_num_threads(); }
 static inline int lb_team_rank() { return lb_alone ? 0 : omp_get_thread_num(); }
