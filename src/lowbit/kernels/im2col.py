@@ -53,6 +53,7 @@ class Im2col:
         self.geometry = (ctypes.c_int64 * 18)(
             n, c, h, w, *strides, *kernel, *stride, pads[0], pads[2], *dilation, oh, ow
         )
+        self.geometry_addr = ctypes.addressof(self.geometry)  # (what `fastcall.conv` takes)
         self._fn = _need().lb_im2col
 
     def __reduce__(self) -> tuple[type, tuple]:
