@@ -52,6 +52,15 @@ def test_fast_calls_check_their_arguments() -> None:
     with pytest.raises(TypeError):
         fastcall.conv(0, "x", 0, 0, 1, None)
 
+    class Index:  # converted only if the bad first argument were not caught first
+        def __index__(self) -> int:
+            return 1
+
+    with pytest.raises(TypeError):  # (not a SystemError from running __index__ with the TypeError pending)
+        fastcall.linear("x", 0, Index(), 0, 1, None)
+    with pytest.raises(OverflowError):
+        fastcall.linear(0, 0, 2**63, 0, 1, None)
+
 
 def test_dispatch_keeps_the_ctypes_calls_without_the_fast_entry(monkeypatch) -> None:
     torch.manual_seed(0)

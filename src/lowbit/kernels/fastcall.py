@@ -37,6 +37,8 @@ linear: Any = None
 conv: Any = None
 #: Why ``linear`` / ``conv`` are None ('' when they are not).
 reason = ""
+#: Seconds this process spent compiling the entry (0 when it came from the cache).
+seconds = 0.0
 
 
 def _build(dest: pathlib.Path, include: str) -> None:
@@ -55,7 +57,7 @@ def _build(dest: pathlib.Path, include: str) -> None:
 
 
 def _load() -> None:
-    global linear, conv, reason
+    global linear, conv, reason, seconds
     if not native.available():
         reason = f"no native kernels ({native.unavailable_reason()})"
         return
@@ -69,7 +71,9 @@ def _load() -> None:
         path = native._cache_dir() / f"lowbit_fastcall-{hashlib.sha256(key.encode()).hexdigest()[:24]}{suffix}"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
+            t0 = os.times().elapsed
             _build(path, include)
+            seconds = os.times().elapsed - t0
         spec = importlib.util.spec_from_file_location("lowbit_fastcall", path)
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot load {path}")

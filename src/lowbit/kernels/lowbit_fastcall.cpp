@@ -11,7 +11,19 @@ typedef int (*conv_fn)(const void*, const float*, const int64_t*, float*, int, c
 static linear_fn g_linear = nullptr;
 static conv_fn g_conv = nullptr;
 
-static void* pointer(PyObject* o) { return o == Py_None ? nullptr : PyLong_AsVoidPtr(o); }
+// One argument converted (a pointer: an int or None; an integer); false with the exception set on failure.
+static bool take(void** out, PyObject* o) {
+    *out = o == Py_None ? nullptr : PyLong_AsVoidPtr(o);
+    return !PyErr_Occurred();
+}
+static bool take(long long* out, PyObject* o) {
+    *out = PyLong_AsLongLong(o);
+    return !(*out == -1 && PyErr_Occurred());
+}
+static bool take(long* out, PyObject* o) {
+    *out = PyLong_AsLong(o);
+    return !(*out == -1 && PyErr_Occurred());
+}
 
 static bool six(const char* name, Py_ssize_t n, void* fn) {
     if (n != 6) {
@@ -28,10 +40,13 @@ static bool six(const char* name, Py_ssize_t n, void* fn) {
 // linear(layer, x, rows, y, threads, bias or None) -> lb_linear's return code
 static PyObject* linear(PyObject*, PyObject* const* a, Py_ssize_t n) {
     if (!six("linear", n, (void*)g_linear)) return nullptr;
-    void *L = pointer(a[0]), *x = pointer(a[1]), *y = pointer(a[3]), *b = pointer(a[5]);
-    const long long rows = PyLong_AsLongLong(a[2]);
-    const long threads = PyLong_AsLong(a[4]);
-    if (PyErr_Occurred()) return nullptr;
+    void *L, *x, *y, *b;
+    long long rows;
+    long threads;
+    // each conversion checked before the next (none may run with an exception pending)
+    if (!take(&L, a[0]) || !take(&x, a[1]) || !take(&rows, a[2]) || !take(&y, a[3]) || !take(&threads, a[4]) ||
+        !take(&b, a[5]))
+        return nullptr;
     int rc;
     Py_BEGIN_ALLOW_THREADS rc = g_linear(L, (const float*)x, rows, (float*)y, (int)threads, (const float*)b);
     Py_END_ALLOW_THREADS return PyLong_FromLong(rc);
@@ -40,9 +55,11 @@ static PyObject* linear(PyObject*, PyObject* const* a, Py_ssize_t n) {
 // conv(layer, x, geometry, y, threads, bias or None) -> lb_conv's return code
 static PyObject* conv(PyObject*, PyObject* const* a, Py_ssize_t n) {
     if (!six("conv", n, (void*)g_conv)) return nullptr;
-    void *L = pointer(a[0]), *x = pointer(a[1]), *g = pointer(a[2]), *y = pointer(a[3]), *b = pointer(a[5]);
-    const long threads = PyLong_AsLong(a[4]);
-    if (PyErr_Occurred()) return nullptr;
+    void *L, *x, *g, *y, *b;
+    long threads;
+    if (!take(&L, a[0]) || !take(&x, a[1]) || !take(&g, a[2]) || !take(&y, a[3]) || !take(&threads, a[4]) ||
+        !take(&b, a[5]))
+        return nullptr;
     int rc;
     Py_BEGIN_ALLOW_THREADS rc = g_conv(L, (const float*)x, (const int64_t*)g, (float*)y, (int)threads, (const float*)b);
     Py_END_ALLOW_THREADS return PyLong_FromLong(rc);
