@@ -42,3 +42,31 @@ def test_weight_only_conv_short_path_reads_the_bias_as_the_layer_does() -> None:
     x = torch.randn(2, 4, 6, 7)
     with torch.no_grad():
         assert all(torch.equal(p(x), q(x)) for _ in range(3))
+
+
+def test_decided_linear_reads_a_bias_set_later_as_a_plain_tensor() -> None:
+    """A linear layer built without bias, given one later as a plain tensor: the decided call (one C call or one
+    F.linear) adds it, as the simulated layer does."""
+    from lowbit.formats import ACT_FORMATS
+    from lowbit.kernels import dispatch
+
+    torch.manual_seed(0)
+    recipe = Recipe(stages=(Stage(method="rtn", weights=FORMATS["int8"], activations=ACT_FORMATS["int8_token"]),))
+    q = lowbit.compress(nn.Sequential(nn.Linear(64, 8, bias=False)), recipe, progress=False)
+    p = lowbit.pack(q)
+    for layer in (q[0], p[0]):
+        layer.bias = torch.full((8,), 10.0)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = q(x)
+        outs = [p(x) for _ in range(3)]  # measured, then decided
+        disp = p[0]._dispatch
+    assert disp and disp.decided and dispatch.layer_bias(p[0]) is p[0].bias
+    if dispatch.mode() == "auto":  # decided native: the one C call of `LayerDispatch.hot`
+        disp.decided = dict.fromkeys(disp.decided, True)
+        disp.state = disp.state or disp.route.prepare(p[0])
+        with torch.no_grad():
+            assert disp.hot(p[0], x) is not None
+            outs.append(p(x))
+    for y in outs:
+        assert float((y - want).abs().max()) <= 2e-5 * float(want.abs().max())

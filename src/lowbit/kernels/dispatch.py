@@ -138,16 +138,17 @@ def native_patches_ready() -> bool:
     return native.available()
 
 
-def race(*fns: Callable[[], Any]) -> list[float]:
+def race(*fns: Callable[[], Any], budget_s: float = RACE_BUDGET_S, max_rounds: int = MAX_ROUNDS) -> list[float]:
     """Best time in ms of each of ``fns``, timed in alternation (one call of each per round, so a slow spell of a
     shared machine hits all of them alike) after a warm-up round: at least ``REPEATS`` rounds, more for fast calls
-    (up to ``MAX_ROUNDS``, about ``RACE_BUDGET_S`` in all), since a call of a few microseconds varies by tens of
-    percent from one call to the next."""
+    (up to ``max_rounds``, about ``budget_s`` in all), since a call of a few microseconds varies by tens of
+    percent from one call to the next. Dispatch keeps the defaults (it races on a model's first call); a report
+    can afford more."""
     t0 = time.perf_counter()
     for fn in fns:
         fn()
     warm = time.perf_counter() - t0
-    rounds = max(REPEATS, min(MAX_ROUNDS, int(RACE_BUDGET_S / max(warm, 1e-9))))
+    rounds = max(REPEATS, min(max_rounds, int(budget_s / max(warm, 1e-9))))
     best = [float("inf")] * len(fns)
     for _ in range(rounds):
         for i, fn in enumerate(fns):
@@ -155,6 +156,13 @@ def race(*fns: Callable[[], Any]) -> list[float]:
             fn()
             best[i] = min(best[i], time.perf_counter() - t0)
     return [b * 1e3 for b in best]
+
+
+def layer_bias(layer: Any) -> torch.Tensor | None:
+    """``layer.bias`` in fewer steps on the per-call path: the registered Parameter, else what a plain attribute holds
+    (a tensor set later on a layer built without bias, or None)."""
+    b = layer._parameters.get("bias")
+    return b if b is not None else getattr(layer, "bias", None)
 
 
 #: A convolution's whole calls for `LayerDispatch.decide`: (native, dense, an fp32 conv of its shape for the report).
@@ -216,7 +224,7 @@ class LayerDispatch:
         rows = x.numel() // k if k else 0
         threads = torch.get_num_threads()
         native = self.decided.get((rows, threads))
-        bias = layer._parameters.get("bias")
+        bias = layer_bias(layer)
         if native is False:
             # A plain layer's reference forward is exactly this (any dtype, device or autograd state is F.linear's).
             w = layer._cache if self.plain else None
@@ -248,7 +256,7 @@ class LayerDispatch:
         st = self.state
         if st is None or (how == "auto" and self.decided.get((rows, threads)) is not True):
             return None
-        bias = layer._parameters.get("bias")
+        bias = layer_bias(layer)
         if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous() or not bias.is_cpu):
             return None
         return st.addr
@@ -263,7 +271,7 @@ class LayerDispatch:
             return self.native_addr(layer, rows, threads)
         if not self.direct_input or not self.unscaled:
             return None
-        bias = layer._parameters.get("bias")
+        bias = layer_bias(layer)
         if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous() or not bias.is_cpu):
             return None
         many_rows = 0 < self.route.panel_rows <= rows
@@ -299,7 +307,7 @@ class LayerDispatch:
     def conv_call(self, layer: Any, x: torch.Tensor, cut: Any, threads: int) -> torch.Tensor | None:
         """The whole convolution in one C call (`lb_conv`: patches, kernel, output map) on fp32 CPU input ``x``,
         whatever was decided; None where it cannot run (no prepared weights for these patches, a non-fp32 bias)."""
-        bias = layer._parameters.get("bias")
+        bias = layer_bias(layer)
         st = self.state
         if (bias is not None and bias.dtype is not torch.float32) or st is None or cut.k != st.K:
             return None

@@ -47,7 +47,7 @@ from torch import nn
 from lowbit.kernels import native
 from lowbit.kernels.abi import BlockDesc
 from lowbit.kernels.attention import mask_args, sdpa
-from lowbit.kernels.dispatch import bucket, race
+from lowbit.kernels.dispatch import bucket, layer_bias, race
 from lowbit.kernels.dispatch import mode as kernel_mode
 from lowbit.kernels.elementwise import add_layer_norm, gelu
 from lowbit.nn.block_layouts import LAYOUTS, EncoderParts, Layout, encoder_parts, get_module
@@ -339,7 +339,7 @@ class FusedEncoderForward:
         for t in (n1.weight, n1.bias, n2.weight, n2.bias):
             if t is not None and (t.dtype is not torch.float32 or not t.is_contiguous() or not t.is_cpu):
                 return None
-        biases = [_ptr(layer._parameters.get("bias")) for layer in layers]
+        biases = [_ptr(layer_bias(layer)) for layer in layers]
         norms = [_ptr(n1.weight), _ptr(n1.bias), _ptr(n2.weight), _ptr(n2.bias)]
         k = len(qkv)
         first = [addrs[0] if joint is not None else None, *addrs[k:], biases[0] if joint is not None else None]
