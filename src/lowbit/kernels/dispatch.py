@@ -43,8 +43,8 @@ import torch.nn.functional as F
 
 from lowbit.formats.registry import ACT_FORMATS
 from lowbit.formats.spec import QuantSpec
-from lowbit.kernels.fakequant import fake_quantize_fast
-from lowbit.kernels.routes import Route, awaits_calibration, int8_token_constants, route_for
+from lowbit.kernels.fakequant import fake_quantize_fast, has_fast_path
+from lowbit.kernels.routes import Route, awaits_calibration, route_for
 
 MODES = ("auto", "native", "reference", "portable")
 REPEATS = 3
@@ -175,14 +175,15 @@ class LayerDispatch:
     def __init__(self, route: Route, layer: Any) -> None:
         self.route = route
         # The dense path without QuantLinear.forward's generality: weight-only layers run one F.linear on the cached
-        # weight, int8-per-token layers first quantize their input in one C pass (bit-identical to ActQuantizer).
+        # weight, layers with dynamic per-token activations (int8, FP8, ...) first quantize their input in one C pass
+        # (bit-identical to ActQuantizer; FP8 layers at batch 1 spent most of their dense call in the module's Python).
         # A weight-only layer packed with kernel_activations="int8" quantizes its input on both paths, so its output
         # does not depend on which one dispatch picked.
         int8_kernel_input = layer.act is None and route.kernel.endswith("a8")
         self.plain = layer.act is None and layer.input_scale is None and layer.input_shift is None
         self.plain = self.plain and not int8_kernel_input
-        int8_input = ACT_FORMATS["int8_token"] if int8_kernel_input else layer.act_spec
-        self.int8_input: QuantSpec | None = int8_input if int8_token_constants(int8_input) is not None else None
+        fast_input = ACT_FORMATS["int8_token"] if int8_kernel_input else layer.act_spec
+        self.fast_input: QuantSpec | None = fast_input if has_fast_path(fast_input) else None
         self.state: Any = None
         self.choice: dict[tuple[int, int], dict[str, Any]] = {}  # (bucket, threads) → what was measured
         self.decided: dict[tuple[int, int], bool] = {}  # (rows, threads) → native? (the per-call lookup)
@@ -337,7 +338,7 @@ class LayerDispatch:
 
     def dense(self, layer: Any, x: torch.Tensor, xt: torch.Tensor, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The dense path on input ``x`` (``xt``: ``x`` after the layer's input scale / shift, already computed)."""
-        if not self.plain and self.int8_input is None:
+        if not self.plain and self.fast_input is None:
             return dense()
         w = layer._cache
         if w is None:
@@ -346,8 +347,8 @@ class LayerDispatch:
             return dense()
         if self.plain:
             return F.linear(x, w, layer.bias)
-        if self.int8_input is not None:
-            xq = fake_quantize_fast(xt.float(), self.int8_input)
+        if self.fast_input is not None:
+            xq = fake_quantize_fast(xt.float(), self.fast_input)
             return dense() if xq is None else F.linear(xq, w, layer.bias).to(x.dtype)
         return dense()
 

@@ -44,6 +44,11 @@ def _plan(spec: QuantSpec) -> tuple[str, tuple] | None:
     return None
 
 
+def has_fast_path(spec: QuantSpec | None) -> bool:
+    """Whether `fake_quantize_fast` computes ``spec`` (dynamic per-token symmetric int or low-bit float)."""
+    return spec is not None and _plan(spec) is not None
+
+
 _modules: tuple[Any, Any] | None = None  # (dispatch, native), imported at first use (dispatch imports this module)
 
 
