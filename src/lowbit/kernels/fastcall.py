@@ -23,7 +23,6 @@ import pathlib
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from typing import Any
 
 from lowbit.kernels import native
@@ -39,21 +38,6 @@ conv: Any = None
 reason = ""
 #: Seconds this process spent compiling the entry (0 when it came from the cache).
 seconds = 0.0
-
-
-def _build(dest: pathlib.Path, include: str) -> None:
-    """Compile into a temporary file next to ``dest``, then rename it into place (atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=dest.stem + ".", suffix=".tmp.so", dir=dest.parent)
-    os.close(fd)
-    try:
-        cmd = [native._CXX, *_FLAGS, f"-I{include}", "-o", tmp, str(_SRC)]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if res.returncode != 0:
-            raise RuntimeError(f"{native._CXX} failed ({res.returncode}): {res.stderr.strip()[-1000:]}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _load() -> None:
@@ -72,7 +56,7 @@ def _load() -> None:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             t0 = os.times().elapsed
-            _build(path, include)
+            native._compile([*_FLAGS, f"-I{include}"], path, [_SRC])
             seconds = os.times().elapsed - t0
         spec = importlib.util.spec_from_file_location("lowbit_fastcall", path)
         if spec is None or spec.loader is None:

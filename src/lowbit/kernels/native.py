@@ -89,12 +89,14 @@ def _compiler_version() -> str:
     return out.stdout
 
 
-def _compile(flags: list[str], dest: pathlib.Path) -> None:
-    """Compile into a temporary file next to dest, then atomically rename it into place."""
+def _compile(flags: list[str], dest: pathlib.Path, sources: list[pathlib.Path] | None = None) -> None:
+    """Compile ``sources`` (default: the kernel library's) into a temporary file next to dest, then atomically rename
+    it into place."""
     fd, tmp = tempfile.mkstemp(prefix=dest.stem + ".", suffix=".tmp.so", dir=dest.parent)
     os.close(fd)
     try:
-        res = subprocess.run([_CXX, *flags, "-o", tmp, *map(str, _SRCS)], capture_output=True, text=True, timeout=600)
+        cmd = [_CXX, *flags, "-o", tmp, *map(str, sources or _SRCS)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             raise RuntimeError(f"{_CXX} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
         os.replace(tmp, dest)
