@@ -145,10 +145,12 @@ def test_fp4_layers_run_rows_of_codes_and_panels_of_twice_their_values():
         assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
 
 
+@pytest.mark.parametrize("rows", [70, 1, 3, 8])
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-def test_fp8_panels_decode_every_finite_code_exactly(fmt):
+def test_fp8_panels_decode_every_finite_code_exactly(fmt, rows):
     """FP8 bytes are decoded in the kernel (normal, subnormal, ±0): an identity input returns every weight
-    code·scale bit for bit, the values of `lowfloat.decode_table`."""
+    code·scale bit for bit, the values of `lowfloat.decode_table` -- in a decoded block (70 rows at a time) and
+    in registers (fewer rows than ``FP8_REGISTER_ROWS``: through half precision, the E4M3 scale times 2^8)."""
     from lowbit.formats import lowfloat
 
     table = lowfloat.decode_table(fmt)
@@ -158,19 +160,29 @@ def test_fp8_panels_decode_every_finite_code_exactly(fmt):
     codes = finite.repeat(N * K // finite.numel() + 1)[: N * K].reshape(N, K)
     s = torch.rand(N, generator=gen(3)) + 0.5
     p = panels.prepare_fp8_panels(codes, s, lowfloat.layout(fmt).exp_bits)
-    y = panels.matmul_f32_panel(torch.eye(K), p)  # (K, N): y[k, n] = w[n, k]
+    eye = torch.eye(K)
+    y = torch.cat([panels.matmul_f32_panel(eye[i : i + rows], p) for i in range(0, K, rows)])  # y[k, n] = w[n, k]
     assert torch.equal(y.T, table[codes.long()] * s[:, None])
 
 
-@pytest.mark.parametrize("M", [1, 5, 8, 33])
-def test_fp8_panels_compute_the_dense_product(M):
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 11, 12, 33])
+def test_fp8_panels_compute_the_dense_product(M, fmt):
+    """Any row count (registers below 12 rows, a decoded block from 12), K not a multiple of 4, N of 16."""
     from lowbit.formats import lowfloat
 
     g = gen(M)
-    codes = torch.randint(0, 256, (100, 200), generator=g, dtype=torch.uint8)
-    codes[(codes & 0x7F) == 0x7F] = 0  # E4M3's NaN patterns are never encoded
+    codes = torch.randint(0, 256, (100, 201), generator=g, dtype=torch.uint8)
+    if fmt == "e4m3":
+        codes[(codes & 0x7F) == 0x7F] = 0  # E4M3's NaN patterns are never encoded
+    else:
+        codes[(codes & 0x7C) == 0x7C] = 0  # nor E5M2's inf / NaN ones
     s = torch.rand(100, generator=g)
-    w = lowfloat.decode_table("e4m3")[codes.long()] * s[:, None]
-    x = torch.randn(M, 200, generator=g)
-    y = panels.matmul_f32_panel(x, panels.prepare_fp8_panels(codes, s, 4), threads=2)
-    _close(y, x.double() @ w.double().T, x, w)
+    w = lowfloat.decode_table(fmt)[codes.long()] * s[:, None]
+    x = torch.randn(M, 201, generator=g)
+    for threads in (1, 2):
+        y = panels.matmul_f32_panel(x, panels.prepare_fp8_panels(codes, s, lowfloat.layout(fmt).exp_bits), threads)
+        _close(y, x.double() @ w.double().T, x, w)
+    x[0, 7] = float("nan")  # a NaN input row stays NaN, the other rows are unaffected
+    y = panels.matmul_f32_panel(x, panels.prepare_fp8_panels(codes, s, lowfloat.layout(fmt).exp_bits))
+    assert bool(y[0].isnan().all()) and not bool(y[1:].isnan().any())
