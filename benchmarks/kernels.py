@@ -55,6 +55,8 @@ FORMAT_ROWS: dict[str, tuple[str, str | None]] = {
     "ternary (W1.58A8)": ("ternary_absmean", "int8_token"),
     "binary (w1a32)": ("binary", None),
     "fp4 (e2m1 g32)": ("fp4_e2m1", None),
+    "fp8": ("fp8_e4m3", None),  # E4M3 weights, fp32 activations
+    "fp8a8": ("fp8_e4m3", "fp8_token"),  # E4M3 weights and dynamic per-token activations
     "w1a8": ("binary", "int8_token"),
     "w1a1": ("binary", "binary_token"),
 }

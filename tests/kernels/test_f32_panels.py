@@ -167,22 +167,56 @@ def test_fp8_panels_decode_every_finite_code_exactly(fmt, rows):
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("M", [1, 2, 5, 8, 11, 12, 33])
-def test_fp8_panels_compute_the_dense_product(M, fmt):
+def test_fp8_panels_compute_the_dense_product(M, fmt, N=100, K=201):
     """Any row count (registers below 12 rows, a decoded block from 12), K not a multiple of 4, N of 16."""
     from lowbit.formats import lowfloat
 
     g = gen(M)
-    codes = torch.randint(0, 256, (100, 201), generator=g, dtype=torch.uint8)
+    codes = torch.randint(0, 256, (N, K), generator=g, dtype=torch.uint8)
     if fmt == "e4m3":
         codes[(codes & 0x7F) == 0x7F] = 0  # E4M3's NaN patterns are never encoded
     else:
         codes[(codes & 0x7C) == 0x7C] = 0  # nor E5M2's inf / NaN ones
-    s = torch.rand(100, generator=g)
+    s = torch.rand(N, generator=g)
     w = lowfloat.decode_table(fmt)[codes.long()] * s[:, None]
-    x = torch.randn(M, 201, generator=g)
+    x = torch.randn(M, K, generator=g)
     for threads in (1, 2):
         y = panels.matmul_f32_panel(x, panels.prepare_fp8_panels(codes, s, lowfloat.layout(fmt).exp_bits), threads)
         _close(y, x.double() @ w.double().T, x, w)
     x[0, 7] = float("nan")  # a NaN input row stays NaN, the other rows are unaffected
     y = panels.matmul_f32_panel(x, panels.prepare_fp8_panels(codes, s, lowfloat.layout(fmt).exp_bits))
     assert bool(y[0].isnan().all()) and not bool(y[1:].isnan().any())
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_fp8_register_rows_split_between_threads(M):
+    """Enough work (M·N·K ≥ 2^20) for the few-row FP8 path to split its panels between threads."""
+    test_fp8_panels_compute_the_dense_product(M, "e4m3", N=300, K=1200)
+
+
+def test_fp8_terms_are_the_block_paths_and_huge_scales_take_the_block_path():
+    """Each decoded weight times its scale, then summed, on either path: sums near fp32's range stay finite where
+    they are (the scale applied after the sum would overflow), and scales from 2^100 on run the block path."""
+    from lowbit.formats import lowfloat
+
+    codes = torch.full((16, 4), 0x7B, dtype=torch.uint8)  # E5M2 57344
+    s = torch.full((16,), 2.0**-20)
+    x = torch.full((1, 4), 1e34)
+    p = panels.prepare_fp8_panels(codes, s, 5)
+    few, many = panels.matmul_f32_panel(x, p), panels.matmul_f32_panel(x.expand(12, 4), p)
+    assert torch.isfinite(few).all() and torch.equal(few[0], many[0])
+    codes = torch.tensor([[0x00, 0x01, 0x30, 0x38]] * 16, dtype=torch.uint8)  # E4M3 0, 2^-9, 0.5, 1
+    s = torch.full((16,), 3e38)
+    p = panels.prepare_fp8_panels(codes, s, 4)
+    x = torch.tensor([[1.0, 2.0**-20, 0.5, 0.25]])
+    y = panels.matmul_f32_panel(x, p)
+    ref = (x.double() @ (lowfloat.decode_table("e4m3")[codes.long()].double() * 3e38).T).float()
+    assert torch.isfinite(y).all() and torch.allclose(y, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("exp_bits", "code"), [(4, 0x7F), (4, 0xFF), (5, 0x7C), (5, 0xFE)])
+def test_fp8_panels_refuse_nan_and_inf_patterns(exp_bits, code):
+    codes = torch.zeros(4, 8, dtype=torch.uint8)
+    codes[2, 3] = code
+    with pytest.raises(ValueError, match="NaN or inf bit patterns"):
+        panels.prepare_fp8_panels(codes, torch.ones(4), exp_bits)

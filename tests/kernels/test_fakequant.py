@@ -52,7 +52,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-@pytest.mark.parametrize("k", [1, 7, 64, 203])
+@pytest.mark.parametrize("k", [1, 7, 9, 64, 203])
 def test_fast_path_is_bit_identical(name: str, k: int) -> None:
     spec = SPECS[name]
     for seed in range(3):

@@ -425,9 +425,11 @@ OTHER_BUILD_CHECKS = (
     "    tf.test_f32_panels_compute_the_dense_product(100, 33, M)\n"
     "tf.test_f32_panels_apply_the_group_scales_and_zero_points(4, 32)\n"
     "tf.test_weight_only_layers_run_f32_panels_from_their_row_count('int4_g128', None, 'w4a32')\n"
-    "for fmt in ('e4m3', 'e5m2'):\n"  # FP8 bytes decoded in the fp32 tiles; input scales applied in lb_linear
-    "    tf.test_fp8_panels_decode_every_finite_code_exactly(fmt)\n"
-    "tf.test_fp8_panels_compute_the_dense_product(5)\n"
+    "for fmt in ('e4m3', 'e5m2'):\n"  # FP8 bytes decoded in the fp32 tiles and in registers (2-row tiles on AVX2)
+    "    for rows in (70, 1, 3):\n"
+    "        tf.test_fp8_panels_decode_every_finite_code_exactly(fmt, rows)\n"
+    "    for M in (1, 5, 12):\n"
+    "        tf.test_fp8_panels_compute_the_dense_product(M, fmt)\n"
     "d.test_the_kernel_applies_a_linear_layers_input_scale('fp8_e4m3', 'fp8_token', 40)\n"
     "d.test_the_kernel_applies_a_linear_layers_input_scale('int8', 'int8_token', 3)\n"
     "from tests.kernels import test_attention as ta\n"  # lb_attention's vector code in this build

@@ -1225,9 +1225,10 @@ static int f32_panel_run(const float* x, i64 M, i64 K, const int8_t* wp, const f
 // its value over 2^8), which vcvtph2ps widens exactly, subnormals included (it ignores MXCSR.DAZ). 16 bytes of a
 // panel (4 columns x 4 k) give two vectors without a shuffle: the odd bytes masked in place, the even ones shifted
 // up; lane i holds column i / 2 at k + 2 (i % 2) (+1 for the odd bytes). They multiply [x0 x2 x0 x2 ..] and
-// [x1 x3 x1 x3 ..] into one accumulator per 4 columns, whose lane pairs are summed at the end, then times 2^8
-// (E4M3) and the column's scale. Another order of sums than the panel kernel's (scale applied after the sum):
-// equal within fp32 rounding.
+// [x1 x3 x1 x3 ..], after a multiplication by their column's scale (times 2^8 for E4M3: the block path's decoded
+// weight, bit for bit), into one accumulator per 4 columns, whose lane pairs are summed at the end: the block path's
+// terms summed in another order, equal within fp32 rounding. (The scale applied after the sum would save a
+// multiplication but let sums near fp32's range overflow, or tiny ones lose bits, where the block path's do not.)
 template <int FPE>
 static inline void fp8_widen(const int8_t* w, __m256& even, __m256& odd) {
     const __m128i raw = _mm_loadu_si128((const __m128i*)w);
@@ -1241,17 +1242,23 @@ static inline void fp8_widen(const int8_t* w, __m256& even, __m256& odd) {
     odd = _mm256_cvtph_ps(o);
 }
 
-// y rows 0 .. MR-1 (stride N), columns 4 c0 .. 4 (c0 + NQ) - 1 of panel w (16 columns x Kp bytes, 4 k per column;
-// its first ncols columns valid) = x . decoded weights.
-template <int MR, int NQ, int FPE>
-static inline void fp8_rows_tile(const float* x, i64 K, const int8_t* w, int c0, const float* s, float* y, i64 N,
+// y rows 0 .. MR-1 (stride N), the first ncols columns of panel w (16 columns x Kp bytes, 4 k per column) = x .
+// decoded weights; s256: the panel's 16 column scales, times 2^8 for E4M3 (each decoded value times its scale is
+// then the block path's product, bit for bit).
+template <int MR, int FPE>
+static inline void fp8_rows_tile(const float* x, i64 K, const int8_t* w, const float* s256, float* y, i64 N,
                                  i64 ncols) {
     constexpr int AS = MR == 1 ? 2 : 1;  // one row: the even and odd products in two chains (FMA latency)
-    __m256 acc[MR][NQ][AS];
+    __m256 acc[MR][4][AS], sl[4];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {  // lane i of accumulator q: column 4 q + i / 2
+        const __m128 s4 = _mm_loadu_ps(s256 + 4 * q);
+        sl[q] = _mm256_set_m128(_mm_unpackhi_ps(s4, s4), _mm_unpacklo_ps(s4, s4));
+    }
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 8
-        for (int q = 0; q < NQ; ++q)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q)
 #pragma GCC unroll 2
             for (int a = 0; a < AS; ++a) acc[m][q][a] = _mm256_setzero_ps();
     // One quad of k: rows xp (stride ldx) at xp[m * ldx .. + 3], the panel's bytes from wk.
@@ -1263,10 +1270,12 @@ static inline void fp8_rows_tile(const float* x, i64 K, const int8_t* w, int c0,
             xe[m] = _mm256_permute_ps(xv, 0x88);  // x0 x2 x0 x2
             xo[m] = _mm256_permute_ps(xv, 0xdd);  // x1 x3 x1 x3
         }
-#pragma GCC unroll 8
-        for (int q = 0; q < NQ; ++q) {
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
             __m256 fe, fo;
-            fp8_widen<FPE>(wk + 16 * (c0 + q), fe, fo);
+            fp8_widen<FPE>(wk + 16 * q, fe, fo);
+            fe = _mm256_mul_ps(fe, sl[q]);
+            fo = _mm256_mul_ps(fo, sl[q]);
 #pragma GCC unroll 8
             for (int m = 0; m < MR; ++m) {
                 acc[m][q][0] = _mm256_fmadd_ps(fe, xe[m], acc[m][q][0]);
@@ -1286,24 +1295,20 @@ static inline void fp8_rows_tile(const float* x, i64 K, const int8_t* w, int c0,
         quad(&t[0][0], 4, w + 16 * K4);
     }
     if constexpr (AS == 2)
-#pragma GCC unroll 8
-        for (int q = 0; q < NQ; ++q) acc[0][q][0] = _mm256_add_ps(acc[0][q][0], acc[0][q][1]);
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) acc[0][q][0] = _mm256_add_ps(acc[0][q][0], acc[0][q][1]);
     const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-#pragma GCC unroll 8
-    for (int q = 0; q < NQ; q += 2) {  // 8 columns: hadd of two accumulators gives (c0 c1 c4 c5 | c2 c3 c6 c7)
-        const i64 c = 4 * (c0 + q), nc = std::min<i64>(8, ncols - c);
+#pragma GCC unroll 2
+    for (int q = 0; q < 4; q += 2) {  // 8 columns: hadd of two accumulators gives (c0 c1 c4 c5 | c2 c3 c6 c7)
+        const i64 c = 4 * q, nc = std::min<i64>(8, ncols - c);
         if (nc <= 0) break;
-        float t[8] = {};
-        for (i64 j = 0; j < nc; ++j) t[j] = s[c + j];
-        __m256 sc = _mm256_loadu_ps(t);
-        if constexpr (FPE == 4) sc = _mm256_mul_ps(sc, _mm256_set1_ps(256.0f));  // exact below 2^120
 #pragma GCC unroll 8
         for (int m = 0; m < MR; ++m) {
-            const __m256 a = _mm256_hadd_ps(acc[m][q][0], q + 1 < NQ ? acc[m][q + 1][0] : _mm256_setzero_ps());
-            const __m256 r = _mm256_mul_ps(_mm256_permutevar8x32_ps(a, order), sc);
+            const __m256 r = _mm256_permutevar8x32_ps(_mm256_hadd_ps(acc[m][q][0], acc[m][q + 1][0]), order);
             if (nc == 8) {
                 _mm256_storeu_ps(y + m * N + c, r);
             } else {
+                float t[8];
                 _mm256_storeu_ps(t, r);
                 for (i64 j = 0; j < nc; ++j) y[m * N + c + j] = t[j];
             }
@@ -1311,9 +1316,9 @@ static inline void fp8_rows_tile(const float* x, i64 K, const int8_t* w, int c0,
     }
 }
 
-// Below this many rows FP8 panels are decoded in registers (fp8_rows_run), from it on into a block (f32_panel_run):
-// 1024 x 1024, one thread, Zen 4: 1 row 88-99 us vs 223-236; 4 rows 136-152 vs 307-314; 8 rows 283-305 vs 336-372;
-// 12 rows 452 vs 454; 16 rows 494-543 vs 494.
+// Below this many rows FP8 panels are decoded in registers (fp8_rows_run), from it on into a block (f32_panel_run).
+// Median us, one thread, Zen 4, registers vs block: 1024 x 1024 at 1 row 91-115 vs 223-236, 4 rows 138 vs 275,
+// 8 rows 268 vs 335, 10 rows 374 vs 419, 11 rows 387 vs 409; 128 x 1024 at 4 rows 21 vs 37, 11 rows 60 vs 53.
 static constexpr i64 FP8_REGISTER_ROWS = 12;
 #if defined(__AVX512F__)
 static constexpr int FP8_MR = 4;  // rows sharing a decode: 16 accumulators and 8 x vectors of 32 registers
@@ -1321,10 +1326,13 @@ static constexpr int FP8_MR = 4;  // rows sharing a decode: 16 accumulators and 
 static constexpr int FP8_MR = 2;  // 8 accumulators and 4 x vectors of 16
 #endif
 // y (M, N) = x (M, K) . decoded FP8 panels, for few rows: each thread owns a contiguous range of panels; one row
-// reads a whole panel line (16 columns) per quad of k, two rows share its decode.
+// reads a whole panel line (16 columns) per quad of k, FP8_MR rows share its decode. Returns 1 (nothing computed)
+// when a scale is not below 2^100 (its E4M3 factor 2^8 could overflow): the block path takes those.
 template <int FPE>
-static void fp8_rows_run(const float* x, i64 M, i64 K, const int8_t* wp, const float* sp, i64 N, i64 Kp, float* y,
-                         int threads) {
+static int fp8_rows_run(const float* x, i64 M, i64 K, const int8_t* wp, const float* sp, i64 N, float* y,
+                        i64 Kp, int threads) {
+    for (i64 n = 0; n < N; ++n)
+        if (!(fabsf(sp[n]) < 0x1p100f)) return 1;
     const i64 P = (N + 15) / 16;
     lb_parallel(nthreads(threads), threads != 1 && M * N * K >= (1 << 20), [&] {
         i64 p0, p1;
@@ -1332,16 +1340,17 @@ static void fp8_rows_run(const float* x, i64 M, i64 K, const int8_t* wp, const f
         for (i64 p = p0; p < p1; ++p) {
             const int8_t* w = wp + p * 16 * Kp;
             const i64 n0 = 16 * p, nc = std::min<i64>(16, N - n0);
-            const float* s = sp + n0;
+            float s256[16] = {};
+            for (i64 j = 0; j < nc; ++j) s256[j] = FPE == 4 ? sp[n0 + j] * 256.0f : sp[n0 + j];
             i64 m = 0;
-            for (; m + FP8_MR <= M; m += FP8_MR)
-                fp8_rows_tile<FP8_MR, 4, FPE>(x + m * K, K, w, 0, s, y + m * N + n0, N, nc);
+            for (; m + FP8_MR <= M; m += FP8_MR) fp8_rows_tile<FP8_MR, FPE>(x + m * K, K, w, s256, y + m * N + n0, N, nc);
             if (m < M)
                 with_rows<FP8_MR>(M - m, [&](auto mt) {
-                    fp8_rows_tile<decltype(mt)::value, 4, FPE>(x + m * K, K, w, 0, s, y + m * N + n0, N, nc);
+                    fp8_rows_tile<decltype(mt)::value, FPE>(x + m * K, K, w, s256, y + m * N + n0, N, nc);
                 });
         }
     });
+    return 0;
 }
 #endif
 
@@ -1350,11 +1359,8 @@ LB_API int lb_f32_panel(const float* x, i64 M, i64 K, const int8_t* wp, const fl
     if (fpe == 0) return f32_panel_run<0>(x, M, K, wp, sp, N, Kp, group, y, threads);
     if (group) return -1;
 #if defined(__AVX2__) && defined(__F16C__)
-    if (M < FP8_REGISTER_ROWS && (fpe == 4 || fpe == 5)) {
-        if (fpe == 4) fp8_rows_run<4>(x, M, K, wp, sp, N, Kp, y, threads);
-        else fp8_rows_run<5>(x, M, K, wp, sp, N, Kp, y, threads);
-        return 0;
-    }
+    if (M < FP8_REGISTER_ROWS && fpe == 4 && !fp8_rows_run<4>(x, M, K, wp, sp, N, y, Kp, threads)) return 0;
+    if (M < FP8_REGISTER_ROWS && fpe == 5 && !fp8_rows_run<5>(x, M, K, wp, sp, N, y, Kp, threads)) return 0;
 #endif
     if (fpe == 4) return f32_panel_run<4>(x, M, K, wp, sp, N, Kp, 0, y, threads);
     if (fpe == 5) return f32_panel_run<5>(x, M, K, wp, sp, N, Kp, 0, y, threads);
@@ -1869,8 +1875,10 @@ LB_API void lb_fake_quant_rows_fp(const float* x, i64 M, i64 K, int man, int emi
         const __m256 signmask = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
         const __m256i lo = _mm256_set1_epi32(emin + 127), hi = _mm256_set1_epi32(emax + 127);
         const __m256i vman = _mm256_set1_epi32(man), b254 = _mm256_set1_epi32(254);
-        for (; k + 8 <= K; k += 8) {
-            const __m256 v = _mm256_div_ps(_mm256_loadu_ps(xr + k), vs);
+        for (; k < K; k += 8) {  // the tail as a masked load and store (its zero lanes are not stored)
+            const bool full = k + 8 <= K;
+            const __m256i lanes = full ? _mm256_set1_epi32(-1) : first_lanes(K - k);
+            const __m256 v = _mm256_div_ps(full ? _mm256_loadu_ps(xr + k) : _mm256_maskload_ps(xr + k, lanes), vs);
             const __m256 ok = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
             const __m256 mag = _mm256_min_ps(_mm256_and_ps(v, absmask), vmax);  // NaN lane -> max (2nd operand)
             const __m256 t = _mm256_max_ps(mag, tmin);
@@ -1884,7 +1892,8 @@ LB_API void lb_fake_quant_rows_fp(const float* x, i64 M, i64 K, int man, int emi
             r = _mm256_min_ps(r, vmax);
             const __m256 neg = _mm256_and_ps(_mm256_and_ps(v, signmask), ok);  // sign of non-NaN lanes
             r = _mm256_or_ps(r, _mm256_and_ps(neg, _mm256_cmp_ps(r, _mm256_setzero_ps(), _CMP_NEQ_OQ)));
-            _mm256_storeu_ps(o + k, _mm256_mul_ps(r, vs));
+            if (full) _mm256_storeu_ps(o + k, _mm256_mul_ps(r, vs));
+            else _mm256_maskstore_ps(o + k, lanes, _mm256_mul_ps(r, vs));
         }
 #endif
         for (; k < K; ++k) o[k] = fp_code_value(xr[k] / s, man, emin, emax, maxv) * s;
