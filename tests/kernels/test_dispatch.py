@@ -670,3 +670,35 @@ def test_report_marks_the_layers_that_ran_on_panels() -> None:
         with torch.no_grad(), use_mode("native"):
             p(torch.randn(rows, 384))
         assert layer_report(p[0])[0]["panels"] is want, weights
+
+
+@needs_native
+def test_the_raced_kernel_call_is_the_decided_forwards_call() -> None:
+    """`LayerDispatch.native` (what dispatch races against the dense path) makes the decided forward's own C call
+    on an fp32, contiguous input, and the checked `layer.linear` otherwise (other dtypes, strided inputs, a bias of
+    another dtype); every way gives the same values."""
+    from lowbit.kernels import layer as native_layer
+
+    _, p = packed_layer("int8", "int8_token", k=64, n=24)
+    layer = p[0]
+    with torch.no_grad():
+        x = torch.randn(3, 64)
+        p(x)  # builds the layer's dispatch
+        disp = layer._dispatch
+        disp.state = disp.state or disp.route.prepare(layer)
+        want = native_layer.linear(disp.state, x, 1, layer.bias)
+        calls: list[int] = []
+        real = disp._lb_linear
+        disp._lb_linear = lambda *a: calls.append(1) or real(*a)
+        try:
+            assert torch.equal(disp.native(layer, x, 1), want) and calls == [1]
+            assert torch.equal(disp.native(layer, x.double(), 1), want) and calls == [1]  # the checked call
+            xt = torch.randn(64, 3).T  # strided
+            assert torch.equal(
+                disp.native(layer, xt, 1), native_layer.linear(disp.state, xt.contiguous(), 1, layer.bias)
+            )
+            assert calls == [1]
+            layer.bias.data = layer.bias.data.double()
+            assert torch.allclose(disp.native(layer, x, 1), want) and calls == [1]
+        finally:
+            disp._lb_linear = real

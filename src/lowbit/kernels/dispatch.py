@@ -237,13 +237,20 @@ class LayerDispatch:
         st = self.state
         if st is None or k != st.K:
             return None
+        return self._call(st, x, rows, threads, bias)
+
+    def _call(
+        self, st: Any, x: torch.Tensor, rows: int, threads: int, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The C call alone (fast call entry, else ctypes) on fp32, contiguous CPU ``x`` of ``rows`` rows of st.K
+        values, with an fp32 ``bias`` or None; None where the call failed (`layer.linear` raises the error)."""
         if torch.get_default_dtype() is torch.float32:
-            y = torch.empty(*shape[:-1], st.N)  # without the dtype keyword: half the call's cost here
+            y = torch.empty(*x.shape[:-1], st.N)  # without the dtype keyword: half the call's cost here
         else:
-            y = torch.empty(*shape[:-1], st.N, dtype=torch.float32)
+            y = torch.empty(*x.shape[:-1], st.N, dtype=torch.float32)
         b = None if bias is None else bias.data_ptr()
         if self._lb_linear(st.addr, x.data_ptr(), rows, y.data_ptr(), threads, b):
-            return None  # the full path raises the error
+            return None
         return y
 
     def native_addr(self, layer: Any, rows: int, threads: int) -> int | None:
@@ -334,7 +341,15 @@ class LayerDispatch:
         if st is None or (many_rows and not st.has_panels):
             # Built on first use; the many-row layout (`kernels.panels`) on the first call with enough rows, then kept.
             self.state = st = self.prepare(layer, many_rows)
-        return self._linear(st, x, threads, layer.bias)
+        # The decided forward's own C call where the input allows (dispatch races this against the dense path:
+        # the checked ctypes call below cost ~2 µs more, a fifth of a small layer's time, and tipped close races).
+        bias = layer_bias(layer)
+        if x.dtype is torch.float32 and x.is_contiguous() and x.is_cpu and x.dim() and x.shape[-1] == st.K:
+            if bias is None or (bias.dtype is torch.float32 and bias.is_contiguous() and bias.is_cpu):
+                y = self._call(st, x, x.numel() // st.K, threads, bias)
+                if y is not None:
+                    return y
+        return self._linear(st, x, threads, bias)
 
     def dense(self, layer: Any, x: torch.Tensor, xt: torch.Tensor, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The dense path on input ``x`` (``xt``: ``x`` after the layer's input scale / shift, already computed)."""
@@ -376,6 +391,8 @@ class LayerDispatch:
             w = layer.weight_matrix()  # what an fp32 layer of this shape costs (for the report, not the choice)
             native_fn: Callable[[], Any] = lambda: self.native(layer, x if self.kernel_scales else xt, threads)  # noqa: E731
             dense_fn: Callable[[], Any] = lambda: self.dense(layer, x, xt, dense)  # noqa: E731
+            if self.plain and w.is_cpu:  # what a decided plain layer's dense forward runs: one F.linear
+                dense_fn = lambda: F.linear(x, w, layer_bias(layer))  # noqa: E731
             fp32_fn: Callable[[], Any] = lambda: F.linear(xt, w, layer.bias)  # noqa: E731
             # (an overridden mode, `use_mode`, takes the patches' path: `hot_conv` serves only plain auto mode)
             calls = whole(self) if whole is not None and not _mode_override else None
