@@ -702,3 +702,25 @@ def test_the_raced_kernel_call_is_the_decided_forwards_call() -> None:
             assert torch.allclose(disp.native(layer, x, 1), want) and calls == [1]
         finally:
             disp._lb_linear = real
+
+
+@needs_native
+def test_a_strided_or_broadcast_bias_gives_the_simulated_values_on_every_path() -> None:
+    """A bias the C entries cannot read as is (strided, or one value broadcast) takes the checked path,
+    which converts it: decided calls (`hot`), native mode and the race agree with the simulated layer."""
+    q, p = packed_layer("int8", "int8_token", k=64, n=24)
+    x = torch.randn(3, 64)
+    for bias in (torch.randn(24, 2)[:, 0], torch.tensor([0.5])):
+        for m in (q[0], p[0]):
+            del m.bias
+            m.bias = bias  # a plain attribute, as on a layer built without bias and given one later
+        with torch.no_grad():
+            with use_mode("reference"):
+                want = q(x)
+            for _ in range(3):  # the race, then decided calls
+                assert torch.allclose(p(x), want, atol=1e-5), bias.shape
+            with use_mode("native"):
+                assert torch.allclose(p(x), want, atol=1e-5)
+    p[0].bias = torch.randn(5)
+    with torch.no_grad(), use_mode("native"), pytest.raises(ValueError, match="bias of 5 values"):
+        p(x)

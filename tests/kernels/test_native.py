@@ -430,6 +430,9 @@ OTHER_BUILD_CHECKS = (
     "        tf.test_fp8_panels_decode_every_finite_code_exactly(fmt, rows)\n"
     "    for M in (1, 5, 12):\n"
     "        tf.test_fp8_panels_compute_the_dense_product(M, fmt)\n"
+    "from tests.kernels import test_fakequant as tq\n"  # the FP8 fake quantizer's vector body and masked tail
+    "for k in (9, 203):\n"
+    "    tq.test_fast_path_is_bit_identical('fp8_e4m3', k)\n"
     "d.test_the_kernel_applies_a_linear_layers_input_scale('fp8_e4m3', 'fp8_token', 40)\n"
     "d.test_the_kernel_applies_a_linear_layers_input_scale('int8', 'int8_token', 3)\n"
     "from tests.kernels import test_attention as ta\n"  # lb_attention's vector code in this build

@@ -158,6 +158,12 @@ def race(*fns: Callable[[], Any], budget_s: float = RACE_BUDGET_S, max_rounds: i
     return [b * 1e3 for b in best]
 
 
+def c_ready_bias(bias: torch.Tensor | None, n: int) -> bool:
+    """Whether the C entries can read ``bias`` as it is: None, or ``n`` contiguous fp32 values on the CPU (another
+    dtype or device, a strided or a broadcast one takes the checked path, `layer.linear`, which converts it)."""
+    return bias is None or (bias.dtype is torch.float32 and bias.is_cpu and bias.is_contiguous() and bias.numel() == n)
+
+
 def layer_bias(layer: Any) -> torch.Tensor | None:
     """``layer.bias`` in fewer steps on the per-call path: the registered Parameter, else what a plain attribute holds
     (a tensor set later on a layer built without bias, or None)."""
@@ -232,10 +238,10 @@ class LayerDispatch:
             return F.linear(x, w, bias) if w is not None and w.device == x.device else None
         if native is None or x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous():
             return None
-        if (x.requires_grad and torch.is_grad_enabled()) or (bias is not None and bias.dtype is not torch.float32):
+        if x.requires_grad and torch.is_grad_enabled():
             return None
         st = self.state
-        if st is None or k != st.K:
+        if st is None or k != st.K or not c_ready_bias(bias, st.N):
             return None
         return self._call(st, x, rows, threads, bias)
 
@@ -264,10 +270,7 @@ class LayerDispatch:
         st = self.state
         if st is None or (how == "auto" and self.decided.get((rows, threads)) is not True):
             return None
-        bias = layer_bias(layer)
-        if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous() or not bias.is_cpu):
-            return None
-        return st.addr
+        return st.addr if c_ready_bias(layer_bias(layer), st.N) else None
 
     def chained_addr(self, layer: Any, rows: int, threads: int) -> int | None:
         """`native_addr` for a caller that times its own chain of native kernels against the layers' chosen paths
@@ -279,13 +282,10 @@ class LayerDispatch:
             return self.native_addr(layer, rows, threads)
         if not self.direct_input or not self.unscaled:
             return None
-        bias = layer_bias(layer)
-        if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous() or not bias.is_cpu):
-            return None
         many_rows = 0 < self.route.panel_rows <= rows
         if self.state is None or (many_rows and not self.state.has_panels):  # (as `native` builds it)
             self.state = self.prepare(layer, many_rows)
-        return self.state.addr
+        return self.state.addr if c_ready_bias(layer_bias(layer), self.state.N) else None
 
     def prepare(self, layer: Any, many_rows: bool) -> Any:
         """The layer's kernel description (`Route.prepare`; the many-row layout too when ``many_rows``), with its
@@ -317,7 +317,7 @@ class LayerDispatch:
         whatever was decided; None where it cannot run (no prepared weights for these patches, a non-fp32 bias)."""
         bias = layer_bias(layer)
         st = self.state
-        if (bias is not None and bias.dtype is not torch.float32) or st is None or cut.k != st.K:
+        if st is None or cut.k != st.K or not c_ready_bias(bias, st.N):
             return None
         if torch.get_default_dtype() is torch.float32:
             y = torch.empty(cut.map_shape)
@@ -345,7 +345,7 @@ class LayerDispatch:
         # the checked ctypes call below cost ~2 µs more, a fifth of a small layer's time, and tipped close races).
         bias = layer_bias(layer)
         if x.dtype is torch.float32 and x.is_contiguous() and x.is_cpu and x.dim() and x.shape[-1] == st.K:
-            if bias is None or (bias.dtype is torch.float32 and bias.is_contiguous() and bias.is_cpu):
+            if c_ready_bias(bias, st.N):
                 y = self._call(st, x, x.numel() // st.K, threads, bias)
                 if y is not None:
                     return y

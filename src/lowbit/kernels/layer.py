@@ -159,8 +159,12 @@ def linear(layer: NativeLinear, x: torch.Tensor, threads: int = 1, bias: torch.T
         y = torch.empty(*shape[:-1], layer.N)  # without the dtype keyword: half the call's cost here
     else:
         y = torch.empty(*shape[:-1], layer.N, dtype=torch.float32)
-    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
-        bias = _as(bias, torch.float32)
+    if bias is not None and (
+        bias.dtype is not torch.float32 or not bias.is_contiguous() or not bias.is_cpu or bias.numel() != layer.N
+    ):
+        if bias.numel() not in (1, layer.N):
+            raise ValueError(f"bias of {bias.numel()} values for a layer of {layer.N} outputs")
+        bias = _as(bias.expand(layer.N) if bias.numel() == 1 else bias.reshape(layer.N), torch.float32)
     rc = _need().lb_linear(
         layer.addr, x.data_ptr(), x.numel() // layer.K, y.data_ptr(), threads, None if bias is None else bias.data_ptr()
     )

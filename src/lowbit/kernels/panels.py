@@ -112,15 +112,14 @@ def _column_scales(s: torch.Tensor, N: int, Np: int) -> torch.Tensor:
 def prepare_fp8_panels(codes: torch.Tensor, s: torch.Tensor, exp_bits: int) -> PreparedPanels:
     """Panels of FP8 bit patterns ``codes`` (N, K) uint8 (E4M3: ``exp_bits`` 4, E5M2: 5; `lowfloat.encode`) with
     per-row scales ``s`` (N,): the layout of `matmul_f32_panel`, which decodes the bytes exactly in the kernel
-    (zero padding decodes to +0). Only fp32-input kernels read them (no column sums)."""
+    (zero padding decodes to +0). Only fp32-input kernels read them (no column sums). NaN / inf bit patterns, which
+    the encoder never writes, become +0, as `lowfloat.decode_table` reads them."""
     assert exp_bits in (4, 5), "FP8 panels hold E4M3 or E5M2 bytes"
     u8 = _as(codes, torch.uint8)
     special = 0x7F if exp_bits == 4 else 0x7C  # E4M3's NaN patterns; E5M2's inf / NaN ones (all exponent bits)
-    if bool(((u8 & special) == special).any()):
-        raise ValueError(
-            f"FP8 {'E4M3' if exp_bits == 4 else 'E5M2'} codes hold NaN or inf bit patterns, which lowbit's encoder "
-            "never writes: the checkpoint is corrupt or was not written by lowbit"
-        )
+    bad = (u8 & special) == special
+    if bool(bad.any()):  # never written by lowfloat.encode; decode_table (the reference path) reads them as 0
+        u8 = u8.masked_fill(bad, 0)
     N, K = codes.shape
     wp, Np, Kp = _panel_codes(u8.view(torch.int8))
     return PreparedPanels(wp, _column_scales(s, N, Np), N, K, Kp, ws=torch.zeros(0, dtype=torch.int32), fp_exp=exp_bits)
