@@ -250,10 +250,15 @@ class LayerDispatch:
     ) -> torch.Tensor | None:
         """The C call alone (fast call entry, else ctypes) on fp32, contiguous CPU ``x`` of ``rows`` rows of st.K
         values, with an fp32 ``bias`` or None; None where the call failed (`layer.linear` raises the error)."""
-        if torch.get_default_dtype() is torch.float32:
-            y = torch.empty(*x.shape[:-1], st.N)  # without the dtype keyword: half the call's cost here
+        # Sizes as separate ints, without the dtype keyword: torch.empty(rows, n) 0.8 µs here, torch.empty(*shape[:-1],
+        # n) 1.4, a tuple or torch.Size argument 1.3-2.1, the dtype keyword +0.3.
+        shape = x.shape
+        if torch.get_default_dtype() is not torch.float32:
+            y = torch.empty(*shape[:-1], st.N, dtype=torch.float32)
+        elif len(shape) == 2:
+            y = torch.empty(rows, st.N)
         else:
-            y = torch.empty(*x.shape[:-1], st.N, dtype=torch.float32)
+            y = torch.empty(*shape[:-1], st.N)
         b = None if bias is None else bias.data_ptr()
         if self._lb_linear(st.addr, x.data_ptr(), rows, y.data_ptr(), threads, b):
             return None
@@ -320,9 +325,9 @@ class LayerDispatch:
         if st is None or cut.k != st.K or not c_ready_bias(bias, st.N):
             return None
         if torch.get_default_dtype() is torch.float32:
-            y = torch.empty(cut.map_shape)
+            y = torch.empty(*cut.map_shape)  # (separate ints: 0.5 µs less than a tuple argument here)
         else:
-            y = torch.empty(cut.map_shape, dtype=torch.float32)
+            y = torch.empty(*cut.map_shape, dtype=torch.float32)
         b = None if bias is None else bias.data_ptr()
         if self._lb_conv(st.addr, x.data_ptr(), cut.geometry_addr, y.data_ptr(), threads, b):
             return None  # the full path raises the error

@@ -76,10 +76,10 @@ def fake_quantize_fast(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
     if x.dtype is not torch.float32 or not x.is_cpu or x.dim() == 0 or x.numel() == 0:
         return None
     kind, constants = plan
-    # Straight to the C entry: reshape / empty_like / _as checks each cost microseconds per call here.
+    # Straight to the C entry: reshape / _as checks each cost microseconds per call here.
     if not x.is_contiguous():
         x = x.contiguous()
-    out = torch.empty(x.shape) if torch.get_default_dtype() is torch.float32 else torch.empty_like(x)
+    out = torch.empty_like(x)  # fp32 and contiguous as x (0.9 µs here; torch.empty(x.shape) 2.1)
     k = x.shape[-1]
     lib = _modules[1]._need()  # type: ignore[index]  # loaded: _enabled() checked it
     fn = lib.lb_fake_quant_rows_i8 if kind == "int" else lib.lb_fake_quant_rows_fp

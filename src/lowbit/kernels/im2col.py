@@ -63,9 +63,9 @@ class Im2col:
         if x.dtype is not torch.float32 or tuple(x.shape) != self.shape or x.stride() != self.strides:
             raise ValueError(f"this Im2col cuts fp32 maps of shape {self.shape}, strides {self.strides}")
         out = (
-            torch.empty(self.out_shape)
+            torch.empty(*self.out_shape)  # (separate ints: faster than a tuple argument)
             if torch.get_default_dtype() is torch.float32
-            else torch.empty(self.out_shape, dtype=torch.float32)
+            else torch.empty(*self.out_shape, dtype=torch.float32)
         )
         self._fn(x.data_ptr(), self.geometry, out.data_ptr(), threads)
         return out
