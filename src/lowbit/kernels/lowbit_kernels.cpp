@@ -1875,10 +1875,9 @@ LB_API void lb_fake_quant_rows_fp(const float* x, i64 M, i64 K, int man, int emi
         const __m256 signmask = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
         const __m256i lo = _mm256_set1_epi32(emin + 127), hi = _mm256_set1_epi32(emax + 127);
         const __m256i vman = _mm256_set1_epi32(man), b254 = _mm256_set1_epi32(254);
-        for (; k < K; k += 8) {  // the tail as a masked load and store (its zero lanes are not stored)
-            const bool full = k + 8 <= K;
-            const __m256i lanes = full ? _mm256_set1_epi32(-1) : first_lanes(K - k);
-            const __m256 v = _mm256_div_ps(full ? _mm256_loadu_ps(xr + k) : _mm256_maskload_ps(xr + k, lanes), vs);
+        // 8 values of the row: x / s rounded to the format, times s
+        auto code8 = [&](__m256 xv) __attribute__((always_inline)) {
+            const __m256 v = _mm256_div_ps(xv, vs);
             const __m256 ok = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
             const __m256 mag = _mm256_min_ps(_mm256_and_ps(v, absmask), vmax);  // NaN lane -> max (2nd operand)
             const __m256 t = _mm256_max_ps(mag, tmin);
@@ -1892,8 +1891,13 @@ LB_API void lb_fake_quant_rows_fp(const float* x, i64 M, i64 K, int man, int emi
             r = _mm256_min_ps(r, vmax);
             const __m256 neg = _mm256_and_ps(_mm256_and_ps(v, signmask), ok);  // sign of non-NaN lanes
             r = _mm256_or_ps(r, _mm256_and_ps(neg, _mm256_cmp_ps(r, _mm256_setzero_ps(), _CMP_NEQ_OQ)));
-            if (full) _mm256_storeu_ps(o + k, _mm256_mul_ps(r, vs));
-            else _mm256_maskstore_ps(o + k, lanes, _mm256_mul_ps(r, vs));
+            return _mm256_mul_ps(r, vs);
+        };
+        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(o + k, code8(_mm256_loadu_ps(xr + k)));
+        if (k < K) {  // the tail as a masked load and store (its zero lanes are not stored)
+            const __m256i lanes = first_lanes(K - k);
+            _mm256_maskstore_ps(o + k, lanes, code8(_mm256_maskload_ps(xr + k, lanes)));
+            k = K;
         }
 #endif
         for (; k < K; ++k) o[k] = fp_code_value(xr[k] / s, man, emin, emax, maxv) * s;
