@@ -49,3 +49,34 @@ def test_wrong_width_is_refused(w8: layer.NativeLinear) -> None:
         layer.linear(w8, torch.randn(3, 41))
     with pytest.raises(ValueError, match="expects"):
         layer.linear(w8, torch.tensor(1.0))
+
+
+def test_other_c_entries_write_fp32_buffers_whatever_the_default_dtype() -> None:
+    """The fp32 panels, attention and the one-value bias conversion allocate fp32 outputs under a float64 default
+    (they wrote fp32 into a float64 buffer before: garbage)."""
+    from lowbit.kernels import attention, panels
+
+    if attention.sdpa is None:
+        pytest.skip("no attention kernel")
+    g = torch.Generator().manual_seed(0)
+    p = panels.prepare_panels(torch.randint(-127, 128, (20, 64), generator=g), torch.rand(20, generator=g))
+    x = torch.randn(5, 64, generator=g)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=g) for _ in range(3))
+    ref_p, ref_a = panels.matmul_f32_panel(x, p), attention.sdpa(q, k, v)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        y_p, y_a = panels.matmul_f32_panel(x, p), attention.sdpa(q, k, v)
+    finally:
+        torch.set_default_dtype(old)
+    assert y_p.dtype == y_a.dtype == torch.float32
+    assert torch.equal(y_p, ref_p) and torch.equal(y_a, ref_a)
+
+
+def test_a_one_value_bias_of_any_rank_is_broadcast(w8: layer.NativeLinear) -> None:
+    x = torch.randn(3, 40)
+    want = layer.linear(w8, x, bias=torch.full((24,), 0.5))
+    for b in (torch.tensor(0.5), torch.tensor([0.5]), torch.tensor([[0.5]])):
+        assert torch.equal(layer.linear(w8, x, bias=b), want)
+    with pytest.raises(ValueError, match="bias of 5 values"):
+        layer.linear(w8, x, bias=torch.zeros(5))

@@ -119,7 +119,7 @@ def _run(
 ) -> torch.Tensor:
     b, h, length, d = q.shape
     hk, s = k.shape[1], k.shape[2]
-    out = torch.empty(b, length, h, d)
+    out = native.empty_f32(b, length, h, d)
     kind, mptr, mstrides, _held = mask_args(mask, b, h, length, s)
     ostr = out.stride()
     strides = _Strides(*q.stride(), *k.stride(), *v.stride(), ostr[0], ostr[2], ostr[1], ostr[3], *mstrides)

@@ -249,7 +249,8 @@ class LayerDispatch:
         self, st: Any, x: torch.Tensor, rows: int, threads: int, bias: torch.Tensor | None
     ) -> torch.Tensor | None:
         """The C call alone (fast call entry, else ctypes) on fp32, contiguous CPU ``x`` of ``rows`` rows of st.K
-        values, with an fp32 ``bias`` or None; None where the call failed (`layer.linear` raises the error)."""
+        values, with a bias the C entry reads as it is (`c_ready_bias`) or None; None where the call failed
+        (`layer.linear` raises the error)."""
         # Sizes as separate ints, without the dtype keyword: torch.empty(rows, n) 0.8 µs here, torch.empty(*shape[:-1],
         # n) 1.4, a tuple or torch.Size argument 1.3-2.1, the dtype keyword +0.3.
         shape = x.shape
@@ -267,8 +268,8 @@ class LayerDispatch:
     def native_addr(self, layer: Any, rows: int, threads: int) -> int | None:
         """The address of the layer's C description when a call with ``rows`` input rows on ``threads`` threads
         would run the native kernel straight from its input (``auto``: decided native for these rows; ``native``
-        / ``portable``: whenever its weights are prepared) with nothing to apply before it and an fp32 bias, for
-        callers that chain kernels in C (`lowbit.nn.fused_blocks`); else None."""
+        / ``portable``: whenever its weights are prepared) with nothing to apply before it and a bias the C entries
+        read as it is (`c_ready_bias`), for callers that chain kernels in C (`lowbit.nn.fused_blocks`); else None."""
         how = _mode_override[-1] if _mode_override else _env_mode
         if how not in ("auto", "native", "portable") or not self.direct_input or not self.unscaled:
             return None
@@ -319,7 +320,8 @@ class LayerDispatch:
 
     def conv_call(self, layer: Any, x: torch.Tensor, cut: Any, threads: int) -> torch.Tensor | None:
         """The whole convolution in one C call (`lb_conv`: patches, kernel, output map) on fp32 CPU input ``x``,
-        whatever was decided; None where it cannot run (no prepared weights for these patches, a non-fp32 bias)."""
+        whatever was decided; None where it cannot run (no prepared weights for these patches, a bias the C entry
+        cannot read as it is: `c_ready_bias`)."""
         bias = layer_bias(layer)
         st = self.state
         if st is None or cut.k != st.K or not c_ready_bias(bias, st.N):

@@ -146,6 +146,6 @@ def embed_layer_norm(
     if args is None:
         return None
     lookups, norm_args, shape = args
-    out = torch.empty(*shape)
+    out = native.empty_f32(*shape)
     rc = native._need().lb_embed_layer_norm(*lookups, *shape, *norm_args, out.data_ptr(), torch.get_num_threads())
     return None if rc else out

@@ -149,7 +149,8 @@ def linear(layer: NativeLinear, x: torch.Tensor, threads: int = 1, bias: torch.T
     dimensions are rows, as in ``F.linear``, and ``y`` has shape (..., N).
 
     This runs on every packed-layer forward, so it reshapes nothing and checks only what a wrong pointer would
-    break (each tensor operation costs microseconds, as much as a small layer's kernel)."""
+    break (each tensor operation costs microseconds, as much as a small layer's kernel). ``bias``: N values, or one
+    broadcast as ``F.linear`` does (converted to contiguous fp32 on the CPU); another size raises ValueError."""
     if x.dtype is not torch.float32 or not x.is_contiguous():
         x = _as(x, torch.float32)
     shape = x.shape
@@ -166,7 +167,7 @@ def linear(layer: NativeLinear, x: torch.Tensor, threads: int = 1, bias: torch.T
     ):
         if bias.numel() not in (1, layer.N):
             raise ValueError(f"bias of {bias.numel()} values for a layer of {layer.N} outputs")
-        bias = _as(bias.expand(layer.N) if bias.numel() == 1 else bias.reshape(layer.N), torch.float32)
+        bias = _as(bias.reshape(1).expand(layer.N) if bias.numel() == 1 else bias.reshape(layer.N), torch.float32)
     rc = _need().lb_linear(
         layer.addr, x.data_ptr(), x.numel() // layer.K, y.data_ptr(), threads, None if bias is None else bias.data_ptr()
     )

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels.native import _as, _int8_call, _need, _ptr, _rup, _vec
+from lowbit.kernels.native import _as, _int8_call, _need, _ptr, _rup, _vec, empty_f32
 
 #: Output columns per panel (two AVX2 vectors of int32 sums).
 PANEL = 16
@@ -167,7 +167,7 @@ def matmul_f32_panel(x: torch.Tensor, p: PreparedPanels, threads: int = 1) -> to
     x = _as(x, torch.float32).contiguous()
     M, K = x.shape
     assert K == p.K, f"x has {K} columns, the panels {p.K}"
-    y = torch.empty(M, p.N)
+    y = empty_f32(M, p.N)
     rc = _need().lb_f32_panel(_ptr(x), M, K, _ptr(p.wp), _ptr(p.sp), p.N, p.Kp, p.group, _ptr(y), threads, p.fp_exp)
     if rc:
         raise (

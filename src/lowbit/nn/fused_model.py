@@ -144,7 +144,7 @@ class FusedBertForward:
         if args is None:
             return None
         lookups, norm_args, shape = args
-        y = torch.empty(*shape)
+        y = native.empty_f32(*shape)
         flags = None if mask is None else mask.data_ptr()
         array, threads = self.stack.array(descs), torch.get_num_threads()
         rc = native._need().lb_bert_encoder(
