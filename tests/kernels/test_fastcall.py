@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -78,3 +84,25 @@ def test_dispatch_keeps_the_ctypes_calls_without_the_fast_entry(monkeypatch) -> 
     with torch.no_grad():
         ctypes_out, fast_out = disp.hot(layer, x), layer._dispatch.hot(layer, x)
     assert ctypes_out is not None and fast_out is not None and torch.equal(ctypes_out, fast_out)
+
+
+def test_a_damaged_cached_entry_is_built_again(tmp_path) -> None:
+    """A truncated fast-call library in the cache (a full disk, a copy cut short) is rebuilt once and loaded; it used
+    to leave the process on the ctypes calls with "file too short" as the reason."""
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    lib = pathlib.Path(native.build_info()["path"])
+    shutil.copy(lib, kernels / lib.name)  # the kernels as cached (no 40 s build), the fast entry built here
+    env = dict(os.environ, LOWBIT_CACHE_DIR=str(tmp_path))
+    code = "from lowbit.kernels import fastcall as f; print(f.linear is not None, f.seconds > 0, repr(f.reason))"
+
+    def run() -> str:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert run().startswith("True True")  # built on first use
+    (entry,) = kernels.glob("lowbit_fastcall-*")
+    entry.write_bytes(entry.read_bytes()[:100])
+    assert run() == "True True ''"  # the damaged file was built again
+    assert run() == "True False ''"  # and is cached again

@@ -378,6 +378,30 @@ def test_second_import_uses_cache():
     assert cached == "True" and float(seconds) == 0.0 and path == native.build_info()["path"]
 
 
+def test_open_cached_builds_a_missing_or_damaged_file_once(tmp_path) -> None:
+    path = tmp_path / "lib.so"
+    builds: list[int] = []
+
+    def build() -> None:
+        builds.append(1)
+        path.write_text("good")
+
+    def load(p: str) -> str:
+        text = pathlib.Path(p).read_text()
+        if text != "good":
+            raise OSError(f"{p}: file too short")
+        return text
+
+    assert native.open_cached(path, build, load) == ("good", True) and len(builds) == 1  # missing
+    assert native.open_cached(path, build, load) == ("good", False) and len(builds) == 1  # cached
+    path.write_text("bad")
+    assert native.open_cached(path, build, load) == ("good", True) and len(builds) == 2  # damaged: built again
+    path.write_text("bad")
+    with pytest.raises(OSError, match="too short"):  # a build that still does not load: the error, once
+        native.open_cached(path, lambda: builds.append(1), load)
+    assert len(builds) == 3
+
+
 def test_forced_reference_fallback():
     code = (
         "from lowbit.kernels import native; import torch\n"

@@ -40,6 +40,16 @@ reason = ""
 seconds = 0.0
 
 
+def _import(path: str) -> Any:
+    """The extension module built at ``path`` (ImportError where it does not load)."""
+    spec = importlib.util.spec_from_file_location("lowbit_fastcall", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _load() -> None:
     global linear, conv, reason, seconds
     if not native.available():
@@ -53,16 +63,11 @@ def _load() -> None:
         key = "\0".join([_SRC.read_text(), include, sys.version, " ".join(_FLAGS), native._compiler_version()])
         suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
         path = native._cache_dir() / f"lowbit_fastcall-{hashlib.sha256(key.encode()).hexdigest()[:24]}{suffix}"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            t0 = os.times().elapsed
-            native._compile([*_FLAGS, f"-I{include}"], path, [_SRC])
-            seconds = os.times().elapsed - t0
-        spec = importlib.util.spec_from_file_location("lowbit_fastcall", path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {path}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = os.times().elapsed
+        build = lambda: native._compile([*_FLAGS, f"-I{include}"], path, [_SRC])  # noqa: E731
+        module, built = native.open_cached(path, build, _import)
+        seconds = os.times().elapsed - t0 if built else 0.0
         lib = native._need()
         address = [ctypes.cast(fn, ctypes.c_void_p).value for fn in (lib.lb_linear, lib.lb_conv)]
         module.bind(*address)

@@ -40,6 +40,8 @@ import pathlib
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -87,6 +89,23 @@ def _cpu_flags() -> str:
 def _compiler_version() -> str:
     out = subprocess.run([_CXX, "--version"], capture_output=True, text=True, timeout=30, check=True)
     return out.stdout
+
+
+T = TypeVar("T")
+
+
+def open_cached(path: pathlib.Path, build: Callable[[], None], load: Callable[[str], T]) -> tuple[T, bool]:
+    """``load(path)``, after ``build()`` when the file is missing; a cached file that does not load (truncated,
+    damaged, left by another build) is built again once, in place, and loaded. Returns what ``load`` gave and whether
+    it was built now."""
+    if not path.exists():
+        build()
+        return load(str(path)), True
+    try:
+        return load(str(path)), False
+    except (OSError, ImportError):
+        build()  # (atomic: a temp file renamed over the damaged one)
+        return load(str(path)), True
 
 
 def _compile(flags: list[str], dest: pathlib.Path, sources: list[pathlib.Path] | None = None) -> None:
@@ -175,12 +194,10 @@ def _load() -> None:
     for flags in builds:
         key = hashlib.sha256("\0".join([source, " ".join(flags), cc_version, _cpu_flags()]).encode()).hexdigest()[:24]
         path = cache / f"lowbit_kernels-{key}.so"
-        cached = path.exists()
         t0 = os.times().elapsed
         try:
-            if not cached:
-                _compile(flags, path)
-            lib = ctypes.CDLL(str(path))
+            lib, built = open_cached(path, lambda flags=flags, path=path: _compile(flags, path), ctypes.CDLL)
+            cached = not built
             _bind(lib)
         except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
             errors.append(str(exc))
