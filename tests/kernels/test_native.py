@@ -401,6 +401,13 @@ def test_open_cached_builds_a_missing_or_damaged_file_once(tmp_path) -> None:
         native.open_cached(path, lambda: builds.append(1), load)
     assert len(builds) == 3
 
+    def missing_dependency(p: str) -> str:
+        raise OSError("libgomp.so.1: cannot open shared object file: No such file or directory")
+
+    with pytest.raises(OSError, match="libgomp"):  # not a damaged file: no build (every process would pay it)
+        native.open_cached(path, build, missing_dependency)
+    assert len(builds) == 3
+
 
 def test_forced_reference_fallback():
     code = (

@@ -95,15 +95,19 @@ T = TypeVar("T")
 
 
 def open_cached(path: pathlib.Path, build: Callable[[], None], load: Callable[[str], T]) -> tuple[T, bool]:
-    """``load(path)``, after ``build()`` when the file is missing; a cached file that does not load (truncated,
-    damaged, left by another build) is built again once, in place, and loaded. Returns what ``load`` gave and whether
-    it was built now."""
+    """``load(path)``, after ``build()`` when the file is missing; a cached file the loader calls damaged (too short,
+    unreadable, not a valid ELF file) is built again once, in place, and loaded. Other load errors (a missing shared
+    library, say) are raised as they are: a build would not cure them, and every process would pay it. Returns what
+    ``load`` gave and whether it was built now. (A file cut inside its segments can crash the loader with SIGBUS
+    before it reports anything; the cache is written by rename, so only outside damage leaves one.)"""
     if not path.exists():
         build()
         return load(str(path)), True
     try:
         return load(str(path)), False
-    except (OSError, ImportError):
+    except (OSError, ImportError) as exc:
+        if not any(sign in str(exc) for sign in ("too short", "ELF", "cannot read file data", "truncated")):
+            raise
         build()  # (atomic: a temp file renamed over the damaged one)
         return load(str(path)), True
 
