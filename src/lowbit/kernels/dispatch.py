@@ -211,6 +211,7 @@ class LayerDispatch:
         # (the CPython entry where it could be built: ~0.5 µs less per call than the ctypes binding)
         self._lb_linear = fastcall.linear or native_lib._need().lb_linear
         self._lb_conv = fastcall.conv or native_lib._need().lb_conv
+        self._empty = native_lib.empty_f32
 
     def hot(self, layer: Any, x: torch.Tensor) -> torch.Tensor | None:
         """The forward of a layer already decided for this input's (rows, threads) in ``auto`` mode, with nothing
@@ -251,15 +252,9 @@ class LayerDispatch:
         """The C call alone (fast call entry, else ctypes) on fp32, contiguous CPU ``x`` of ``rows`` rows of st.K
         values, with a bias the C entry reads as it is (`c_ready_bias`) or None; None where the call failed
         (`layer.linear` raises the error)."""
-        # Sizes as separate ints, without the dtype keyword: torch.empty(rows, n) 0.8 µs here, torch.empty(*shape[:-1],
-        # n) 1.4, a tuple or torch.Size argument 1.3-2.1, the dtype keyword +0.3.
+        # Sizes as separate ints: torch.empty(rows, n) 0.8 µs here, torch.empty(*shape[:-1], n) 1.4.
         shape = x.shape
-        if torch.get_default_dtype() is not torch.float32:
-            y = torch.empty(*shape[:-1], st.N, dtype=torch.float32)
-        elif len(shape) == 2:
-            y = torch.empty(rows, st.N)
-        else:
-            y = torch.empty(*shape[:-1], st.N)
+        y = self._empty(rows, st.N) if len(shape) == 2 else self._empty(*shape[:-1], st.N)
         b = None if bias is None else bias.data_ptr()
         if self._lb_linear(st.addr, x.data_ptr(), rows, y.data_ptr(), threads, b):
             return None
@@ -326,10 +321,7 @@ class LayerDispatch:
         st = self.state
         if st is None or cut.k != st.K or not c_ready_bias(bias, st.N):
             return None
-        if torch.get_default_dtype() is torch.float32:
-            y = torch.empty(*cut.map_shape)  # (separate ints: 0.5 µs less than a tuple argument here)
-        else:
-            y = torch.empty(*cut.map_shape, dtype=torch.float32)
+        y = self._empty(*cut.map_shape)
         b = None if bias is None else bias.data_ptr()
         if self._lb_conv(st.addr, x.data_ptr(), cut.geometry_addr, y.data_ptr(), threads, b):
             return None  # the full path raises the error
@@ -397,9 +389,11 @@ class LayerDispatch:
         if c is None or c["native_ms"] is None:
             w = layer.weight_matrix()  # what an fp32 layer of this shape costs (for the report, not the choice)
             native_fn: Callable[[], Any] = lambda: self.native(layer, x if self.kernel_scales else xt, threads)  # noqa: E731
-            dense_fn: Callable[[], Any] = lambda: self.dense(layer, x, xt, dense)  # noqa: E731
-            if self.plain and w.is_cpu:  # what a decided plain layer's dense forward runs: one F.linear
-                dense_fn = lambda: F.linear(x, w, layer_bias(layer))  # noqa: E731
+            # (a decided plain layer's dense forward is one F.linear: that is what it races)
+            plain = self.plain and w.is_cpu
+            dense_fn: Callable[[], Any] = (
+                (lambda: F.linear(x, w, layer_bias(layer))) if plain else (lambda: self.dense(layer, x, xt, dense))
+            )
             fp32_fn: Callable[[], Any] = lambda: F.linear(xt, w, layer.bias)  # noqa: E731
             # (an overridden mode, `use_mode`, takes the patches' path: `hot_conv` serves only plain auto mode)
             calls = whole(self) if whole is not None and not _mode_override else None

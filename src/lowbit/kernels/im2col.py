@@ -20,7 +20,7 @@ import ctypes
 
 import torch
 
-from lowbit.kernels.native import _need
+from lowbit.kernels.native import _need, empty_f32
 
 
 class Im2col:
@@ -62,10 +62,6 @@ class Im2col:
     def __call__(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
         if x.dtype is not torch.float32 or tuple(x.shape) != self.shape or x.stride() != self.strides:
             raise ValueError(f"this Im2col cuts fp32 maps of shape {self.shape}, strides {self.strides}")
-        out = (
-            torch.empty(*self.out_shape)  # (separate ints: faster than a tuple argument)
-            if torch.get_default_dtype() is torch.float32
-            else torch.empty(*self.out_shape, dtype=torch.float32)
-        )
+        out = empty_f32(*self.out_shape)
         self._fn(x.data_ptr(), self.geometry, out.data_ptr(), threads)
         return out

@@ -34,6 +34,7 @@ from lowbit.kernels.native import (
     _as,
     _need,
     _ptr,
+    empty_f32,
 )
 from lowbit.kernels.panels import PreparedPanels
 
@@ -156,12 +157,7 @@ def linear(layer: NativeLinear, x: torch.Tensor, threads: int = 1, bias: torch.T
     shape = x.shape
     if not shape or shape[-1] != layer.K:
         raise ValueError(f"input of shape {tuple(shape)}: the layer expects (..., {layer.K})")
-    if torch.get_default_dtype() is not torch.float32:
-        y = torch.empty(*shape[:-1], layer.N, dtype=torch.float32)
-    elif len(shape) == 2:  # separate ints, no dtype keyword: the fastest torch.empty here (see LayerDispatch._call)
-        y = torch.empty(shape[0], layer.N)
-    else:
-        y = torch.empty(*shape[:-1], layer.N)
+    y = empty_f32(shape[0], layer.N) if len(shape) == 2 else empty_f32(*shape[:-1], layer.N)
     if bias is not None and (
         bias.dtype is not torch.float32 or not bias.is_contiguous() or not bias.is_cpu or bias.numel() != layer.N
     ):

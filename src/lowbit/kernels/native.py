@@ -246,8 +246,9 @@ def _need() -> ctypes.CDLL:
 
 
 def empty_f32(*sizes: int) -> torch.Tensor:
-    """An uninitialised fp32 tensor for a C entry to write, whatever the default dtype (sizes as separate ints and
-    no dtype keyword where the default is fp32: the fastest torch.empty call here)."""
+    """An uninitialised fp32 tensor for a C entry to write, whatever the default dtype. Sizes as separate ints and
+    no dtype keyword where the default is fp32: the fastest torch.empty call here (throw-away timeit: 0.8-0.9 µs;
+    a tuple or torch.Size argument 1.3-2.1, the dtype keyword +0.3)."""
     if torch.get_default_dtype() is torch.float32:
         return torch.empty(*sizes)
     return torch.empty(*sizes, dtype=torch.float32)
