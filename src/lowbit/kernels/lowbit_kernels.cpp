@@ -240,6 +240,11 @@ LB_API int lb_isa(void) {
 }
 LB_API int lb_abi_version(void) { return 9; }
 
+// Whether the many-row int8 panel kernels run on AMX tiles (built with AMX, allowed by the OS, not turned off);
+// on >= 0 turns them on (1) or off (0) first. Always 0 in a build without AMX.
+static int amx_switch(int on);
+LB_API int lb_amx(int on) { return amx_switch(on); }
+
 // ================================================================================================
 // W8A32 — int8 per-channel weights, fp32 activations.
 //   Layout: w int8 (N, Kp), Kp = K rounded up to 32, zero padded; s fp32 (N,).
@@ -592,10 +597,62 @@ static inline void w8a8_vnni_tile(const uint8_t* xu, i64 Kp, const int8_t* wp, c
 }
 #endif
 
+#include "lowbit_amx.h"  // amx_panels, amx_block: the panels on AMX tiles (LB_AMX)
+
+#ifdef LB_AMX
+// From this many rows on the panel kernels run on AMX tiles where the CPU and the OS allow them.
+static constexpr i64 AMX_ROWS = 16;
+
+// y[m * ldm + n * ldn] = (sx[m] * sp[n]) * (float)c[m][n] for rows m < mr and columns n < ncols of an AMX block's
+// sums (row stride 32): the expression of the VNNI and AVX2 tiles, so the same bits.
+static inline void amx_store(const int32_t* c, i64 mr, i64 ncols, const float* sx, const float* sp, float* y, i64 ldm,
+                             i64 ldn) {
+    if (ldn == 1) {
+        for (i64 h = 0; 16 * h < ncols; ++h) {
+            const i64 nc = std::min<i64>(16, ncols - 16 * h);
+            const __mmask16 cols = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1);
+            const __m512 s = _mm512_loadu_ps(sp + 16 * h);
+            for (i64 m = 0; m < mr; ++m) {
+                const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(sx[m]), s),
+                                               _mm512_cvtepi32_ps(_mm512_load_si512(c + 32 * m + 16 * h)));
+                _mm512_mask_storeu_ps(y + m * ldm + 16 * h, cols, v);
+            }
+        }
+        return;
+    }
+    // a transposed output (a convolution's map, ldm == 1): column n is mr consecutive floats
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(32));
+    for (i64 h = 0; 16 * h < mr; ++h) {
+        const i64 nr = std::min<i64>(16, mr - 16 * h);
+        const __mmask16 live = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
+        const __m512 r = _mm512_maskz_loadu_ps(live, sx + 16 * h);
+        for (i64 n = 0; n < ncols; ++n) {
+            const __m512i col = _mm512_i32gather_epi32(rows, c + 16 * h * 32 + n, 4);
+            const __m512 v = _mm512_mul_ps(_mm512_mul_ps(r, _mm512_set1_ps(sp[n])), _mm512_cvtepi32_ps(col));
+            _mm512_mask_storeu_ps(y + 16 * h * ldm + n * ldn, live, v);
+        }
+    }
+}
+#endif
+
 // The panel kernel with output y[m * ldm + n * ldn] (lb_w8a8_panel: row-major; lb_conv: the (O, OH*OW) map).
 // ws: the panels' column sums (padded to 16 columns; `panel_sums`), used by the VNNI tiles.
 static void w8a8_panel_run(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_t* wp, const float* sp,
                            const int32_t* ws, i64 N, i64 Kp, float* y, i64 ldm, i64 ldn, int threads) {
+#ifdef LB_AMX
+    if (M >= AMX_ROWS) {
+        const bool done = amx_panels(xq, M, K, N, Kp, threads,
+                                     [=](auto mt, auto np, const int8_t* am, i64 Kq, i64 m, i64 mr, i64 p) {
+                                         constexpr int MT = decltype(mt)::value, NP = decltype(np)::value;
+                                         alignas(64) int32_t c[32 * 32];
+                                         amx_block<MT, NP>(am, Kq, wp + p * 16 * Kp, Kp, 0, Kp, c);
+                                         amx_store(c, mr, std::min<i64>(16 * NP, N - 16 * p), sx + m, sp + 16 * p,
+                                                   y + m * ldm + 16 * p * ldn, ldm, ldn);
+                                     });
+        if (done) return;
+    }
+#endif
 #ifdef LB_VNNI
     const bool done = vnni_panels(xq, ws, M, K, N, Kp, threads, [=](auto mt, const uint8_t* xu, i64 m, i64 p) {
         const i64 nc = std::min<i64>(16, N - 16 * p);
@@ -1047,10 +1104,55 @@ static inline void wn_vnni_tile(const uint8_t* xu, i64 Kp, const int8_t* wp, con
 }
 #endif
 
+#ifdef LB_AMX
+// The AMX form of wn_panel_tile for rows m < mr of a block against panels p, p+1 (ncols columns): per group (a
+// multiple of 64 k) the exact d_g as int32 tiles, then f += s_g * (float)d_g in group order and y = sx * f, the
+// steps of the VNNI and AVX2 tiles: the same bits. spg: panel p's group scales (G, 16), panel p+1's G*16 further.
+template <int MT, int NP>
+static inline void amx_group_block(const int8_t* am, i64 Kq, const int8_t* wp, i64 Kp, i64 group, const float* spg,
+                                   i64 G, const float* sx, i64 mr, i64 ncols, float* y, i64 ldm) {
+    alignas(64) int32_t c[32 * 32];
+    alignas(64) float f[32 * 32];
+    for (i64 m = 0; m < mr; ++m)
+        for (int h = 0; h < NP; ++h) _mm512_store_ps(f + 32 * m + 16 * h, _mm512_setzero_ps());
+    for (i64 k0 = 0, g = 0; k0 < Kp; k0 += group, ++g) {
+        amx_block<MT, NP>(am, Kq, wp, Kp, k0, k0 + group, c);
+        for (int h = 0; h < NP; ++h) {
+            const __m512 s = _mm512_loadu_ps(spg + h * G * 16 + 16 * g);
+            for (i64 m = 0; m < mr; ++m) {
+                float* fm = f + 32 * m + 16 * h;
+                const __m512 d = _mm512_cvtepi32_ps(_mm512_load_si512(c + 32 * m + 16 * h));
+                _mm512_store_ps(fm, _mm512_fmadd_ps(d, s, _mm512_load_ps(fm)));
+            }
+        }
+    }
+    for (int h = 0; 16 * h < ncols; ++h) {
+        const i64 nc = std::min<i64>(16, ncols - 16 * h);
+        const __mmask16 cols = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1);
+        for (i64 m = 0; m < mr; ++m)
+            _mm512_mask_storeu_ps(y + m * ldm + 16 * h, cols,
+                                  _mm512_mul_ps(_mm512_set1_ps(sx[m]), _mm512_load_ps(f + 32 * m + 16 * h)));
+    }
+}
+#endif
+
 // wsg: the panels' column sums per group (P, G, 16) (`panel_sums`), used by the VNNI tiles.
 LB_API void lb_wn_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_t* wp, const float* spg,
                         const int32_t* wsg, i64 N, i64 Kp, i64 group, float* y, int threads) {
     const i64 G = Kp / group;
+#ifdef LB_AMX
+    if (M >= AMX_ROWS && group % 64 == 0) {  // (groups of 32 k: half a tile step, the VNNI tiles)
+        const bool done = amx_panels(xq, M, K, N, Kp, threads,
+                                     [=](auto mt, auto np, const int8_t* am, i64 Kq, i64 m, i64 mr, i64 p) {
+                                         constexpr int MT = decltype(mt)::value, NP = decltype(np)::value;
+                                         amx_group_block<MT, NP>(am, Kq, wp + p * 16 * Kp, Kp, group,
+                                                                 spg + p * G * 16, G, sx + m, mr,
+                                                                 std::min<i64>(16 * NP, N - 16 * p),
+                                                                 y + m * N + 16 * p, N);
+                                     });
+        if (done) return;
+    }
+#endif
 #ifdef LB_VNNI
     const bool done = vnni_panels(xq, wsg, M, K, N, Kp, threads, [=](auto mt, const uint8_t* xu, i64 m, i64 p) {
         const i64 nc = std::min<i64>(16, N - 16 * p);

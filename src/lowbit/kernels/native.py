@@ -56,7 +56,7 @@ __all__ = ["ABI_VERSION", "AKINDS", "ISA_NAMES", "WKINDS", "BlockDesc", "LayerDe
 _SOURCES = ("lowbit_kernels.cpp", "lowbit_attention.cpp", "lowbit_elementwise.cpp", "lowbit_block.cpp")
 _SRCS = [pathlib.Path(__file__).with_name(n) for n in _SOURCES]
 #: Headers the sources include: part of the cache key, so editing one rebuilds the library.
-_HEADERS = [pathlib.Path(__file__).with_name(n) for n in ("lowbit_exp.h", "lowbit_omp.h")]
+_HEADERS = [pathlib.Path(__file__).with_name(n) for n in ("lowbit_exp.h", "lowbit_omp.h", "lowbit_amx.h")]
 _CXX = os.environ.get("CXX", "g++")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _FLAGS_PORTABLE = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]  # retry when -march=native is refused
@@ -132,6 +132,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     sig = {
         "lb_isa": ([], I),
+        "lb_amx": ([I], I),
         "lb_panel_rows": ([I], I),
         "lb_abi_version": ([], I),
         "lb_w8a32": ([P, I64, I64, P, P, I64, I64, P, I], None),
@@ -235,8 +236,25 @@ def unavailable_reason() -> str:
 
 
 def build_info() -> dict:
-    """dict(path, seconds (compile time in this process, 0 if loaded from cache), cached, isa, flags, reason)."""
-    return dict(_info, reason=_reason)
+    """dict(path, seconds (compile time in this process, 0 if loaded from cache), cached, isa, flags, reason, amx:
+    whether the many-row int8 kernels run on AMX tiles, see `amx`)."""
+    return dict(_info, reason=_reason, amx=amx())
+
+
+def amx(on: bool | None = None) -> bool:
+    """Whether the many-row int8 panel kernels (W8A8, ternary and W1A8 from 16 rows on, convolutions' maps) run on
+    AMX tiles: built where the compiler targets a CPU with AMX-INT8 (Sapphire Rapids on), allowed by the OS, and not
+    turned off by ``LOWBIT_AMX=0``. ``on`` turns them on or off first (off: the VNNI kernels, same results bit for
+    bit). False without the native library.
+
+    Example:
+        >>> from lowbit.kernels import native
+        >>> isinstance(native.amx(), bool)
+        True
+    """
+    if _lib is None:
+        return False
+    return bool(_lib.lb_amx(-1 if on is None else int(on)))
 
 
 def _need() -> ctypes.CDLL:

@@ -72,8 +72,11 @@ def environment() -> dict[str, Any]:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "cpu_flags": flags,
-        # the native library's build: avx512vnni / avx2 / scalar, or why there is none
-        "kernels": native.build_info()["isa"] if native.available() else f"none ({native.unavailable_reason()})",
+        # the native library's build: avx512vnni / avx2 / scalar (+amx: many-row int8 kernels on AMX tiles), or why
+        # there is none
+        "kernels": (native.build_info()["isa"] + ("+amx" if native.amx() else ""))
+        if native.available()
+        else f"none ({native.unavailable_reason()})",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "numpy": _version("numpy"),

@@ -1,0 +1,169 @@
+// lowbit_amx.h — the many-row int8 panel kernels on AMX tiles (Intel Sapphire Rapids and later).
+//
+// AMX-INT8 multiplies a 16 x 64 tile of signed bytes by a 64 x 16 one (stored as 16 rows of 16 columns x 4
+// consecutive k) into 16 x 16 int32 sums in one instruction (tdpbssd: 16 Ki products, exact). The int8 panels of
+// lb_w8a8_panel (panel p, k-quad q: byte p*16*Kp + 64q + 4j + t = w[16p + j][4q + t]) are that B layout as they
+// stand: 16 consecutive k-quads of a panel are one 1 KiB tile with a 64-byte row stride. The activations are the
+// int8 codes themselves (signed x signed: no +128 offset, no column-sum correction, -128 included), copied into
+// rows padded with zeros to whole 16-row tiles and 64-byte tile rows.
+//
+// A block is 2 x 2 tiles: 32 rows x 32 columns (two panels) in the four int32 accumulator tiles 0..3; tiles 4, 5
+// hold the rows, 6, 7 the panels. Every sum is the exact int32 sum of the VNNI and AVX2 tiles, and the caller's
+// epilogue applies the same float expression to it, so the outputs are the same bits (tested).
+//
+// Linux hands out the tile registers only on request (arch_prctl ARCH_REQ_XCOMP_PERM, once per process); where
+// that fails (an older kernel, a signal stack too small for the tile state) the VNNI kernels serve. LOWBIT_AMX=0
+// in the environment, or lb_amx(0), turns the AMX kernels off (for comparisons and tests).
+#pragma once
+
+#if defined(LB_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#define LB_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+
+// -1: not asked yet; 0: unavailable or off; 1: on.
+static std::atomic<int> amx_state{-1};
+
+static bool amx_on() {
+    int s = amx_state.load(std::memory_order_relaxed);
+    if (s < 0) {
+        const char* env = getenv("LOWBIT_AMX");
+        const bool off = env && env[0] == '0';
+        // ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18): 0 when the process may use the tiles.
+        s = !off && syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : 0;
+        amx_state.store(s, std::memory_order_relaxed);
+    }
+    return s == 1;
+}
+
+// GCC's tile loads (and ldtilecfg, past its first 8 bytes) are asm statements that do not tell the compiler they
+// read memory: without this barrier it may drop or sink the stores that fill a buffer just before its tile load.
+static inline void amx_fence() { __asm__ volatile("" ::: "memory"); }
+
+// The tile shapes: 0..3 int32 16 x 16 (64-byte rows), 4, 5 int8 16 x 64, 6, 7 int8 16 x (16 x 4).
+struct alignas(64) AmxConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+    AmxConfig() {
+        for (int t = 0; t < 8; ++t) colsb[t] = 64, rows[t] = 16;
+    }
+};
+
+// Rows of M int8 codes (K each) padded with zero rows and columns to Mt x Kq (Mt: whole 16-row tiles, Kq: whole
+// 64-byte tile rows), for the A tiles. NULL when out of memory.
+static int8_t* amx_rows(const int8_t* xq, i64 M, i64 K, i64 Mt, i64 Kq) {
+    int8_t* a = (int8_t*)scratch_uninit(Mt * Kq);
+    if (!a) return nullptr;
+    for (i64 m = 0; m < Mt; ++m) {
+        int8_t* dst = a + m * Kq;
+        if (m < M) {
+            memcpy(dst, xq + m * K, K);
+            memset(dst + K, 0, Kq - K);
+        } else {
+            memset(dst, 0, Kq);
+        }
+    }
+    return a;
+}
+
+// One block: MT (1, 2) tiles of 16 rows from a (row stride Kq) times NP (1, 2) panels from wp (panel stride
+// 16 * Kp), int32 sums over k in [k0, k1) into c (MT*16 rows of NP*16 columns, row stride 32 ints). The panels hold
+// Kp (a multiple of 32) k: a last half step of 32 k reads its 8 k-quads per panel from a zero-padded copy, so no
+// tile load runs past a panel's end (the rows past K are zero anyway).
+template <int MT, int NP>
+static inline void amx_block(const int8_t* a, i64 Kq, const int8_t* wp, i64 Kp, i64 k0, i64 k1, int32_t* c) {
+    _tile_zero(0);
+    if constexpr (NP == 2) _tile_zero(1);
+    if constexpr (MT == 2) _tile_zero(2);
+    if constexpr (MT == 2 && NP == 2) _tile_zero(3);
+    auto step = [&](i64 k, const int8_t* b0, const int8_t* b1) __attribute__((always_inline)) {
+        _tile_loadd(4, a + k, Kq);
+        _tile_loadd(6, b0, 64);
+        _tile_dpbssd(0, 4, 6);
+        if constexpr (NP == 2) {
+            _tile_loadd(7, b1, 64);
+            _tile_dpbssd(1, 4, 7);
+        }
+        if constexpr (MT == 2) {
+            _tile_loadd(5, a + 16 * Kq + k, Kq);
+            _tile_dpbssd(2, 5, 6);
+            if constexpr (NP == 2) _tile_dpbssd(3, 5, 7);
+        }
+    };
+    const i64 ps = 16 * Kp, full = std::min(k1, Kp / 64 * 64);
+    i64 k = k0;
+    for (; k < full; k += 64) step(k, wp + 16 * k, wp + ps + 16 * k);
+    if (k < k1) {  // the last 32 k of the panels
+        alignas(64) int8_t tail[2][1024];
+        for (int j = 0; j < NP; ++j) {
+            memcpy(tail[j], wp + j * ps + 16 * k, 512);
+            memset(tail[j] + 512, 0, 512);
+        }
+        amx_fence();
+        step(k, tail[0], tail[1]);
+    }
+    _tile_stored(0, c, 128);
+    if constexpr (NP == 2) _tile_stored(1, c + 16, 128);
+    if constexpr (MT == 2) _tile_stored(2, c + 16 * 32, 128);
+    if constexpr (MT == 2 && NP == 2) _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+// The AMX form of a many-row panel kernel: tile(IC<MT>, IC<NP>, a_m, Kq, m, mr, p) computes rows m .. m+mr-1
+// (mr <= 16 MT, their padded codes at a_m, row stride Kq) against panels p .. p+NP-1 (amx_block and an epilogue).
+// Row blocks of 32 are split between threads when there are enough, else the panel pairs; each thread walks panel
+// pairs in chunks that stay in L2 while its row blocks pass over them. False (nothing done) when the tiles are off
+// or unavailable, Kp is not a multiple of 32, or out of memory.
+template <class F>
+static bool amx_panels(const int8_t* xq, i64 M, i64 K, i64 N, i64 Kp, int threads, F tile) {
+    if (Kp % 32 || !amx_on()) return false;
+    const i64 Kq = (Kp + 63) / 64 * 64, Mt = (M + 31) / 32 * 32;
+    int8_t* a = amx_rows(xq, M, K, Mt, Kq);
+    if (!a) return false;
+    const i64 P = (N + 15) / 16, pairs = (P + 1) / 2, blocks = Mt / 32;
+    const i64 chunk = std::max<i64>(1, (512 * 1024) / (32 * Kp));
+    lb_parallel(nthreads(threads), threads != 1 && M * N * Kp >= (1 << 20), [&] {
+        const AmxConfig cfg;
+        amx_fence();
+        _tile_loadconfig(&cfg);
+        const i64 nth = lb_team_size();
+        i64 b0 = 0, b1 = blocks, q0 = 0, q1 = pairs;
+        if (blocks >= 2 * nth) my_rows(blocks, 1, &b0, &b1);
+        else my_rows(pairs, 1, &q0, &q1);
+        for (i64 c0 = q0; c0 < q1; c0 += chunk) {
+            const i64 c1 = std::min(q1, c0 + chunk);
+            for (i64 b = b0; b < b1; ++b) {
+                const i64 m = 32 * b, mr = std::min<i64>(32, M - m);
+                const int8_t* am = a + m * Kq;
+                for (i64 q = c0; q < c1; ++q) {
+                    const i64 p = 2 * q;
+                    const bool two = p + 1 < P;
+                    if (mr > 16) {
+                        if (two) tile(IC<2>(), IC<2>(), am, Kq, m, mr, p);
+                        else tile(IC<2>(), IC<1>(), am, Kq, m, mr, p);
+                    } else {
+                        if (two) tile(IC<1>(), IC<2>(), am, Kq, m, mr, p);
+                        else tile(IC<1>(), IC<1>(), am, Kq, m, mr, p);
+                    }
+                }
+            }
+        }
+        _tile_release();
+    });
+    free(a);
+    return true;
+}
+
+static int amx_switch(int on) {
+    if (on >= 0) {
+        if (!on) amx_state.store(0, std::memory_order_relaxed);
+        else if (amx_state.load(std::memory_order_relaxed) != 1)
+            amx_state.store(syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : 0, std::memory_order_relaxed);
+    }
+    return amx_on() ? 1 : 0;
+}
+#else
+static int amx_switch(int) { return 0; }
+#endif

@@ -1,0 +1,121 @@
+"""The many-row int8 panel kernels on AMX tiles (`lowbit_amx.h`): the same exact int32 sums, so the same output
+bits as the VNNI / AVX2 tiles, for row-major layers, group panels and convolutions' maps. On a CPU or OS without
+AMX both sides run the VNNI (or AVX2) tiles and the comparisons still check the exact formula."""
+
+import os
+import platform
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.formats import ACT_FORMATS, FORMATS
+from lowbit.kernels import native, panels
+from lowbit.kernels.dispatch import use_mode
+from lowbit.recipe import Recipe, Stage
+from tests.kernels.test_native import exact_dot, gen, rand_xq
+from tests.kernels.test_small_conv import one_call_and_rows, packed
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler: lowbit uses the reference kernels"
+)
+
+
+@pytest.fixture
+def amx_state():
+    """Restores the AMX switch a test flips."""
+    before = native.amx()
+    yield
+    native.amx(before)
+
+
+def both(fn):
+    """fn() with the AMX kernels on, then off."""
+    native.amx(True)
+    on = fn()
+    native.amx(False)
+    return on, fn()
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_int8" in line for line in f)
+    except OSError:
+        return False
+
+
+def test_amx_is_used_where_cpu_build_and_os_allow_it(amx_state):
+    release = tuple(int(v) for v in platform.release().split(".")[:2] if v.isdigit())
+    expected = (
+        _cpu_has_amx()
+        and native.build_info()["isa"] == "avx512vnni"
+        and os.environ.get("LOWBIT_AMX", "1") != "0"
+        and release >= (5, 16)  # Linux hands out the tile registers from 5.16 on
+    )
+    assert native.amx() == expected
+    assert native.amx(False) is False and native.build_info()["amx"] is False
+
+
+# K: whole 64-k tile steps, a last half step (Kp % 64 == 32) and padding; N: one panel, odd panel counts; M: one
+# and two row tiles, partial tiles
+@pytest.mark.parametrize("K,N", [(64, 16), (9, 32), (96, 5), (100, 33), (384, 100), (1000, 48)])
+@pytest.mark.parametrize("M", [16, 17, 33, 50, 200])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_w8a8_panels_give_the_same_bits_on_tiles(K, N, M, threads, amx_state):
+    g = gen(K * 3 + N + M)
+    q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    s = torch.rand(N, generator=g) + 0.1
+    xq, sx = rand_xq(M, K, g)
+    xq[1, : K // 2] = -128  # static zero-point activations reach -128: signed x signed tiles need no special form
+    p = panels.prepare_panels(q, s)
+    on, off = both(lambda: panels.matmul_w8a8_panel(xq, sx, p, threads))
+    assert torch.equal(on, off)
+    assert torch.equal(on, (sx[:, None] * s[None, :]) * exact_dot(xq, q).to(torch.float32))
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])  # 32: half a tile step, kept on the VNNI tiles
+@pytest.mark.parametrize("M", [16, 40])
+@pytest.mark.parametrize("N", [16, 37])
+def test_group_panels_give_the_same_bits_on_tiles(group, M, N, amx_state):
+    K = 768
+    g = gen(group + M + N)
+    q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    s = torch.rand(N, K // group, generator=g) + 0.1
+    z = torch.randint(0, 16, (N, K // group), generator=g).float()
+    xq, sx = rand_xq(M, K, g)
+    p = panels.prepare_group_panels(q, s, z, group)
+    on, off = both(lambda: panels.matmul_wn_panel(xq, sx, p, 2))
+    assert torch.equal(on, off)
+
+
+@pytest.mark.parametrize(
+    ("weights", "acts"),
+    [("int8", "int8_token"), ("int8", "int8_static"), ("ternary_absmean", "int8_token"), ("binary", "int8_token")],
+)
+def test_convolution_maps_give_the_same_bits_on_tiles(weights, acts, amx_state):
+    """lb_conv writes each image's (O, OH*OW) map straight from the panel kernel: the tiles' transposed store. The
+    same bits with the tiles on and off, and as the patch path's rows (lb_linear, row-major store)."""
+    x = torch.randn(3, 16, 16, 16)
+    x[0, 2, 5, 5] = float("nan")  # a NaN patch gives NaN outputs on every path
+    layer = packed(nn.Conv2d(16, 40, 3), weights, acts, x.nan_to_num())
+    for threads in (1, 2):
+        (d_on, r_on), (d_off, r_off) = both(lambda threads=threads: one_call_and_rows(layer, x, threads))
+        for a, b in ((d_on, d_off), (r_on, r_off), (d_on, r_on)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("weights", "acts"),
+    [("int8", "int8_token"), ("ternary_absmean", "int8_token"), ("binary", "int8_token"), ("int4_g128", "int8_token")],
+)
+def test_packed_linear_layers_give_the_same_bits_on_tiles(weights, acts, amx_state):
+    torch.manual_seed(0)
+    stage = Stage(method="rtn", weights=FORMATS[weights], activations=ACT_FORMATS[acts], keep_first_last=False)
+    layer = lowbit.pack(lowbit.compress(nn.Sequential(nn.Linear(384, 96)), Recipe(stages=(stage,)), progress=False))
+    x = torch.randn(45, 384)
+    with torch.no_grad(), use_mode("native"):
+        on, off = both(lambda: layer(x))
+    assert torch.equal(on, off)
