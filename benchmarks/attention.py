@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         env = environment()
         text = (
-            f"CPU: {env['cpu']}; torch {env['torch']}; native kernels: {native.build_info().get('isa')}; "
+            f"CPU: {env['cpu']}; torch {env['torch']}; native kernels: {env['kernels']}; "
             f"onnxruntime {_version('onnxruntime')}\n\n"
             "| shape (B, H, L, D) | threads | PyTorch SDPA µs | lowbit µs | lowbit speed-up | max abs diff |\n"
             "|---|---|---|---|---|---|\n"

@@ -23,7 +23,6 @@ import torch
 
 import lowbit
 from lowbit.batches import run_model
-from lowbit.kernels import native
 from lowbit.measure.envinfo import _version, environment
 from lowbit.measure.latency import compare_latency
 from lowbit.nn.batchnorm_fold import fold_batchnorm
@@ -205,7 +204,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     env = environment()
     head = (
         f"CPU: {env['cpu']}; torch {env['torch']}; onnxruntime {_version('onnxruntime')}; "
-        f"native kernels: {native.build_info().get('isa')}\n\n"
+        f"native kernels: {env.get('kernels')}\n\n"
         "| workload | batch | threads | path | ms | vs fp32 PyTorch | fidelity |\n|---|---|---|---|---|---|---|\n"
     )
     lines = [

@@ -1,7 +1,8 @@
 """Linear-layer speed of lowbit's packed formats against fp32 PyTorch and the best existing CPU paths.
 
 Each contender runs a chain of L distinct layers of shape (M, K) × (K, N) whose weights together exceed
-``--stream-mib`` (default 96 MiB, 12× this machine's L3), so weights stream from memory as in a real model; the
+``--stream-mib`` (default: twice the largest cache the CPU reports, at least 96 MiB, within a memory budget; see
+`default_stream_mib`), so weights stream from memory as in a real model; the
 time per layer is the chain's time / L. Contenders are timed in alternation inside the same loop (median of
 ``--reps`` passes; each timed chain after a pause and ≥ ``WARM_S`` of untimed runs, steady state as in back-to-back
 inference), and every row is reported as a ratio to fp32 PyTorch measured in that same run. Each (shape, threads)
@@ -72,6 +73,51 @@ IDLE_S = float(os.environ.get("IDLE_S", 0.3))
 #: run after 100 ms of untimed work (session 6, a throw-away script). The warm-up leaves the tail of the chain in
 #: cache, but the timed run starts at its head and the chain is many times the L3: nothing it reads is still cached.
 WARM_S = float(os.environ.get("WARM_S", 0.1))
+
+
+def largest_cache_mib() -> int:
+    """The largest CPU cache Linux reports for cpu0 (``/sys/.../cache/index*/size``), in MiB; 0 when unknown."""
+    best = 0
+    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = size_file.read_text().strip().upper()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * unit)
+    return best >> 20
+
+
+def available_mib() -> int:
+    """MemAvailable from ``/proc/meminfo`` in MiB (0 when unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) >> 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def default_stream_mib(n_formats: int) -> tuple[int, str]:
+    """Chain size per contender: twice the largest cache (at least 96 MiB: 12× the L3 of the AMD hosts of sessions
+    1-20; 2 × 480 MiB on the Xeon of session 21), so nothing a timed chain reads is still cached. Every contender
+    holds its own chain (and ONNX Runtime's int8 model is built from an fp32 copy four times as large), so the size
+    is capped at 60 % of the available memory shared by the contenders; a capped run says so, with the way out
+    (fewer ``--formats`` per run). Returns (MiB, a line for the log)."""
+    cache = largest_cache_mib()
+    want = max(96, 2 * cache)
+    avail = available_mib()
+    cap = int(0.6 * avail / (n_formats + 8)) if avail else want
+    if cap >= want:
+        return want, f"chains of {want} MiB per contender (largest cache {cache} MiB)"
+    return max(cap, 96), (
+        f"WARNING: chains of {max(cap, 96)} MiB per contender, below 2 x the {cache} MiB cache ({avail} MiB of "
+        f"memory for {n_formats} formats): parts of a chain may be cached; bench fewer --formats per run"
+    )
 
 
 def lowbit_layers(k: int, n: int, weights: str, acts: str | None, count: int) -> list[nn.Module]:
@@ -284,7 +330,7 @@ def thread_scaling(
 def scaling_markdown(rows: list[dict], threads: list[int], env: dict) -> str:
     head = (
         f"CPU: {env.get('cpu')}; torch {env.get('torch')}; onnxruntime {_version('onnxruntime')}; "
-        f"native kernels: {native.build_info().get('isa')}\n\n"
+        f"native kernels: {env.get('kernels')}\n\n"
     )
     cols = " | ".join(f"ms / layer, {t} thread(s)" for t in threads)
     lines = [
@@ -318,7 +364,7 @@ def steal_percent(before: tuple[int, int] | None, after: tuple[int, int] | None)
 def markdown(rows: list[dict], env: dict) -> str:
     head = (
         f"CPU: {env.get('cpu')}; torch {env.get('torch')}; onnxruntime {_version('onnxruntime')}; "
-        f"native kernels: {native.build_info().get('isa')}\n\n"
+        f"native kernels: {env.get('kernels')}\n\n"
     )
     lines = [
         "| shape (MxKxN) | threads | path | layers in chain | ms / layer | vs fp32 | weights GB/s | VM steal % |",
@@ -338,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", nargs="+", default=list(FORMAT_ROWS), choices=list(FORMAT_ROWS), metavar="FMT")
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--stream-mib", type=int, default=96)
+    ap.add_argument(
+        "--stream-mib", type=int, default=None, help="weights per chain (default: 2x the largest cache, >= 96)"
+    )
     ap.add_argument(
         "--max-layers", type=int, default=512, help="cap on the chain length (compute-bound large-M shapes)"
     )
@@ -352,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     if not native.available():
         print(f"native kernels unavailable: {native.unavailable_reason()}", file=sys.stderr)
     env = environment()
+    if args.stream_mib is None:
+        args.stream_mib, line = default_stream_mib(len(args.formats))
+        print(line, flush=True)
     if args.scaling:
         return scaling_main(args, env)
     rows: list[dict] = []
