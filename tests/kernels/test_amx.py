@@ -5,6 +5,8 @@ AMX both sides run the VNNI (or AVX2) tiles and the comparisons still check the 
 import os
 import platform
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,16 +49,33 @@ def _cpu_has_amx() -> bool:
         return False
 
 
-def test_amx_is_used_where_cpu_build_and_os_allow_it(amx_state):
+def _compiler_has_amx() -> bool:
+    """Whether the compiler defines __AMX_INT8__ for this CPU (GCC 11 on)."""
+    cxx = os.environ.get("CXX", "g++")
+    cmd = [cxx, "-march=native", "-dM", "-E", "-x", "c++", "-"]
+    out = subprocess.run(cmd, input="", capture_output=True, text=True)
+    return "__AMX_INT8__" in out.stdout
+
+
+def test_amx_is_used_where_cpu_compiler_and_os_allow_it(amx_state):
     release = tuple(int(v) for v in platform.release().split(".")[:2] if v.isdigit())
-    expected = (
+    possible = (
         _cpu_has_amx()
         and native.build_info()["isa"] == "avx512vnni"
-        and os.environ.get("LOWBIT_AMX", "1") != "0"
         and release >= (5, 16)  # Linux hands out the tile registers from 5.16 on
+        and _compiler_has_amx()
     )
-    assert native.amx() == expected
+    env_off = os.environ.get("LOWBIT_AMX", "1").lower() in ("0", "off", "false", "no")
+    assert native.amx() == (possible and not env_off)
     assert native.amx(False) is False and native.build_info()["amx"] is False
+    assert native.amx(True) == possible  # (an explicit switch overrides the environment)
+
+
+def test_lowbit_amx_off_in_the_environment_turns_the_tiles_off():
+    code = "from lowbit.kernels import native; print(native.amx())"
+    env = dict(os.environ, LOWBIT_AMX="off")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 # K: whole 64-k tile steps, a last half step (Kp % 64 == 32) and padding; N: one panel, odd panel counts; M: one
@@ -109,13 +128,40 @@ def test_convolution_maps_give_the_same_bits_on_tiles(weights, acts, amx_state):
 
 @pytest.mark.parametrize(
     ("weights", "acts"),
-    [("int8", "int8_token"), ("ternary_absmean", "int8_token"), ("binary", "int8_token"), ("int4_g128", "int8_token")],
+    [
+        ("int8", "int8_token"),
+        ("ternary_absmean", "int8_token"),
+        ("binary", "int8_token"),
+        ("int4_g128", "int8_token"),
+        ("binary", "binary_token"),  # W1A1: ±1 panels on the tiles against the XNOR-popcount kernel
+    ],
 )
 def test_packed_linear_layers_give_the_same_bits_on_tiles(weights, acts, amx_state):
     torch.manual_seed(0)
     stage = Stage(method="rtn", weights=FORMATS[weights], activations=ACT_FORMATS[acts], keep_first_last=False)
     layer = lowbit.pack(lowbit.compress(nn.Sequential(nn.Linear(384, 96)), Recipe(stages=(stage,)), progress=False))
     x = torch.randn(45, 384)
+    x[3, :200] = 0.0  # zeros: a sign the kernels must agree on
     with torch.no_grad(), use_mode("native"):
         on, off = both(lambda: layer(x))
+        row_by_row = torch.cat([layer(x[i : i + 1]) for i in range(45)])  # the row kernels
+    assert torch.equal(on, off)
+    if weights != "int4_g128":  # (the 4-bit row kernel sums its groups in another fp32 order than the panels)
+        assert torch.equal(on, row_by_row)
+
+
+@pytest.mark.parametrize("k", [384, 100, 1000])  # K: whole tile steps, a half step, padding past whole words
+def test_w1a1_layers_and_convolutions_run_on_tiles_with_the_popcount_bits(k, amx_state):
+    """W1A1 on many rows: where the tiles are on the layer gets ±1 panels and the tiles' sums; the outputs are the
+    XNOR-popcount kernel's bit for bit (the bias added as that kernel adds it)."""
+    torch.manual_seed(0)
+    stage = Stage(method="rtn", weights=FORMATS["binary"], activations=ACT_FORMATS["binary_token"])
+    model = nn.Sequential(nn.Conv2d(8, 24, 3), nn.Flatten(), nn.Linear(24 * 6 * 6, k), nn.Linear(k, 50))
+    packed_model = lowbit.pack(lowbit.compress(model, Recipe(stages=(stage,)), progress=False))
+    x = torch.randn(40, 8, 8, 8)
+    with torch.no_grad(), use_mode("native"):
+        on, off = both(lambda: packed_model(x))
+        native.amx(True)
+        last = packed_model[3]
+        assert last._dispatch.state.has_panels is native.amx()  # built on the first call with many rows
     assert torch.equal(on, off)

@@ -106,7 +106,7 @@ def describe(
         d.wkind, d.bits, panels = WKINDS["fp8"], p.fp_exp, p
     else:
         raise TypeError(f"no native kernel for {type(p).__name__}")
-    if panels is not None and act in ("int8", "f32", "fp"):
+    if panels is not None and act in ("int8", "f32", "fp", "sign"):
         assert (panels.N, panels.K) == (p.N, p.K), "panels of another layer"
         d.wp, d.sp, d.pld, d.ws = _ptr(panels.wp), _ptr(panels.sp), panels.Kp, _ptr(panels.ws)
         keep += [panels.wp, panels.sp, panels.ws]

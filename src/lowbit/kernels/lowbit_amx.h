@@ -18,10 +18,16 @@
 
 #if defined(LB_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
 #define LB_AMX 1
+#include <strings.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
+
+// Asks Linux for the tile state (ARCH_REQ_XCOMP_PERM = 0x1023 for XFEATURE_XTILEDATA = 18), once per process in
+// effect: true when the process may use the tiles. From then on the kernel refuses a new signal stack (sigaltstack)
+// too small for the tile state; one installed before (Python's faulthandler) keeps working.
+static bool amx_request() { return syscall(SYS_arch_prctl, (unsigned long)0x1023, (unsigned long)18) == 0; }
 
 // -1: not asked yet; 0: unavailable or off; 1: on.
 static std::atomic<int> amx_state{-1};
@@ -30,9 +36,9 @@ static bool amx_on() {
     int s = amx_state.load(std::memory_order_relaxed);
     if (s < 0) {
         const char* env = getenv("LOWBIT_AMX");
-        const bool off = env && env[0] == '0';
-        // ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18): 0 when the process may use the tiles.
-        s = !off && syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : 0;
+        const bool off = env && (!strcmp(env, "0") || !strcasecmp(env, "off") || !strcasecmp(env, "false") ||
+                                 !strcasecmp(env, "no"));
+        s = !off && amx_request() ? 1 : 0;
         amx_state.store(s, std::memory_order_relaxed);
     }
     return s == 1;
@@ -104,27 +110,25 @@ static inline void amx_block(const int8_t* a, i64 Kq, const int8_t* wp, i64 Kp, 
         }
         amx_fence();
         step(k, tail[0], tail[1]);
+        amx_fence();  // (the stack slot of tail may be reused for c)
     }
     _tile_stored(0, c, 128);
     if constexpr (NP == 2) _tile_stored(1, c + 16, 128);
     if constexpr (MT == 2) _tile_stored(2, c + 16 * 32, 128);
     if constexpr (MT == 2 && NP == 2) _tile_stored(3, c + 16 * 32 + 16, 128);
+    amx_fence();  // (not every compiler's tilestored declares that it writes memory)
 }
 
-// The AMX form of a many-row panel kernel: tile(IC<MT>, IC<NP>, a_m, Kq, m, mr, p) computes rows m .. m+mr-1
-// (mr <= 16 MT, their padded codes at a_m, row stride Kq) against panels p .. p+NP-1 (amx_block and an epilogue).
-// Row blocks of 32 are split between threads when there are enough, else the panel pairs; each thread walks panel
-// pairs in chunks that stay in L2 while its row blocks pass over them. False (nothing done) when the tiles are off
-// or unavailable, Kp is not a multiple of 32, or out of memory.
+// The AMX form of a many-row panel kernel on rows already in tile form (a: Mt x Kq, Mt a multiple of 32, zero
+// padded): tile(IC<MT>, IC<NP>, a_m, Kq, m, mr, p) computes rows m .. m+mr-1 (mr <= 16 MT, their codes at a_m)
+// against panels p .. p+NP-1 (amx_block and an epilogue). Row blocks of 32 are split between threads when there are
+// enough, else the panel pairs; each thread walks panel pairs in chunks that stay in L2 while its row blocks pass
+// over them.
 template <class F>
-static bool amx_panels(const int8_t* xq, i64 M, i64 K, i64 N, i64 Kp, int threads, F tile) {
-    if (Kp % 32 || !amx_on()) return false;
-    const i64 Kq = (Kp + 63) / 64 * 64, Mt = (M + 31) / 32 * 32;
-    int8_t* a = amx_rows(xq, M, K, Mt, Kq);
-    if (!a) return false;
-    const i64 P = (N + 15) / 16, pairs = (P + 1) / 2, blocks = Mt / 32;
+static void amx_run(const int8_t* a, i64 Kq, i64 M, i64 N, i64 Kp, int threads, F tile) {
+    const i64 P = (N + 15) / 16, pairs = (P + 1) / 2, blocks = (M + 31) / 32;
     const i64 chunk = std::max<i64>(1, (512 * 1024) / (32 * Kp));
-    lb_parallel(nthreads(threads), threads != 1 && M * N * Kp >= (1 << 20), [&] {
+    lb_parallel(nthreads(threads), threads != 1 && M * N * Kp >= (1 << 18), [&] {
         const AmxConfig cfg;
         amx_fence();
         _tile_loadconfig(&cfg);
@@ -152,15 +156,44 @@ static bool amx_panels(const int8_t* xq, i64 M, i64 K, i64 N, i64 Kp, int thread
         }
         _tile_release();
     });
+}
+
+// amx_run on int8 rows xq (M x K): copied into tile form first. False (nothing done) when the tiles are off or
+// unavailable, Kp is not a multiple of 32, or out of memory.
+template <class F>
+static bool amx_panels(const int8_t* xq, i64 M, i64 K, i64 N, i64 Kp, int threads, F tile) {
+    if (Kp % 32 || !amx_on()) return false;
+    const i64 Kq = (Kp + 63) / 64 * 64, Mt = (M + 31) / 32 * 32;
+    int8_t* a = amx_rows(xq, M, K, Mt, Kq);
+    if (!a) return false;
+    amx_run(a, Kq, M, N, Kp, threads, tile);
     free(a);
     return true;
+}
+
+// Sign bits (pack_signs layout: bit i of uint64 word j = sign of k = 64j + i, W words a row) as tile rows of +1 / -1
+// codes (k < K; 0 past K and in the padding rows), Mt x Kq. NULL when out of memory.
+static int8_t* amx_sign_rows(const uint64_t* xb, i64 W, i64 M, i64 K, i64 Mt, i64 Kq) {
+    int8_t* a = (int8_t*)scratch(Mt * Kq);
+    if (!a) return nullptr;
+    const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
+    for (i64 m = 0; m < M; ++m) {
+        int8_t* dst = a + m * Kq;
+        for (i64 j = 0; 64 * j < K; ++j) {
+            const i64 n = std::min<i64>(64, K - 64 * j);
+            const __mmask64 live = n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1);
+            const __m512i v = _mm512_mask_blend_epi8((__mmask64)xb[m * W + j], minus, plus);
+            _mm512_mask_storeu_epi8(dst + 64 * j, live, v);
+        }
+    }
+    return a;
 }
 
 static int amx_switch(int on) {
     if (on >= 0) {
         if (!on) amx_state.store(0, std::memory_order_relaxed);
         else if (amx_state.load(std::memory_order_relaxed) != 1)
-            amx_state.store(syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : 0, std::memory_order_relaxed);
+            amx_state.store(amx_request() ? 1 : 0, std::memory_order_relaxed);
     }
     return amx_on() ? 1 : 0;
 }

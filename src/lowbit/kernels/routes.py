@@ -78,8 +78,9 @@ WN_PANEL_MAX_WEIGHTS = 1 << 22
 
 def panel_rows(kind: str) -> int:
     """Input rows from which the loaded library runs the many-row kernels of a layer kind (``w8``, ``wn``,
-    ``ternary``, ``binary_inter``: binary weights with int8 activations): decided in C per build (fewer rows with
-    AVX-512 VNNI); 0 without the library."""
+    ``ternary``, ``binary_inter``: binary weights with int8 activations, ``binary_blocked``: with sign activations,
+    whose ±1 panels only the AMX tiles run): decided in C per build (fewer rows with AVX-512 VNNI; binary_blocked 0
+    where the tiles are off); 0 without the library."""
     from lowbit.kernels import native
 
     return int(native._need().lb_panel_rows(native.WKINDS[kind])) if native.available() else 0
@@ -349,11 +350,19 @@ def _route(layer: nn.Module, act_override: QuantSpec | None = None) -> Route | N
     if w.kind == "binary":
         layout = ("a1",) if mode == "sign" else ("a8",)
 
+        # Many sign rows (W1A1) where the AMX tiles are on: the same ±1 panels, which the tiles multiply by the signs
+        # as ±1 bytes (the popcount kernel's int32 sums, so its bits); 0 rows (no panels) elsewhere.
+        many_signs = panel_rows("binary_blocked") if mode == "sign" else 0
+
         def prep_binary(lay: Any, panels: bool = False) -> Any:
             signs, scale = lay.codes > 0, lay.scale.reshape(-1).float().expand(n).contiguous()
             # Many int8 rows: panels of the ±1 codes (the same int32 sums as the bit kernel, so the same bits).
-            extra = with_panels(signs.to(torch.int8) * 2 - 1, scale, panels)
+            codes = signs.to(torch.int8) * 2 - 1
+            extra = with_panels(codes, scale, panels)
+            if panels and many_signs:
+                extra = {"panels": panels_mod.prepare_panels(codes, scale)}
             return native_layer.describe(native.prepare_binary(signs, scale, layouts=layout), mode, **extra, **kw)
 
-        return Route(f"w1{suffix}", prep_binary, panel_rows("binary_inter") if mode == "int8" else many_f32)
+        many = panel_rows("binary_inter") if mode == "int8" else many_signs if mode == "sign" else many_f32
+        return Route(f"w1{suffix}", prep_binary, many)
     return None
