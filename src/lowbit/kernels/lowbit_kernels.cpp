@@ -606,18 +606,28 @@ static constexpr i64 AMX_ROWS = 16;
 // 0.055 on the tiles, 45 rows 0.098 against 0.072; session 21, throw-away script, 1 thread).
 static constexpr i64 AMX_SIGN_ROWS = 32;
 
-// y[m * ldm + n * ldn] = (sx[m] * sp[n]) * (float)c[m][n] for rows m < mr and columns n < ncols of an AMX block's
-// sums (row stride 32): the expression of the VNNI and AVX2 tiles, so the same bits.
+// A product rounded where it stands: no multiply-add contracted with the bias added after it (the separate roundings
+// of the kernels that add the bias in a later pass).
+static inline __m512 rounded(__m512 v) {
+    __asm__("" : "+v"(v));
+    return v;
+}
+
+// y[m * ldm + n * ldn] = (sx[m] * sp[n]) * (float)c[m][n] (+ bias[n], a second rounding, where bias is not NULL) for
+// rows m < mr and columns n < ncols of an AMX block's sums (row stride 32): the expression of the VNNI and AVX2 tiles
+// followed by lb_linear's bias pass, so the same bits, without a second pass over the output.
 static inline void amx_store(const int32_t* c, i64 mr, i64 ncols, const float* sx, const float* sp, float* y, i64 ldm,
-                             i64 ldn) {
+                             i64 ldn, const float* bias) {
     if (ldn == 1) {
         for (i64 h = 0; 16 * h < ncols; ++h) {
             const i64 nc = std::min<i64>(16, ncols - 16 * h);
             const __mmask16 cols = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1);
             const __m512 s = _mm512_loadu_ps(sp + 16 * h);
+            const __m512 b = bias ? _mm512_maskz_loadu_ps(cols, bias + 16 * h) : _mm512_setzero_ps();
             for (i64 m = 0; m < mr; ++m) {
-                const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(sx[m]), s),
-                                               _mm512_cvtepi32_ps(_mm512_load_si512(c + 32 * m + 16 * h)));
+                __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(sx[m]), s),
+                                         _mm512_cvtepi32_ps(_mm512_load_si512(c + 32 * m + 16 * h)));
+                if (bias) v = _mm512_add_ps(rounded(v), b);
                 _mm512_mask_storeu_ps(y + m * ldm + 16 * h, cols, v);
             }
         }
@@ -625,7 +635,10 @@ static inline void amx_store(const int32_t* c, i64 mr, i64 ncols, const float* s
     }
     if (ldm != 1) {  // (no caller: any other layout, element by element)
         for (i64 m = 0; m < mr; ++m)
-            for (i64 n = 0; n < ncols; ++n) y[m * ldm + n * ldn] = (sx[m] * sp[n]) * (float)c[32 * m + n];
+            for (i64 n = 0; n < ncols; ++n) {
+                volatile float v = (sx[m] * sp[n]) * (float)c[32 * m + n];
+                y[m * ldm + n * ldn] = bias ? v + bias[n] : v;
+            }
         return;
     }
     // a transposed output (a convolution's map, ldm == 1): column n is mr consecutive floats
@@ -637,32 +650,56 @@ static inline void amx_store(const int32_t* c, i64 mr, i64 ncols, const float* s
         const __m512 r = _mm512_maskz_loadu_ps(live, sx + 16 * h);
         for (i64 n = 0; n < ncols; ++n) {
             const __m512i col = _mm512_i32gather_epi32(rows, c + 16 * h * 32 + n, 4);
-            const __m512 v = _mm512_mul_ps(_mm512_mul_ps(r, _mm512_set1_ps(sp[n])), _mm512_cvtepi32_ps(col));
+            __m512 v = _mm512_mul_ps(_mm512_mul_ps(r, _mm512_set1_ps(sp[n])), _mm512_cvtepi32_ps(col));
+            if (bias) v = _mm512_add_ps(rounded(v), _mm512_set1_ps(bias[n]));
             _mm512_mask_storeu_ps(y + 16 * h * ldm + n * ldn, live, v);
         }
     }
 }
 
-// The tile function of amx_run for per-column scales: the block's exact sums, then amx_store.
+// The tile function of amx_run for per-column scales: the block's exact sums, then amx_store (bias: NULL or N).
 static inline auto amx_w8_tile(const int8_t* wp, const float* sp, const float* sx, i64 N, i64 Kp, float* y, i64 ldm,
-                               i64 ldn) {
+                               i64 ldn, const float* bias) {
     return [=](auto mt, auto np, const int8_t* am, i64 Kq, i64 m, i64 mr, i64 p) {
         constexpr int MT = decltype(mt)::value, NP = decltype(np)::value;
         alignas(64) int32_t c[32 * 32];
         amx_block<MT, NP>(am, Kq, wp + p * 16 * Kp, Kp, 0, Kp, c);
         amx_store(c, mr, std::min<i64>(16 * NP, N - 16 * p), sx + m, sp + 16 * p, y + m * ldm + 16 * p * ldn, ldm,
-                  ldn);
+                  ldn, bias ? bias + 16 * p : nullptr);
     };
 }
 #endif
 
-// The panel kernel with output y[m * ldm + n * ldn] (lb_w8a8_panel: row-major; lb_conv: the (O, OH*OW) map).
+// y[m * N + n] += bias[n]: lb_linear's bias pass (threads split the rows).
+static void add_bias(float* y, const float* bias, i64 M, i64 N, int threads) {
+    lb_parallel(nthreads(threads), M * N >= 262144, [&] {
+        i64 lo_, hi_;
+        my_rows(M, 1, &lo_, &hi_);
+        for (i64 m = lo_; m < hi_; ++m)
+            for (i64 n = 0; n < N; ++n) y[m * N + n] += bias[n];
+    });
+}
+
+static void w8a8_panel_tiles(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_t* wp, const float* sp,
+                             const int32_t* ws, i64 N, i64 Kp, float* y, i64 ldm, i64 ldn, int threads);
+
+// The panel kernel with output y[m * ldm + n * ldn] (lb_w8a8_panel: row-major; lb_conv: the (O, OH*OW) map), then
+// + bias[n] where bias is not NULL (row-major only): on the AMX tiles in their store, else in a pass after.
 // ws: the panels' column sums (padded to 16 columns; `panel_sums`), used by the VNNI tiles.
 static void w8a8_panel_run(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_t* wp, const float* sp,
-                           const int32_t* ws, i64 N, i64 Kp, float* y, i64 ldm, i64 ldn, int threads) {
+                           const int32_t* ws, i64 N, i64 Kp, float* y, i64 ldm, i64 ldn, int threads,
+                           const float* bias = nullptr) {
 #ifdef LB_AMX
-    if (M >= AMX_ROWS && amx_panels(xq, M, K, N, Kp, threads, amx_w8_tile(wp, sp, sx, N, Kp, y, ldm, ldn))) return;
+    if (M >= AMX_ROWS && amx_panels(xq, M, K, N, Kp, threads, amx_w8_tile(wp, sp, sx, N, Kp, y, ldm, ldn, bias)))
+        return;
 #endif
+    w8a8_panel_tiles(xq, sx, M, K, wp, sp, ws, N, Kp, y, ldm, ldn, threads);
+    if (bias) add_bias(y, bias, M, N, threads);
+}
+
+// The VNNI or AVX2 (or scalar) tiles of w8a8_panel_run.
+static void w8a8_panel_tiles(const int8_t* xq, const float* sx, i64 M, i64 K, const int8_t* wp, const float* sp,
+                             const int32_t* ws, i64 N, i64 Kp, float* y, i64 ldm, i64 ldn, int threads) {
 #ifdef LB_VNNI
     const bool done = vnni_panels(xq, ws, M, K, N, Kp, threads, [=](auto mt, const uint8_t* xu, i64 m, i64 p) {
         const i64 nc = std::min<i64>(16, N - 16 * p);
@@ -2269,17 +2306,18 @@ static void sz_correct(const lb_layer* L, const float* x, const int8_t* xq, cons
 // from lb_panel_rows(LB_BIN_BLOCKED) rows on where the tiles are on). The int32 sums are lb_w1a1's K - 2 popcount(x
 // XOR w), and amx_store's (bs[m] * a[n]) * (float)sum its expression (the bias then added alone, as it adds it): the
 // same bits. False where it does not apply (no panels, too few rows, tiles off, out of memory): lb_w1a1 runs.
-static bool w1a1_amx(const lb_layer* L, const uint64_t* xb, const float* sx, i64 M, float* y, int threads) {
+static bool w1a1_amx(const lb_layer* L, const uint64_t* xb, const float* sx, i64 M, float* y, int threads,
+                     const float* bias) {
 #ifdef LB_AMX
     if (!L->wp || M < AMX_SIGN_ROWS || L->pld % 32 || !amx_on()) return false;
     const i64 K = L->K, N = L->N, Kp = L->pld, Kq = (Kp + 63) / 64 * 64, Mt = (M + 31) / 32 * 32;
     int8_t* a = amx_sign_rows(xb, (K + 255) / 256 * 4, M, K, Mt, Kq);
     if (!a) return false;
-    amx_run(a, Kq, M, N, Kp, threads, amx_w8_tile(L->wp, L->sp, sx, N, Kp, y, N, 1));
+    amx_run(a, Kq, M, N, Kp, threads, amx_w8_tile(L->wp, L->sp, sx, N, Kp, y, N, 1, bias));
     free(a);
     return true;
 #else
-    (void)L, (void)xb, (void)sx, (void)M, (void)y, (void)threads;
+    (void)L, (void)xb, (void)sx, (void)M, (void)y, (void)threads, (void)bias;
     return false;
 #endif
 }
@@ -2395,11 +2433,18 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
         const bool f32_panels = f32 && L->wp && (M >= F32_PANEL_ROWS || !L->w);
         const i64 panel_group = L->wkind == LB_WN ? L->group : 0;
         const int fpe = L->wkind == LB_FP8 ? L->bits : 0;
+        // The bias for a kernel that adds it itself (the panel kernels: in the AMX tiles' store), then none here;
+        // static activations keep it for after their zero-point term.
+        auto take_bias = [&]() {
+            const float* b = L->akind == LB_ACT_I8S ? nullptr : bias;
+            if (b) bias = nullptr;
+            return b;
+        };
         if (f32_panels) rc = lb_f32_panel(x, M, K, L->wp, L->sp, N, L->pld, panel_group, y, threads, fpe);
         else switch (L->wkind) {
             case LB_W8:
                 if (i8 && L->wp && (M >= PANEL_ROWS || !L->w))
-                    lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, threads);
+                    w8a8_panel_run(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, N, 1, threads, take_bias());
                 else if (i8) lb_w8a8(xq, sx, M, K, (const int8_t*)L->w, L->s, N, L->ld, y, threads);
                 else if (f32) lb_w8a32(x, M, K, (const int8_t*)L->w, L->s, N, L->ld, y, threads);
                 else rc = -1;
@@ -2413,21 +2458,21 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
                 break;
             case LB_TERNARY:
                 if (i8 && L->wp && M >= TERNARY_PANEL_ROWS)
-                    lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, threads);
+                    w8a8_panel_run(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, N, 1, threads, take_bias());
                 else if (i8) lb_ternary(xq, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
                 else rc = -1;
                 break;
             case LB_BIN_BLOCKED:
                 if (L->akind != LB_ACT_SIGN) {
                     rc = -1;
-                } else if (!w1a1_amx(L, xb, sx, M, y, threads)) {
+                } else if (!w1a1_amx(L, xb, sx, M, y, threads, bias)) {
                     rc = lb_w1a1(xb, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads, bias);
-                    bias = nullptr;  // added by the kernel
                 }
+                bias = nullptr;  // added by the kernel
                 break;
             case LB_BIN_INTER:  // panels of the +-1 codes: the same int32 (2 sum_{bit=1} xq - sum xq) and bits
                 if (i8 && L->wp && M >= BIN_PANEL_ROWS)
-                    lb_w8a8_panel(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, threads);
+                    w8a8_panel_run(xq, sx, M, K, L->wp, L->sp, L->ws, N, L->pld, y, N, 1, threads, take_bias());
                 else if (i8) lb_w1a8(xq, sx, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
                 else if (f32) lb_w1a32(x, M, K, (const uint8_t*)L->w, L->s, N, y, threads);
                 else rc = -1;
@@ -2441,13 +2486,7 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
     if (rc == 0 && c != 0.0f)  // the static zero point's constant term (then the bias), one rounding as lb_conv's
         for (i64 m = 0; m < M; ++m)
             for (i64 n = 0; n < N; ++n) y[m * N + n] = fmaf(c, L->wsum[n], y[m * N + n]);
-    if (rc == 0 && bias)
-        lb_parallel(nthreads(threads), M * N >= 262144, [&] {
-            i64 lo_, hi_;
-            my_rows(M, 1, &lo_, &hi_);
-            for (i64 m = lo_; m < hi_; ++m)
-                for (i64 n = 0; n < N; ++n) y[m * N + n] += bias[n];
-        });
+    if (rc == 0 && bias) add_bias(y, bias, M, N, threads);
     if (rc == 0 && nan_rows)
         for (i64 m = 0; m < M; ++m)
             if (nan_rows[m])
