@@ -1,7 +1,7 @@
 """Linear-layer speed of lowbit's packed formats against fp32 PyTorch and the best existing CPU paths.
 
 Each contender runs a chain of L distinct layers of shape (M, K) × (K, N) whose weights together exceed
-``--stream-mib`` (default: twice the largest cache the CPU reports, at least 96 MiB, within a memory budget; see
+``--stream-mib`` (default: twice the largest cache the CPU reports, 96 to 256 MiB, within a memory budget; see
 `default_stream_mib`), so weights stream from memory as in a real model; the
 time per layer is the chain's time / L. Contenders are timed in alternation inside the same loop (median of
 ``--reps`` passes; each timed chain after a pause and ≥ ``WARM_S`` of untimed runs, steady state as in back-to-back
@@ -103,20 +103,23 @@ def available_mib() -> int:
 
 
 def default_stream_mib(n_formats: int) -> tuple[int, str]:
-    """Chain size per contender: twice the largest cache (at least 96 MiB: 12× the L3 of the AMD hosts of sessions
-    1-20; 2 × 480 MiB on the Xeon of session 21), so nothing a timed chain reads is still cached. Every contender
-    holds its own chain (and ONNX Runtime's int8 model is built from an fp32 copy four times as large), so the size
-    is capped at 60 % of the available memory shared by the contenders; a capped run says so, with the way out
-    (fewer ``--formats`` per run). Returns (MiB, a line for the log)."""
+    """Chain size per contender: twice the largest cache, between 96 MiB (12× the L3 of the AMD hosts of sessions
+    1-20) and 256 MiB. The Xeon of session 21 reports a 480 MiB L3, shared with the host's other tenants: a sum over
+    chains of 24 / 96 / 256 / 640 / 1536 MiB read 27.0 / 14.2 / 13.1 / 12.9 / 13.0 GiB/s on one thread (a throw-away
+    script), so from 256 MiB on a chain streams from memory there, and 2 × 480 MiB chains for every contender ran out
+    of its 24 GB. Every contender holds its own chain, and ONNX Runtime's int8 model is built from an fp32 copy four
+    times as large (serialised and quantized: about 12× the chain at the peak), so the size is capped at 60 % of the
+    available memory over the contenders; a capped run says so, with the way out (fewer ``--formats`` per run).
+    Returns (MiB, a line for the log)."""
     cache = largest_cache_mib()
-    want = max(96, 2 * cache)
+    want = max(96, min(2 * cache, 256))
     avail = available_mib()
-    cap = int(0.6 * avail / (n_formats + 8)) if avail else want
+    cap = int(0.6 * avail / (n_formats + 20)) if avail else want
     if cap >= want:
-        return want, f"chains of {want} MiB per contender (largest cache {cache} MiB)"
+        return want, f"chains of {want} MiB per contender (largest cache reported: {cache} MiB)"
     return max(cap, 96), (
-        f"WARNING: chains of {max(cap, 96)} MiB per contender, below 2 x the {cache} MiB cache ({avail} MiB of "
-        f"memory for {n_formats} formats): parts of a chain may be cached; bench fewer --formats per run"
+        f"WARNING: chains of {max(cap, 96)} MiB per contender, below {want} MiB ({avail} MiB of memory for "
+        f"{n_formats} formats): parts of a chain may be cached; bench fewer --formats per run"
     )
 
 
@@ -385,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument(
-        "--stream-mib", type=int, default=None, help="weights per chain (default: 2x the largest cache, >= 96)"
+        "--stream-mib", type=int, default=None, help="weights per chain (default: 2x the largest cache, 96-256)"
     )
     ap.add_argument(
         "--max-layers", type=int, default=512, help="cap on the chain length (compute-bound large-M shapes)"
