@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -71,7 +72,15 @@ def run(threads: int, repeats: int) -> list[dict]:
     return rows
 
 
+def leave_import_path() -> None:
+    """Takes this script's directory off the import path, where Python puts it first: its kernels.py would shadow
+    the ``kernels`` package that transformers probes for (hub kernels) when MiniLM loads (an ImportError)."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != here]
+
+
 def main(argv: list[str] | None = None) -> int:
+    leave_import_path()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--repeats", type=int, default=50)

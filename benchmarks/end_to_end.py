@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -216,7 +217,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def leave_import_path() -> None:
+    """Takes this script's directory off the import path, where Python puts it first: its kernels.py would shadow
+    the ``kernels`` package that transformers probes for (hub kernels) when MiniLM loads (an ImportError)."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != here]
+
+
 def main(argv: list[str] | None = None) -> int:
+    leave_import_path()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=["digits-cnn", "digits-vit", "minilm"])
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
