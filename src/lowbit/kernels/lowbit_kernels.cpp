@@ -72,11 +72,18 @@ static inline int nthreads(int t) { return t > 0 ? t : omp_get_max_threads(); }
 // prefetches at the row start (prefetch_rows, kept for the scalar path) was slower, presumably because it
 // overflows the core's miss buffers.
 // Measured on a Zen 1 core, M=1 4096x4096 W8A8 streamed from memory: 2.6 ms with the burst, 1.4 ms in the loop
-// (~11 GB/s; the hardware prefetcher alone: ~7 GB/s). The hint is non-temporal (locality 0): weights are read
-// once per forward, and a chain benchmark of the W8A8 and W1A1 kernels ran a few percent faster with it than
-// with locality 3, more at 2 threads.
+// (~11 GB/s; the hardware prefetcher alone: ~7 GB/s). On AMD Zen the hint is non-temporal (locality 0): weights
+// are read once per forward, and a chain benchmark of the W8A8 and W1A1 kernels ran a few percent faster with it
+// than with locality 3, more at 2 threads. Elsewhere it is prefetcht0 (locality 3): on session 21's Intel Xeon the
+// non-temporal hint left the row kernels at 5-7 GB/s of weights where fp32 streamed 16 (1 thread, chains of 256 MiB
+// of 4096 x 4096 layers at one row, throw-away script): W4A8 g128 1.430 -> 0.689 ms a layer with locality 3 (0.685
+// with 2), W2A8 g64 0.803 -> 0.479, W4A32 1.771 -> 1.260, ternary 0.488 -> 0.388, W1A1 0.336 -> 0.189.
 #ifndef LB_PF_LOCALITY
+#if defined(__znver1__) || defined(__znver2__) || defined(__znver3__) || defined(__znver4__) || defined(__znver5__)
 #define LB_PF_LOCALITY 0
+#else
+#define LB_PF_LOCALITY 3
+#endif
 #endif
 #ifndef LB_PF_BYTES
 #define LB_PF_BYTES 4096
@@ -1688,6 +1695,7 @@ static inline void w1a1_store(const int32_t* cnt, i64 K, float bs, const float* 
         const __m256i c = _mm256_loadu_si256((const __m256i*)(cnt + n));
         const __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(k, _mm256_slli_epi32(c, 1)));
         __m256 r = _mm256_mul_ps(_mm256_mul_ps(b, full ? _mm256_loadu_ps(a + n) : _mm256_load_ps(av)), v);
+        __asm__("" : "+x"(r));  // rounded here (no multiply-add with the bias): the AMX tiles' store rounds so too
         if (bias) r = _mm256_add_ps(r, full ? _mm256_loadu_ps(bias + n) : _mm256_load_ps(bv));
         if (full) {
             _mm256_storeu_ps(y + n, r);
@@ -1697,7 +1705,10 @@ static inline void w1a1_store(const int32_t* cnt, i64 K, float bs, const float* 
         }
     }
 #else
-    for (; n < nn; ++n) y[n] = (bs * a[n]) * (float)(K - 2 * (i64)cnt[n]);
+    for (; n < nn; ++n) {
+        volatile float r = (bs * a[n]) * (float)(K - 2 * (i64)cnt[n]);  // (rounded: no multiply-add with the bias)
+        y[n] = r;
+    }
     if (bias)
         for (n = 0; n < nn; ++n) y[n] += bias[n];
 #endif
