@@ -155,13 +155,16 @@ def test_w1a1_layers_and_convolutions_run_on_tiles_with_the_popcount_bits(k, amx
     """W1A1 on many rows: where the tiles are on the layer gets ±1 panels and the tiles' sums; the outputs are the
     XNOR-popcount kernel's bit for bit (the bias added as that kernel adds it)."""
     torch.manual_seed(0)
-    stage = Stage(method="rtn", weights=FORMATS["binary"], activations=ACT_FORMATS["binary_token"])
+    stage = Stage(
+        method="rtn", weights=FORMATS["binary"], activations=ACT_FORMATS["binary_token"], keep_first_last=False
+    )
     model = nn.Sequential(nn.Conv2d(8, 24, 3), nn.Flatten(), nn.Linear(24 * 6 * 6, k), nn.Linear(k, 50))
     packed_model = lowbit.pack(lowbit.compress(model, Recipe(stages=(stage,)), progress=False))
     x = torch.randn(40, 8, 8, 8)
     with torch.no_grad(), use_mode("native"):
         on, off = both(lambda: packed_model(x))
         native.amx(True)
-        last = packed_model[3]
-        assert last._dispatch.state.has_panels is native.amx()  # built on the first call with many rows
+        for layer in (packed_model[2], packed_model[3]):  # W1A1 linear layers on 40 rows
+            assert "weights=binary" in repr(layer)
+            assert layer._dispatch.state.has_panels is native.amx()  # built on the first call with many rows
     assert torch.equal(on, off)
