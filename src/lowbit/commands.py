@@ -154,7 +154,8 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
         from lowbit.kernels import native
 
         info = native.build_info()
-        state = f"native kernels: {info['isa']}" if native.available() else f"no native kernels ({info['reason']})"
+        build = info["isa"] + ("+amx" if info["amx"] else "")
+        state = f"native kernels: {build}" if native.available() else f"no native kernels ({info['reason']})"
         console.print(
             f"{state}; batch {args.batch_size}, {args.threads} thread(s). 'chosen' is the faster of the kernel and "
             "the dense reference path (fp32 matmul on the dequantized weight, after simulated activation "
