@@ -42,6 +42,8 @@ environment:
   LOWBIT_KERNELS=auto|native|reference|portable|avx2   kernel choice: measured per layer (default), always the
       native kernel, always the PyTorch reference, always native with the library built without SIMD, or measured
       with the library built without AVX-512 (the native kernels use AVX-512 VNNI where the CPU has it, else AVX2)
+  LOWBIT_AMX=0|off                              keep many-row int8 / W1A1 layers off AMX tiles (used by default where
+      the CPU, compiler and Linux allow them: Intel Sapphire Rapids on; the same results, bit for bit)
   LOWBIT_CACHE_DIR                              where trained models and compiled kernels are cached
 """
 
