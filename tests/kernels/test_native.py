@@ -519,3 +519,36 @@ def test_wna8_extreme_codes_do_not_wrap(bits, group, sign):
         sx = torch.ones(M)
         y = group_layout.matmul_wna8(xq, sx, group_layout.prepare_wn(q, s, z, bits, group), 1)
         assert torch.equal(y, torch.full((M, N), float(sign * 127 * (2**bits - 1) * K)))
+
+
+@pytest.mark.parametrize(
+    ("weights", "acts"),
+    [("int8", "int8_token"), ("int8", "int8_static"), ("binary", "binary_token"), ("fp8_e4m3", "fp8_token")],
+)
+def test_many_rows_quantized_by_two_threads_give_one_threads_bits(weights, acts):
+    """lb_linear splits a many-row call's activation quantization between the threads (disjoint rows): the codes,
+    scales and NaN rows, so the outputs, are those of one thread."""
+    from torch import nn
+
+    import lowbit
+    from lowbit.formats import ACT_FORMATS, FORMATS
+    from lowbit.kernels.dispatch import use_mode
+    from lowbit.recipe import Recipe, Stage
+
+    torch.manual_seed(0)
+    x = torch.randn(301, 384)
+    x[7] = float("nan")
+    stage = Stage(method="rtn", weights=FORMATS[weights], activations=ACT_FORMATS[acts], keep_first_last=False)
+    model = nn.Sequential(nn.Linear(384, 96))
+    layer = lowbit.pack(lowbit.compress(model, Recipe(stages=(stage,)), data=[x.nan_to_num()], progress=False))
+    old = torch.get_num_threads()
+    try:
+        with torch.no_grad(), use_mode("native"):
+            torch.set_num_threads(1)
+            one = layer(x)
+            torch.set_num_threads(2)
+            two = layer(x)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(one, two, rtol=0, atol=0, equal_nan=True)
+    assert bool(one[7].isnan().all()) or not acts.startswith("int8")  # (int8 rows: NaN in, NaN out)
