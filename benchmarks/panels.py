@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"native kernels unavailable: {native.unavailable_reason()}")
     env = environment()
     amx = native.amx()
-    info = native.build_info()
-    print(f"CPU: {env.get('cpu', '?')}; torch {torch.__version__}; native kernels: {info['isa']}, AMX tiles: {amx}")
+    print(f"CPU: {env.get('cpu', '?')}; torch {torch.__version__}; native kernels: {env['kernels']}")
     print("ms per call; ratios: row-kernel time / panel time, and fp32 time / panel time (> 1: panels faster)")
     print("| threads | M | K | N | row | panel | panel ≥0 | ternary 2-bit | ternary panel | int4 4-bit | int4 panel "
           "| fp32 | panel vs row | panel vs fp32 | panel ≥0 vs fp32 | ternary panel vs 2-bit "

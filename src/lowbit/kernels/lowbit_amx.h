@@ -122,8 +122,7 @@ static inline void amx_block(const int8_t* a, i64 Kq, const int8_t* wp, i64 Kp, 
 // The AMX form of a many-row panel kernel on rows already in tile form (a: Mt x Kq, Mt a multiple of 32, zero
 // padded): tile(IC<MT>, IC<NP>, a_m, Kq, m, mr, p) computes rows m .. m+mr-1 (mr <= 16 MT, their codes at a_m)
 // against panels p .. p+NP-1 (amx_block and an epilogue). Row blocks of 32 are split between threads when there are
-// enough, else the panel pairs; each thread walks panel pairs in chunks that stay in L2 while its row blocks pass
-// over them.
+// enough, else the panel pairs, in chunks that stay in L2 while its row blocks pass over them (walk_blocks).
 template <class F>
 static void amx_run(const int8_t* a, i64 Kq, i64 M, i64 N, i64 Kp, int threads, F tile) {
     const i64 P = (N + 15) / 16, pairs = (P + 1) / 2, blocks = (M + 31) / 32;
@@ -132,28 +131,21 @@ static void amx_run(const int8_t* a, i64 Kq, i64 M, i64 N, i64 Kp, int threads, 
         const AmxConfig cfg;
         amx_fence();
         _tile_loadconfig(&cfg);
-        const i64 nth = lb_team_size();
-        i64 b0 = 0, b1 = blocks, q0 = 0, q1 = pairs;
-        if (blocks >= 2 * nth) my_rows(blocks, 1, &b0, &b1);
-        else my_rows(pairs, 1, &q0, &q1);
-        for (i64 c0 = q0; c0 < q1; c0 += chunk) {
-            const i64 c1 = std::min(q1, c0 + chunk);
-            for (i64 b = b0; b < b1; ++b) {
-                const i64 m = 32 * b, mr = std::min<i64>(32, M - m);
-                const int8_t* am = a + m * Kq;
-                for (i64 q = c0; q < c1; ++q) {
-                    const i64 p = 2 * q;
-                    const bool two = p + 1 < P;
-                    if (mr > 16) {
-                        if (two) tile(IC<2>(), IC<2>(), am, Kq, m, mr, p);
-                        else tile(IC<2>(), IC<1>(), am, Kq, m, mr, p);
-                    } else {
-                        if (two) tile(IC<1>(), IC<2>(), am, Kq, m, mr, p);
-                        else tile(IC<1>(), IC<1>(), am, Kq, m, mr, p);
-                    }
+        walk_blocks(blocks, pairs, chunk, [&](i64 b, i64 c0, i64 c1) {
+            const i64 m = 32 * b, mr = std::min<i64>(32, M - m);
+            const int8_t* am = a + m * Kq;
+            for (i64 q = c0; q < c1; ++q) {
+                const i64 p = 2 * q;
+                const bool two = p + 1 < P;
+                if (mr > 16) {
+                    if (two) tile(IC<2>(), IC<2>(), am, Kq, m, mr, p);
+                    else tile(IC<2>(), IC<1>(), am, Kq, m, mr, p);
+                } else {
+                    if (two) tile(IC<1>(), IC<2>(), am, Kq, m, mr, p);
+                    else tile(IC<1>(), IC<1>(), am, Kq, m, mr, p);
                 }
             }
-        }
+        });
         _tile_release();
     });
 }

@@ -506,31 +506,40 @@ static inline void with_rows(i64 r, F&& f) {
 // panels), panels in chunks that stay in L2 while every row block of the thread passes over them;
 // tile(IC<MR>, m, p, form) computes rows m .. m+MR-1 against panel p (form 1: those rows hold no negative code, 2:
 // they hold the code -128, else 0; checked only when NONNEG_CHECK: the AVX2 tiles use it, the VNNI tiles do not).
+// The calling thread's share of a many-row kernel inside its parallel region: row blocks [0, blocks) split between
+// the threads when there are at least two per thread, else the column units [0, units) (panels, or AMX's panel
+// pairs); the units in chunks of `chunk` that stay in L2 while every row block of the thread passes over them:
+// body(b, c0, c1) per row block b and chunk [c0, c1).
+template <class F>
+static inline void walk_blocks(i64 blocks, i64 units, i64 chunk, F&& body) {
+    const i64 nth = lb_team_size();
+    i64 b0 = 0, b1 = blocks, q0 = 0, q1 = units;
+    if (blocks >= 2 * nth) my_rows(blocks, 1, &b0, &b1);
+    else my_rows(units, 1, &q0, &q1);
+    for (i64 c0 = q0; c0 < q1; c0 += chunk) {
+        const i64 c1 = std::min(q1, c0 + chunk);
+        for (i64 b = b0; b < b1; ++b) body(b, c0, c1);
+    }
+}
+
 template <int BM, bool NONNEG_CHECK, class X, class F>
 static void panel_blocks(const X* xp, i64 M, i64 N, i64 Kp, int threads, F tile) {
     const i64 P = (N + 15) / 16, blocks = (M + BM - 1) / BM;
     const i64 chunk = std::max<i64>(1, (192 * 1024) / (16 * Kp));
     lb_parallel(nthreads(threads), threads != 1 && M * N * Kp >= (1 << 18), [&] {
-        const i64 nth = lb_team_size();
-        i64 b0 = 0, b1 = blocks, q0 = 0, q1 = P;
-        if (blocks >= 2 * nth) my_rows(blocks, 1, &b0, &b1);
-        else my_rows(P, 1, &q0, &q1);
-        for (i64 c0 = q0; c0 < q1; c0 += chunk) {
-            const i64 c1 = std::min(q1, c0 + chunk);
-            for (i64 b = b0; b < b1; ++b) {
-                const i64 m = BM * b, mr = std::min<i64>(BM, M - m);
-                int form = 0;
+        walk_blocks(blocks, P, chunk, [&](i64 b, i64 c0, i64 c1) {
+            const i64 m = BM * b, mr = std::min<i64>(BM, M - m);
+            int form = 0;
 #ifdef __AVX2__
-                if constexpr (NONNEG_CHECK) {
-                    const int8_t* xm = (const int8_t*)xp + m * Kp;
-                    form = rows_nonneg(xm, mr, Kp) ? 1 : rows_min_code(xm, mr, Kp, Kp) ? 2 : 0;
-                }
-#endif
-                with_rows<BM>(mr, [&](auto mt) {
-                    for (i64 p = c0; p < c1; ++p) tile(mt, m, p, form);
-                });
+            if constexpr (NONNEG_CHECK) {
+                const int8_t* xm = (const int8_t*)xp + m * Kp;
+                form = rows_nonneg(xm, mr, Kp) ? 1 : rows_min_code(xm, mr, Kp, Kp) ? 2 : 0;
             }
-        }
+#endif
+            with_rows<BM>(mr, [&](auto mt) {
+                for (i64 p = c0; p < c1; ++p) tile(mt, m, p, form);
+            });
+        });
     });
 }
 
@@ -952,65 +961,61 @@ static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp,
         const __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 32))));
         p += 40;
         const i64 k0 = b * 8 * GU * 32;
+        // unit(j, u, w) for every unit u (32 codes w) of the block's groups j in order, prefetching the codes ahead
+        auto units = [&](auto&& unit) __attribute__((always_inline)) {
+#pragma GCC unroll 8
+            for (int j = 0; j < nb; ++j) {
+                for (int t = 0; t < GU; ++t) {
+                    const int u = j * GU + t;
+                    if ((u & 3) == 0) LB_PF(codes + wn_code_bytes<BITS>(u));  // 4 units = 16*BITS bytes of codes
+                    unit(j, u, wn_unit<BITS>(codes, u));
+                }
+            }
+        };
+        __m256 h[MT][8];  // per row: the partial sums of group j in 8 lanes
 #ifdef __AVX512F__
         // 16 codes per vector: two widenings and two products per unit of 32 instead of four (the widening shuffles
         // share one port on Intel cores, where the 8-wide form held this kernel at ~13 G weights/s; session 21)
         __m512 d[MT][8];
         for (int j = 0; j < 8; ++j)
             for (int m = 0; m < MT; ++m) d[m][j] = _mm512_setzero_ps();
-#pragma GCC unroll 8
-        for (int j = 0; j < nb; ++j) {
-            for (int t = 0; t < GU; ++t) {
-                const int u = j * GU + t;
-                if ((u & 3) == 0) LB_PF(codes + wn_code_bytes<BITS>(u));  // 4 units = 16*BITS bytes of codes
-                const __m256i w = wn_unit<BITS>(codes, u);
-                auto widen = [](__m128i b) {  // 16 codes (E2M1: signed values) as fp32
-                    return _mm512_cvtepi32_ps(BITS == E2M1 ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
-                };
-                const __m512 w0 = widen(_mm256_castsi256_si128(w)), w1 = widen(_mm256_extracti128_si256(w, 1));
-                for (int m = 0; m < MT; ++m) {
-                    const float* xm = x + m * Kp + k0 + 32 * u;
-                    const __m512 e = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16),
-                                                     _mm512_mul_ps(w0, _mm512_loadu_ps(xm)));
-                    d[m][j] = keep(_mm512_add_ps(d[m][j], e));
-                }
+        units([&](int j, int u, __m256i w) __attribute__((always_inline)) {
+            auto widen = [](__m128i c) {  // 16 codes (E2M1: signed values) as fp32
+                return _mm512_cvtepi32_ps(BITS == E2M1 ? _mm512_cvtepi8_epi32(c) : _mm512_cvtepu8_epi32(c));
+            };
+            const __m512 w0 = widen(_mm256_castsi256_si128(w)), w1 = widen(_mm256_extracti128_si256(w, 1));
+            for (int m = 0; m < MT; ++m) {
+                const float* xm = x + m * Kp + k0 + 32 * u;
+                const __m512 e = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xm)));
+                d[m][j] = keep(_mm512_add_ps(d[m][j], e));
             }
-        }
-        for (int m = 0; m < MT; ++m) {
-            __m256 h[8];  // each group's 16 lanes folded to 8, then the 8-group reduction of the AVX2 form
+        });
+        for (int m = 0; m < MT; ++m)  // each group's 16 lanes folded to 8
             for (int j = 0; j < 8; ++j)
-                h[j] = _mm256_add_ps(_mm512_castps512_ps256(d[m][j]),
-                                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d[m][j]), 1)));
-            __m256 r = reduce8_ps(h);
+                h[m][j] = _mm256_add_ps(_mm512_castps512_ps256(d[m][j]),
+                                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d[m][j]), 1)));
 #else
-        __m256 d[MT][8];
         for (int j = 0; j < 8; ++j)
-            for (int m = 0; m < MT; ++m) d[m][j] = _mm256_setzero_ps();
-#pragma GCC unroll 8
-        for (int j = 0; j < nb; ++j) {
-            for (int t = 0; t < GU; ++t) {
-                const int u = j * GU + t;
-                if ((u & 3) == 0) LB_PF(codes + wn_code_bytes<BITS>(u));  // 4 units = 16*BITS bytes of codes
-                const __m256i w = wn_unit<BITS>(codes, u);
-                const __m128i wl = _mm256_castsi256_si128(w), wh = _mm256_extracti128_si256(w, 1);
-                auto widen = [](__m128i b) {  // 8 codes (E2M1: signed values) as fp32
-                    return _mm256_cvtepi32_ps(BITS == E2M1 ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
-                };
-                const __m256 w0 = widen(wl), w1 = widen(_mm_unpackhi_epi64(wl, wl));
-                const __m256 w2 = widen(wh), w3 = widen(_mm_unpackhi_epi64(wh, wh));
-                for (int m = 0; m < MT; ++m) {
-                    const float* xm = x + m * Kp + k0 + 32 * u;
-                    __m256 e = _mm256_mul_ps(w0, _mm256_loadu_ps(xm));
-                    __m256 f = _mm256_mul_ps(w2, _mm256_loadu_ps(xm + 16));
-                    e = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), e);
-                    f = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), f);
-                    d[m][j] = keep(_mm256_add_ps(d[m][j], _mm256_add_ps(e, f)));
-                }
+            for (int m = 0; m < MT; ++m) h[m][j] = _mm256_setzero_ps();
+        units([&](int j, int u, __m256i w) __attribute__((always_inline)) {
+            const __m128i wl = _mm256_castsi256_si128(w), wh = _mm256_extracti128_si256(w, 1);
+            auto widen = [](__m128i c) {  // 8 codes (E2M1: signed values) as fp32
+                return _mm256_cvtepi32_ps(BITS == E2M1 ? _mm256_cvtepi8_epi32(c) : _mm256_cvtepu8_epi32(c));
+            };
+            const __m256 w0 = widen(wl), w1 = widen(_mm_unpackhi_epi64(wl, wl));
+            const __m256 w2 = widen(wh), w3 = widen(_mm_unpackhi_epi64(wh, wh));
+            for (int m = 0; m < MT; ++m) {
+                const float* xm = x + m * Kp + k0 + 32 * u;
+                __m256 e = _mm256_mul_ps(w0, _mm256_loadu_ps(xm));
+                __m256 f = _mm256_mul_ps(w2, _mm256_loadu_ps(xm + 16));
+                e = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), e);
+                f = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), f);
+                h[m][j] = keep(_mm256_add_ps(h[m][j], _mm256_add_ps(e, f)));
             }
-        }
-        for (int m = 0; m < MT; ++m) {
-            __m256 r = reduce8_ps(d[m]);
+        });
 #endif
+        for (int m = 0; m < MT; ++m) {
+            __m256 r = reduce8_ps(h[m]);
             if (BITS != E2M1)  // (E2M1: zero points 0, and no 0 * inf = NaN from an infinite input)
                 r = _mm256_fnmadd_ps(zf, _mm256_loadu_ps(sxg + m * ldg + 8 * b), r);  // sum x q - z * sum x
             acc[m] = _mm256_fmadd_ps(r, sc, acc[m]);

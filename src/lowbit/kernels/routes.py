@@ -358,9 +358,12 @@ def _route(layer: nn.Module, act_override: QuantSpec | None = None) -> Route | N
             signs, scale = lay.codes > 0, lay.scale.reshape(-1).float().expand(n).contiguous()
             # Many int8 rows: panels of the ±1 codes (the same int32 sums as the bit kernel, so the same bits).
             codes = signs.to(torch.int8) * 2 - 1
-            extra = with_panels(codes, scale, panels)
-            if panels and many_signs:
-                extra = {"panels": panels_mod.prepare_panels(codes, scale)}
+            signs_panels = panels and many_signs  # (with_panels serves int8 / fp32 inputs)
+            extra = (
+                {"panels": panels_mod.prepare_panels(codes, scale)}
+                if signs_panels
+                else with_panels(codes, scale, panels)
+            )
             return native_layer.describe(native.prepare_binary(signs, scale, layouts=layout), mode, **extra, **kw)
 
         many = panel_rows("binary_inter") if mode == "int8" else many_signs if mode == "sign" else many_f32
