@@ -25,14 +25,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def amx_state():
-    """Restores the AMX switch a test flips."""
-    before = native.amx()
-    yield
-    native.amx(before)
-
-
 def both(fn):
     """fn() with the AMX kernels on, then off."""
     native.amx(True)

@@ -62,6 +62,22 @@ def test_fast_path_is_bit_identical(name: str, k: int) -> None:
         assert _same_bits(fast, fake_quantize(x, spec)), (name, k, seed)
 
 
+@pytest.mark.parametrize("name", [n for n in SPECS if SPECS[n].kind == "fp"])
+def test_exact_ties_round_half_to_even_as_the_torch_path(name: str) -> None:
+    """Every midpoint between neighbouring grid values (and values one ulp either side), in a row whose scale is
+    exactly 1 and one scaled by a power of two: the C rounding (one add of a signed power of two) picks the same
+    grid value as the torch path's rint, ties to even."""
+    from lowbit.formats.lowfloat import grid
+
+    g = grid(SPECS[name].fp_format)
+    mids = (g[1:] + g[:-1]) / 2  # exact: neighbouring values differ by one step
+    near = torch.cat([mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1), g])
+    row = torch.cat([g.abs().max().reshape(1), near])  # amax == max value: scale 1
+    x = torch.stack([row, row * 2.0**-12, -row])
+    fast = fake_quantize_fast(x, SPECS[name])
+    assert fast is not None and _same_bits(fast, fake_quantize(x, SPECS[name]))
+
+
 def test_fp8_values_lie_on_the_grid_and_nan_maps_like_the_torch_path() -> None:
     from lowbit.formats.lowfloat import grid
 

@@ -11,6 +11,9 @@
 // hold the rows, 6, 7 the panels. Every sum is the exact int32 sum of the VNNI and AVX2 tiles, and the caller's
 // epilogue applies the same float expression to it, so the outputs are the same bits (tested).
 //
+// AMX-BF16 (tdpbf16ps, LB_AMX_BF16) runs the same blocks on bf16 data: a 64-byte tile row holds 32 k of a row, or 2
+// consecutive k of 16 columns of a panel, and the sums are fp32 (fp8_amx: FP8 layers with FP8 activations).
+//
 // Linux hands out the tile registers only on request (arch_prctl ARCH_REQ_XCOMP_PERM, once per process); where
 // that fails (an older kernel, a signal stack too small for the tile state) the VNNI kernels serve. LOWBIT_AMX=0
 // in the environment, or lb_amx(0), turns the AMX kernels off (for comparisons and tests).
@@ -18,6 +21,9 @@
 
 #if defined(LB_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
 #define LB_AMX 1
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define LB_AMX_BF16 1  // FP8 layers with FP8 activations: their codes as bf16 (exact) on tdpbf16ps
+#endif
 #include <strings.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -75,12 +81,26 @@ static int8_t* amx_rows(const int8_t* xq, i64 M, i64 K, i64 Mt, i64 Kq) {
     return a;
 }
 
+// The tile product C += A . B (tile numbers: the intrinsics paste them into the instruction): tdpbssd (int8 x int8
+// into int32) or, where BF, tdpbf16ps (pairs of bf16 into fp32).
+#ifdef LB_AMX_BF16
+#define LB_AMX_DOT(C, A, B)                                 \
+    do {                                                    \
+        if constexpr (BF) _tile_dpbf16ps(C, A, B);          \
+        else _tile_dpbssd(C, A, B);                         \
+    } while (0)
+#else
+#define LB_AMX_DOT(C, A, B) _tile_dpbssd(C, A, B)
+#endif
+
 // One block: MT (1, 2) tiles of 16 rows from a (row stride Kq) times NP (1, 2) panels from wp (panel stride
 // 16 * Kp), int32 sums over k in [k0, k1) into c (MT*16 rows of NP*16 columns, row stride 32 ints). The panels hold
 // Kp (a multiple of 32) k: a last half step of 32 k reads its 8 k-quads per panel from a zero-padded copy, so no
 // tile load runs past a panel's end (the rows past K are zero anyway).
-template <int MT, int NP>
-static inline void amx_block(const int8_t* a, i64 Kq, const int8_t* wp, i64 Kp, i64 k0, i64 k1, int32_t* c) {
+// BF: the same in bytes for bf16 rows and panels (Kq, Kp, k0, k1 count bytes: 2 per k; a panel's tile row holds
+// 16 columns x 2 consecutive k), fp32 sums into c (then a float array).
+template <int MT, int NP, bool BF = false>
+static inline void amx_block(const int8_t* a, i64 Kq, const int8_t* wp, i64 Kp, i64 k0, i64 k1, void* c) {
     _tile_zero(0);
     if constexpr (NP == 2) _tile_zero(1);
     if constexpr (MT == 2) _tile_zero(2);
@@ -88,15 +108,15 @@ static inline void amx_block(const int8_t* a, i64 Kq, const int8_t* wp, i64 Kp, 
     auto step = [&](i64 k, const int8_t* b0, const int8_t* b1) __attribute__((always_inline)) {
         _tile_loadd(4, a + k, Kq);
         _tile_loadd(6, b0, 64);
-        _tile_dpbssd(0, 4, 6);
+        LB_AMX_DOT(0, 4, 6);
         if constexpr (NP == 2) {
             _tile_loadd(7, b1, 64);
-            _tile_dpbssd(1, 4, 7);
+            LB_AMX_DOT(1, 4, 7);
         }
         if constexpr (MT == 2) {
             _tile_loadd(5, a + 16 * Kq + k, Kq);
-            _tile_dpbssd(2, 5, 6);
-            if constexpr (NP == 2) _tile_dpbssd(3, 5, 7);
+            LB_AMX_DOT(2, 5, 6);
+            if constexpr (NP == 2) LB_AMX_DOT(3, 5, 7);
         }
     };
     const i64 ps = 16 * Kp, full = std::min(k1, Kp / 64 * 64);
@@ -112,10 +132,11 @@ static inline void amx_block(const int8_t* a, i64 Kq, const int8_t* wp, i64 Kp, 
         step(k, tail[0], tail[1]);
         amx_fence();  // (the stack slot of tail may be reused for c)
     }
-    _tile_stored(0, c, 128);
-    if constexpr (NP == 2) _tile_stored(1, c + 16, 128);
-    if constexpr (MT == 2) _tile_stored(2, c + 16 * 32, 128);
-    if constexpr (MT == 2 && NP == 2) _tile_stored(3, c + 16 * 32 + 16, 128);
+    int32_t* d = (int32_t*)c;  // (fp32 sums: the same 4-byte cells)
+    _tile_stored(0, d, 128);
+    if constexpr (NP == 2) _tile_stored(1, d + 16, 128);
+    if constexpr (MT == 2) _tile_stored(2, d + 16 * 32, 128);
+    if constexpr (MT == 2 && NP == 2) _tile_stored(3, d + 16 * 32 + 16, 128);
     amx_fence();  // (not every compiler's tilestored declares that it writes memory)
 }
 

@@ -621,6 +621,15 @@ static inline void w8a8_vnni_tile(const uint8_t* xu, i64 Kp, const int8_t* wp, c
 
 #include "lowbit_amx.h"  // amx_panels, amx_block: the panels on AMX tiles (LB_AMX)
 
+// Whether this build has the AMX-BF16 kernel (FP8 layers with low-bit float activations on many rows).
+LB_API int lb_amx_bf16(void) {
+#ifdef LB_AMX_BF16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 #ifdef LB_AMX
 // From this many rows on the panel kernels run on AMX tiles where the CPU and the OS allow them.
 static constexpr i64 AMX_ROWS = 16;
@@ -635,10 +644,20 @@ static inline __m512 rounded(__m512 v) {
     return v;
 }
 
+// 16 sums of a block as floats: exact int32 sums converted, fp32 ones (AMX-BF16) as they are; at p, or gathered
+// with 4-byte offsets idx from p.
+static inline __m512 amx_sums(const int32_t* p) { return _mm512_cvtepi32_ps(_mm512_load_si512(p)); }
+static inline __m512 amx_sums(const float* p) { return _mm512_load_ps(p); }
+static inline __m512 amx_sums(const int32_t* p, __m512i idx) {
+    return _mm512_cvtepi32_ps(_mm512_i32gather_epi32(idx, p, 4));
+}
+static inline __m512 amx_sums(const float* p, __m512i idx) { return _mm512_i32gather_ps(idx, p, 4); }
+
 // y[m * ldm + n * ldn] = (sx[m] * sp[n]) * (float)c[m][n] (+ bias[n], a second rounding, where bias is not NULL) for
 // rows m < mr and columns n < ncols of an AMX block's sums (row stride 32): the expression of the VNNI and AVX2 tiles
 // followed by lb_linear's bias pass, so the same bits, without a second pass over the output.
-static inline void amx_store(const int32_t* c, i64 mr, i64 ncols, const float* sx, const float* sp, float* y, i64 ldm,
+template <class T>
+static inline void amx_store(const T* c, i64 mr, i64 ncols, const float* sx, const float* sp, float* y, i64 ldm,
                              i64 ldn, const float* bias) {
     if (ldn == 1) {
         for (i64 h = 0; 16 * h < ncols; ++h) {
@@ -647,8 +666,7 @@ static inline void amx_store(const int32_t* c, i64 mr, i64 ncols, const float* s
             const __m512 s = _mm512_loadu_ps(sp + 16 * h);
             const __m512 b = bias ? _mm512_maskz_loadu_ps(cols, bias + 16 * h) : _mm512_setzero_ps();
             for (i64 m = 0; m < mr; ++m) {
-                __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(sx[m]), s),
-                                         _mm512_cvtepi32_ps(_mm512_load_si512(c + 32 * m + 16 * h)));
+                __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(sx[m]), s), amx_sums(c + 32 * m + 16 * h));
                 if (bias) v = _mm512_add_ps(rounded(v), b);
                 _mm512_mask_storeu_ps(y + m * ldm + 16 * h, cols, v);
             }
@@ -671,8 +689,7 @@ static inline void amx_store(const int32_t* c, i64 mr, i64 ncols, const float* s
         const __mmask16 live = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
         const __m512 r = _mm512_maskz_loadu_ps(live, sx + 16 * h);
         for (i64 n = 0; n < ncols; ++n) {
-            const __m512i col = _mm512_i32gather_epi32(rows, c + 16 * h * 32 + n, 4);
-            __m512 v = _mm512_mul_ps(_mm512_mul_ps(r, _mm512_set1_ps(sp[n])), _mm512_cvtepi32_ps(col));
+            __m512 v = _mm512_mul_ps(_mm512_mul_ps(r, _mm512_set1_ps(sp[n])), amx_sums(c + 16 * h * 32 + n, rows));
             if (bias) v = _mm512_add_ps(rounded(v), _mm512_set1_ps(bias[n]));
             _mm512_mask_storeu_ps(y + 16 * h * ldm + n * ldn, live, v);
         }
@@ -1901,21 +1918,41 @@ static inline float row_scale_i8(const float* xr, i64 K, float qmax, float min_s
     float amax = 0.0f;
     bool nan = false;
     i64 k = 0;
-#ifdef __AVX2__
+    // Vectors: the largest |x| bit pattern as an unsigned integer (non-negative floats order as their bits; NaN
+    // patterns lie above +inf's), so one integer max a vector and no float dependency chain: a pattern above +inf
+    // says the row holds a NaN (its scale is then min_scale, whatever the maximum), else it is the scalar loop's max.
+#if defined(LB_VNNI)
     {
-        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-        __m256 vmax = _mm256_setzero_ps(), vnan = _mm256_setzero_ps();
-        for (; k < K; k += 8) {  // the tail as a masked load: its zero lanes leave the max of |x| >= 0 as it is
-            const __m256 v = k + 8 <= K ? _mm256_loadu_ps(xr + k) : _mm256_maskload_ps(xr + k, first_lanes(K - k));
-            const __m256 a = _mm256_and_ps(v, absmask);
-            vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
-            vmax = _mm256_max_ps(a, vmax);  // a NaN lane keeps vmax (second operand), as the scalar loop
+        const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+        __m512i m0 = _mm512_setzero_si512(), m1 = _mm512_setzero_si512();
+        for (; k + 32 <= K; k += 32) {
+            m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_loadu_si512(xr + k), absmask));
+            m1 = _mm512_max_epu32(m1, _mm512_and_si512(_mm512_loadu_si512(xr + k + 16), absmask));
         }
-        // (no lane of vmax is NaN: the horizontal max is the scalar loop's, in any order)
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
-        nan = _mm256_movemask_ps(vnan) != 0;
+        for (; k < K; k += 16) {  // the tail as masked loads: zero lanes leave the maximum as it is
+            const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_maskz_loadu_epi32(live, xr + k), absmask));
+        }
+        const uint32_t bits = _mm512_reduce_max_epu32(_mm512_max_epu32(m0, m1));
+        nan = bits > 0x7f800000u;
+        if (!nan) memcpy(&amax, &bits, 4);
+        k = K;
+    }
+#elif defined(__AVX2__)
+    {
+        const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+        __m256i m0 = _mm256_setzero_si256();
+        for (; k < K; k += 8) {  // the tail as a masked load: zero lanes leave the maximum as it is
+            const __m256i v = k + 8 <= K ? _mm256_loadu_si256((const __m256i*)(xr + k))
+                                         : _mm256_maskload_epi32((const int*)(xr + k), first_lanes(K - k));
+            m0 = _mm256_max_epu32(m0, _mm256_and_si256(v, absmask));
+        }
+        __m128i m4 = _mm_max_epu32(_mm256_castsi256_si128(m0), _mm256_extracti128_si256(m0, 1));
+        m4 = _mm_max_epu32(m4, _mm_shuffle_epi32(m4, 0x4e));
+        m4 = _mm_max_epu32(m4, _mm_shuffle_epi32(m4, 0xb1));
+        const uint32_t bits = (uint32_t)_mm_cvtsi128_si32(m4);
+        nan = bits > 0x7f800000u;
+        if (!nan) memcpy(&amax, &bits, 4);
         k = K;
     }
 #endif
@@ -1953,6 +1990,19 @@ static void quantize_rows_i8(const float* x, i64 M, i64 K, float qmax, float min
         if (nan_rows) nan_rows[m] = nan;
         int8_t* q = xq + m * K;
         i64 k = 0;
+#ifdef LB_VNNI
+        {  // 16 lanes: the same division, rounding and clamp; NaN lanes -> code 0
+            const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-qmax - 1.0f), hi = _mm512_set1_ps(qmax);
+            for (; k < K; k += 16) {
+                const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+                const __m512 x16 = _mm512_maskz_loadu_ps(live, xr + k);
+                const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(x16, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                const __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, r));  // NaN stays (2nd operand)
+                const __m512i i = _mm512_maskz_cvtps_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);
+                _mm_mask_storeu_epi8(q + k, live, _mm512_cvtsepi32_epi8(i));
+            }
+        }
+#endif
 #ifdef __AVX2__
         const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-qmax - 1.0f), hi = _mm256_set1_ps(qmax);
         for (; k < K; k += 8) {
@@ -2068,6 +2118,51 @@ static inline float fp_code_value(float v, int man, int emin, int emax, float ma
     return (v < 0.0f && r != 0.0f) ? -r : r;
 }
 
+// The vector forms below round v = x / s with one addition: clamped to [-max, max] (NaN -> +max), v + c - c with c =
+// sign(v) * 2^(e + 23 - man), e = max(floor(log2 |v|), emin): c's ulp is v's grid step, so the sum rounds v to the
+// grid (half to even, as rint(|v| / step) * step), the difference is exact, and a zero result is +0 (x - x in
+// round-to-nearest). The same values as fp_code_value, lane by lane.
+#ifdef __AVX2__
+// 8 values of a row with scale s rounded to the low-bit float grid: the codes' values v = x / s on the grid,
+// unscaled (times s: the fake-quantized values).
+struct FpGrid8 {
+    __m256 vs, vmax, vmin, absmask, signmask;
+    __m256i lo, shift;
+    FpGrid8(float s, int man, int emin, int, float maxv)
+        : vs(_mm256_set1_ps(s)), vmax(_mm256_set1_ps(maxv)), vmin(_mm256_set1_ps(-maxv)),
+          absmask(_mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))),
+          signmask(_mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u))), lo(_mm256_set1_epi32(emin + 127)),
+          shift(_mm256_set1_epi32(23 - man)) {}
+    __attribute__((always_inline)) inline __m256 operator()(__m256 xv) const {
+        const __m256 v = _mm256_max_ps(_mm256_min_ps(_mm256_div_ps(xv, vs), vmax), vmin);  // NaN -> max (2nd operand)
+        const __m256i eb = _mm256_max_epi32(_mm256_srli_epi32(_mm256_castps_si256(_mm256_and_ps(v, absmask)), 23), lo);
+        const __m256 c = _mm256_or_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(eb, shift), 23)),
+                                      _mm256_and_ps(v, signmask));
+        return _mm256_sub_ps(_mm256_add_ps(v, c), c);
+    }
+};
+#endif
+
+#ifdef LB_VNNI
+// The same for 16 values (AVX-512).
+struct FpGrid16 {
+    __m512 vs, vmax, vmin;
+    __m512i lo, shift, absmask, signmask;
+    FpGrid16(float s, int man, int emin, int, float maxv)
+        : vs(_mm512_set1_ps(s)), vmax(_mm512_set1_ps(maxv)), vmin(_mm512_set1_ps(-maxv)),
+          lo(_mm512_set1_epi32(emin + 127)), shift(_mm512_set1_epi32(23 - man)), absmask(_mm512_set1_epi32(0x7fffffff)),
+          signmask(_mm512_set1_epi32((int)0x80000000u)) {}
+    __attribute__((always_inline)) inline __m512 operator()(__m512 xv) const {
+        const __m512 v = _mm512_max_ps(_mm512_min_ps(_mm512_div_ps(xv, vs), vmax), vmin);  // NaN -> max (2nd operand)
+        const __m512i bits = _mm512_castps_si512(v);
+        const __m512i eb = _mm512_max_epi32(_mm512_srli_epi32(_mm512_and_si512(bits, absmask), 23), lo);
+        const __m512i cb = _mm512_slli_epi32(_mm512_add_epi32(eb, shift), 23);
+        const __m512 c = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(cb, bits, signmask, 0xF8));  // cb | (bits & sign)
+        return _mm512_sub_ps(_mm512_add_ps(v, c), c);
+    }
+};
+#endif
+
 LB_API void lb_fake_quant_rows_fp(const float* x, i64 M, i64 K, int man, int emin, int emax, float maxv,
                                   float min_scale, float max_scale, float* out) {
     for (i64 m = 0; m < M; ++m) {
@@ -2076,39 +2171,53 @@ LB_API void lb_fake_quant_rows_fp(const float* x, i64 M, i64 K, int man, int emi
         float* o = out + m * K;
         i64 k = 0;
 #ifdef __AVX2__
-        const __m256 vs = _mm256_set1_ps(s), vmax = _mm256_set1_ps(maxv), tmin = _mm256_set1_ps(ldexpf(1.0f, emin));
-        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-        const __m256 signmask = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
-        const __m256i lo = _mm256_set1_epi32(emin + 127), hi = _mm256_set1_epi32(emax + 127);
-        const __m256i vman = _mm256_set1_epi32(man), b254 = _mm256_set1_epi32(254);
-        // 8 values of the row: x / s rounded to the format, times s
-        auto code8 = [&](__m256 xv) __attribute__((always_inline)) {
-            const __m256 v = _mm256_div_ps(xv, vs);
-            const __m256 ok = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
-            const __m256 mag = _mm256_min_ps(_mm256_and_ps(v, absmask), vmax);  // NaN lane -> max (2nd operand)
-            const __m256 t = _mm256_max_ps(mag, tmin);
-            __m256i eb = _mm256_srli_epi32(_mm256_castps_si256(t), 23);  // biased exponent; t is normal
-            eb = _mm256_min_epi32(hi, _mm256_max_epi32(lo, eb));
-            const __m256i sb = _mm256_sub_epi32(eb, vman);               // biased exponent of step
-            const __m256 step = _mm256_castsi256_ps(_mm256_slli_epi32(sb, 23));
-            const __m256 inv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(b254, sb), 23));  // 1/step
-            __m256 r = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(mag, inv), _MM_FROUND_TO_NEAREST_INT |
-                                                                                  _MM_FROUND_NO_EXC), step);
-            r = _mm256_min_ps(r, vmax);
-            const __m256 neg = _mm256_and_ps(_mm256_and_ps(v, signmask), ok);  // sign of non-NaN lanes
-            r = _mm256_or_ps(r, _mm256_and_ps(neg, _mm256_cmp_ps(r, _mm256_setzero_ps(), _CMP_NEQ_OQ)));
-            return _mm256_mul_ps(r, vs);
-        };
-        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(o + k, code8(_mm256_loadu_ps(xr + k)));
+#ifdef LB_VNNI
+        const FpGrid16 grid16(s, man, emin, emax, maxv);
+        for (; k + 16 <= K; k += 16)
+            _mm512_storeu_ps(o + k, _mm512_mul_ps(grid16(_mm512_loadu_ps(xr + k)), grid16.vs));
+#endif
+        const FpGrid8 grid(s, man, emin, emax, maxv);
+        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(o + k, _mm256_mul_ps(grid(_mm256_loadu_ps(xr + k)), grid.vs));
         if (k < K) {  // the tail as a masked load and store (its zero lanes are not stored)
             const __m256i lanes = first_lanes(K - k);
-            _mm256_maskstore_ps(o + k, lanes, code8(_mm256_maskload_ps(xr + k, lanes)));
+            _mm256_maskstore_ps(o + k, lanes, _mm256_mul_ps(grid(_mm256_maskload_ps(xr + k, lanes)), grid.vs));
             k = K;
         }
 #endif
         for (; k < K; ++k) o[k] = fp_code_value(xr[k] / s, man, emin, emax, maxv) * s;
     }
 }
+
+#ifdef LB_AMX_BF16
+// The same rows as their codes' values in bf16 (exact: a low-bit float has at most 4 significant bits, and its
+// exponent range lies inside bf16's normal range), unscaled, row stride ld (k in [K, ld) left as they are), and
+// the rows' scales in sx: lb_fake_quant_rows_fp's output is code * s.
+static void fp_code_rows_bf16(const float* x, i64 M, i64 K, int man, int emin, int emax, float maxv,
+                              float min_scale, float max_scale, uint16_t* out, i64 ld, float* sx) {
+    for (i64 m = 0; m < M; ++m) {
+        const float* xr = x + m * K;
+        const float s = row_scale_i8(xr, K, maxv, min_scale, max_scale);
+        sx[m] = s;
+        uint16_t* o = out + m * ld;
+        const FpGrid16 grid(s, man, emin, emax, maxv);
+        i64 k = 0;
+        for (; k + 16 <= K; k += 16)
+            _mm256_storeu_si256((__m256i*)(o + k), (__m256i)_mm512_cvtneps_pbh(grid(_mm512_loadu_ps(xr + k))));
+        if (k < K) {  // the tail as a masked load and store
+            const __mmask16 live = (__mmask16)((1u << (K - k)) - 1);
+            const __m256i c = (__m256i)_mm512_cvtneps_pbh(grid(_mm512_maskz_loadu_ps(live, xr + k)));
+            _mm256_mask_storeu_epi16(o + k, live, c);
+            k = K;
+        }
+        for (; k < K; ++k) {
+            const float r = fp_code_value(xr[k] / s, man, emin, emax, maxv);
+            uint32_t bits;
+            memcpy(&bits, &r, 4);
+            o[k] = (uint16_t)(bits >> 16);
+        }
+    }
+}
+#endif
 
 // --- Signs of activation rows in the pack_signs layout (x >= 0 -> bit 1; NaN -> 0), straight from fp32, and,
 // when scale != NULL, the rows' mean |x| guarded as lowbit's runtime scales (NaN -> min_scale, +inf -> max_scale,
@@ -2376,6 +2485,95 @@ static bool w1a1_amx(const lb_layer* L, const uint64_t* xb, const float* sx, i64
 #endif
 }
 
+#ifdef LB_AMX_BF16
+// --- FP8 weights with FP8 (low-bit float) activations on many rows: AMX-BF16 tiles. Both sides' codes are exact in
+// bf16 (an FP8 value has at most 4 significant bits; E4M3 and E5M2 exponents, subnormals included, lie inside
+// bf16's normal range) and so is each product in fp32 (8 significant bits): tdpbf16ps sums them in fp32, and
+// y = (sx[m] * sp[n]) * sum (+ bias) is the simulated layer's product up to fp32 summation order, as the fp32
+// panel kernel's. The FP8 panels are decoded per call into bf16 panels (2 bytes a weight, in scratch).
+
+// From this many rows FP8 layers with low-bit float activations run on the tiles (when the CPU, compiler and Linux
+// allow them).
+static constexpr i64 FP8_AMX_ROWS = 16;
+
+static bool fp8_amx_rows(const lb_layer* L, i64 M) {
+    return L->wkind == LB_FP8 && L->akind == LB_ACT_FP && L->fp_man <= 3 && L->wp && M >= FP8_AMX_ROWS &&
+           L->pld % 32 == 0 && amx_on();
+}
+
+// bf16 bits of the 128 magnitudes of an FP8 byte (FPE exponent bits: E4M3 / E5M2), as f32_dequant decodes them.
+template <int FPE>
+struct Fp8Bf16Table {
+    alignas(64) uint16_t v[128];
+    Fp8Bf16Table() {
+        constexpr int M = 7 - FPE, bias = (1 << (FPE - 1)) - 1;
+        for (int u = 0; u < 128; ++u) {
+            const int e = u >> M, m = u & ((1 << M) - 1);
+            const float f = e ? ldexpf(1.0f + (float)m / (float)(1 << M), e - bias) : ldexpf((float)m, 1 - bias - M);
+            uint32_t bits;
+            memcpy(&bits, &f, 4);
+            v[u] = (uint16_t)(bits >> 16);
+        }
+    }
+};
+
+// Panels [p0, p1) of FP8 bytes wp (panel row q: 16 columns x 4 k) as bf16 panels for tdpbf16ps: rows 2q (k = 4q,
+// 4q + 1 of each column) and 2q + 1 (4q + 2, 4q + 3), 16 * Kp values a panel; each byte through the table of its
+// magnitude, its sign bit moved to bf16's.
+template <int FPE>
+static void fp8_bf16_panels(const int8_t* wp, i64 p0, i64 p1, i64 Kp, uint16_t* out) {
+    static const Fp8Bf16Table<FPE> table;
+    const __m512i t0 = _mm512_load_si512(table.v), t1 = _mm512_load_si512(table.v + 32);
+    const __m512i t2 = _mm512_load_si512(table.v + 64), t3 = _mm512_load_si512(table.v + 96);
+    const __m512i mag = _mm512_set1_epi16(0x7f), upper = _mm512_set1_epi16(0x40), sign = _mm512_set1_epi16(0x80);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    auto decode = [&](__m512i w) __attribute__((always_inline)) {  // 32 bytes in 16-bit lanes -> bf16
+        const __m512i i = _mm512_and_si512(w, mag);
+        const __m512i d = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(w, upper), _mm512_permutex2var_epi16(t0, i, t1),
+                                                  _mm512_permutex2var_epi16(t2, i, t3));
+        return _mm512_or_si512(d, _mm512_slli_epi16(_mm512_and_si512(w, sign), 8));
+    };
+    for (i64 p = p0; p < p1; ++p) {
+        const int8_t* w = wp + p * 16 * Kp;
+        uint16_t* o = out + p * 16 * Kp;
+        for (i64 q = 0; q < Kp / 4; ++q) {
+            const __m512i v = _mm512_loadu_si512(w + 64 * q);
+            const __m512i lo = decode(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(v)));      // columns 0..7
+            const __m512i hi = decode(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(v, 1)));  // 8..15
+            _mm512_storeu_si512(o + 64 * q, _mm512_permutex2var_epi32(lo, even, hi));
+            _mm512_storeu_si512(o + 64 * q + 32, _mm512_permutex2var_epi32(lo, odd, hi));
+        }
+    }
+}
+
+// y (M, N) (+ bias) of FP8 layer L from the rows' bf16 codes xc (tile form: row stride L->pld, rows padded to 32
+// with zeros) and scales sx. 0, or -2 when out of memory.
+static int fp8_amx(const lb_layer* L, const uint16_t* xc, const float* sx, i64 M, float* y, int threads,
+                   const float* bias) {
+    const i64 N = L->N, Kp = L->pld, P = (N + 15) / 16, Kb = 2 * Kp;
+    uint16_t* wb = (uint16_t*)scratch_uninit(sizeof(uint16_t) * P * 16 * Kp);
+    if (!wb) return -2;
+    lb_parallel(nthreads(threads), threads != 1 && P * 16 * Kp >= (1 << 16), [&] {
+        i64 lo, hi;
+        my_rows(P, 1, &lo, &hi);
+        if (L->bits == 4) fp8_bf16_panels<4>(L->wp, lo, hi, Kp, wb);
+        else fp8_bf16_panels<5>(L->wp, lo, hi, Kp, wb);
+    });
+    const float* sp = L->sp;
+    amx_run((const int8_t*)xc, Kb, M, N, Kb, threads,
+            [=](auto mt, auto np, const int8_t* am, i64 Kq, i64 m, i64 mr, i64 p) {
+                constexpr int MT = decltype(mt)::value, NP = decltype(np)::value;
+                alignas(64) float c[32 * 32];
+                amx_block<MT, NP, true>(am, Kq, (const int8_t*)(wb + p * 16 * Kp), Kb, 0, Kb, c);
+                amx_store(c, mr, std::min<i64>(16 * NP, N - 16 * p), sx + m, sp + 16 * p, y + m * N + 16 * p, N, 1,
+                          bias ? bias + 16 * p : nullptr);
+            });
+    free(wb);
+    return 0;
+}
+#endif
+
 // Returns 0, or -1 for a layer description no kernel handles, -2 when scratch memory could not be allocated.
 // A layer's quantized activations: int8 codes + row scales (+ the rows that held a NaN), or packed signs + scales.
 struct ActRows {
@@ -2389,7 +2587,12 @@ struct ActRows {
     // Low-bit float activations (LB_ACT_FP): the fake-quantized fp32 rows (a NaN input becomes +max * s, as the
     // simulated quantizer's code lookup gives), which the fp32 kernels then read.
     float* xf = nullptr;
+    // FP8 layers with low-bit float activations on the AMX-BF16 tiles (fp8_amx): the rows' codes in bf16, unscaled,
+    // in tile form (row stride L->pld, rows padded with zeros to a multiple of 32), and their scales in sx.
+    uint16_t* xc = nullptr;
+    i64 xld = 0;
     ~ActRows() {
+        free(xc);
         free(xf);
         free(xq);
         free(sx);
@@ -2398,6 +2601,14 @@ struct ActRows {
     }
     // Buffers for M rows of K values in L's activation mode; false when out of memory.
     bool alloc(const lb_layer* L, i64 M, i64 K) {
+#ifdef LB_AMX_BF16
+        if (fp8_amx_rows(L, M)) {
+            xld = L->pld;
+            xc = (uint16_t*)calloc((M + 31) / 32 * 32 * xld, sizeof(uint16_t));
+            sx = (float*)malloc(sizeof(float) * M + 64);
+            return xc && sx;
+        }
+#endif
         if (L->akind == LB_ACT_FP || (L->akind == LB_ACT_F32 && L->xs)) {
             xf = (float*)malloc(sizeof(float) * M * K + 64);
             if (!xf) return false;
@@ -2453,6 +2664,11 @@ struct ActRows {
                          L->max_scale);
             if (!L->sign_scale)
                 for (i64 m = 0; m < M; ++m) sx[r + m] = 1.0f;
+        } else if (L->akind == LB_ACT_FP && xc) {
+#ifdef LB_AMX_BF16
+            fp_code_rows_bf16(x, M, K, L->fp_man, L->fp_emin, L->fp_emax, L->qmax, L->min_scale, L->max_scale,
+                              xc + r * xld, xld, sx + r);
+#endif
         } else if (L->akind == LB_ACT_FP) {
             lb_fake_quant_rows_fp(x, M, K, L->fp_man, L->fp_emin, L->fp_emax, L->qmax, L->min_scale, L->max_scale,
                                   xf + r * K);
@@ -2494,7 +2710,12 @@ static int linear_core(const lb_layer* L, const float* x, const ActRows& a, i64 
             if (b) bias = nullptr;
             return b;
         };
-        if (f32_panels) rc = lb_f32_panel(x, M, K, L->wp, L->sp, N, L->pld, panel_group, y, threads, fpe);
+        if (a.xc) {
+#ifdef LB_AMX_BF16
+            rc = fp8_amx(L, a.xc, sx, M, y, threads, bias);
+            bias = nullptr;
+#endif
+        } else if (f32_panels) rc = lb_f32_panel(x, M, K, L->wp, L->sp, N, L->pld, panel_group, y, threads, fpe);
         else switch (L->wkind) {
             case LB_W8:
                 if (i8 && L->wp && (M >= PANEL_ROWS || !L->w))

@@ -133,6 +133,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     sig = {
         "lb_isa": ([], I),
         "lb_amx": ([I], I),
+        "lb_amx_bf16": ([], I),
         "lb_panel_rows": ([I], I),
         "lb_abi_version": ([], I),
         "lb_w8a32": ([P, I64, I64, P, P, I64, I64, P, I], None),
@@ -237,17 +238,22 @@ def unavailable_reason() -> str:
 
 def build_info() -> dict:
     """dict(path, seconds (compile time in this process, 0 if loaded from cache), cached, isa, flags, reason, amx:
-    whether the many-row int8 kernels run on AMX tiles, see `amx`)."""
-    return dict(_info, reason=_reason, amx=amx())
+    whether the many-row int8 kernels run on AMX tiles, see `amx`; amx_bf16: whether many-row FP8 layers with
+    low-bit float activations do, on AMX-BF16)."""
+    bf16 = bool(_lib is not None and _lib.lb_amx_bf16())
+    on = amx()
+    return dict(_info, reason=_reason, amx=on, amx_bf16=on and bf16)
 
 
 def amx(on: bool | None = None) -> bool:
     """Whether the many-row int8 panel kernels (W8A8, ternary, W1A8, W4/W2A8 from 16 rows on, convolutions' maps; W1A1
-    from 32 rows on) run on AMX tiles: built where the compiler targets a CPU with AMX-INT8 (Sapphire Rapids on),
-    allowed by the OS, and not turned off by ``LOWBIT_AMX=0`` (or ``off``). ``on`` turns them on or off first (off:
-    the VNNI / popcount kernels, same results bit for bit; a W1A1 layer first called while they were off keeps no ±1
-    panels). The first query (or many-row call, or W1A1 layer call) asks Linux for the tile state, after which it
-    refuses a new signal stack too small for it. False without the native library.
+    from 32 rows on) run on AMX tiles, and FP8 layers with FP8 activations from 16 rows on AMX-BF16 ones (both sides'
+    codes as bf16, exact; fp32 sums in another order than the fp32 kernel's): built where the compiler targets a CPU
+    with AMX-INT8 (Sapphire Rapids on), allowed by the OS, and not turned off by ``LOWBIT_AMX=0`` (or ``off``). ``on``
+    turns them on or off first (off: the VNNI / popcount kernels, same results bit for bit, and the fp32 FP8 kernel;
+    a W1A1 layer first called while they were off keeps no ±1 panels). The first query (or many-row call, or W1A1
+    layer call) asks Linux for the tile state, after which it refuses a new signal stack too small for it. False
+    without the native library.
 
     Example:
         >>> from lowbit.kernels import native

@@ -1,0 +1,97 @@
+"""FP8 layers with FP8 activations on many rows on AMX-BF16 tiles (`fp8_amx`): both sides' codes in bf16 (exact),
+fp32 sums. The outputs equal the simulated layer's and the fp32 FP8 kernel's up to fp32 summation order. On a CPU
+or OS without AMX both sides run the fp32 kernel and the comparisons still hold."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.formats import ACT_FORMATS, FORMATS, QuantSpec
+from lowbit.kernels import native
+from lowbit.kernels.dispatch import layer_report, use_mode
+from lowbit.recipe import Recipe, Stage
+from tests.kernels.test_amx import both
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler: lowbit uses the reference kernels"
+)
+
+E5M2_TOKEN = QuantSpec(kind="fp", bits=8, fp_format="e5m2", symmetric=True, granularity="token", dynamic=True)
+
+
+def _fp8(model: nn.Module, weights: str, acts: QuantSpec) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    stage = Stage(method="rtn", weights=FORMATS[weights], activations=acts, keep_first_last=False)
+    simulated = lowbit.compress(model, Recipe(stages=(stage,)), progress=False)
+    return simulated, lowbit.pack(simulated)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal up to fp32 summation order (the tolerance of every float kernel's parity test), NaN where NaN."""
+    assert torch.equal(got.isnan(), want.isnan())
+    g, w = got.nan_to_num(), want.nan_to_num()
+    assert float((g - w).abs().max()) <= 2e-5 * float(w.abs().max())
+
+
+def test_the_bf16_tiles_are_built_where_the_cpu_and_compiler_have_them(amx_state):
+    cxx = os.environ.get("CXX", "g++")
+    macros = subprocess.run(
+        [cxx, "-march=native", "-dM", "-E", "-x", "c++", "-"], input="", capture_output=True, text=True
+    ).stdout
+    compiler = "__AMX_BF16__" in macros and "__AVX512BF16__" in macros
+    native.amx(True)
+    assert native.build_info()["amx_bf16"] == (native.amx() and compiler)
+    native.amx(False)
+    assert native.build_info()["amx_bf16"] is False
+
+
+@pytest.mark.parametrize(("weights", "acts"), [("fp8_e4m3", ACT_FORMATS["fp8_token"]), ("fp8_e5m2", E5M2_TOKEN)])
+@pytest.mark.parametrize(("K", "N"), [(384, 96), (100, 33), (1000, 16), (9, 40)])  # Kp: whole / padded tile steps
+@pytest.mark.parametrize("M", [16, 45, 200])
+def test_fp8_layers_on_many_rows_match_the_simulated_layer_and_the_fp32_kernel(weights, acts, K, N, M, amx_state):
+    simulated, packed = _fp8(nn.Sequential(nn.Linear(K, N)), weights, acts)
+    x = torch.randn(M, K) * torch.exp(torch.randn(M, 1) * 3)  # rows of very different scales
+    x[1, 0] = float("nan")  # a NaN input is the largest code, as the simulated quantizer's lookup gives it
+    x[2] = 0.0
+    with torch.no_grad(), use_mode("native"):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            on, off = both(lambda: packed(x))
+            native.amx(True)
+            _close(on, off)
+            _close(on, simulated(x))
+    torch.set_num_threads(1)
+    assert layer_report(packed[0])[0]["path"] == "fp8a8"
+
+
+def test_fp8_layers_with_an_input_scale_run_on_the_tiles(amx_state):
+    """AWQ / SmoothQuant leave a per-input-channel scale on a layer when nothing absorbs it: the C call scales the
+    rows before it takes their codes, as the simulated layer does."""
+    simulated, packed = _fp8(nn.Sequential(nn.Linear(64, 48)), "fp8_e4m3", ACT_FORMATS["fp8_token"])
+    s = torch.rand(64, generator=torch.Generator().manual_seed(5)) + 0.5
+    simulated[0].set_input_scale(s)
+    packed[0].set_input_scale(s)
+    x = torch.randn(40, 64)
+    with torch.no_grad(), use_mode("native"):
+        on, off = both(lambda: packed(x))
+        _close(on, off)
+        _close(on, simulated(x))
+
+
+@pytest.mark.parametrize("weights", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_convolutions_with_per_patch_activations_run_on_the_tiles(weights, amx_state):
+    acts = ACT_FORMATS["fp8_token"] if weights == "fp8_e4m3" else E5M2_TOKEN
+    simulated, packed = _fp8(nn.Sequential(nn.Conv2d(16, 40, 3, padding=1)), weights, acts)
+    x = torch.randn(3, 16, 12, 12)
+    with torch.no_grad(), use_mode("native"):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            on, off = both(lambda: packed(x))
+            _close(on, off)
+            _close(on, simulated(x))
+    torch.set_num_threads(1)
