@@ -77,6 +77,44 @@ def test_tiny_patch_conv_equals_the_patch_path_bit_for_bit(geometry, weights: st
         torch.testing.assert_close(direct, rows, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_tiny_patch_fp8_conv_equals_the_patch_path_up_to_summation_order(geometry) -> None:
+    """FP8 weights with per-patch FP8 activations: each patch's codes on the E4M3 grid (a NaN input is the largest
+    code: finite outputs, as on the patch path and in the simulated layer) times the weights' FP8 values, summed in
+    fp32 in another order than the patch path's kernel."""
+    c, o, k, stride, pad, dil, (h, w) = geometry
+    torch.manual_seed(0)
+    x = torch.randn(3, c, h, w) * torch.exp(torch.randn(3, 1, 1, 1) * 4)
+    conv = nn.Conv2d(c, o, k, stride=stride, padding=pad, dilation=dil)
+    layer = packed(conv, "fp8_e4m3", "fp8_token", x)
+    x[1, 0, h // 2, w // 2] = float("nan")
+    x[2, c - 1, 1, 2] = float("inf")
+    for threads in (1, 2):
+        direct, rows = one_call_and_rows(layer, x, threads)
+        assert not bool(direct.isnan().any())
+        for n in range(3):  # image by image: image 2's infinite input makes huge outputs where it lies
+            assert float((direct[n] - rows[n]).abs().max()) <= 2e-5 * float(rows[n].abs().max())
+
+
+def test_tiny_patch_fp8_conv_decodes_subnormal_weights() -> None:
+    """Weights far below their channel's largest one are E4M3 subnormals: with the largest ones on an input channel
+    that is all zeros, the output is theirs alone, and equals the simulated layer's."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight[:, 0] = 1.0  # the channels' largest weights: scale 1 / 448
+        conv.weight[:, 1] = torch.rand(4, 3, 3) * 2.0**-6 / 448 * torch.tensor([1.0, -1.0]).repeat(18)[:9].view(3, 3)
+    x = torch.randn(3, 2, 8, 8)
+    x[:, 0] = 0.0
+    recipe = Recipe(stages=(Stage(method="rtn", weights=FORMATS["fp8_e4m3"], activations=ACT_FORMATS["fp8_token"]),))
+    simulated = lowbit.compress(nn.Sequential(conv), recipe, progress=False)
+    layer = lowbit.pack(simulated)[0]
+    direct, _ = one_call_and_rows(layer, x, 1)
+    want = simulated(x).detach()
+    assert float(want.abs().max()) > 0
+    assert float((direct - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
 def test_tiny_patch_conv_reads_any_input_layout_and_no_bias() -> None:
     """Channels-last and sliced inputs are read through their strides; a conv without bias adds none."""
     torch.manual_seed(0)

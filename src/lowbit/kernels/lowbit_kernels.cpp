@@ -2847,11 +2847,23 @@ static void conv_panel_maps(const lb_layer* L, const ActRows& a, i64 nb, i64 P, 
 // zero-padded copy of the image, the patch maxima are lane-wise, and the integer products (exact in fp32: |acc| <=
 // 32 * 128 * 128 < 2^24) go straight into the (O, OH, OW) map. The codes, scales and epilogue -- (sx * sp) * acc,
 // then the static zero term, the bias, NaN patches -- are those of the patch path, so the output is bit for bit
-// the same (tested).
+// the same (tested). FP8 weights with per-patch low-bit float activations take the same loop: the patches' codes on
+// the format's grid (FpGrid8 with a scale per lane; a NaN input is the largest code, as on the patch path) times the
+// weights' FP8 values (each product exact in fp32), summed in fp32: the patch path's result up to summation order.
 static const i64 SMALL_CONV_K = 32;
 
-// Weight (o, k) of an int8 layer as float, from its panels or (W8) its rows.
+// Weight (o, k) of an int8 layer as float, from its panels or (W8) its rows; of an FP8 layer, its byte's value
+// (unscaled: sign, exponent rebiased, mantissa; exponent 0: subnormal), as f32_dequant decodes it.
 static inline float int8_weight(const lb_layer* L, i64 o, i64 k) {
+    if (L->wp && L->wkind == LB_FP8) {
+        const int u = (uint8_t)L->wp[(o / 16) * 16 * L->pld + 16 * (k & ~(i64)3) + 4 * (o % 16) + (k & 3)];
+        const int M = 7 - L->bits, bias = (1 << (L->bits - 1)) - 1, e = (u & 0x7f) >> M, m = u & ((1 << M) - 1);
+        const uint32_t bits = ((uint32_t)(e + 127 - bias) << 23) | ((uint32_t)m << (23 - M));
+        float v;
+        memcpy(&v, &bits, 4);
+        if (!e) v = (float)m / (float)(1 << (bias - 1 + M));  // subnormal: m * 2^(1 - bias - M)
+        return u & 0x80 ? -v : v;
+    }
     if (L->wp) return (float)L->wp[(o / 16) * 16 * L->pld + 16 * (k & ~(i64)3) + 4 * (o % 16) + (k & 3)];
     return (float)((const int8_t*)L->w)[o * L->ld + k];
 }
@@ -2861,7 +2873,8 @@ static bool small_conv_fits(const lb_layer* L, const i64* g) {
     const bool act = L->akind == LB_ACT_I8 || L->akind == LB_ACT_I8S;
     const bool weights = L->wp ? (L->wkind == LB_W8 || L->wkind == LB_TERNARY || L->wkind == LB_BIN_INTER)
                                : (L->wkind == LB_W8 && L->w);
-    return act && weights && L->K <= SMALL_CONV_K && g[11] == 1 && g[16] > 0 && g[17] > 0;
+    const bool fp8 = L->akind == LB_ACT_FP && L->wkind == LB_FP8 && L->wp;
+    return ((act && weights) || fp8) && L->K <= SMALL_CONV_K && g[11] == 1 && g[16] > 0 && g[17] > 0;
 #else
     (void)L, (void)g;
     return false;
@@ -2911,7 +2924,7 @@ static int small_conv(const lb_layer* L, const float* x, const i64* g, float* y,
         ws[o] = L->wp ? L->sp[o] : L->s[o];
         wsum[o] = L->wsum ? L->wsum[o] : 0.0f;
     }
-    const bool stat = L->akind == LB_ACT_I8S;
+    const bool stat = L->akind == LB_ACT_I8S, fp = L->akind == LB_ACT_FP;
     const float c0 = zero_term(L), sa = stat ? *L->sa : 0.0f, za = stat && L->za ? *L->za : 0.0f;
     const bool has_c = c0 != 0.0f;
     const i64 P = OH * OW;
@@ -2975,9 +2988,16 @@ static int small_conv(const lb_layer* L, const float* x, const i64* g, float* y,
                         s = _mm256_blendv_ps(s, _mm256_set1_ps(L->min_scale), bad);
                         const __m256 smin = _mm256_set1_ps(L->min_scale);
                         s = _mm256_blendv_ps(s, smin, _mm256_cmp_ps(s, smin, _CMP_LT_OQ));
-                        for (k = 0; k < K; ++k) {
-                            const __m256 v = code_i8x8(q[k], s, qlo, qhi);
-                            q[k] = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));
+                        if (fp) {  // the patches' codes on the low-bit float grid (NaN -> +max: finite outputs)
+                            FpGrid8 grid(1.0f, L->fp_man, L->fp_emin, L->fp_emax, L->qmax);
+                            grid.vs = s;
+                            for (k = 0; k < K; ++k) q[k] = grid(q[k]);
+                            bad = _mm256_setzero_ps();
+                        } else {
+                            for (k = 0; k < K; ++k) {
+                                const __m256 v = code_i8x8(q[k], s, qlo, qhi);
+                                q[k] = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));
+                            }
                         }
                     }
                     const __m256 nanv = _mm256_set1_ps(NAN);
