@@ -2547,28 +2547,43 @@ static void fp8_bf16_panels(const int8_t* wp, i64 p0, i64 p1, i64 Kp, uint16_t* 
     }
 }
 
-// y (M, N) (+ bias) of FP8 layer L from the rows' bf16 codes xc (tile form: row stride L->pld, rows padded to 32
-// with zeros) and scales sx. 0, or -2 when out of memory.
-static int fp8_amx(const lb_layer* L, const uint16_t* xc, const float* sx, i64 M, float* y, int threads,
-                   const float* bias) {
-    const i64 N = L->N, Kp = L->pld, P = (N + 15) / 16, Kb = 2 * Kp;
+// FP8 layer L's panels decoded into bf16 panels for the tiles (scratch: free() it), NULL when out of memory.
+static uint16_t* fp8_bf16_weights(const lb_layer* L, int threads) {
+    const i64 Kp = L->pld, P = (L->N + 15) / 16;
     uint16_t* wb = (uint16_t*)scratch_uninit(sizeof(uint16_t) * P * 16 * Kp);
-    if (!wb) return -2;
+    if (!wb) return nullptr;
     lb_parallel(nthreads(threads), threads != 1 && P * 16 * Kp >= (1 << 16), [&] {
         i64 lo, hi;
         my_rows(P, 1, &lo, &hi);
         if (L->bits == 4) fp8_bf16_panels<4>(L->wp, lo, hi, Kp, wb);
         else fp8_bf16_panels<5>(L->wp, lo, hi, Kp, wb);
     });
+    return wb;
+}
+
+// y[m * ldm + n * ldn] (+ bias[n]) of FP8 layer L (bf16 panels wb) on M rows of bf16 codes xc (tile form: row
+// stride L->pld, zero past K, readable up to a multiple of 32 rows) with scales sx: row-major (ldn 1) or a
+// convolution's map (ldm 1).
+static void fp8_amx_run(const lb_layer* L, const uint16_t* wb, const uint16_t* xc, const float* sx, i64 M, float* y,
+                        i64 ldm, i64 ldn, int threads, const float* bias) {
+    const i64 N = L->N, Kp = L->pld, Kb = 2 * Kp;
     const float* sp = L->sp;
     amx_run((const int8_t*)xc, Kb, M, N, Kb, threads,
             [=](auto mt, auto np, const int8_t* am, i64 Kq, i64 m, i64 mr, i64 p) {
                 constexpr int MT = decltype(mt)::value, NP = decltype(np)::value;
                 alignas(64) float c[32 * 32];
                 amx_block<MT, NP, true>(am, Kq, (const int8_t*)(wb + p * 16 * Kp), Kb, 0, Kb, c);
-                amx_store(c, mr, std::min<i64>(16 * NP, N - 16 * p), sx + m, sp + 16 * p, y + m * N + 16 * p, N, 1,
-                          bias ? bias + 16 * p : nullptr);
+                amx_store(c, mr, std::min<i64>(16 * NP, N - 16 * p), sx + m, sp + 16 * p, y + m * ldm + 16 * p * ldn,
+                          ldm, ldn, bias ? bias + 16 * p : nullptr);
             });
+}
+
+// y (M, N) (+ bias) of FP8 layer L from the rows' bf16 codes xc and scales sx. 0, or -2 when out of memory.
+static int fp8_amx(const lb_layer* L, const uint16_t* xc, const float* sx, i64 M, float* y, int threads,
+                   const float* bias) {
+    uint16_t* wb = fp8_bf16_weights(L, threads);
+    if (!wb) return -2;
+    fp8_amx_run(L, wb, xc, sx, M, y, L->N, 1, threads, bias);
     free(wb);
     return 0;
 }
@@ -2588,7 +2603,7 @@ struct ActRows {
     // simulated quantizer's code lookup gives), which the fp32 kernels then read.
     float* xf = nullptr;
     // FP8 layers with low-bit float activations on the AMX-BF16 tiles (fp8_amx): the rows' codes in bf16, unscaled,
-    // in tile form (row stride L->pld, rows padded with zeros to a multiple of 32), and their scales in sx.
+    // in tile form (row stride L->pld, zero rows up to a multiple of 32 and 32 more), and their scales in sx.
     uint16_t* xc = nullptr;
     i64 xld = 0;
     ~ActRows() {
@@ -2604,7 +2619,8 @@ struct ActRows {
 #ifdef LB_AMX_BF16
         if (fp8_amx_rows(L, M)) {
             xld = L->pld;
-            xc = (uint16_t*)calloc((M + 31) / 32 * 32 * xld, sizeof(uint16_t));
+            // (32 rows past the last whole tile: a convolution's image starts anywhere and reads whole tiles)
+            xc = (uint16_t*)calloc(((M + 31) / 32 * 32 + 32) * xld, sizeof(uint16_t));
             sx = (float*)malloc(sizeof(float) * M + 64);
             return xc && sx;
         }
@@ -2803,6 +2819,9 @@ static const i64 CONV_CHUNK_BYTES = 8 << 20;
 
 // Whether lb_conv runs the panel kernel on images of P patches (the rule linear_core applies to rows).
 static inline bool conv_panels(const lb_layer* L, i64 P) {
+#ifdef LB_AMX_BF16
+    if (L->wkind == LB_FP8) return fp8_amx_rows(L, P);  // (its rows' codes are then bf16: ActRows::xc)
+#endif
     if ((L->akind != LB_ACT_I8 && L->akind != LB_ACT_I8S) || !L->wp) return false;
     if (L->wkind == LB_W8) return P >= PANEL_ROWS || !L->w;
     if (L->wkind == LB_BIN_INTER) return P >= BIN_PANEL_ROWS;
@@ -2810,9 +2829,26 @@ static inline bool conv_panels(const lb_layer* L, i64 P) {
 }
 
 // Images [0, nb) of a chunk on the panels: y holds whole (O, P) maps; then the bias and NaN rows, as linear_core.
-static void conv_panel_maps(const lb_layer* L, const ActRows& a, i64 nb, i64 P, float* y, int threads,
-                            const float* bias) {
+static int conv_panel_maps(const lb_layer* L, const ActRows& a, i64 nb, i64 P, float* y, int threads,
+                           const float* bias) {
     const i64 K = L->K, O = L->N;
+#ifdef LB_AMX_BF16
+    if (L->wkind == LB_FP8) {  // FP8: the bf16 panels decoded once, then image by image on the tiles
+        uint16_t* wb = fp8_bf16_weights(L, threads);
+        if (!wb) return -2;
+        const int nth = nthreads(threads);
+        const bool split = nth > 1 && nb >= nth;
+        lb_parallel(nth, split, [&] {
+            i64 lo = 0, hi = nb;
+            if (split) my_rows(nb, 1, &lo, &hi);
+            for (i64 n = lo; n < hi; ++n)
+                fp8_amx_run(L, wb, a.xc + n * P * a.xld, a.sx + n * P, P, y + n * O * P, 1, P, split ? 1 : threads,
+                            bias);
+        });
+        free(wb);
+        return 0;
+    }
+#endif
     auto image = [&](i64 n, int inner) {
         float* yn = y + n * O * P;
         w8a8_panel_run(a.xq + n * P * K, a.sx + n * P, P, K, L->wp, L->sp, L->ws, O, L->pld, yn, 1, P, inner);
@@ -2837,6 +2873,7 @@ static void conv_panel_maps(const lb_layer* L, const ActRows& a, i64 nb, i64 P, 
     } else {
         for (i64 n = 0; n < nb; ++n) image(n, threads);
     }
+    return 0;
 }
 
 // --- Convolutions with tiny patches (C*KH*KW <= SMALL_CONV_K: a network's first conv on one or three channels) and
@@ -3067,7 +3104,7 @@ LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, in
             break;
         }
         if (maps) {
-            conv_panel_maps(L, a, nb, L_, y + n0 * O * L_, threads, bias);
+            rc = conv_panel_maps(L, a, nb, L_, y + n0 * O * L_, threads, bias);
             continue;
         }
         rc = linear_core(L, nullptr, a, rows, rowmajor, threads, bias);

@@ -58,8 +58,9 @@ _SRCS = [pathlib.Path(__file__).with_name(n) for n in _SOURCES]
 #: Headers the sources include: part of the cache key, so editing one rebuilds the library.
 _HEADERS = [pathlib.Path(__file__).with_name(n) for n in ("lowbit_exp.h", "lowbit_omp.h", "lowbit_amx.h")]
 _CXX = os.environ.get("CXX", "g++")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-_FLAGS_PORTABLE = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]  # retry when -march=native is refused
+#: -Werror=return-type: a function that can fall off its end without its result is a build error, not a crash.
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Werror=return-type"]
+_FLAGS_PORTABLE = [f for f in _FLAGS if f != "-march=native"]  # retry when -march=native is refused
 #: LOWBIT_KERNELS=avx2: this CPU's instructions without AVX-512 (the AVX2 paths on a CPU that has AVX-512 VNNI).
 _FLAGS_NO_AVX512 = [*_FLAGS, "-mno-avx512f"]
 
