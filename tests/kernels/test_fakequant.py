@@ -78,6 +78,31 @@ def test_exact_ties_round_half_to_even_as_the_torch_path(name: str) -> None:
     assert fast is not None and _same_bits(fast, fake_quantize(x, SPECS[name]))
 
 
+def test_int8_codes_near_ties_equal_torch_division_and_rounding() -> None:
+    """The C row quantizer divides by a reciprocal and one correction (no division instruction). Rows built from the
+    values a few ulps around the ties (k + 1/2) * s of their scale s where the uncorrected x * (1 / s) rounds to
+    another code than x / s: the C codes are torch's round(x / s), ties to even, on every one of them."""
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for _ in range(300):
+        amax = (torch.rand(1, generator=g) + 1) * 2.0 ** torch.randint(-12, 22, (1,), generator=g).float()
+        s = amax / 127  # the row's scale, as the quantizer computes it
+        ties = (torch.arange(-127, 127, dtype=torch.float32) + 0.5) * s  # |ties| < amax
+        near, up, down = [ties], ties, ties
+        for _ in range(6):
+            up, down = torch.nextafter(up, up * 2), torch.nextafter(down, down / 2)
+            near += [up, down]
+        x = torch.cat(near)
+        traps = x[torch.round(x / s) != torch.round(x * (1 / s))]
+        if 0 < len(traps) <= 8:
+            rows.append(torch.cat([amax, traps, torch.zeros(8 - len(traps))]))
+    assert len(rows) >= 10  # enough values where the naive reciprocal product gets the code wrong
+    x = torch.stack(rows)
+    codes, scales = native.quantize_rows_symmetric(x, 127.0, 2.0**-20, 65504.0)
+    assert torch.equal(scales, x.abs().amax(1) / 127)
+    assert torch.equal(codes, torch.round(x / scales[:, None]).clamp(-128, 127).to(torch.int8))
+
+
 def test_fp8_values_lie_on_the_grid_and_nan_maps_like_the_torch_path() -> None:
     from lowbit.formats.lowfloat import grid
 

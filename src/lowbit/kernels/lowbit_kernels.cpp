@@ -1968,6 +1968,28 @@ static inline float row_scale_i8(const float* xr, i64 K, float qmax, float min_s
     return s < min_scale ? min_scale : s;
 }
 
+#ifdef LB_VNNI
+// x / s for 16 lanes, the IEEE quotient bit for bit, without a division where s lies in [2^-60, 2^60]: q0 = x * r
+// (r = 1 / s rounded) is within an ulp of x / s, the remainder x - q0 * s is exact (one fused multiply-add), and
+// q0 + remainder * r rounded once is the correctly rounded quotient (Markstein's theorem; checked against the
+// division on every significand of x for 24 scales and 4e8 random pairs, session 22). Lanes of x = +-inf (remainder
+// NaN) and NaN keep q0, as the division gives them. Quotients of |x| < 2^-100 may differ from the division's in
+// their last bit; they round to code 0 either way. A division costs p0 8 cycles a vector on Sapphire Rapids: the
+// int8 row quantizer ran 1.3x faster without it.
+struct Quot16 {
+    __m512 vs, vr;
+    bool recip;
+    explicit Quot16(float s)
+        : vs(_mm512_set1_ps(s)), vr(_mm512_set1_ps(1.0f / s)), recip(s >= 0x1p-60f && s <= 0x1p60f) {}
+    __attribute__((always_inline)) inline __m512 operator()(__m512 x) const {
+        if (!recip) return _mm512_div_ps(x, vs);
+        const __m512 q0 = _mm512_mul_ps(x, vr);
+        const __m512 e = _mm512_fnmadd_ps(q0, vs, x);  // x - q0 * s, exact
+        return _mm512_mask3_fmadd_ps(e, vr, q0, _mm512_cmp_ps_mask(e, e, _CMP_ORD_Q));
+    }
+};
+#endif
+
 static inline float code_i8(float x, float s, float qmax) {
     const float v = rintf(x / s);
     return v < -qmax - 1.0f ? -qmax - 1.0f : v > qmax ? qmax : v;  // NaN stays NaN
@@ -1992,11 +2014,12 @@ static void quantize_rows_i8(const float* x, i64 M, i64 K, float qmax, float min
         i64 k = 0;
 #ifdef LB_VNNI
         {  // 16 lanes: the same division, rounding and clamp; NaN lanes -> code 0
-            const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-qmax - 1.0f), hi = _mm512_set1_ps(qmax);
+            const Quot16 quot(s);
+            const __m512 lo = _mm512_set1_ps(-qmax - 1.0f), hi = _mm512_set1_ps(qmax);
             for (; k < K; k += 16) {
                 const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
                 const __m512 x16 = _mm512_maskz_loadu_ps(live, xr + k);
-                const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(x16, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                const __m512 r = _mm512_roundscale_ps(quot(x16), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                 const __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, r));  // NaN stays (2nd operand)
                 const __m512i i = _mm512_maskz_cvtps_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);
                 _mm_mask_storeu_epi8(q + k, live, _mm512_cvtsepi32_epi8(i));
@@ -2144,16 +2167,17 @@ struct FpGrid8 {
 #endif
 
 #ifdef LB_VNNI
-// The same for 16 values (AVX-512).
+// The same grid for 16 values (AVX-512).
 struct FpGrid16 {
+    Quot16 quot;
     __m512 vs, vmax, vmin;
     __m512i lo, shift, absmask, signmask;
     FpGrid16(float s, int man, int emin, int, float maxv)
-        : vs(_mm512_set1_ps(s)), vmax(_mm512_set1_ps(maxv)), vmin(_mm512_set1_ps(-maxv)),
+        : quot(s), vs(_mm512_set1_ps(s)), vmax(_mm512_set1_ps(maxv)), vmin(_mm512_set1_ps(-maxv)),
           lo(_mm512_set1_epi32(emin + 127)), shift(_mm512_set1_epi32(23 - man)), absmask(_mm512_set1_epi32(0x7fffffff)),
           signmask(_mm512_set1_epi32((int)0x80000000u)) {}
     __attribute__((always_inline)) inline __m512 operator()(__m512 xv) const {
-        const __m512 v = _mm512_max_ps(_mm512_min_ps(_mm512_div_ps(xv, vs), vmax), vmin);  // NaN -> max (2nd operand)
+        const __m512 v = _mm512_max_ps(_mm512_min_ps(quot(xv), vmax), vmin);  // NaN -> max (2nd operand)
         const __m512i bits = _mm512_castps_si512(v);
         const __m512i eb = _mm512_max_epi32(_mm512_srli_epi32(_mm512_and_si512(bits, absmask), 23), lo);
         const __m512i cb = _mm512_slli_epi32(_mm512_add_epi32(eb, shift), 23);
