@@ -16,6 +16,7 @@ from lowbit.kernels import native
 from lowbit.kernels.dispatch import layer_report, use_mode
 from lowbit.recipe import Recipe, Stage
 from tests.kernels.test_amx import both
+from tests.kernels.test_small_conv import one_call_and_rows
 
 pytestmark = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler: lowbit uses the reference kernels"
@@ -29,6 +30,14 @@ def _fp8(model: nn.Module, weights: str, acts: QuantSpec) -> tuple[nn.Module, nn
     stage = Stage(method="rtn", weights=FORMATS[weights], activations=acts, keep_first_last=False)
     simulated = lowbit.compress(model, Recipe(stages=(stage,)), progress=False)
     return simulated, lowbit.pack(simulated)
+
+
+@pytest.fixture
+def threads_state():
+    """Restores torch's thread count a test changes."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -52,8 +61,10 @@ def test_the_bf16_tiles_are_built_where_the_cpu_and_compiler_have_them(amx_state
 
 @pytest.mark.parametrize(("weights", "acts"), [("fp8_e4m3", ACT_FORMATS["fp8_token"]), ("fp8_e5m2", E5M2_TOKEN)])
 @pytest.mark.parametrize(("K", "N"), [(384, 96), (100, 33), (1000, 16), (9, 40)])  # Kp: whole / padded tile steps
-@pytest.mark.parametrize("M", [16, 45, 200])
-def test_fp8_layers_on_many_rows_match_the_simulated_layer_and_the_fp32_kernel(weights, acts, K, N, M, amx_state):
+@pytest.mark.parametrize("M", [16, 17, 31, 45, 200])  # one row tile, partial second tiles, several blocks
+def test_fp8_layers_on_many_rows_match_the_simulated_layer_and_the_fp32_kernel(
+    weights, acts, K, N, M, amx_state, threads_state
+):
     simulated, packed = _fp8(nn.Sequential(nn.Linear(K, N)), weights, acts)
     x = torch.randn(M, K) * torch.exp(torch.randn(M, 1) * 3)  # rows of very different scales
     x[1, 0] = float("nan")  # a NaN input is the largest code, as the simulated quantizer's lookup gives it
@@ -65,7 +76,6 @@ def test_fp8_layers_on_many_rows_match_the_simulated_layer_and_the_fp32_kernel(w
             native.amx(True)
             _close(on, off)
             _close(on, simulated(x))
-    torch.set_num_threads(1)
     assert layer_report(packed[0])[0]["path"] == "fp8a8"
 
 
@@ -84,14 +94,18 @@ def test_fp8_layers_with_an_input_scale_run_on_the_tiles(amx_state):
 
 
 @pytest.mark.parametrize("weights", ["fp8_e4m3", "fp8_e5m2"])
-def test_fp8_convolutions_with_per_patch_activations_run_on_the_tiles(weights, amx_state):
+@pytest.mark.parametrize(("hw", "batch"), [((12, 12), 3), ((7, 9), 5), ((4, 4), 4), ((5, 6), 2)])
+def test_fp8_convolutions_write_their_maps_from_the_tiles(weights, hw, batch, amx_state, threads_state):
+    """The one C call of a decided FP8 convolution (lb_conv): each image's map written from the tiles by the
+    transposed store, images whose patches do not start on a whole tile (63, 16, 30 patches), images split between
+    threads -- against the patch path's rows (lb_linear) and the simulated layer, tiles on and off."""
     acts = ACT_FORMATS["fp8_token"] if weights == "fp8_e4m3" else E5M2_TOKEN
     simulated, packed = _fp8(nn.Sequential(nn.Conv2d(16, 40, 3, padding=1)), weights, acts)
-    x = torch.randn(3, 16, 12, 12)
-    with torch.no_grad(), use_mode("native"):
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            on, off = both(lambda: packed(x))
-            _close(on, off)
-            _close(on, simulated(x))
-    torch.set_num_threads(1)
+    x = torch.randn(batch, 16, *hw)
+    want = simulated(x).detach()
+    for threads in (1, 2):
+        for on in (True, False):
+            native.amx(on)
+            direct, rows = one_call_and_rows(packed[0], x, threads)
+            _close(direct, rows)
+            _close(direct, want)

@@ -38,7 +38,8 @@ def _hard_rows(k: int, seed: int) -> torch.Tensor:
     x[0] = torch.ldexp(torch.ones(k), torch.randint(-30, 30, (k,), generator=g))
     x[0] *= 1 - torch.randint(0, 3, (k,), generator=g) * 2.0**-24
     x[1, : k // 2] = 0
-    x[2, 0] = float("nan")
+    x[2, 0] = float("nan")  # a row with a NaN gets the smallest scale: its large values' quotients overflow
+    x[2, 1 : min(k, 5)] = torch.tensor([-1e35, 3e38, -3e38, 1e30])[: max(0, min(k, 5) - 1)]
     x[3, -1] = float("inf")
     x[4, 0] = -float("inf")
     x[5] = torch.randn(k, generator=g) * 1e-39
@@ -101,6 +102,10 @@ def test_int8_codes_near_ties_equal_torch_division_and_rounding() -> None:
     codes, scales = native.quantize_rows_symmetric(x, 127.0, 2.0**-20, 65504.0)
     assert torch.equal(scales, x.abs().amax(1) / 127)
     assert torch.equal(codes, torch.round(x / scales[:, None]).clamp(-128, 127).to(torch.int8))
+    # a row with a NaN: the smallest scale, so large values' quotients overflow to +-inf, then the extreme codes
+    x = torch.tensor([[float("nan"), -1e35, 3e38, 1e30, -2.0, 0.5]])
+    codes, scales = native.quantize_rows_symmetric(x, 127.0, 2.0**-20, 65504.0)
+    assert scales.item() == 2.0**-20 and codes[0, 1:].tolist() == [-128, 127, 127, -128, 127]
 
 
 def test_fp8_values_lie_on_the_grid_and_nan_maps_like_the_torch_path() -> None:

@@ -78,7 +78,8 @@ def test_tiny_patch_conv_equals_the_patch_path_bit_for_bit(geometry, weights: st
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_tiny_patch_fp8_conv_equals_the_patch_path_up_to_summation_order(geometry) -> None:
+@pytest.mark.parametrize("weights", ["fp8_e4m3", "fp8_e5m2"])
+def test_tiny_patch_fp8_conv_equals_the_patch_path_up_to_summation_order(geometry, weights: str) -> None:
     """FP8 weights with per-patch FP8 activations: each patch's codes on the E4M3 grid (a NaN input is the largest
     code: finite outputs, as on the patch path and in the simulated layer) times the weights' FP8 values, summed in
     fp32 in another order than the patch path's kernel."""
@@ -86,7 +87,7 @@ def test_tiny_patch_fp8_conv_equals_the_patch_path_up_to_summation_order(geometr
     torch.manual_seed(0)
     x = torch.randn(3, c, h, w) * torch.exp(torch.randn(3, 1, 1, 1) * 4)
     conv = nn.Conv2d(c, o, k, stride=stride, padding=pad, dilation=dil)
-    layer = packed(conv, "fp8_e4m3", "fp8_token", x)
+    layer = packed(conv, weights, "fp8_token", x)
     x[1, 0, h // 2, w // 2] = float("nan")
     x[2, c - 1, 1, 2] = float("inf")
     for threads in (1, 2):

@@ -140,8 +140,9 @@ static inline void amx_block(const int8_t* a, i64 Kq, const int8_t* wp, i64 Kp, 
     amx_fence();  // (not every compiler's tilestored declares that it writes memory)
 }
 
-// The AMX form of a many-row panel kernel on rows already in tile form (a: Mt x Kq, Mt a multiple of 32, zero
-// padded): tile(IC<MT>, IC<NP>, a_m, Kq, m, mr, p) computes rows m .. m+mr-1 (mr <= 16 MT, their codes at a_m)
+// The AMX form of a many-row panel kernel on rows already in tile form (a: M rows of Kq bytes, readable up to a
+// multiple of 32 rows; the rows past M are read, not stored: zeros, or a convolution's next image):
+// tile(IC<MT>, IC<NP>, a_m, Kq, m, mr, p) computes rows m .. m+mr-1 (mr <= 16 MT, their codes at a_m)
 // against panels p .. p+NP-1 (amx_block and an epilogue). Row blocks of 32 are split between threads when there are
 // enough, else the panel pairs, in chunks that stay in L2 while its row blocks pass over them (walk_blocks).
 template <class F>
