@@ -1545,7 +1545,8 @@ static inline void fp8_rows_tile16(const float* x, i64 K, const int8_t* w, const
     constexpr int AS = MR == 1 ? 2 : 1;  // one row: the even and odd products in two chains (FMA latency)
     __m512 acc[MR][2][AS], sl[2];
     const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-    for (int h = 0; h < 2; ++h) sl[h] = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(_mm256_loadu_ps(s256 + 8 * h)));
+    for (int h = 0; h < 2; ++h)
+        sl[h] = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(_mm256_loadu_ps(s256 + 8 * h)));
     for (int m = 0; m < MR; ++m)
         for (int h = 0; h < 2; ++h)
             for (int a = 0; a < AS; ++a) acc[m][h][a] = _mm512_setzero_ps();
@@ -1595,8 +1596,9 @@ static inline void fp8_rows_tile16(const float* x, i64 K, const int8_t* w, const
 #endif
 
 // Below this many rows FP8 panels are decoded in registers (fp8_rows_run), from it on into a block (f32_panel_run).
-// Median us, one thread, Zen 4, the 8-lane register tile vs block (not measured again with the 16-lane tile): 1024 x 1024 at 1 row 91-115 vs 223-236, 4 rows 138 vs 275,
-// 8 rows 268 vs 335, 10 rows 374 vs 419, 11 rows 387 vs 409; 128 x 1024 at 4 rows 21 vs 37, 11 rows 60 vs 53.
+// Median us, one thread, Zen 4, the 8-lane register tile vs block (not measured again with the 16-lane tile):
+// 1024 x 1024 at 1 row 91-115 vs 223-236, 4 rows 138 vs 275, 8 rows 268 vs 335, 10 rows 374 vs 419, 11 rows 387 vs
+// 409; 128 x 1024 at 4 rows 21 vs 37, 11 rows 60 vs 53.
 static constexpr i64 FP8_REGISTER_ROWS = 12;
 #if defined(__AVX512F__)
 static constexpr int FP8_MR = 4;  // rows sharing a decode (fp8_rows_tile16: 8 accumulators and 8 x vectors of 32)
@@ -2249,7 +2251,8 @@ struct FpGrid16 {
         const __m512i bits = _mm512_castps_si512(v);
         const __m512i eb = _mm512_max_epi32(_mm512_srli_epi32(_mm512_and_si512(bits, absmask), 23), lo);
         const __m512i cb = _mm512_slli_epi32(_mm512_add_epi32(eb, shift), 23);
-        const __m512 c = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(cb, bits, signmask, 0xF8));  // cb | (bits & sign)
+        // c = cb | (bits & sign)
+        const __m512 c = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(cb, bits, signmask, 0xF8));
         return _mm512_sub_ps(_mm512_add_ps(v, c), c);
     }
 };
@@ -2622,8 +2625,8 @@ static void fp8_bf16_panels(const int8_t* wp, i64 p0, i64 p1, i64 Kp, uint16_t* 
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     auto decode = [&](__m512i w) __attribute__((always_inline)) {  // 32 bytes in 16-bit lanes -> bf16
         const __m512i i = _mm512_and_si512(w, mag);
-        const __m512i d = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(w, upper), _mm512_permutex2var_epi16(t0, i, t1),
-                                                  _mm512_permutex2var_epi16(t2, i, t3));
+        const __m512i lo = _mm512_permutex2var_epi16(t0, i, t1), hi = _mm512_permutex2var_epi16(t2, i, t3);
+        const __m512i d = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(w, upper), lo, hi);
         return _mm512_or_si512(d, _mm512_slli_epi16(_mm512_and_si512(w, sign), 8));
     };
     for (i64 p = p0; p < p1; ++p) {
