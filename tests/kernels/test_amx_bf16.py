@@ -109,3 +109,54 @@ def test_fp8_convolutions_write_their_maps_from_the_tiles(weights, hw, batch, am
             direct, rows = one_call_and_rows(packed[0], x, threads)
             _close(direct, rows)
             _close(direct, want)
+
+
+# Weight-only layers with fp32 inputs: the panels' codes times three bf16 parts of each input (f32_amx).
+WEIGHT_ONLY = [
+    "int8",
+    "int4_g128",
+    "int4_g32",
+    "int3_g64",
+    "int2_g64",
+    "binary",
+    "ternary_absmean",
+    "fp4_e2m1",
+    "fp8_e4m3",
+]
+
+
+@pytest.mark.parametrize("weights", WEIGHT_ONLY)
+@pytest.mark.parametrize(("K", "N", "M"), [(384, 96, 16), (256, 33, 17), (640, 16, 45), (128, 200, 70), (64, 40, 600)])
+def test_weight_only_layers_on_many_rows_run_fp32_inputs_as_three_bf16_parts(
+    weights, K, N, M, amx_state, threads_state
+):
+    """An fp32 input is the exact sum of three bf16 parts and every panel code is exact in bf16, so the tiles'
+    products are exact and their fp32 sums agree with the fp32 kernel's and the simulated layer's up to order --
+    also for inputs a thousand times apart from row to row."""
+    torch.manual_seed(0)
+    stage = Stage(method="rtn", weights=FORMATS[weights], activations=None, keep_first_last=False)
+    simulated = lowbit.compress(nn.Sequential(nn.Linear(K, N)), Recipe(stages=(stage,)), progress=False)
+    packed = lowbit.pack(simulated)
+    x = torch.randn(M, K) * torch.exp(torch.randn(M, 1) * 3)
+    x[1, :7] = torch.tensor([1e-30, -3e-41, 2.0**-126, 1e20, -1e-20, 0.0, -0.0])  # tiny, subnormal, large, zeros
+    with torch.no_grad(), use_mode("native"):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            on, off = both(lambda: packed(x))
+            native.amx(True)
+            _close(on, off)
+            _close(on, simulated(x))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 2.0**101])
+def test_weight_only_inputs_the_bf16_parts_cannot_hold_take_the_fp32_kernel(bad, amx_state):
+    """A non-finite input, or one whose unscaled sums could overflow, sends the whole call to the fp32 kernel: the
+    same bits as with the tiles off."""
+    torch.manual_seed(0)
+    stage = Stage(method="rtn", weights=FORMATS["int4_g128"], activations=None, keep_first_last=False)
+    packed = lowbit.pack(lowbit.compress(nn.Sequential(nn.Linear(256, 48)), Recipe(stages=(stage,)), progress=False))
+    x = torch.randn(20, 256)
+    x[4, 9] = bad
+    with torch.no_grad(), use_mode("native"):
+        on, off = both(lambda: packed(x))
+    assert torch.equal(on.isnan(), off.isnan()) and torch.equal(on.nan_to_num(), off.nan_to_num())

@@ -1641,8 +1641,18 @@ static int fp8_rows_run(const float* x, i64 M, i64 K, const int8_t* wp, const fl
 }
 #endif
 
+#ifdef LB_AMX_BF16
+// From this many rows fp32-input panels run on AMX-BF16 tiles (f32_amx) where the CPU, compiler and Linux allow.
+static constexpr i64 F32_AMX_ROWS = 16;
+static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* sp, i64 N, i64 Kp, i64 group,
+                   float* y, int threads, int fpe);
+#endif
+
 LB_API int lb_f32_panel(const float* x, i64 M, i64 K, const int8_t* wp, const float* sp, i64 N, i64 Kp, i64 group,
                         float* y, int threads, int fpe) {
+#ifdef LB_AMX_BF16
+    if (M >= F32_AMX_ROWS && !f32_amx(x, M, K, wp, sp, N, Kp, group, y, threads, fpe)) return 0;
+#endif
     if (fpe == 0) return f32_panel_run<0>(x, M, K, wp, sp, N, Kp, group, y, threads);
     if (group) return -1;
 #if defined(__AVX2__) && defined(__F16C__)
@@ -2680,6 +2690,166 @@ static int fp8_amx(const lb_layer* L, const uint16_t* xc, const float* sx, i64 M
     if (!wb) return -2;
     fp8_amx_run(L, wb, xc, sx, M, y, L->N, 1, threads, bias);
     free(wb);
+    return 0;
+}
+
+// --- fp32 inputs on int8 or FP8 panels on AMX-BF16 tiles (weight-only layers on many rows: W8, W4/W3/W2 groups,
+// binary, ternary without activation quantization, FP4, FP8). An fp32 value is the exact sum of three bf16 parts
+// (hi = bf16(x), mid = bf16(x - hi), lo = x - hi - mid: 8 + 8 + 8 significant bits), the panels' codes are exact in
+// bf16 (int8 codes, q - z, FP4's doubled values, FP8 bytes), so the tiles' three products a k-step are exact and
+// summed in fp32: the fp32 kernel's result up to summation order, the scales applied per column (and group) after
+// the sums. Inputs with a non-finite value or one of magnitude 2^100 or more take the fp32 kernel (the split needs
+// finite parts; sums of unscaled codes must not overflow), as do groups that are not a multiple of 32 k. Parts
+// below bf16's normal range (|x| < 2^-110 or so) count as zero on the tiles.
+
+// Panels [p0, p1) of int8 codes wp as bf16 panels for tdpbf16ps (the layout of fp8_bf16_panels), exact.
+static void int8_bf16_panels(const int8_t* wp, i64 p0, i64 p1, i64 Kp, uint16_t* out) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (i64 p = p0; p < p1; ++p) {
+        const int8_t* w = wp + p * 16 * Kp;
+        uint16_t* o = out + p * 16 * Kp;
+        for (i64 q = 0; q < Kp / 4; ++q) {
+            __m512 f[4];  // 16 bytes each: 4 columns x 4 k, as floats in order
+            for (int i = 0; i < 4; ++i)
+                f[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + 64 * q + 16 * i))));
+            // words 4c + j: columns 0..7, then 8..15 (cvtne2ps: its second operand in the low half)
+            const __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0]), hi = (__m512i)_mm512_cvtne2ps_pbh(f[3], f[2]);
+            _mm512_storeu_si512(o + 64 * q, _mm512_permutex2var_epi32(lo, even, hi));
+            _mm512_storeu_si512(o + 64 * q + 32, _mm512_permutex2var_epi32(lo, odd, hi));
+        }
+    }
+}
+
+// One block of fp32 sums: MT (1, 2) tiles of 16 rows from the three bf16 parts (a, a + ps, a + 2 ps; row stride
+// Kq bytes) times NP (1, 2) bf16 panels from wp (panel stride 16 * Kb bytes), over k bytes [k0, k1), into c.
+template <int MT, int NP>
+static inline void amx_block3(const int8_t* a, i64 Kq, i64 ps, const int8_t* wp, i64 Kb, i64 k0, i64 k1, float* c) {
+    _tile_zero(0);
+    if constexpr (NP == 2) _tile_zero(1);
+    if constexpr (MT == 2) _tile_zero(2);
+    if constexpr (MT == 2 && NP == 2) _tile_zero(3);
+    for (i64 k = k0; k < k1; k += 64) {
+        _tile_loadd(6, wp + 16 * k, 64);
+        if constexpr (NP == 2) _tile_loadd(7, wp + 16 * Kb + 16 * k, 64);
+        for (int part = 0; part < 3; ++part) {
+            const int8_t* ap = a + part * ps + k;
+            _tile_loadd(4, ap, Kq);
+            _tile_dpbf16ps(0, 4, 6);
+            if constexpr (NP == 2) _tile_dpbf16ps(1, 4, 7);
+            if constexpr (MT == 2) {
+                _tile_loadd(5, ap + 16 * Kq, Kq);
+                _tile_dpbf16ps(2, 5, 6);
+                if constexpr (NP == 2) _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+    }
+    _tile_stored(0, c, 128);
+    if constexpr (NP == 2) _tile_stored(1, c + 16, 128);
+    if constexpr (MT == 2) _tile_stored(2, c + 16 * 32, 128);
+    if constexpr (MT == 2 && NP == 2) _tile_stored(3, c + 16 * 32 + 16, 128);
+    amx_fence();
+}
+
+// Rows of x (M x K, every value finite) as three bf16 parts in tile form (part stride Mt * Kp values, row stride
+// Kp; the caller zeroes past K and M).
+static void bf16_parts(const float* x, i64 M, i64 K, i64 Kp, i64 Mt, uint16_t* a) {
+    const i64 ps = Mt * Kp;
+    for (i64 m = 0; m < M; ++m) {
+        const float* xr = x + m * K;
+        for (i64 k = 0; k < K; k += 16) {
+            const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            const __m512 v = _mm512_maskz_loadu_ps(live, xr + k);
+            const __m256bh h = _mm512_cvtneps_pbh(v);
+            const __m512 r1 = _mm512_sub_ps(v, _mm512_cvtpbh_ps(h));
+            const __m256bh md = _mm512_cvtneps_pbh(r1);
+            const __m256bh lo = _mm512_cvtneps_pbh(_mm512_sub_ps(r1, _mm512_cvtpbh_ps(md)));
+            uint16_t* d = a + m * Kp + k;
+            _mm256_mask_storeu_epi16(d, live, (__m256i)h);
+            _mm256_mask_storeu_epi16(d + ps, live, (__m256i)md);
+            _mm256_mask_storeu_epi16(d + 2 * ps, live, (__m256i)lo);
+        }
+    }
+}
+
+// Rows per pass of f32_amx: their three parts (6 bytes a value) stay a few MiB.
+static constexpr i64 F32_AMX_CHUNK = 512;
+
+// y (M, N) = x . the panels (codes times per-column or per-group scales sp; fpe: 0 int8 codes, 4 / 5 FP8 bytes) on
+// the tiles, rows in chunks of F32_AMX_CHUNK. 0, or 1 (nothing written) where it does not apply: tiles off, groups
+// not a multiple of 32 k, an input the parts cannot hold (checked before anything is written), out of memory.
+static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* sp, i64 N, i64 Kp, i64 group,
+                   float* y, int threads, int fpe) {
+    if (Kp % 32 || (group && group % 32) || (fpe && group) || !amx_on()) return 1;
+    const i64 CH = std::min<i64>(M, F32_AMX_CHUNK), Mt = (CH + 31) / 32 * 32, P = (N + 15) / 16, Kb = 2 * Kp;
+    const i64 G = group ? Kp / group : 1;
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+    __m512i big = _mm512_setzero_si512();
+    for (i64 i = 0; i < M * K; i += 16) {  // every input finite and below 2^100, before anything is written
+        const __mmask16 live = M * K - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (M * K - i)) - 1);
+        big = _mm512_max_epu32(big, _mm512_and_si512(_mm512_maskz_loadu_epi32(live, x + i), absmask));
+    }
+    if (_mm512_reduce_max_epu32(big) >= 0x71800000u) return 1;
+    uint16_t* a = (uint16_t*)calloc(3 * Mt * Kp + 32, sizeof(uint16_t));
+    uint16_t* wb = (uint16_t*)scratch_uninit(sizeof(uint16_t) * P * 16 * Kp);
+    if (!a || !wb) {
+        free(a);
+        free(wb);
+        return 1;
+    }
+    lb_parallel(nthreads(threads), threads != 1 && P * 16 * Kp >= (1 << 16), [&] {
+        i64 lo, hi;
+        my_rows(P, 1, &lo, &hi);
+        if (fpe == 4) fp8_bf16_panels<4>(wp, lo, hi, Kp, wb);
+        else if (fpe == 5) fp8_bf16_panels<5>(wp, lo, hi, Kp, wb);
+        else int8_bf16_panels(wp, lo, hi, Kp, wb);
+    });
+    static const float ones[32] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                                   1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    const i64 ps = 2 * Mt * Kp;  // part stride in bytes
+    float* yc = y;               // the current chunk's output rows
+    // rows m .. m+mr-1 of the chunk against panels p .. p+NP-1: per-column scales after the sums, or per group
+    // f += s_g * sums in group order
+    auto tile = [&](auto mt, auto np, const int8_t* am, i64 Kq, i64 m, i64 mr, i64 p) {
+        constexpr int MT = decltype(mt)::value, NP = decltype(np)::value;
+        const int8_t* wq = (const int8_t*)(wb + p * 16 * Kp);
+        const i64 ncols = std::min<i64>(16 * NP, N - 16 * p);
+        float* ym = yc + m * N + 16 * p;
+        alignas(64) float c[32 * 32];
+        if (!group) {
+            amx_block3<MT, NP>(am, Kq, ps, wq, Kb, 0, Kb, c);
+            amx_store(c, mr, ncols, ones, sp + 16 * p, ym, N, 1, nullptr);
+            return;
+        }
+        alignas(64) float f[32 * 32];
+        for (i64 r = 0; r < mr; ++r)
+            for (int h = 0; h < NP; ++h) _mm512_store_ps(f + 32 * r + 16 * h, _mm512_setzero_ps());
+        for (i64 g = 0; g < G; ++g) {
+            amx_block3<MT, NP>(am, Kq, ps, wq, Kb, 2 * g * group, 2 * (g + 1) * group, c);
+            for (int h = 0; h < NP; ++h) {
+                const __m512 sg = _mm512_loadu_ps(sp + ((p + h) * G + g) * 16);
+                for (i64 r = 0; r < mr; ++r) {
+                    float* fr = f + 32 * r + 16 * h;
+                    _mm512_store_ps(fr, _mm512_fmadd_ps(_mm512_load_ps(c + 32 * r + 16 * h), sg, _mm512_load_ps(fr)));
+                }
+            }
+        }
+        for (int h = 0; 16 * h < ncols; ++h) {
+            const i64 nc = std::min<i64>(16, ncols - 16 * h);
+            const __mmask16 cols = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1);
+            for (i64 r = 0; r < mr; ++r)
+                _mm512_mask_storeu_ps(ym + r * N + 16 * h, cols, _mm512_load_ps(f + 32 * r + 16 * h));
+        }
+    };
+    for (i64 m0 = 0; m0 < M; m0 += CH) {
+        const i64 rows = std::min(CH, M - m0);
+        if (m0) memset(a, 0, sizeof(uint16_t) * 3 * Mt * Kp);  // (a last, shorter chunk: zero rows past it)
+        bf16_parts(x + m0 * K, rows, K, Kp, Mt, a);
+        yc = y + m0 * N;
+        amx_run((const int8_t*)a, Kb, rows, N, Kb, threads, tile);
+    }
+    free(wb);
+    free(a);
     return 0;
 }
 #endif
