@@ -42,9 +42,9 @@ environment:
   LOWBIT_KERNELS=auto|native|reference|portable|avx2   kernel choice: measured per layer (default), always the
       native kernel, always the PyTorch reference, always native with the library built without SIMD, or measured
       with the library built without AVX-512 (the native kernels use AVX-512 VNNI where the CPU has it, else AVX2)
-  LOWBIT_AMX=0|off                              keep many-row int8 / W1A1 / FP8 layers off AMX tiles (used by default
-      where the CPU, compiler and Linux allow them: Intel Sapphire Rapids on; int8 and W1A1: the same results, bit
-      for bit; FP8: the same up to fp32 summation order)
+  LOWBIT_AMX=0|off                              keep many-row layers off AMX tiles (used by default where the CPU,
+      compiler and Linux allow them: Intel Sapphire Rapids on; int8-activation and W1A1 layers: the same results, bit
+      for bit; FP8 and weight-only layers with float inputs: the same up to fp32 summation order)
   LOWBIT_CACHE_DIR                              where trained models and compiled kernels are cached
 """
 
