@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.formats import ACT_FORMATS, FORMATS, QuantSpec
-from lowbit.kernels import native
+from lowbit.formats import ACT_FORMATS, FORMATS, QuantSpec, lowfloat
+from lowbit.kernels import native, panels
 from lowbit.kernels.dispatch import layer_report, use_mode
 from lowbit.recipe import Recipe, Stage
 from tests.kernels.test_amx import both
@@ -122,7 +122,14 @@ WEIGHT_ONLY = [
     "ternary_absmean",
     "fp4_e2m1",
     "fp8_e4m3",
+    "fp8_e5m2",
 ]
+
+
+def _close_rows(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Row by row within 2e-5 of the row's own largest output (a row 10^9 smaller than another is checked too)."""
+    err = (got - want).abs().amax(1)
+    assert bool((err <= 2e-5 * want.abs().amax(1)).all()), float((err / want.abs().amax(1)).max())
 
 
 @pytest.mark.parametrize("weights", WEIGHT_ONLY)
@@ -130,33 +137,78 @@ WEIGHT_ONLY = [
 def test_weight_only_layers_on_many_rows_run_fp32_inputs_as_three_bf16_parts(
     weights, K, N, M, amx_state, threads_state
 ):
-    """An fp32 input is the exact sum of three bf16 parts and every panel code is exact in bf16, so the tiles'
-    products are exact and their fp32 sums agree with the fp32 kernel's and the simulated layer's up to order --
-    also for inputs a thousand times apart from row to row."""
+    """An fp32 input row, scaled by a power of two, is the exact sum of three bf16 parts and every panel code is
+    exact in bf16, so the tiles' products are exact and their fp32 sums agree with the fp32 kernel's and the
+    simulated layer's, row by row, for rows 10^±4 apart (600 rows: two chunks)."""
     torch.manual_seed(0)
     stage = Stage(method="rtn", weights=FORMATS[weights], activations=None, keep_first_last=False)
-    simulated = lowbit.compress(nn.Sequential(nn.Linear(K, N)), Recipe(stages=(stage,)), progress=False)
+    simulated = lowbit.compress(nn.Sequential(nn.Linear(K, N, bias=False)), Recipe(stages=(stage,)), progress=False)
     packed = lowbit.pack(simulated)
     x = torch.randn(M, K) * torch.exp(torch.randn(M, 1) * 3)
-    x[1, :7] = torch.tensor([1e-30, -3e-41, 2.0**-126, 1e20, -1e-20, 0.0, -0.0])  # tiny, subnormal, large, zeros
     with torch.no_grad(), use_mode("native"):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             on, off = both(lambda: packed(x))
             native.amx(True)
-            _close(on, off)
-            _close(on, simulated(x))
+            _close_rows(on, off)
+            _close_rows(on, simulated(x))
+            if native.build_info()["amx_bf16"]:
+                assert not torch.equal(on, off)  # the tiles ran (their sums in another order)
 
 
-@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 2.0**101])
-def test_weight_only_inputs_the_bf16_parts_cannot_hold_take_the_fp32_kernel(bad, amx_state):
-    """A non-finite input, or one whose unscaled sums could overflow, sends the whole call to the fp32 kernel: the
-    same bits as with the tiles off."""
+@pytest.mark.parametrize("kind", ["int8", "int4_g64", "fp8_e4m3", "fp8_e5m2"], ids=["int8", "group", "e4m3", "e5m2"])
+@pytest.mark.parametrize("K", [100, 1152, 8192])
+def test_f32_panels_on_the_tiles_hold_tiny_and_huge_rows(kind, K, amx_state):
+    """Rows from fp32 subnormals to 1e30 (and largest E5M2 codes: unscaled sums that would pass 2^128 without the
+    rows' power-of-two scaling): every output within fp32 rounding of a K-term dot product of the float64 one."""
+
+    def within_fp32(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+        """|y - ref| <= K·eps·Σ|x||w| per output, with no absolute slack: tiny rows are held to their own scale
+        (plus half the smallest subnormal where an output is itself subnormal)."""
+        slack = 2.0**-150 if native.build_info()["amx_bf16"] else 1e-30  # (no tiles: the fp32 kernel's bound)
+        bound = x.shape[1] * 2.0**-23 * (x.abs().double() @ w.abs().double().T) + slack
+        assert bool(((y.double() - ref).abs() <= bound).all()), float(((y.double() - ref).abs() / bound).max())
+
+    g = torch.Generator().manual_seed(K)
+    N = 40
+    if kind == "int8":
+        q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+        s = torch.rand(N, generator=g) + 0.1
+        prepared, w = panels.prepare_panels(q, s), q.float() * s[:, None]
+    elif kind == "int4_g64":
+        q = torch.randint(0, 16, (N, K // 64 * 64), generator=g)
+        sg = torch.rand(N, K // 64, generator=g) + 0.05
+        z = torch.randint(0, 16, (N, K // 64), generator=g).float()
+        prepared = panels.prepare_group_panels(q, sg, z, 64)
+        w = (q.float() - z.repeat_interleave(64, 1)) * sg.repeat_interleave(64, 1)
+        K = w.shape[1]
+    else:
+        fmt = kind.split("_")[1]
+        values = lowfloat.grid(fmt)
+        codes = lowfloat.encode(values[torch.randint(0, len(values), (N, K), generator=g)], torch.ones(1), name=fmt)
+        codes[0] = lowfloat.encode(values.max().reshape(1, 1), torch.ones(1), name=fmt)  # the largest code
+        s = torch.full((N,), 2.0**-16)
+        prepared = panels.prepare_fp8_panels(codes, s, lowfloat.layout(fmt).exp_bits)
+        w = lowfloat.decode(codes, s[:, None], name=fmt)
+    scales = torch.tensor([1e-39, 2.0**-125, 2.0**-112, 1e-20, 1.0, 1e20, 1e30])
+    x = torch.randn(28, K, generator=g) * scales.repeat(4)[:, None]
+    x[27] = 0.0
+    native.amx(True)
+    # (the fp32 kernel rounds each product on the subnormal grid for the smallest rows: held to test_f32_panels'
+    # bound, with an absolute slack, where there are no tiles)
+    within_fp32(panels.matmul_f32_panel(x, prepared), x.double() @ w.double().T, x, w)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+@pytest.mark.parametrize(("M", "row"), [(20, 4), (600, 550)])  # the bad value in the first or a later chunk
+def test_weight_only_inputs_with_non_finite_values_take_the_fp32_kernel(bad, M, row, amx_state):
+    """A non-finite input sends the whole call to the fp32 kernel, before anything is written: its NaN / inf
+    results, the same bits as with the tiles off."""
     torch.manual_seed(0)
     stage = Stage(method="rtn", weights=FORMATS["int4_g128"], activations=None, keep_first_last=False)
     packed = lowbit.pack(lowbit.compress(nn.Sequential(nn.Linear(256, 48)), Recipe(stages=(stage,)), progress=False))
-    x = torch.randn(20, 256)
-    x[4, 9] = bad
+    x = torch.randn(M, 256)
+    x[row, 9] = bad
     with torch.no_grad(), use_mode("native"):
         on, off = both(lambda: packed(x))
     assert torch.equal(on.isnan(), off.isnan()) and torch.equal(on.nan_to_num(), off.nan_to_num())

@@ -2694,13 +2694,16 @@ static int fp8_amx(const lb_layer* L, const uint16_t* xc, const float* sx, i64 M
 }
 
 // --- fp32 inputs on int8 or FP8 panels on AMX-BF16 tiles (weight-only layers on many rows: W8, W4/W3/W2 groups,
-// binary, ternary without activation quantization, FP4, FP8). An fp32 value is the exact sum of three bf16 parts
-// (hi = bf16(x), mid = bf16(x - hi), lo = x - hi - mid: 8 + 8 + 8 significant bits), the panels' codes are exact in
-// bf16 (int8 codes, q - z, FP4's doubled values, FP8 bytes), so the tiles' three products a k-step are exact and
-// summed in fp32: the fp32 kernel's result up to summation order, the scales applied per column (and group) after
-// the sums. Inputs with a non-finite value or one of magnitude 2^100 or more take the fp32 kernel (the split needs
-// finite parts; sums of unscaled codes must not overflow), as do groups that are not a multiple of 32 k. Parts
-// below bf16's normal range (|x| < 2^-110 or so) count as zero on the tiles.
+// binary, ternary without activation quantization, FP4, FP8). Each row is scaled by a power of two 2^-e (e: the
+// exponent of its largest |x|: exact) into [-2, 2), where a value is the exact sum of three bf16 parts (hi =
+// bf16(v), mid = bf16(v - hi), lo = v - hi - mid: 8 + 8 + 8 significant bits) down to 2^-100 or so of the row's
+// largest; the panels' codes are exact in bf16 (int8 codes, q - z, FP4's doubled values, FP8 bytes), so the tiles'
+// three products a k-step are exact and summed in fp32 (no overflow: |v| < 2, codes <= 57344), and y = 2^e *
+// (scale * sum), the scale per column or group applied once after the sums (the fp32 kernel rounds each code *
+// scale first: the two agree to fp32 rounding, this one a little closer to the exact product). Values below 2^-100
+// or so of their row's largest (bf16 and the tiles flush subnormal parts) count as zero: an error below 2^-100 of
+// the row's largest output term. A call holding a non-finite input takes the fp32 kernel (its NaN / inf results),
+// as do groups that are not a multiple of 32 k.
 
 // Panels [p0, p1) of int8 codes wp as bf16 panels for tdpbf16ps (the layout of fp8_bf16_panels), exact.
 static void int8_bf16_panels(const int8_t* wp, i64 p0, i64 p1, i64 Kp, uint16_t* out) {
@@ -2751,15 +2754,16 @@ static inline void amx_block3(const int8_t* a, i64 Kq, i64 ps, const int8_t* wp,
     amx_fence();
 }
 
-// Rows of x (M x K, every value finite) as three bf16 parts in tile form (part stride Mt * Kp values, row stride
-// Kp; the caller zeroes past K and M).
-static void bf16_parts(const float* x, i64 M, i64 K, i64 Kp, i64 Mt, uint16_t* a) {
+// Rows of x (M x K, every value finite) times 2^-e[m] as three bf16 parts in tile form (part stride Mt * Kp values,
+// row stride Kp; zero past K as the caller allocated them).
+static void bf16_parts(const float* x, i64 M, i64 K, i64 Kp, i64 Mt, const int* e, uint16_t* a) {
     const i64 ps = Mt * Kp;
     for (i64 m = 0; m < M; ++m) {
         const float* xr = x + m * K;
+        const __m512 shift = _mm512_set1_ps((float)-e[m]);
         for (i64 k = 0; k < K; k += 16) {
             const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-            const __m512 v = _mm512_maskz_loadu_ps(live, xr + k);
+            const __m512 v = _mm512_scalef_ps(_mm512_maskz_loadu_ps(live, xr + k), shift);  // exact: a power of two
             const __m256bh h = _mm512_cvtneps_pbh(v);
             const __m512 r1 = _mm512_sub_ps(v, _mm512_cvtpbh_ps(h));
             const __m256bh md = _mm512_cvtneps_pbh(r1);
@@ -2772,29 +2776,46 @@ static void bf16_parts(const float* x, i64 M, i64 K, i64 Kp, i64 Mt, uint16_t* a
     }
 }
 
-// Rows per pass of f32_amx: their three parts (6 bytes a value) stay a few MiB.
+// Rows per pass of f32_amx: their three parts take 6 bytes a value (12 MiB at K = 4096), besides the layer's
+// weights decoded as bf16 (2 bytes a weight) for the call.
 static constexpr i64 F32_AMX_CHUNK = 512;
 
 // y (M, N) = x . the panels (codes times per-column or per-group scales sp; fpe: 0 int8 codes, 4 / 5 FP8 bytes) on
 // the tiles, rows in chunks of F32_AMX_CHUNK. 0, or 1 (nothing written) where it does not apply: tiles off, groups
-// not a multiple of 32 k, an input the parts cannot hold (checked before anything is written), out of memory.
+// not a multiple of 32 k, a non-finite input (checked before anything is written), out of memory.
 static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* sp, i64 N, i64 Kp, i64 group,
                    float* y, int threads, int fpe) {
     if (Kp % 32 || (group && group % 32) || (fpe && group) || !amx_on()) return 1;
     const i64 CH = std::min<i64>(M, F32_AMX_CHUNK), Mt = (CH + 31) / 32 * 32, P = (N + 15) / 16, Kb = 2 * Kp;
     const i64 G = group ? Kp / group : 1;
-    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
-    __m512i big = _mm512_setzero_si512();
-    for (i64 i = 0; i < M * K; i += 16) {  // every input finite and below 2^100, before anything is written
-        const __mmask16 live = M * K - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (M * K - i)) - 1);
-        big = _mm512_max_epu32(big, _mm512_and_si512(_mm512_maskz_loadu_epi32(live, x + i), absmask));
+    int* e = (int*)malloc(sizeof(int) * M + 64);  // each row's exponent, and its factor 2^e
+    float* rs = (float*)malloc(sizeof(float) * M + 64);
+    if (!e || !rs) {
+        free(e);
+        free(rs);
+        return 1;
     }
-    if (_mm512_reduce_max_epu32(big) >= 0x71800000u) return 1;
-    uint16_t* a = (uint16_t*)calloc(3 * Mt * Kp + 32, sizeof(uint16_t));
-    uint16_t* wb = (uint16_t*)scratch_uninit(sizeof(uint16_t) * P * 16 * Kp);
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+    bool finite = true;
+    for (i64 m = 0; m < M; ++m) {  // the rows' largest |x| as bit patterns (non-negative floats order as them)
+        __m512i big = _mm512_setzero_si512();
+        for (i64 k = 0; k < K; k += 16) {
+            const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            big = _mm512_max_epu32(big, _mm512_and_si512(_mm512_maskz_loadu_epi32(live, x + m * K + k), absmask));
+        }
+        const uint32_t bits = _mm512_reduce_max_epu32(big);
+        finite = finite && bits < 0x7f800000u;
+        float amax;
+        memcpy(&amax, &bits, 4);
+        e[m] = bits && bits < 0x7f800000u ? ilogbf(amax) : 0;  // |x| * 2^-e < 2 (subnormal maxima too)
+        rs[m] = ldexpf(1.0f, e[m]);
+    }
+    uint16_t* a = finite ? (uint16_t*)calloc(3 * Mt * Kp + 32, sizeof(uint16_t)) : nullptr;
+    uint16_t* wb = a ? (uint16_t*)scratch_uninit(sizeof(uint16_t) * P * 16 * Kp) : nullptr;
     if (!a || !wb) {
         free(a);
-        free(wb);
+        free(e);
+        free(rs);
         return 1;
     }
     lb_parallel(nthreads(threads), threads != 1 && P * 16 * Kp >= (1 << 16), [&] {
@@ -2804,33 +2825,34 @@ static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* 
         else if (fpe == 5) fp8_bf16_panels<5>(wp, lo, hi, Kp, wb);
         else int8_bf16_panels(wp, lo, hi, Kp, wb);
     });
-    static const float ones[32] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-                                   1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
     const i64 ps = 2 * Mt * Kp;  // part stride in bytes
-    float* yc = y;               // the current chunk's output rows
-    // rows m .. m+mr-1 of the chunk against panels p .. p+NP-1: per-column scales after the sums, or per group
-    // f += s_g * sums in group order
+    i64 m0 = 0;                  // the current chunk's first row
+    // rows m .. m+mr-1 of the chunk against panels p .. p+NP-1: y = 2^e * (s * sums), s per column, or per group
+    // f += s_g * sums in group order, then y = 2^e * f
     auto tile = [&](auto mt, auto np, const int8_t* am, i64 Kq, i64 m, i64 mr, i64 p) {
         constexpr int MT = decltype(mt)::value, NP = decltype(np)::value;
         const int8_t* wq = (const int8_t*)(wb + p * 16 * Kp);
         const i64 ncols = std::min<i64>(16 * NP, N - 16 * p);
-        float* ym = yc + m * N + 16 * p;
-        alignas(64) float c[32 * 32];
+        float* ym = y + (m0 + m) * N + 16 * p;
+        const float* rm = rs + m0 + m;
+        alignas(64) float c[32 * 32], f[32 * 32];
         if (!group) {
             amx_block3<MT, NP>(am, Kq, ps, wq, Kb, 0, Kb, c);
-            amx_store(c, mr, ncols, ones, sp + 16 * p, ym, N, 1, nullptr);
-            return;
-        }
-        alignas(64) float f[32 * 32];
-        for (i64 r = 0; r < mr; ++r)
-            for (int h = 0; h < NP; ++h) _mm512_store_ps(f + 32 * r + 16 * h, _mm512_setzero_ps());
-        for (i64 g = 0; g < G; ++g) {
-            amx_block3<MT, NP>(am, Kq, ps, wq, Kb, 2 * g * group, 2 * (g + 1) * group, c);
             for (int h = 0; h < NP; ++h) {
-                const __m512 sg = _mm512_loadu_ps(sp + ((p + h) * G + g) * 16);
-                for (i64 r = 0; r < mr; ++r) {
-                    float* fr = f + 32 * r + 16 * h;
-                    _mm512_store_ps(fr, _mm512_fmadd_ps(_mm512_load_ps(c + 32 * r + 16 * h), sg, _mm512_load_ps(fr)));
+                const __m512 sc = _mm512_loadu_ps(sp + 16 * (p + h));
+                for (i64 r = 0; r < mr; ++r) _mm512_store_ps(f + 32 * r + 16 * h, _mm512_mul_ps(sc, _mm512_load_ps(c + 32 * r + 16 * h)));
+            }
+        } else {
+            for (i64 r = 0; r < mr; ++r)
+                for (int h = 0; h < NP; ++h) _mm512_store_ps(f + 32 * r + 16 * h, _mm512_setzero_ps());
+            for (i64 g = 0; g < G; ++g) {
+                amx_block3<MT, NP>(am, Kq, ps, wq, Kb, 2 * g * group, 2 * (g + 1) * group, c);
+                for (int h = 0; h < NP; ++h) {
+                    const __m512 sg = _mm512_loadu_ps(sp + ((p + h) * G + g) * 16);
+                    for (i64 r = 0; r < mr; ++r) {
+                        float* fr = f + 32 * r + 16 * h;
+                        _mm512_store_ps(fr, _mm512_fmadd_ps(_mm512_load_ps(c + 32 * r + 16 * h), sg, _mm512_load_ps(fr)));
+                    }
                 }
             }
         }
@@ -2838,18 +2860,20 @@ static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* 
             const i64 nc = std::min<i64>(16, ncols - 16 * h);
             const __mmask16 cols = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1);
             for (i64 r = 0; r < mr; ++r)
-                _mm512_mask_storeu_ps(ym + r * N + 16 * h, cols, _mm512_load_ps(f + 32 * r + 16 * h));
+                _mm512_mask_storeu_ps(ym + r * N + 16 * h, cols,
+                                      _mm512_mul_ps(_mm512_set1_ps(rm[r]), _mm512_load_ps(f + 32 * r + 16 * h)));
         }
     };
-    for (i64 m0 = 0; m0 < M; m0 += CH) {
+    for (m0 = 0; m0 < M; m0 += CH) {
+        // (a last, shorter chunk leaves the rows past it as they were: finite, read by the tiles, never stored)
         const i64 rows = std::min(CH, M - m0);
-        if (m0) memset(a, 0, sizeof(uint16_t) * 3 * Mt * Kp);  // (a last, shorter chunk: zero rows past it)
-        bf16_parts(x + m0 * K, rows, K, Kp, Mt, a);
-        yc = y + m0 * N;
+        bf16_parts(x + m0 * K, rows, K, Kp, Mt, e + m0, a);
         amx_run((const int8_t*)a, Kb, rows, N, Kb, threads, tile);
     }
     free(wb);
     free(a);
+    free(e);
+    free(rs);
     return 0;
 }
 #endif

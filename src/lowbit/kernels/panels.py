@@ -163,7 +163,8 @@ def matmul_f32_panel(x: torch.Tensor, p: PreparedPanels, threads: int = 1) -> to
     """y = x · (codes · scales)^T for fp32 ``x`` (M, K) and any panels (`prepare_panels`: per-column scales;
     `prepare_group_panels`: per group; `prepare_fp8_panels`: FP8 bytes): the kernel of weight-only layers with fp32
     inputs on many rows, which `lb_linear` runs from `routes.f32_panel_rows` rows on (FP8 layers on every row
-    count). Equal to the dense product within fp32 rounding."""
+    count; from 16 rows on AMX-BF16 tiles where the CPU has them, each row as three bf16 parts). Equal to the dense
+    product within fp32 rounding (on the tiles, terms below 2^-100 of a row's largest count as zero)."""
     x = _as(x, torch.float32).contiguous()
     M, K = x.shape
     assert K == p.K, f"x has {K} columns, the panels {p.K}"
