@@ -167,8 +167,10 @@ def test_fp8_panels_decode_every_finite_code_exactly(fmt, rows):
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("M", [1, 2, 5, 8, 11, 12, 33])
-def test_fp8_panels_compute_the_dense_product(M, fmt, N=100, K=201):
-    """Any row count (registers below 12 rows, a decoded block from 12), K not a multiple of 4, N of 16."""
+@pytest.mark.parametrize("xscale", [1.0, 1e-15, 1e15, 1e30])
+def test_fp8_panels_compute_the_dense_product(M, fmt, xscale, N=100, K=201):
+    """Any row count (registers below 12 rows, a decoded block from 12), K not a multiple of 4, N of 16; inputs
+    whose rows lie inside [2^-40, 2^40] (the register rows then scale the sums, not each weight) and outside."""
     from lowbit.formats import lowfloat
 
     g = gen(M)
@@ -179,7 +181,7 @@ def test_fp8_panels_compute_the_dense_product(M, fmt, N=100, K=201):
         codes[(codes & 0x7C) == 0x7C] = 0  # nor E5M2's inf / NaN ones
     s = torch.rand(N, generator=g)
     w = lowfloat.decode_table(fmt)[codes.long()] * s[:, None]
-    x = torch.randn(M, K, generator=g)
+    x = torch.randn(M, K, generator=g) * xscale
     for threads in (1, 2):
         y = panels.matmul_f32_panel(x, panels.prepare_fp8_panels(codes, s, lowfloat.layout(fmt).exp_bits), threads)
         _close(y, x.double() @ w.double().T, x, w)
@@ -192,7 +194,7 @@ def test_fp8_panels_compute_the_dense_product(M, fmt, N=100, K=201):
 def test_fp8_register_rows_split_between_threads(M, N):
     """Enough work (M·N·K ≥ 2^20) for the few-row FP8 path to split its panels between threads."""
     assert M * N * 1200 >= 1 << 20
-    test_fp8_panels_compute_the_dense_product(M, "e4m3", N=N, K=1200)
+    test_fp8_panels_compute_the_dense_product(M, "e4m3", 1.0, N=N, K=1200)
 
 
 def test_fp8_terms_are_the_block_paths_and_huge_scales_take_the_block_path():

@@ -460,7 +460,7 @@ OTHER_BUILD_CHECKS = (
     "    for rows in (70, 1, 3):\n"
     "        tf.test_fp8_panels_decode_every_finite_code_exactly(fmt, rows)\n"
     "    for M in (1, 5, 12):\n"
-    "        tf.test_fp8_panels_compute_the_dense_product(M, fmt)\n"
+    "        tf.test_fp8_panels_compute_the_dense_product(M, fmt, 1.0)\n"
     "from tests.kernels import test_fakequant as tq\n"  # the FP8 fake quantizer's vector body and masked tail
     "for k in (9, 203):\n"
     "    tq.test_fast_path_is_bit_identical('fp8_e4m3', k)\n"

@@ -1538,8 +1538,10 @@ static inline void fp8_rows_tile(const float* x, i64 K, const int8_t* w, const f
 #ifdef LB_VNNI
 // The same on AVX-512: 32 bytes of a panel (8 columns x 4 k) widen to two vectors of 16 floats (vcvtph2ps zmm; lane
 // i: column i / 2 at k + 2 (i % 2), +1 for the odd bytes), half the instructions per weight of the 8-lane form; the
-// lane pairs of both halves are summed at the end into the 16 columns in order.
-template <int MR, int FPE>
+// lane pairs of both halves are summed at the end into the 16 columns in order. AFTER: the column scales multiply
+// the sums, not each decoded weight (one multiplication a column instead of one a weight; the caller makes sure no
+// sum of x times an unscaled value can overflow or lose its bits to underflow).
+template <int MR, int FPE, bool AFTER = false>
 static inline void fp8_rows_tile16(const float* x, i64 K, const int8_t* w, const float* s256, float* y, i64 N,
                                    i64 ncols) {
     constexpr int AS = MR == 1 ? 2 : 1;  // one row: the even and odd products in two chains (FMA latency)
@@ -1565,7 +1567,8 @@ static inline void fp8_rows_tile16(const float* x, i64 K, const int8_t* w, const
                 e = _mm256_and_si256(_mm256_srai_epi16(e, 1), keep);
                 o = _mm256_and_si256(_mm256_srai_epi16(o, 1), keep);
             }
-            const __m512 fe = _mm512_mul_ps(_mm512_cvtph_ps(e), sl[h]), fo = _mm512_mul_ps(_mm512_cvtph_ps(o), sl[h]);
+            __m512 fe = _mm512_cvtph_ps(e), fo = _mm512_cvtph_ps(o);
+            if constexpr (!AFTER) fe = _mm512_mul_ps(fe, sl[h]), fo = _mm512_mul_ps(fo, sl[h]);
             for (int m = 0; m < MR; ++m) {
                 acc[m][h][0] = _mm512_fmadd_ps(fe, xe[m], acc[m][h][0]);
                 acc[m][h][AS - 1] = _mm512_fmadd_ps(fo, xo[m], acc[m][h][AS - 1]);
@@ -1590,7 +1593,7 @@ static inline void fp8_rows_tile16(const float* x, i64 K, const int8_t* w, const
         __m512 a0 = acc[m][0][0], a1 = acc[m][1][0];
         if constexpr (AS == 2) a0 = _mm512_add_ps(a0, acc[m][0][1]), a1 = _mm512_add_ps(a1, acc[m][1][1]);
         const __m512 r = _mm512_add_ps(_mm512_permutex2var_ps(a0, even, a1), _mm512_permutex2var_ps(a0, odd, a1));
-        _mm512_mask_storeu_ps(y + m * N, cols, r);
+        _mm512_mask_storeu_ps(y + m * N, cols, AFTER ? _mm512_mul_ps(r, _mm512_loadu_ps(s256)) : r);
     }
 }
 #endif
@@ -1611,8 +1614,27 @@ static constexpr int FP8_MR = 2;  // 8 accumulators and 4 x vectors of 16
 template <int FPE>
 static int fp8_rows_run(const float* x, i64 M, i64 K, const int8_t* wp, const float* sp, i64 N, float* y,
                         i64 Kp, int threads) {
-    for (i64 n = 0; n < N; ++n)
+    float smax = 0.0f, smin = INFINITY;
+    for (i64 n = 0; n < N; ++n) {
         if (!(fabsf(sp[n]) < 0x1p100f)) return 1;
+        smax = std::max(smax, fabsf(sp[n])), smin = std::min(smin, fabsf(sp[n]));
+    }
+#ifdef LB_VNNI
+    // Scales after the sums where that cannot change a result beyond fp32 rounding: every row's largest |x| within
+    // [2^-40, 2^40] (or the row all zeros), the scales within [2^-40, 2^40], and so every unscaled product (a decoded
+    // value lies in [2^-17, 2^16] or is 0) and sum (K < 2^24 terms) well inside fp32's normal range.
+    bool after = smin >= 0x1p-40f && smax <= 0x1p40f && K < (1 << 24);
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+    for (i64 m = 0; after && m < M; ++m) {  // the row's largest |x| as a bit pattern (NaN / inf: above 2^40's)
+        __m512i big = _mm512_setzero_si512();
+        for (i64 k = 0; k < K; k += 16) {
+            const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            big = _mm512_max_epu32(big, _mm512_and_si512(_mm512_maskz_loadu_epi32(live, x + m * K + k), absmask));
+        }
+        const uint32_t bits = _mm512_reduce_max_epu32(big);
+        after = bits == 0 || (bits >= 0x2b800000u && bits <= 0x53800000u);  // 2^-40 .. 2^40
+    }
+#endif
     const i64 P = (N + 15) / 16;
     lb_parallel(nthreads(threads), threads != 1 && M * N * K >= (1 << 20), [&] {
         i64 p0, p1;
@@ -1626,7 +1648,9 @@ static int fp8_rows_run(const float* x, i64 M, i64 K, const int8_t* wp, const fl
 #ifdef LB_VNNI
             for (; m < M; m += FP8_MR)
                 with_rows<FP8_MR>(std::min<i64>(FP8_MR, M - m), [&](auto mt) {
-                    fp8_rows_tile16<decltype(mt)::value, FPE>(x + m * K, K, w, s256, y + m * N + n0, N, nc);
+                    constexpr int R = decltype(mt)::value;
+                    if (after) fp8_rows_tile16<R, FPE, true>(x + m * K, K, w, s256, y + m * N + n0, N, nc);
+                    else fp8_rows_tile16<R, FPE>(x + m * K, K, w, s256, y + m * N + n0, N, nc);
                 });
 #else
             for (; m + FP8_MR <= M; m += FP8_MR) fp8_rows_tile<FP8_MR, FPE>(x + m * K, K, w, s256, y + m * N + n0, N, nc);
