@@ -2820,20 +2820,28 @@ static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* 
         return 1;
     }
     const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
-    bool finite = true;
-    for (i64 m = 0; m < M; ++m) {  // the rows' largest |x| as bit patterns (non-negative floats order as them)
-        __m512i big = _mm512_setzero_si512();
-        for (i64 k = 0; k < K; k += 16) {
-            const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-            big = _mm512_max_epu32(big, _mm512_and_si512(_mm512_maskz_loadu_epi32(live, x + m * K + k), absmask));
+    const int nth = nthreads(threads);
+    int finite = 1;
+    lb_parallel(nth, nth > 1 && M >= 2 * nth && M * K >= (1 << 16), [&] {  // the threads take disjoint rows
+        i64 lo, hi;
+        my_rows(M, 1, &lo, &hi);
+        for (i64 m = lo; m < hi; ++m) {  // the row's largest |x| as a bit pattern (non-negative floats order as them)
+            __m512i big = _mm512_setzero_si512();
+            for (i64 k = 0; k < K; k += 16) {
+                const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+                big = _mm512_max_epu32(big, _mm512_and_si512(_mm512_maskz_loadu_epi32(live, x + m * K + k), absmask));
+            }
+            const uint32_t bits = _mm512_reduce_max_epu32(big);
+            if (bits >= 0x7f800000u) {
+#pragma omp atomic write
+                finite = 0;
+            }
+            float amax;
+            memcpy(&amax, &bits, 4);
+            e[m] = bits && bits < 0x7f800000u ? ilogbf(amax) : 0;  // |x| * 2^-e < 2 (subnormal maxima too)
+            rs[m] = ldexpf(1.0f, e[m]);
         }
-        const uint32_t bits = _mm512_reduce_max_epu32(big);
-        finite = finite && bits < 0x7f800000u;
-        float amax;
-        memcpy(&amax, &bits, 4);
-        e[m] = bits && bits < 0x7f800000u ? ilogbf(amax) : 0;  // |x| * 2^-e < 2 (subnormal maxima too)
-        rs[m] = ldexpf(1.0f, e[m]);
-    }
+    });
     uint16_t* a = finite ? (uint16_t*)calloc(3 * Mt * Kp + 32, sizeof(uint16_t)) : nullptr;
     uint16_t* wb = a ? (uint16_t*)scratch_uninit(sizeof(uint16_t) * P * 16 * Kp) : nullptr;
     if (!a || !wb) {
@@ -2891,7 +2899,11 @@ static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* 
     for (m0 = 0; m0 < M; m0 += CH) {
         // (a last, shorter chunk leaves the rows past it as they were: finite, read by the tiles, never stored)
         const i64 rows = std::min(CH, M - m0);
-        bf16_parts(x + m0 * K, rows, K, Kp, Mt, e + m0, a);
+        lb_parallel(nth, nth > 1 && rows >= 2 * nth && rows * K >= (1 << 16), [&] {  // disjoint rows
+            i64 lo, hi;
+            my_rows(rows, 1, &lo, &hi);
+            if (lo < hi) bf16_parts(x + (m0 + lo) * K, hi - lo, K, Kp, Mt, e + m0 + lo, a + lo * Kp);
+        });
         amx_run((const int8_t*)a, Kb, rows, N, Kb, threads, tile);
     }
     free(wb);
