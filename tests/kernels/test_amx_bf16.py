@@ -40,6 +40,16 @@ def threads_state():
     torch.set_num_threads(before)
 
 
+def _on_off(call) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """call() with the tiles on and off, on 1 and then 2 threads (the tiles left on)."""
+    pairs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        pairs.append(both(call))
+        native.amx(True)
+    return pairs
+
+
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
     """Equal up to fp32 summation order (the tolerance of every float kernel's parity test), NaN where NaN."""
     assert torch.equal(got.isnan(), want.isnan())
@@ -70,12 +80,10 @@ def test_fp8_layers_on_many_rows_match_the_simulated_layer_and_the_fp32_kernel(
     x[1, 0] = float("nan")  # a NaN input is the largest code, as the simulated quantizer's lookup gives it
     x[2] = 0.0
     with torch.no_grad(), use_mode("native"):
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            on, off = both(lambda: packed(x))
-            native.amx(True)
+        want = simulated(x)
+        for on, off in _on_off(lambda: packed(x)):
             _close(on, off)
-            _close(on, simulated(x))
+            _close(on, want)
     assert layer_report(packed[0])[0]["path"] == "fp8a8"
 
 
@@ -148,12 +156,10 @@ def test_weight_only_layers_on_many_rows_run_fp32_inputs_as_three_bf16_parts(
     packed = lowbit.pack(simulated)
     x = torch.randn(M, K) * torch.exp(torch.randn(M, 1) * 3)
     with torch.no_grad(), use_mode("native"):
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            on, off = both(lambda: packed(x))
-            native.amx(True)
+        want = simulated(x)
+        for on, off in _on_off(lambda: packed(x)):
             _close_rows(on, off)
-            _close_rows(on, simulated(x))
+            _close_rows(on, want)
             if native.build_info()["amx_bf16"]:
                 assert not torch.equal(on, off)  # the tiles ran (their sums in another order)
 

@@ -1439,6 +1439,26 @@ static int f32_panel_run(const float* x, i64 M, i64 K, const int8_t* wp, const f
 }
 
 #if defined(__AVX2__) && defined(__F16C__)
+#ifdef LB_VNNI
+// The largest |x| of a row of K floats as a bit pattern: non-negative floats order as their bits read as unsigned
+// integers, and NaN patterns lie above +inf's (0x7f800000), so one integer max a vector and no float dependency
+// chain (the tail as masked loads: zero lanes leave the maximum as it is).
+static inline uint32_t row_abs_bits(const float* xr, i64 K) {
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+    __m512i m0 = _mm512_setzero_si512(), m1 = _mm512_setzero_si512();
+    i64 k = 0;
+    for (; k + 32 <= K; k += 32) {
+        m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_loadu_si512(xr + k), absmask));
+        m1 = _mm512_max_epu32(m1, _mm512_and_si512(_mm512_loadu_si512(xr + k + 16), absmask));
+    }
+    for (; k < K; k += 16) {
+        const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_maskz_loadu_epi32(live, xr + k), absmask));
+    }
+    return _mm512_reduce_max_epu32(_mm512_max_epu32(m0, m1));
+}
+#endif
+
 // FP8 panels on a few rows, decoded in registers (no B buffer). An FP8 byte in the high byte of a 16-bit lane is a
 // half-precision pattern (E5M2 as is; E4M3 after an arithmetic shift right by one and clearing the copied sign bit:
 // its value over 2^8), which vcvtph2ps widens exactly, subnormals included (it ignores MXCSR.DAZ). 16 bytes of a
@@ -1459,6 +1479,24 @@ static inline void fp8_widen(const int8_t* w, __m256& even, __m256& odd) {
     }
     even = _mm256_cvtph_ps(e);
     odd = _mm256_cvtph_ps(o);
+}
+
+// The k-quads of rows x (K each, row stride K) through quad(xp, ldx, wk) against panel w (64 bytes a quad): the whole
+// quads in place, a last partial one from a zero-padded copy of MR rows (as the panels are: their padding decodes
+// to +0).
+template <int MR, class Q>
+static inline void fp8_quads(const float* x, i64 K, const int8_t* w, Q&& quad) {
+    const i64 K4 = K / 4 * 4;
+    for (i64 k = 0; k < K4; k += 4) {
+        LB_PF(w + 16 * k);  // one 64-byte line per quad of k
+        quad(x + k, K, w + 16 * k);
+    }
+    if (K4 < K) {
+        float t[MR][4] = {};
+        for (int m = 0; m < MR; ++m)
+            for (i64 i = K4; i < K; ++i) t[m][i - K4] = x[m * K + i];
+        quad(&t[0][0], 4, w + 16 * K4);
+    }
 }
 
 // y rows 0 .. MR-1 (stride N), the first ncols columns of panel w (16 columns x Kp bytes, 4 k per column) = x .
@@ -1502,17 +1540,7 @@ static inline void fp8_rows_tile(const float* x, i64 K, const int8_t* w, const f
             }
         }
     };
-    const i64 K4 = K / 4 * 4;
-    for (i64 k = 0; k < K4; k += 4) {
-        LB_PF(w + 16 * k);  // one 64-byte line per quad of k
-        quad(x + k, K, w + 16 * k);
-    }
-    if (K4 < K) {  // the last, partial quad of x, zero padded (as the panels are: their padding decodes to +0)
-        float t[MR][4] = {};
-        for (int m = 0; m < MR; ++m)
-            for (i64 i = K4; i < K; ++i) t[m][i - K4] = x[m * K + i];
-        quad(&t[0][0], 4, w + 16 * K4);
-    }
+    fp8_quads<MR>(x, K, w, quad);
     if constexpr (AS == 2)
 #pragma GCC unroll 4
         for (int q = 0; q < 4; ++q) acc[0][q][0] = _mm256_add_ps(acc[0][q][0], acc[0][q][1]);
@@ -1575,17 +1603,7 @@ static inline void fp8_rows_tile16(const float* x, i64 K, const int8_t* w, const
             }
         }
     };
-    const i64 K4 = K / 4 * 4;
-    for (i64 k = 0; k < K4; k += 4) {
-        LB_PF(w + 16 * k);  // one 64-byte line per quad of k
-        quad(x + k, K, w + 16 * k);
-    }
-    if (K4 < K) {  // the last, partial quad of x, zero padded (as the panels are: their padding decodes to +0)
-        float t[MR][4] = {};
-        for (int m = 0; m < MR; ++m)
-            for (i64 i = K4; i < K; ++i) t[m][i - K4] = x[m * K + i];
-        quad(&t[0][0], 4, w + 16 * K4);
-    }
+    fp8_quads<MR>(x, K, w, quad);
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     const __mmask16 cols = ncols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
@@ -1624,14 +1642,8 @@ static int fp8_rows_run(const float* x, i64 M, i64 K, const int8_t* wp, const fl
     // [2^-40, 2^40] (or the row all zeros), the scales within [2^-40, 2^40], and so every unscaled product (a decoded
     // value lies in [2^-17, 2^16] or is 0) and sum (K < 2^24 terms) well inside fp32's normal range.
     bool after = smin >= 0x1p-40f && smax <= 0x1p40f && K < (1 << 24);
-    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
-    for (i64 m = 0; after && m < M; ++m) {  // the row's largest |x| as a bit pattern (NaN / inf: above 2^40's)
-        __m512i big = _mm512_setzero_si512();
-        for (i64 k = 0; k < K; k += 16) {
-            const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-            big = _mm512_max_epu32(big, _mm512_and_si512(_mm512_maskz_loadu_epi32(live, x + m * K + k), absmask));
-        }
-        const uint32_t bits = _mm512_reduce_max_epu32(big);
+    for (i64 m = 0; after && m < M; ++m) {  // (NaN / inf: above 2^40's pattern)
+        const uint32_t bits = row_abs_bits(x + m * K, K);
         after = bits == 0 || (bits >= 0x2b800000u && bits <= 0x53800000u);  // 2^-40 .. 2^40
     }
 #endif
@@ -2020,22 +2032,12 @@ static inline float row_scale_i8(const float* xr, i64 K, float qmax, float min_s
     float amax = 0.0f;
     bool nan = false;
     i64 k = 0;
-    // Vectors: the largest |x| bit pattern as an unsigned integer (non-negative floats order as their bits; NaN
-    // patterns lie above +inf's), so one integer max a vector and no float dependency chain: a pattern above +inf
-    // says the row holds a NaN (its scale is then min_scale, whatever the maximum), else it is the scalar loop's max.
+    // Vectors: the largest |x| bit pattern as an unsigned integer (row_abs_bits; the AVX2 loop below the same): a
+    // pattern above +inf says the row holds a NaN (its scale is then min_scale, whatever the maximum), else it is
+    // the scalar loop's max.
 #if defined(LB_VNNI)
     {
-        const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
-        __m512i m0 = _mm512_setzero_si512(), m1 = _mm512_setzero_si512();
-        for (; k + 32 <= K; k += 32) {
-            m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_loadu_si512(xr + k), absmask));
-            m1 = _mm512_max_epu32(m1, _mm512_and_si512(_mm512_loadu_si512(xr + k + 16), absmask));
-        }
-        for (; k < K; k += 16) {  // the tail as masked loads: zero lanes leave the maximum as it is
-            const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-            m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_maskz_loadu_epi32(live, xr + k), absmask));
-        }
-        const uint32_t bits = _mm512_reduce_max_epu32(_mm512_max_epu32(m0, m1));
+        const uint32_t bits = row_abs_bits(xr, K);
         nan = bits > 0x7f800000u;
         if (!nan) memcpy(&amax, &bits, 4);
         k = K;
@@ -2819,19 +2821,13 @@ static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* 
         free(rs);
         return 1;
     }
-    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
     const int nth = nthreads(threads);
     int finite = 1;
     lb_parallel(nth, nth > 1 && M >= 2 * nth && M * K >= (1 << 16), [&] {  // the threads take disjoint rows
         i64 lo, hi;
         my_rows(M, 1, &lo, &hi);
-        for (i64 m = lo; m < hi; ++m) {  // the row's largest |x| as a bit pattern (non-negative floats order as them)
-            __m512i big = _mm512_setzero_si512();
-            for (i64 k = 0; k < K; k += 16) {
-                const __mmask16 live = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-                big = _mm512_max_epu32(big, _mm512_and_si512(_mm512_maskz_loadu_epi32(live, x + m * K + k), absmask));
-            }
-            const uint32_t bits = _mm512_reduce_max_epu32(big);
+        for (i64 m = lo; m < hi; ++m) {
+            const uint32_t bits = row_abs_bits(x + m * K, K);
             if (bits >= 0x7f800000u) {
 #pragma omp atomic write
                 finite = 0;
