@@ -186,10 +186,11 @@ def test_per_patch_conv_applies_its_input_scale_and_shift_before_cutting_patches
 
 
 @needs_native
-def test_one_call_conv_works_in_chunks_of_whole_images() -> None:
+@pytest.mark.parametrize("acts", ["int8_token", None])  # None: weight-only, fp32 patches
+def test_one_call_conv_works_in_chunks_of_whole_images(acts: str | None) -> None:
     """lb_conv cuts the patches of ~8 MiB of images at a time (here 12 images of 0.9 MiB of patches each: chunks of
     9 and 3), so its scratch memory is bounded; the output is the same as one pass."""
-    q, p = packed_conv("int8", "int8_token")
+    q, p = packed_conv("int8", acts)
     x = torch.randn(12, 32, 40, 40)
     with torch.no_grad():
         with use_mode("native"):
@@ -197,10 +198,14 @@ def test_one_call_conv_works_in_chunks_of_whole_images() -> None:
         p(x)
         disp = p[0]._dispatch
         disp.decided = dict.fromkeys(disp.decided, True)
-        disp.state = disp.state or disp.route.prepare(p[0])
+        disp.state = disp.state or disp.prepare(p[0], True)
         cut = p[0]._im2col[(x.shape, x.stride())]
         chunked = disp.hot_conv(p[0], x, cut)
-    assert chunked is not None and torch.equal(chunked, whole)
+    assert chunked is not None
+    if acts is not None:  # integer sums: the same bits
+        assert torch.equal(chunked, whole)
+    else:  # fp32 sums: a chunk's last partial block of tile rows sums in another order
+        assert float((chunked - whole).abs().max()) <= 1e-6 * float(whole.abs().max())
 
 
 @needs_native
@@ -232,13 +237,68 @@ def test_one_call_conv_writes_the_map_from_the_panels(weights: str, threads: int
     torch.testing.assert_close(direct, rows_then_map, rtol=0, atol=0, equal_nan=True)
 
 
-def test_grouped_or_weight_only_convs_have_no_kernel_route() -> None:
-    assert route_for(packed_conv("int8", "int8_token", groups=4)[1][0]) is None
-    assert route_for(packed_conv("int8", None)[1][0]) is None
-    q, p = packed_conv("int8", "int8_token", groups=4)
-    x = torch.randn(2, 32, 9, 10)
+def test_grouped_convs_have_no_kernel_route() -> None:
+    for acts in ("int8_token", None):
+        assert route_for(packed_conv("int8", acts, groups=4)[1][0]) is None
+        q, p = packed_conv("int8", acts, groups=4)
+        x = torch.randn(2, 32, 9, 10)
+        with torch.no_grad():
+            assert torch.equal(p(x), q(x)) and torch.equal(p(x), q(x))
+
+
+WEIGHT_ONLY_CONV_CASES = [
+    ("int8", "w8a32"),
+    ("binary", "w1a32"),
+    ("int4_g32", "w4a32"),  # 32·9 patch columns: nine groups of 32
+    ("ternary_absmean", "w2a32"),  # codes + 1 as 2-bit with zero 1
+    ("fp4_e2m1", "fp4a32"),
+    ("fp8_e4m3", "fp8a32"),
+]
+
+
+@needs_native
+@pytest.mark.parametrize(("weights", "kernel"), WEIGHT_ONLY_CONV_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_weight_only_conv_runs_the_fp32_input_kernel_on_its_patches(
+    weights: str, kernel: str, channels_last: bool
+) -> None:
+    """A weight-only conv is a linear layer over its fp32 patches: the weights' fp32-input kernel, the simulated
+    layer's output up to summation order, on the patch path (native mode) and in the decided one C call (lb_conv:
+    patches cut whole, the kernel, the map: the same bits); the reference path is the simulated layer bit for bit.
+    In auto mode it is raced against the conv on the cached weight, and a call decided dense is that conv."""
+    q, p = packed_conv(weights, None)
+    x = torch.randn(3, 32, 9, 10)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    want = q(x).detach()
+    with torch.no_grad(), use_mode("native"):
+        got = p(x)
+    assert route_for(p[0]).kernel == kernel and layer_report(p[0])[0]["path"] == kernel
+    assert got.shape == want.shape and got.is_contiguous()
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
     with torch.no_grad():
-        assert torch.equal(p(x), q(x))
+        p(x)  # auto: raced for these patches, then decided
+        disp = p[0]._dispatch
+        cut = p[0]._im2col[(x.shape, x.stride())]
+        disp.decided = dict.fromkeys(disp.decided, True)
+        disp.state = disp.state or disp.prepare(p[0], True)
+        assert disp.hot_conv(p[0], x, cut) is not None
+        assert torch.equal(p(x), got)
+        disp.decided = dict.fromkeys(disp.decided, False)
+        assert torch.equal(p(x), want) and torch.equal(p(x), want)  # (the second call: the cached 4-D weight)
+    with torch.no_grad(), use_mode("reference"):
+        assert torch.equal(p(x), want)
+
+
+@needs_native
+def test_weight_only_convs_keep_fp32_patches_when_linear_layers_take_int8_inputs() -> None:
+    """``kernel_activations="int8"`` gives weight-only linear layers the ``…a8`` kernel; a weight-only conv keeps its
+    fp32-input kernel, since its dense path (the conv on the map) would not round its input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 81, 8))
+    recipe = Recipe(stages=(Stage(method="rtn", weights=FORMATS["int8"]),))
+    p = lowbit.pack(lowbit.compress(model, recipe, progress=False), kernel_activations="int8")
+    assert route_for(p[0]).kernel == "w8a32" and route_for(p[2]).kernel == "w8a8"
 
 
 @needs_native

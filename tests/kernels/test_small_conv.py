@@ -20,9 +20,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def packed(conv: nn.Conv2d, weights: str, acts: str, x: torch.Tensor) -> nn.Module:
+def packed(conv: nn.Conv2d, weights: str, acts: str | None, x: torch.Tensor) -> nn.Module:
     torch.manual_seed(1)
-    recipe = Recipe(stages=(Stage(method="rtn", weights=FORMATS[weights], activations=ACT_FORMATS[acts]),))
+    act_format = ACT_FORMATS[acts] if acts else None
+    recipe = Recipe(stages=(Stage(method="rtn", weights=FORMATS[weights], activations=act_format),))
     return lowbit.pack(lowbit.compress(nn.Sequential(conv), recipe, data=[x], progress=False))[0]
 
 
@@ -95,6 +96,30 @@ def test_tiny_patch_fp8_conv_equals_the_patch_path_up_to_summation_order(geometr
         assert not bool(direct.isnan().any())
         for n in range(3):  # image by image: image 2's infinite input makes huge outputs where it lies
             assert float((direct[n] - rows[n]).abs().max()) <= 2e-5 * float(rows[n].abs().max())
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("weights", ["int8", "binary", "fp8_e4m3"])
+def test_tiny_patch_weight_only_conv_equals_the_patch_path_up_to_summation_order(geometry, weights: str) -> None:
+    """Weight-only layers (fp32 inputs) take the lane-per-position loop with their patches' values as they are:
+    the fp32 patch path's output up to summation order; a NaN input gives NaN where a patch reads it and an infinite
+    one infinite (or NaN) outputs, as on the patch path."""
+    c, o, k, stride, pad, dil, (h, w) = geometry
+    torch.manual_seed(0)
+    x = torch.randn(3, c, h, w) * torch.exp(torch.randn(3, 1, 1, 1) * 4)
+    layer = packed(nn.Conv2d(c, o, k, stride=stride, padding=pad, dilation=dil), weights, None, x)
+    x[1, 0, h // 2, w // 2] = float("nan")
+    x[2, c - 1, 1, 2] = float("inf")
+    for threads in (1, 2):
+        direct, rows = one_call_and_rows(layer, x, threads)
+        assert bool(direct[1].isnan().any()) and not bool(direct[0].isnan().any())
+        assert torch.equal(direct.isnan(), rows.isnan()) and torch.equal(direct.isinf(), rows.isinf())
+        for n in range(3):
+            finite, inf = direct[n].isfinite(), direct[n].isinf()
+            assert torch.equal(direct[n][inf], rows[n][inf])  # (same signs)
+            if finite.any():  # (image 2 of a 2x2 output may have none)
+                scale = float(rows[n][finite].abs().max())
+                assert float((direct[n][finite] - rows[n][finite]).abs().max()) <= 2e-5 * scale
 
 
 def test_tiny_patch_fp8_conv_decodes_subnormal_weights() -> None:

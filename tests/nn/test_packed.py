@@ -13,7 +13,8 @@ from lowbit.recipe import Recipe, Stage
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_weight_only_conv_runs_the_conv_on_its_cached_weight_and_follows_new_weights(bias: bool) -> None:
-    """A weight-only packed conv (no patch path) is one conv on its cached dequantized weight: the simulated layer's
+    """A weight-only packed conv with no kernel route (int4 in groups of 32 on 36-value patches) is one conv on its
+    cached dequantized weight: the simulated layer's
     output bit for bit, and still after its codes change (the cache, and with it the short path, is dropped)."""
     torch.manual_seed(0)
     recipe = Recipe(stages=(Stage(method="rtn", weights=FORMATS["int4_g32"]),))
@@ -31,17 +32,29 @@ def test_weight_only_conv_runs_the_conv_on_its_cached_weight_and_follows_new_wei
         assert torch.equal(p(x), q(x)) and not torch.equal(p(x), before)
 
 
-def test_weight_only_conv_short_path_reads_the_bias_as_the_layer_does() -> None:
-    """A bias set later as a plain tensor (the layer was built without one) is added on every call."""
+@pytest.mark.parametrize("groups", [1, 2])  # 1: a kernel route (raced, either path); 2: none (the short path)
+def test_weight_only_conv_short_path_reads_the_bias_as_the_layer_does(groups: int) -> None:
+    """A bias set later as a plain tensor (the layer was built without one) is added on every call, on the conv on
+    the cached weight (bit for bit the simulated layer) and on the kernel's one C call (up to summation order)."""
     torch.manual_seed(0)
     recipe = Recipe(stages=(Stage(method="rtn", weights=FORMATS["int8"]),))
-    q = lowbit.compress(nn.Sequential(nn.Conv2d(4, 8, 3, bias=False)), recipe, progress=False)
+    q = lowbit.compress(nn.Sequential(nn.Conv2d(4, 8, 3, bias=False, groups=groups)), recipe, progress=False)
     p = lowbit.pack(q)
     for layer in (q[0], p[0]):
         layer.bias = torch.full((8,), 10.0)
     x = torch.randn(2, 4, 6, 7)
     with torch.no_grad():
-        assert all(torch.equal(p(x), q(x)) for _ in range(3))
+        want = q(x)
+        outs = [p(x) for _ in range(3)]
+        disp = p[0]._dispatch
+        if disp:  # decided native: the one C call
+            disp.decided = dict.fromkeys(disp.decided, True)
+            disp.state = disp.state or disp.route.prepare(p[0])
+            outs.append(p(x))
+    if groups == 1:
+        assert all(float((y - want).abs().max()) <= 2e-5 * float(want.abs().max()) for y in outs)
+    else:
+        assert disp is None and all(torch.equal(y, want) for y in outs)
 
 
 def test_decided_linear_reads_a_bias_set_later_as_a_plain_tensor() -> None:

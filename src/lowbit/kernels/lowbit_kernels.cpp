@@ -3128,7 +3128,8 @@ LB_API int lb_linear(const lb_layer* L, const float* x, i64 M, float* y, int thr
 }
 
 // A convolution whose activations are quantized per patch (int8 or signs) or with a static per-tensor int8 range
-// (the same codes per patch as per map), as one call: patches (geometry g) are cut
+// (the same codes per patch as per map), or a weight-only one (fp32 patches: a chunk of images' patches is cut
+// whole, then the fp32-input kernel), as one call: patches (geometry g) are cut
 // a few at a time into a small buffer and quantized at once, so only their codes are stored, not fp32 patches (4x /
 // 32x less memory traffic) -- the codes and scales lb_linear computes from the fp32 patches; then the kernel and the
 // (N, O, OH, OW) map y. Layers with int8 panels (conv_panels) write the map straight from the panel kernel, image by
@@ -3208,6 +3209,7 @@ static int conv_panel_maps(const lb_layer* L, const ActRows& a, i64 nb, i64 P, f
 // the same (tested). FP8 weights with per-patch low-bit float activations take the same loop: the patches' codes on
 // the format's grid (FpGrid8 with a scale per lane; a NaN input is the largest code, as on the patch path) times the
 // weights' FP8 values (each product exact in fp32), summed in fp32: the patch path's result up to summation order.
+// Weight-only layers (fp32 inputs; int8 or FP8 weights) take it too, their patches' values as they are (scale 1).
 static const i64 SMALL_CONV_K = 32;
 
 // Weight (o, k) of an int8 layer as float, from its panels or (W8) its rows; of an FP8 layer, its byte's value
@@ -3231,8 +3233,10 @@ static bool small_conv_fits(const lb_layer* L, const i64* g) {
     const bool act = L->akind == LB_ACT_I8 || L->akind == LB_ACT_I8S;
     const bool weights = L->wp ? (L->wkind == LB_W8 || L->wkind == LB_TERNARY || L->wkind == LB_BIN_INTER)
                                : (L->wkind == LB_W8 && L->w);
-    const bool fp8 = L->akind == LB_ACT_FP && L->wkind == LB_FP8 && L->wp;
-    return ((act && weights) || fp8) && L->K <= SMALL_CONV_K && g[11] == 1 && g[16] > 0 && g[17] > 0;
+    const bool fp8 = L->wkind == LB_FP8 && L->wp;
+    const bool f32 = L->akind == LB_ACT_F32 && !L->xs;  // weight-only: the patches as they are
+    const bool fits = (act && weights) || (fp8 && L->akind == LB_ACT_FP) || (f32 && (weights || fp8));
+    return fits && L->K <= SMALL_CONV_K && g[11] == 1 && g[16] > 0 && g[17] > 0;
 #else
     (void)L, (void)g;
     return false;
@@ -3282,7 +3286,7 @@ static int small_conv(const lb_layer* L, const float* x, const i64* g, float* y,
         ws[o] = L->wp ? L->sp[o] : L->s[o];
         wsum[o] = L->wsum ? L->wsum[o] : 0.0f;
     }
-    const bool stat = L->akind == LB_ACT_I8S, fp = L->akind == LB_ACT_FP;
+    const bool stat = L->akind == LB_ACT_I8S, fp = L->akind == LB_ACT_FP, f32 = L->akind == LB_ACT_F32;
     const float c0 = zero_term(L), sa = stat ? *L->sa : 0.0f, za = stat && L->za ? *L->za : 0.0f;
     const bool has_c = c0 != 0.0f;
     const i64 P = OH * OW;
@@ -3327,7 +3331,10 @@ static int small_conv(const lb_layer* L, const float* x, const i64* g, float* y,
                                 amax = _mm256_max_ps(a, amax);  // as row_scale_i8: a NaN lane keeps amax
                             }
                     __m256 s;
-                    if (stat) {
+                    if (f32) {  // weight-only: the values as they are (a NaN or inf lane propagates as in F.conv2d)
+                        s = _mm256_set1_ps(1.0f);
+                        bad = _mm256_setzero_ps();
+                    } else if (stat) {
                         s = _mm256_set1_ps(sa);
                         const __m256 vz = _mm256_set1_ps(za);
                         bad = _mm256_setzero_ps();
@@ -3391,7 +3398,7 @@ static int small_conv(const lb_layer* L, const float* x, const i64* g, float* y,
 LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, int threads, const float* bias) {
     const i64 N = g[0], L_ = g[16] * g[17], K = L->K, O = L->N;
     // (a conv's input scale is per channel: applied before its patches are cut, never here)
-    if (g[1] * g[8] * g[9] != K || L->akind == LB_ACT_F32 || L->xs) return -1;
+    if (g[1] * g[8] * g[9] != K || L->xs) return -1;
 #ifdef __AVX2__
     if (small_conv_fits(L, g)) return small_conv(L, x, g, y, threads, bias);
 #endif
@@ -3400,12 +3407,21 @@ LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, in
     const i64 images = std::max<i64>(1, std::min<i64>(N, CONV_CHUNK_BYTES / std::max<i64>(per_image, 1)));
     float* rowmajor = maps ? nullptr : (float*)malloc(sizeof(float) * images * L_ * O + 64);
     const i64 B = std::max<i64>(1, std::min<i64>(64, 4096 / K));  // patches cut per step: <= 16 KiB, in L1
+    // Weight-only layers (fp32 inputs) read the fp32 patches themselves: a chunk's patches are cut whole.
+    const bool f32 = L->akind == LB_ACT_F32;
+    float* patches = f32 ? (float*)malloc(sizeof(float) * images * L_ * K + 64) : nullptr;
     ActRows a;
-    int rc = ((maps || rowmajor) && a.alloc(L, images * L_, K)) ? 0 : -2;
+    int rc = ((maps || rowmajor) && (!f32 || patches) && a.alloc(L, images * L_, K)) ? 0 : -2;
     for (i64 n0 = 0; rc == 0 && n0 < N; n0 += images) {
         const i64 nb = std::min(images, N - n0), r0 = n0 * L_, rows = nb * L_;
         int failed = 0;
         lb_parallel(nthreads(threads), threads != 1 && rows * K >= (1 << 16), [&] {
+            if (f32) {
+                i64 lo, hi;
+                my_rows(rows, 1, &lo, &hi);
+                if (lo < hi) im2col_range(x, g, patches + lo * K, r0 + lo, r0 + hi, 1);
+                return;
+            }
             float* buf = (float*)malloc(sizeof(float) * B * K + 64);
             if (!buf) {
 #pragma omp atomic write
@@ -3428,7 +3444,7 @@ LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, in
             rc = conv_panel_maps(L, a, nb, L_, y + n0 * O * L_, threads, bias);
             continue;
         }
-        rc = linear_core(L, nullptr, a, rows, rowmajor, threads, bias);
+        rc = linear_core(L, patches, a, rows, rowmajor, threads, bias);
         if (rc) break;
         // (n, l, o) -> (n, o, l), in 8 x 8 blocks so both sides are read / written a cache line at a time
         lb_parallel(nthreads(threads), threads != 1 && nb * L_ * O >= (1 << 16), [&] {
@@ -3447,5 +3463,6 @@ LB_API int lb_conv(const lb_layer* L, const float* x, const i64* g, float* y, in
         });
     }
     free(rowmajor);
+    free(patches);
     return rc;
 }

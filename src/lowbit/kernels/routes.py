@@ -25,8 +25,10 @@ Static per-tensor int8 activations (calibrated scale and zero point: ``w8a8-stat
 their weights (``w8a8-static``, ``w4a8-static``, ``ternary-static``, ...): ``lb_linear`` makes the codes
 ``clamp(rint(x / s + z), 0, 255)`` from a copy of the quantizer's range (kept in step by ``set_range``), shifted by
 −128 to signed bytes, and adds back ``s · (128 − z) · Σₖ W[n, k]`` per output (`layer.with_static_activations`).
-Everything else (FP6, int6, convolutions with float activations) has no route: the layer runs its dense reference
-path. A weight-only int or binary layer whose ``kernel_activations`` is ``"int8"``
+A weight-only convolution (``groups=1``) takes its weights' fp32-input kernel on its patches (``lb_conv``: patches,
+kernel and output map in one C call), raced against the conv on the cached weight. Everything else (FP6, int6,
+grouped convolutions) has no route: the layer runs its dense reference path. A weight-only int or binary linear
+layer whose ``kernel_activations`` is ``"int8"``
 (`lowbit.pack(..., kernel_activations="int8")`) takes the ``…a8`` kernel, quantizing its input per token to int8
 inside the kernel as ONNX Runtime's ``accuracy_level=4`` does: faster on CPUs, at the cost of that rounding (not in
 the simulated model). A linear layer's explicit input scale (AWQ / SmoothQuant) is applied in the same C call
@@ -255,8 +257,11 @@ def _route(layer: nn.Module, act_override: QuantSpec | None = None) -> Route | N
         return None
     w: QuantSpec = layer.weight_spec
     act: QuantSpec | None = act_override or layer.act_spec
-    if act is None and getattr(layer, "kernel_activations", "exact") == "int8" and w.kind in ("int", "binary"):
-        act = ACT_FORMATS["int8_token"]  # opt-in: weight-only layers take int8 inputs inside the kernel
+    opt_in = getattr(layer, "kernel_activations", "exact") == "int8" and not conv_as_linear
+    if act is None and opt_in and w.kind in ("int", "binary"):
+        # opt-in: weight-only linear layers take int8 inputs inside the kernel (a conv's dense path is the conv on
+        # its fp32 map, so a weight-only conv keeps fp32 patches: its output never depends on the path taken)
+        act = ACT_FORMATS["int8_token"]
     n, k = layer._matrix_shape
     if w.kind == "fp" and w.bits == 8 and w.granularity in ("channel", "tensor"):
         return _fp8_route(w, act, n)

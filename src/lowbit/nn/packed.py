@@ -121,10 +121,11 @@ class PackedLinear(PackedMixin, QuantLinear):
 
 
 class PackedConv2d(PackedMixin, QuantConv2d):
-    """`QuantConv2d` stored bit-packed. With per-token (per-patch) activations, or a static per-tensor int8 range
-    (`QuantConv2d.patch_kernel`), and ``groups=1`` it runs as a packed linear layer over the input's patches
-    (`lowbit.nn.patches`; patches cut in one C pass), so dispatch picks a native kernel where one is faster;
-    otherwise its forward is the reference one on the cached weight."""
+    """`QuantConv2d` stored bit-packed. With per-token (per-patch) activations, a static per-tensor int8 range or
+    none (weight-only; `QuantConv2d.patch_kernel`), and ``groups=1`` it runs as a packed linear layer over the
+    input's patches (`lowbit.nn.patches`; patches cut in one C pass), so dispatch picks a native kernel where one is
+    faster (static and weight-only convs: raced against the conv on the map); otherwise its forward is the reference
+    one on the cached weight."""
 
     def __init__(self, *args: Any, zero_format: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -134,13 +135,23 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         self._im2col: dict[tuple, Any] = {}  # (input shape, strides) → its C patch cutter (`kernels.im2col.Im2col`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is None and self.input_scale is None and self.input_shift is None:
-            # Weight-only (no patch path, nothing to dispatch): the conv on the cached weight's 4-D view, first and
-            # in the fewest steps -- a small conv takes a few microseconds, the checks below one more.
-            w, of = self._conv_weight
-            if of is not None and of is self._cache and of.device == x.device:
-                return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         disp = self._dispatch
+        if self.act is None and self.input_scale is None and self.input_shift is None:
+            # Weight-only, with no kernel route or decided dense for this input: the conv on the cached weight's
+            # 4-D view, first and in the fewest steps -- a small conv takes a few microseconds, the checks below one
+            # more. Decided native: the one C call.
+            w, of = self._conv_weight
+            cached = of is not None and of is self._cache and of.device == x.device
+            if cached and disp is None:
+                return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            cut = self._im2col.get((x.shape, x.stride())) if disp else None
+            if cut is not None:
+                native = disp.decided.get((cut.rows, torch.get_num_threads()))
+                if native is False and cached and dispatch_mode() == "auto":
+                    return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+                y = disp.hot_conv(self, x, cut) if native else None
+                if y is not None:
+                    return y
         cut = None
         if disp and disp.unscaled:  # a per-patch conv with a kernel route, input used as is: try the one C call
             cut = self._im2col.get((x.shape, x.stride()))
@@ -175,7 +186,10 @@ class PackedConv2d(PackedMixin, QuantConv2d):
             from lowbit.kernels.routes import route_for
 
             # (dispatch derives the route on the first patches)
-            return self.patch_kernel and route_for(self) is not None
+            route = route_for(self) if self.patch_kernel else None
+            if route is None and self.act is None:
+                self._dispatch = None  # weight-only, no kernel for it: the conv on the cached weight from now on
+            return route is not None
         if how == "auto" and cut is not None and disp.decided.get((cut.rows, torch.get_num_threads())) is False:
             return False
         return self.patch_kernel
@@ -203,10 +217,16 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         if map_dense:
 
             def dense() -> torch.Tensor:  # the map conv's output as (N, OH·OW, O) rows (a view)
-                y = F.conv2d(self.act(x), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+                y = F.conv2d(
+                    self._map_input(x), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+                )
                 return y.flatten(2).transpose(1, 2)
 
         return patches_to_map(self.patch_linear(u, dense, self._whole_calls(x, map_dense)), oh, ow)
+
+    def _map_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The map the dense conv reads: the input after its static activation quantizer, or as it is (weight-only)."""
+        return x if self.act is None else self.act(x)
 
     def patch_linear(self, u: torch.Tensor, dense: Any = None, whole: Any = None) -> torch.Tensor:
         """The layer on its input's patches ``(N, OH·OW, in·kh·kw)`` → ``(N, OH·OW, out)``: a packed linear layer's
@@ -215,7 +235,7 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         disp = self._dispatch
         y = disp.hot(self, u) if disp else None
         if y is None:
-            fallback = dense or (lambda: F.linear(self.act(u), self.weight_matrix(), self.bias))
+            fallback = dense or (lambda: F.linear(self._map_input(u), self.weight_matrix(), self.bias))
             y = dispatch_linear(self, u, _unchanged, fallback, whole)
         return y
 
@@ -237,9 +257,9 @@ class PackedConv2d(PackedMixin, QuantConv2d):
 
             def dense_whole() -> torch.Tensor:
                 if map_dense:
-                    return F.conv2d(self.act(x), self.weight, self.bias, *args)
+                    return F.conv2d(self._map_input(x), self.weight, self.bias, *args)
                 v = cut(x, threads)
-                y = disp.dense(self, v, v, lambda: F.linear(self.act(v), self.weight_matrix(), self.bias))
+                y = disp.dense(self, v, v, lambda: F.linear(self._map_input(v), self.weight_matrix(), self.bias))
                 return patches_to_map(y, *cut.out_size)
 
             return (

@@ -280,11 +280,12 @@ class QuantConv2d(QuantLayer):
     @property
     def patch_kernel(self) -> bool:
         """True when a packed copy of the layer can run as patches × weight matrix with the simulated layer's codes:
-        per-patch activations, or a static per-tensor int8 range with an integer zero point (the same code per
-        patch as per map; a padded 0 codes the zero point exactly, as in the padded quantized map)."""
-        if self.patch_tokens:
-            return True
+        per-patch activations, no activation quantizer (weight-only: fp32 patches, the conv's products summed in
+        another order), or a static per-tensor int8 range with an integer zero point (the same code per patch as
+        per map; a padded 0 codes the zero point exactly, as in the padded quantized map)."""
         act = self.act
+        if self.patch_tokens or act is None:
+            return True
         if act is None or act.spec.dynamic or act.spec.kind != "int" or act.spec.bits != 8:
             return False
         return act.zero is None or bool(act.zero == act.zero.round())
