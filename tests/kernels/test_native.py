@@ -6,6 +6,7 @@ tolerance relative to |x|.|w| per output.
 
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import sys
@@ -370,6 +371,18 @@ def test_build_info():
     root = os.environ.get("LOWBIT_CACHE_DIR")
     base = pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "lowbit"
     assert pathlib.Path(info["path"]).parent == base / "kernels"
+
+
+def test_an_avx2_cpu_gets_the_native_build():
+    """On an x86-64 CPU with AVX2 (and a compiler: the module's mark) the -march=native build compiles: a source
+    that does not would leave every kernel test running the portable fallback, and passing."""
+    flags = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
+    if platform.machine() not in ("x86_64", "AMD64") or " avx2" not in flags:
+        pytest.skip("no AVX2 on this CPU")
+    if os.environ.get("LOWBIT_KERNELS", "auto").strip().lower() == "portable":
+        pytest.skip("LOWBIT_KERNELS=portable asks for the portable build")
+    info = native.build_info()
+    assert info["isa"] in ("avx512vnni", "avx2"), info["reason"]
 
 
 def test_second_import_uses_cache():

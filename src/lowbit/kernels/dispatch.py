@@ -140,10 +140,10 @@ def native_patches_ready() -> bool:
 
 def race(*fns: Callable[[], Any], budget_s: float = RACE_BUDGET_S, max_rounds: int = MAX_ROUNDS) -> list[float]:
     """Best time in ms of each of ``fns``, timed in alternation (one call of each per round, so a slow spell of a
-    shared machine hits all of them alike) after two warm-up rounds (the second sets the number of rounds): at least ``REPEATS`` rounds, more for fast calls
-    (up to ``max_rounds``, about ``budget_s`` in all), since a call of a few microseconds varies by tens of
-    percent from one call to the next. Dispatch keeps the defaults (it races on a model's first call); a report
-    can afford more."""
+    shared machine hits all of them alike) after two warm-up rounds (the second sets the number of rounds): at
+    least ``REPEATS`` rounds, more for fast calls (up to ``max_rounds``, about ``budget_s`` in all), since a call of
+    a few microseconds varies by tens of percent from one call to the next. Dispatch keeps the defaults (it races
+    on a model's first call); a report can afford more."""
     for fn in fns:  # (a first call may prepare a kernel's weights: it says nothing of a call's time)
         fn()
     t0 = time.perf_counter()
