@@ -70,6 +70,19 @@ def test_route_per_format(weights: str, acts: str | None, kernel: str | None) ->
 
 
 @needs_native
+@pytest.mark.parametrize("weights", ["int2_g64", "ternary_absmean"])
+def test_int2_weight_only_rows_take_bit_planes_on_avx512(weights: str) -> None:
+    """int2 codes (and ternary codes + 1) with fp32 inputs are stored as bit planes where the build has AVX-512
+    (the masked-add kernel), as 2-bit chunks elsewhere; the outputs are checked per format above."""
+    from lowbit.kernels import group_layout
+
+    _, p = packed_layer(weights, None)
+    state = route_for(p[0]).prepare(p[0])
+    want = group_layout.W2_PLANES_BITS if native.build_info()["isa"] == "avx512vnni" else 2
+    assert state.desc.bits == want
+
+
+@needs_native
 @pytest.mark.parametrize(("weights", "acts", "kernel"), [c for c in CASES if c[2]])
 @pytest.mark.parametrize("rows", [1, 7])
 def test_native_output_matches_simulated(weights: str, acts: str | None, kernel: str, rows: int) -> None:

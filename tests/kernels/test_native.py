@@ -171,6 +171,34 @@ def test_wna32(bits, group, K, N, M, threads):
     close(y, ref, scale)
 
 
+@pytest.mark.parametrize("group,K,N", WN_SHAPES)
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("threads", THREADS)
+def test_wna32_int2_bit_planes(group, K, N, M, threads):
+    """int2 codes as bit planes (AVX-512: masked adds under the planes; other builds decode them): the dense
+    product within fp32 summation order, as the chunk layout; every code and zero point 0-3 occurs."""
+    q, s, z = wn_case(2, group, K, N, M, 14 + K + N + M)
+    x = torch.randn(M, K, generator=gen(K + M))
+    p = group_layout.prepare_wn(q, s, z, 2, group, planes=True)
+    assert p.bits == group_layout.W2_PLANES_BITS and p.nbytes == group_layout.prepare_wn(q, s, z, 2, group).nbytes
+    y = group_layout.matmul_wna32(x, p, threads)
+    w = wn_weight(q, s, z, group)
+    close(y, x.double() @ w.T, x.double().abs() @ w.abs().T + 1e-6)
+
+
+def test_int2_bit_planes_hold_each_codes_two_bits():
+    """Unit r of a chunk (codes 32r .. 32r + 31 of its 128): their bits 0 as a little-endian uint32, then bits 1."""
+    q = torch.randint(0, 4, (3, 256), dtype=torch.uint8, generator=gen(5))
+    p = group_layout.prepare_wn(q, torch.ones(3, 4), torch.zeros(3, 4), 2, 64, planes=True)
+    blob = p.blob.numpy()
+    for n in range(3):
+        for u in range(8):  # 8 units of 32 codes; the row's one block holds 4 groups of 64 (chunks 0, 1)
+            words = blob[n, 8 * u : 8 * u + 8].view("<u4")
+            codes = q[n, 32 * u : 32 * u + 32].long()
+            assert int(words[0]) == sum(int(c & 1) << i for i, c in enumerate(codes))
+            assert int(words[1]) == sum(int(c >> 1) << i for i, c in enumerate(codes))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group,K,N", WN_SHAPES)
 @pytest.mark.parametrize("M", MS)
@@ -446,6 +474,7 @@ OTHER_BUILD_CHECKS = (
     "    t.test_w1a1(300, 9, M, 2, False); t.test_w1a8(300, 9, M, 1); t.test_w1a32(300, 9, M, 2)\n"
     "    for b in (2, 3, 4):\n"
     "        t.test_wna8(b, 32, 96, 9, M, 2); t.test_wna32(b, 128, 768, 6, M, 1)\n"
+    "    t.test_wna32_int2_bit_planes(64, 320, 3, M, 2)\n"
     "    t.test_e2m1_rows(32, 64, 5, M)\n"
     "from tests.kernels import test_panels as tp\n"
     "for nonneg in (False, True):\n"

@@ -3,6 +3,7 @@ group, and FP4 (E2M1) codes read through a table, in the row layout of ``lb_wna3
 (`lowbit.kernels.native` loads the library).
 
     prepare_wn(q, s, z, bits, group)   -> PreparedWN ; matmul_wna32(x, p, threads), matmul_wna8(xq, sx, p, threads)
+    prepare_wn(q, s, z, 2, group, planes=True) -> PreparedWN (int2 as bit planes, fp32 activations: matmul_wna32)
     prepare_e2m1(v2, half_scale, group) -> PreparedWN (fp32 activations: matmul_wna32)
 
 Exact final expression of the integer kernel (wna8): exact int32 per-group sums d_g, then
@@ -28,14 +29,32 @@ class PreparedWN:
         return self.blob.numel()
 
 
-def prepare_wn(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, group: int) -> PreparedWN:
+#: ``PreparedWN.bits`` of int2 codes stored as bit planes (`prepare_wn` with ``planes=True``): per unit of 32 codes,
+#: a uint32 of their bits 0 then one of their bits 1 -- the write masks of the AVX-512 fp32 kernel's masked adds.
+W2_PLANES_BITS = -2
+
+
+def prepare_wn(
+    q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, group: int, planes: bool = False
+) -> PreparedWN:
     """q uint8 (N, K) in [0, 2^bits-1]; s fp32 (N, K/group); z (N, K/group) integer-valued in [0, 2^bits-1].
 
     Constraints: bits in {2, 3, 4}, group in {32, 64, 128}, K % group == 0.
     Layout per row: blocks of up to 8 groups, each [codes of the block (chunks of 128 k, 16*bits bytes)]
     [8 fp32 scales][8 u8 zero points] (missing groups of the last block are zero); rows padded to 64 bytes.
+    ``planes`` (int2, fp32 activations only): each chunk's 4 units of 32 codes as bit planes instead (unit r: the
+    codes' bits 0 as a little-endian uint32, then their bits 1), ``bits`` = `W2_PLANES_BITS`; same sizes.
+
+    Example:
+        >>> import torch
+        >>> q = torch.randint(0, 4, (3, 64), dtype=torch.uint8)
+        >>> s, z = torch.rand(3, 1) + 0.5, torch.ones(3, 1)
+        >>> p = prepare_wn(q, s, z, 2, 64, planes=True)
+        >>> (p.bits, p.row_bytes, prepare_wn(q, s, z, 2, 64).row_bytes)
+        (-2, 128, 128)
     """
     assert bits in (2, 3, 4) and group in (32, 64, 128)
+    assert not planes or bits == 2, "bit planes: int2 codes only"
     qn = _as(q, torch.uint8).numpy()
     N, K = qn.shape
     assert K % group == 0, f"K={K} must be a multiple of group={group}"
@@ -46,7 +65,7 @@ def prepare_wn(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, gro
     NB = (G + 7) // 8
     qp = np.zeros((N, _rup(K, 128)), np.uint8)
     qp[:, :K] = qn
-    chunks = _encode_chunks(qp, bits)  # (N, C, 16*bits)
+    chunks = _plane_chunks(qp) if planes else _encode_chunks(qp, bits)  # (N, C, 16*bits)
     sp = np.zeros((N, NB * 8), np.float32)
     sp[:, :G] = sn
     zp = np.zeros((N, NB * 8), np.uint8)
@@ -65,7 +84,16 @@ def prepare_wn(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, gro
     row_bytes = _rup(body.shape[1], 64)
     blob = np.zeros((N, row_bytes), np.uint8)
     blob[:, : body.shape[1]] = body
-    return PreparedWN(_t(blob), N, K, bits, group, row_bytes)
+    return PreparedWN(_t(blob), N, K, W2_PLANES_BITS if planes else bits, group, row_bytes)
+
+
+def _plane_chunks(qp: np.ndarray) -> np.ndarray:
+    """int2 codes (N, C·128) as chunks (N, C, 32) of 4 units: the 32 codes' bits 0, then bits 1, 4 bytes each."""
+    n = qp.shape[0]
+    units = qp.reshape(n, -1, 4, 32)
+    bit0 = np.packbits(units & 1, axis=-1, bitorder="little")
+    bit1 = np.packbits((units >> 1) & 1, axis=-1, bitorder="little")
+    return np.concatenate([bit0, bit1], axis=-1).reshape(n, -1, 32)
 
 
 #: ``PreparedWN.bits`` of FP4 E2M1 codes (`prepare_e2m1`): the int4 layout, read through a table of values × 2.

@@ -133,6 +133,16 @@ static const T* pad_rows(const T* src, i64 M, i64 K, i64 Kp, T** owned) {
     return d;
 }
 
+#ifdef __AVX512F__
+// A 16-bit write mask read straight from memory (kmovw k, m16: a load, no ALU port; GCC otherwise loads a GPR and
+// moves it, a port-5 uop per mask, which held the masked-add kernels to half their speed).
+static inline __mmask16 mask_at(const void* p) {
+    __mmask16 k;
+    __asm__("kmovw %1, %0" : "=k"(k) : "m"(*(const uint16_t*)p));
+    return k;
+}
+#endif
+
 #ifdef __AVX2__
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -794,6 +804,11 @@ LB_API void lb_w8a8_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const
 // BITS = E2M1 (-4): 4-bit FP4 E2M1 codes in the int4 layout, read through a table as their values times 2 (the
 // integers 0, 1, 2, 3, 4, 6, 8, 12 and their negatives; group scales halved, zero points 0). fp32 activations only.
 static constexpr int E2M1 = -4;
+// BITS = W2P (-2): int2 codes as bit planes, for fp32 activations (`group_layout.prepare_wn2_planes`, AVX-512
+// builds): unit u of a block (32 codes) is the 8 bytes at 8u, bit i of the uint32 there bit 0 of code 32u + i and
+// bit i of the next uint32 its bit 1; the same bytes per block as int2's chunks, scales and zero points as they
+// are. The fp32 kernel adds x where a bit is set: the bytes of each plane are the write masks of masked adds.
+static constexpr int W2P = -2;
 template <int BITS>
 static inline i64 wn_code_bytes(i64 units) { return (units + 3) / 4 * 16 * (BITS < 0 ? -BITS : BITS); }
 
@@ -815,6 +830,19 @@ static inline __m256i wn_unit(const uint8_t* codes, int u) {
     } else if (BITS == 2) {
         __m256i v = _mm256_srli_epi16(ld(codes + c * 32), 2 * r);
         return _mm256_and_si256(v, _mm256_set1_epi8(3));
+    } else if (BITS == W2P) {
+        uint32_t p0, p1;
+        memcpy(&p0, codes + 8 * u, 4);
+        memcpy(&p1, codes + 8 * u + 4, 4);
+        auto spread = [](uint32_t b) {  // bit i of b to byte i (0 / 1), as the 3-bit decode below
+            const __m256i rep = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
+                                                 3, 3, 3, 3, 3, 3, 3, 3);
+            const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+            const __m256i h = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)b), rep), bit);
+            return _mm256_and_si256(_mm256_cmpeq_epi8(h, bit), _mm256_set1_epi8(1));
+        };
+        const __m256i lo = spread(p0), hi = spread(p1);
+        return _mm256_or_si256(lo, _mm256_add_epi8(hi, hi));
     } else {
         const uint8_t* ch = codes + c * 48;
         __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ld(ch), 2 * r), _mm256_set1_epi8(3));
@@ -841,6 +869,9 @@ static inline int wn_code(const uint8_t* codes, i64 idx) {
         return BITS == E2M1 ? x2[q] : q;
     } else if (BITS == 2) {
         return (codes[c * 32 + i] >> (2 * r)) & 3;
+    } else if (BITS == W2P) {
+        const i64 u = idx >> 5;
+        return ((codes[8 * u + i / 8] >> (i % 8)) & 1) | (((codes[8 * u + 4 + i / 8] >> (i % 8)) & 1) << 1);
     } else {
         const uint8_t* ch = codes + c * 48;
         return ((ch[i] >> (2 * r)) & 3) | (((ch[32 + 4 * r + (i >> 3)] >> (i & 7)) & 1) << 2);
@@ -971,10 +1002,18 @@ static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp,
 #ifdef __AVX2__
     __m256 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+#ifdef __AVX512F__
+    // AVX-512: each group's 16-lane sums times its scale go into two 16-lane sums per row, and the zero-point terms
+    // s_g z_g sum_g x into acc; one reduction per row at the end (a transposing reduction of the 8 groups' sums per
+    // block took a third of a one-row call and held the masked-add planes to the speed of the decode they replace)
+    __m512 sa[MT], sb[MT];
+    for (int m = 0; m < MT; ++m) sa[m] = sb[m] = _mm512_setzero_ps();
+#endif
     auto block = [&](i64 b, const int nb) __attribute__((always_inline)) {
         const uint8_t* codes = p;
         p += wn_code_bytes<BITS>(nb * GU);
-        const __m256 sc = _mm256_loadu_ps((const float*)p);
+        const float* scp = (const float*)p;
+        const __m256 sc = _mm256_loadu_ps(scp);
         const __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 32))));
         p += 40;
         const i64 k0 = b * 8 * GU * 32;
@@ -996,6 +1035,37 @@ static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp,
         __m512 d[MT][8];
         for (int j = 0; j < 8; ++j)
             for (int m = 0; m < MT; ++m) d[m][j] = _mm512_setzero_ps();
+        if constexpr (BITS == W2P) {
+            // Bit planes: d += x where bit 0 is set, and x again (one row: into e, doubled at the end) where bit 1
+            // is: four masked adds per 32 codes and row, the masks loaded straight from the codes.
+            __m512 e[8];
+            for (int j = 0; j < 8; ++j) e[j] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+            for (int j = 0; j < nb; ++j) {
+                for (int t = 0; t < GU; ++t) {
+                    const int u = j * GU + t;
+                    if ((u & 3) == 0) LB_PF(codes + 8 * u);
+                    const uint8_t* mk = codes + 8 * u;
+                    const __mmask16 a0 = mask_at(mk), a1 = mask_at(mk + 2), b0 = mask_at(mk + 4), b1 = mask_at(mk + 6);
+                    for (int m = 0; m < MT; ++m) {
+                        const float* xm = x + m * Kp + k0 + 32 * u;
+                        const __m512 x0 = _mm512_loadu_ps(xm), x1 = _mm512_loadu_ps(xm + 16);
+                        __m512 dj = _mm512_mask_add_ps(d[m][j], a0, d[m][j], x0);
+                        dj = _mm512_mask_add_ps(dj, a1, dj, x1);
+                        if constexpr (MT == 1) {
+                            e[j] = _mm512_mask_add_ps(e[j], b0, e[j], x0);
+                            e[j] = _mm512_mask_add_ps(e[j], b1, e[j], x1);
+                        } else {
+                            dj = _mm512_mask_add_ps(dj, b0, dj, _mm512_add_ps(x0, x0));
+                            dj = _mm512_mask_add_ps(dj, b1, dj, _mm512_add_ps(x1, x1));
+                        }
+                        d[m][j] = dj;
+                    }
+                }
+            }
+            if constexpr (MT == 1)
+                for (int j = 0; j < 8; ++j) d[0][j] = _mm512_fmadd_ps(e[j], _mm512_set1_ps(2.0f), d[0][j]);
+        } else
         units([&](int j, int u, __m256i w) __attribute__((always_inline)) {
             auto widen = [](__m128i c) {  // 16 codes (E2M1: signed values) as fp32
                 return _mm512_cvtepi32_ps(BITS == E2M1 ? _mm512_cvtepi8_epi32(c) : _mm512_cvtepu8_epi32(c));
@@ -1007,10 +1077,17 @@ static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp,
                 d[m][j] = keep(_mm512_add_ps(d[m][j], e));
             }
         });
-        for (int m = 0; m < MT; ++m)  // each group's 16 lanes folded to 8
-            for (int j = 0; j < 8; ++j)
-                h[m][j] = _mm256_add_ps(_mm512_castps512_ps256(d[m][j]),
-                                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d[m][j]), 1)));
+        (void)h;
+        for (int m = 0; m < MT; ++m) {
+            __m512 ta = sa[m], tb = sb[m];
+            for (int j = 0; j < 8; j += 2) {  // (past the block's nb groups: sums 0, scales 0)
+                ta = _mm512_fmadd_ps(_mm512_set1_ps(scp[j]), d[m][j], ta);
+                tb = _mm512_fmadd_ps(_mm512_set1_ps(scp[j + 1]), d[m][j + 1], tb);
+            }
+            sa[m] = ta, sb[m] = tb;
+            if (BITS != E2M1)  // (E2M1: zero points 0, and no 0 * inf = NaN from an infinite input)
+                acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(zf, sc), _mm256_loadu_ps(sxg + m * ldg + 8 * b), acc[m]);
+        }
 #else
         for (int j = 0; j < 8; ++j)
             for (int m = 0; m < MT; ++m) h[m][j] = _mm256_setzero_ps();
@@ -1030,20 +1107,24 @@ static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp,
                 h[m][j] = keep(_mm256_add_ps(h[m][j], _mm256_add_ps(e, f)));
             }
         });
-#endif
         for (int m = 0; m < MT; ++m) {
             __m256 r = reduce8_ps(h[m]);
             if (BITS != E2M1)  // (E2M1: zero points 0, and no 0 * inf = NaN from an infinite input)
                 r = _mm256_fnmadd_ps(zf, _mm256_loadu_ps(sxg + m * ldg + 8 * b), r);  // sum x q - z * sum x
             acc[m] = _mm256_fmadd_ps(r, sc, acc[m]);
         }
+#endif
     };
     for (i64 b = 0; b < NB; ++b) {
         const i64 nb = std::min<i64>(8, G - 8 * b);
         if (nb == 8) block(b, 8);
         else block(b, (int)nb);
     }
+#ifdef __AVX512F__
+    for (int m = 0; m < MT; ++m) y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(sa[m], sb[m])) - hsum_ps(acc[m]);
+#else
     for (int m = 0; m < MT; ++m) y[m * N] = hsum_ps(acc[m]);
+#endif
 #else
     float acc[MT] = {0};
     for (i64 b = 0; b < NB; ++b) {
@@ -1075,6 +1156,7 @@ static bool wn_dispatch(int bits, int gu, F f) {
     LB_WN_CASE(3, 1) LB_WN_CASE(3, 2) LB_WN_CASE(3, 4)
     LB_WN_CASE(2, 1) LB_WN_CASE(2, 2) LB_WN_CASE(2, 4)
     LB_WN_CASE(E2M1, 1) LB_WN_CASE(E2M1, 2) LB_WN_CASE(E2M1, 4)
+    LB_WN_CASE(W2P, 1) LB_WN_CASE(W2P, 2) LB_WN_CASE(W2P, 4)
 #undef LB_WN_CASE
     return false;
 }
@@ -1095,7 +1177,7 @@ LB_API int lb_wna8(const int8_t* xq, const float* sx, i64 M, i64 K, const uint8_
         }
     }
     const bool ok = bits > 0 && wn_dispatch(bits, gu, [=](auto B, auto U) {
-        if constexpr (decltype(B)::value > 0)  // (E2M1 codes: fp32 activations only)
+        if constexpr (decltype(B)::value > 0)  // (E2M1 codes and W2P planes: fp32 activations only)
             run_rows(M, N, threads, blob, row_bytes, [=](auto mt, i64 m, i64 n) {
                 wna8_tile<decltype(B)::value, decltype(U)::value, decltype(mt)::value>(
                     blob + n * row_bytes, G, xp + m * Kp, Kp, sxg + m * ldg, ldg, sx + m, y + m * N + n, N);
@@ -2518,10 +2600,10 @@ static inline void w1a32_tile16(const uint8_t* w, i64 Kp, const float* xt, const
         for (int l = 0; l < 8; ++l) acc[m][l] = _mm512_setzero_ps();
     for (i64 k = 0; k < Kp; k += 256) {
         if ((k & 511) == 0) LB_PF(w + k / 8);
-        __mmask16* wm = (__mmask16*)(w + k / 8);  // (read only: _load_mask16 takes a non-const pointer)
+        const uint8_t* wm = w + k / 8;
 #pragma GCC unroll 8
         for (int l = 0; l < 8; ++l) {
-            const __mmask16 lo = _load_mask16(wm + 2 * l), hi = _load_mask16(wm + 2 * l + 1);
+            const __mmask16 lo = mask_at(wm + 4 * l), hi = mask_at(wm + 4 * l + 2);
             for (int m = 0; m < MT; ++m) {
                 const float* xm = xt + m * Kp + k + 32 * l;
                 acc[m][l] = _mm512_mask_add_ps(acc[m][l], lo, acc[m][l], _mm512_loadu_ps(xm));

@@ -161,14 +161,23 @@ def _kernel_group(spec: QuantSpec, k: int) -> int | None:
     return g if g in GROUPS else None
 
 
-def _prepare_groups(lay: Any, bits: int, group: int) -> tuple[Any, torch.Tensor | None]:
-    """Group-wise weights in the wN layout; real-valued zero points go to the ``s·z`` correction instead."""
+def _prepare_groups(lay: Any, bits: int, group: int, planes: bool = False) -> tuple[Any, torch.Tensor | None]:
+    """Group-wise weights in the wN layout (``planes``: int2 as bit planes, `group_layout.prepare_wn`); real-valued
+    zero points go to the ``s·z`` correction instead."""
     from lowbit.kernels import group_layout
 
     s, z = lay.scale.float(), lay.zero.float()
+    codes = lay.codes.to(torch.uint8)
     if bool(torch.equal(z, z.round())):
-        return group_layout.prepare_wn(lay.codes.to(torch.uint8), s, z, bits, group), None
-    return group_layout.prepare_wn(lay.codes.to(torch.uint8), s, torch.zeros_like(z), bits, group), s * z
+        return group_layout.prepare_wn(codes, s, z, bits, group, planes=planes), None
+    return group_layout.prepare_wn(codes, s, torch.zeros_like(z), bits, group, planes=planes), s * z
+
+
+def _int2_planes(mode: str) -> bool:
+    """Whether int2 codes with fp32 inputs take the bit-plane layout: AVX-512 builds, whose fp32 kernel adds x under
+    the planes as write masks (one row 4096 × 4096: 4.3× → 6.5× fp32 on the session-23 Xeon; the AVX2 kernel would
+    only decode them back)."""
+    return mode == "f32" and _vnni()
 
 
 def _fp8_route(w: QuantSpec, act: QuantSpec | None, n: int) -> Route | None:
@@ -295,7 +304,7 @@ def _route(layer: nn.Module, act_override: QuantSpec | None = None) -> Route | N
         bits, g = w.bits, group
 
         def prep_wn(lay: Any, panels: bool = False) -> Any:
-            prepared, sz = _prepare_groups(lay, bits, g)
+            prepared, sz = _prepare_groups(lay, bits, g, planes=bits == 2 and _int2_planes(mode))
             extra = {}
             if panels and mode in ("int8", "f32"):  # real-valued zero points: panels of q, the same s·z correction
                 z = lay.zero.float() if sz is None else torch.zeros_like(lay.zero, dtype=torch.float32)
@@ -346,7 +355,7 @@ def _route(layer: nn.Module, act_override: QuantSpec | None = None) -> Route | N
         def prep_t2(lay: Any, panels: bool = False) -> Any:  # codes + 1 as 2-bit with zero point 1
             s = lay.scale.reshape(-1).float().expand(n).reshape(n, 1).expand(n, k // tg).contiguous()
             codes = (lay.codes + 1).to(torch.uint8)
-            prepared = group_layout.prepare_wn(codes, s, torch.ones_like(s), 2, tg)
+            prepared = group_layout.prepare_wn(codes, s, torch.ones_like(s), 2, tg, planes=_int2_planes(mode))
             extra = {"panels": panels_mod.prepare_group_panels(codes, s, torch.ones_like(s), tg)} if panels else {}
             return native_layer.describe(prepared, mode, **extra)
 
