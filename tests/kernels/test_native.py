@@ -153,7 +153,17 @@ def wn_weight(q, s, z, group):
     return (q.double() - zk) * sk
 
 
-WN_SHAPES = [(32, 64, 5), (32, 96, 9), (64, 320, 3), (128, 768, 6), (32, 1024, 4), (128, 128, 2), (64, 4096, 3)]
+# (group, K, N); K = 1024 / 2048 / 4096: whole blocks of 8 groups (the VNNI pair loop), the others a partial one
+WN_SHAPES = [
+    (32, 64, 5),
+    (32, 96, 9),
+    (64, 320, 3),
+    (128, 768, 6),
+    (32, 1024, 4),
+    (128, 128, 2),
+    (64, 4096, 3),
+    (128, 2048, 3),
+]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
