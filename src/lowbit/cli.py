@@ -36,7 +36,8 @@ examples:
    encoder blocks (BERT-style, DistilBERT, ViT; lowbit's own ViT) one fused forward each — one C call once every
    layer is on its kernel; a BERT/RoBERTa/DistilBERT encoder all its blocks in one call, a BERT model embeddings
    included — and
-   weight-only layers with float inputs, FP4 included, an fp32 kernel on their codes from 8 rows on)
+   weight-only layers with float inputs, FP4 included, an fp32 kernel on their codes from 8 rows on; weight-only
+   convolutions their kernel on their patches, raced against the conv on the dequantized weight)
 
 environment:
   LOWBIT_KERNELS=auto|native|reference|portable|avx2   kernel choice: measured per layer (default), always the
