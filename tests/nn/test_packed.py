@@ -49,7 +49,8 @@ def test_weight_only_conv_short_path_reads_the_bias_as_the_layer_does(groups: in
         disp = p[0]._dispatch
         if disp:  # decided native: the one C call
             disp.decided = dict.fromkeys(disp.decided, True)
-            disp.state = disp.state or disp.route.prepare(p[0])
+            disp.state = disp.state or disp.prepare(p[0], True)
+            assert disp.hot_conv(p[0], x, p[0]._im2col[(x.shape, x.stride())]) is not None
             outs.append(p(x))
     if groups == 1:
         assert all(float((y - want).abs().max()) <= 2e-5 * float(want.abs().max()) for y in outs)
@@ -83,3 +84,57 @@ def test_decided_linear_reads_a_bias_set_later_as_a_plain_tensor() -> None:
             outs.append(p(x))
     for y in outs:
         assert float((y - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
+def _weight_only_conv(c: int = 8) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    recipe = Recipe(stages=(Stage(method="rtn", weights=FORMATS["int8"]),))
+    q = lowbit.compress(nn.Sequential(nn.Conv2d(c, 8, 3, padding=1)), recipe, progress=False)
+    return q, lowbit.pack(q)
+
+
+def test_weight_only_conv_takes_unbatched_and_autograd_inputs_on_the_map_conv() -> None:
+    """Inputs the kernel cannot serve -- an unbatched (C, H, W) map, autograd -- run the conv on the map at once,
+    as nn.Conv2d and the simulated layer do, without cutting patches only to discard them."""
+    q, p = _weight_only_conv()
+    x3 = torch.randn(8, 10, 10)
+    with torch.no_grad():
+        assert torch.equal(p(x3), q(x3)) and torch.equal(p(x3), q(x3))
+    xg = torch.randn(2, 8, 10, 10, requires_grad=True)
+    for _ in range(2):
+        y = p(xg)
+        (g,) = torch.autograd.grad(y.sum(), xg)
+        (want,) = torch.autograd.grad(q(xg).sum(), xg)
+        assert torch.equal(y, q(xg)) and torch.equal(g, want)
+    assert not p[0]._im2col  # no patches were cut
+
+
+def test_weight_only_conv_with_an_input_scale_runs_the_map_conv() -> None:
+    """A weight-only conv with an input scale (AWQ) keeps the map conv: bit for bit the simulated layer, no patches."""
+    q, p = _weight_only_conv()
+    scale = torch.rand(8) + 0.5
+    for layer in (q[0], p[0]):
+        layer.set_input_scale(scale)
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        assert all(torch.equal(p(x), q(x)) for _ in range(3))
+    assert not p[0]._im2col
+
+
+def test_a_conv_decided_native_drops_its_dequantized_weight(monkeypatch) -> None:
+    """Dispatch frees the fp32 weight of a layer decided native: the conv's 4-D view of it goes too."""
+    from lowbit.kernels import dispatch
+
+    q, p = _weight_only_conv(1)
+    x = torch.randn(4, 1, 10, 10)
+    with torch.no_grad():
+        with dispatch.use_mode("reference"):
+            p(x), p(x)  # the conv on the cached weight: its 4-D view is kept
+        assert p[0]._conv_weight[1] is not None
+        monkeypatch.setattr(dispatch, "race", lambda *fns: [fn() for fn in fns] and [1.0, 2.0, 3.0])  # native wins
+        y = p(x)
+        want = q(x)
+    decided = p[0]._dispatch.decided
+    assert decided and all(decided.values())
+    assert p[0]._cache is None and p[0]._conv_weight == (None, None)
+    assert float((y - want).abs().max()) <= 2e-5 * float(want.abs().max())

@@ -414,6 +414,8 @@ class LayerDispatch:
             # Keep only the weights the chosen paths need: the dequantized fp32 cache or the kernel layout.
             if c["native"]:
                 layer._cache = None
+                if getattr(layer, "_conv_weight", None) is not None:
+                    layer._conv_weight = (None, None)  # (a conv's 4-D view of that weight, and the weight)
             elif not any(v["native"] for v in self.choice.values()):
                 self.state = None
         self.decided[(rows, threads)] = c["native"]

@@ -857,30 +857,6 @@ static inline __m256i wn_unit(const uint8_t* codes, int u) {
         return _mm256_or_si256(lo, h);
     }
 }
-#ifdef LB_VNNI
-// Units 2q and 2q + 1 of a block (64 consecutive codes) as 64 unsigned bytes: one 256-bit source broadcast to both
-// halves, each half shifted to its unit's bits (int2 / int3: chunks of 4 units, a pair per half-chunk shift; int4:
-// half-chunks of 2 units, low and high nibble); int3's high bits from a 64-bit mask of the pair's two words.
-template <int BITS>
-static inline __m512i wn_pair512(const uint8_t* codes, int q) {
-    const int c = q >> 1, h = q & 1;  // chunk, pair within the chunk
-    if constexpr (BITS == 4) {
-        const __m512i v = _mm512_broadcast_i64x4(ld(codes + c * 64 + h * 32));
-        const __m512i sh = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-        return _mm512_and_si512(_mm512_srlv_epi16(v, sh), _mm512_set1_epi8(0x0F));
-    } else {
-        const uint8_t* ch = codes + c * (BITS == 3 ? 48 : 32);
-        const __m512i sh = _mm512_inserti64x4(_mm512_set1_epi16((short)(4 * h)), _mm256_set1_epi16((short)(4 * h + 2)), 1);
-        __m512i v = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(ld(ch)), sh), _mm512_set1_epi8(3));
-        if constexpr (BITS == 3) {
-            uint64_t hb;
-            memcpy(&hb, ch + 32 + 8 * h, 8);  // units 2h, 2h + 1: bit i of the pair's 64 = code i's bit 2
-            v = _mm512_or_si512(v, _mm512_and_si512(_mm512_movm_epi8((__mmask64)hb), _mm512_set1_epi8(4)));
-        }
-        return v;
-    }
-}
-#endif
 #else
 // Code number `idx` (0-based k offset inside the block).
 template <int BITS>
@@ -914,48 +890,6 @@ static inline void wna8_tile(const uint8_t* row, i64 G, const int8_t* x, i64 Kp,
     __m256 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
     // one block of nb groups (nb == 8 is inlined with a constant so the loops fully unroll)
-#ifdef LB_VNNI
-    // A whole block (8 groups) on AVX-512 VNNI: units in pairs, 64 codes a vector (wn_pair512), one vpdpbusd per 64
-    // codes and row into int32 sums; each group's 16 lanes converted and times its scale into sa (groups of 32:
-    // the vector's halves are two groups, scales [s_j x 8, s_j+1 x 8]); the zero-point terms s_j z_j sum_j(x) in
-    // acc; one reduction per row at the end. (The 32-code maddubs tiles and a transposing reduction per block ran
-    // ~9 codes a cycle at one row.) Exact int32 sums; the scaled sum is fp32, in another order.
-    __m512 sa[MT][4];  // (four sums a row: one FMA chain per group would hold a block to 4 cycles a group)
-    for (int m = 0; m < MT; ++m)
-        for (int i = 0; i < 4; ++i) sa[m][i] = _mm512_setzero_ps();
-    auto block = [&](i64 b, const int nb) __attribute__((always_inline)) {
-        const uint8_t* codes = p;
-        p += wn_code_bytes<BITS>(nb * GU);
-        const float* scp = (const float*)p;
-        const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(scp), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                                                                  _mm_loadl_epi64((const __m128i*)(p + 32)))));
-        p += 40;
-        const i64 k0 = b * 8 * GU * 32;
-        for (int m = 0; m < MT; ++m)
-            acc[m] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(ld(sxg + m * ldg + 8 * b)), sz, acc[m]);
-        constexpr int PAIRS = 4 * GU;  // unit pairs in the block's 8 groups
-        constexpr int PER = GU >= 2 ? GU / 2 : 1;  // pairs per group (groups of 32: one pair holds two groups)
-#pragma GCC unroll 16
-        for (int q = 0; q < PAIRS; q += PER) {
-            __m512i d[MT];
-            for (int m = 0; m < MT; ++m) d[m] = _mm512_setzero_si512();
-            for (int t = 0; t < PER; ++t) {
-                if (((q + t) & 1) == 0) LB_PF(codes + wn_code_bytes<BITS>(2 * (q + t)));
-                const __m512i w = wn_pair512<BITS>(codes, q + t);
-                for (int m = 0; m < MT; ++m)
-                    d[m] = _mm512_dpbusd_epi32(d[m], w, _mm512_loadu_si512(x + m * Kp + k0 + 64 * (q + t)));
-            }
-            __m512 s;
-            if constexpr (GU >= 2) {
-                s = _mm512_set1_ps(scp[q / PER]);
-            } else {
-                s = _mm512_insertf32x8(_mm512_set1_ps(scp[2 * q]), _mm256_set1_ps(scp[2 * q + 1]), 1);
-            }
-            const int a = (q / PER) & 3;
-            for (int m = 0; m < MT; ++m) sa[m][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[m]), s, sa[m][a]);
-        }
-    };
-#else
     auto block = [&](i64 b, const int nb) __attribute__((always_inline)) {
         const uint8_t* codes = p;
         p += wn_code_bytes<BITS>(nb * GU);
@@ -982,7 +916,6 @@ static inline void wna8_tile(const uint8_t* row, i64 G, const int8_t* x, i64 Kp,
             acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), sc, acc[m]);
         }
     };
-#endif
     // A last block of fewer than 8 groups (K = 384 with groups of 128, ...): group by group, so no accumulator
     // array is indexed at run time (that spilled d[][] to the stack and made such rows ~2x slower). The zero-point
     // term sum_j s_j z_j sum(x in group j) is one vector expression per row (missing groups have s = z = 0).
@@ -1036,13 +969,6 @@ static inline void wna8_tile(const uint8_t* row, i64 G, const int8_t* x, i64 Kp,
         if (nb == 8) block(b, 8);
         else partial(b, (int)nb);
     }
-#ifdef LB_VNNI
-    for (int m = 0; m < MT; ++m) {
-        const __m512 t = _mm512_add_ps(_mm512_add_ps(sa[m][0], sa[m][1]), _mm512_add_ps(sa[m][2], sa[m][3]));
-        acc[m] = _mm256_add_ps(acc[m], _mm256_add_ps(_mm512_castps512_ps256(t),
-                                                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1))));
-    }
-#endif
     store_sums<MT>(acc, sx, y, N);
 #else
     float acc[MT] = {0};
@@ -1080,8 +1006,8 @@ static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp,
     // AVX-512: each group's 16-lane sums times its scale go into two 16-lane sums per row, and the zero-point terms
     // s_g z_g sum_g x into acc; one reduction per row at the end (a transposing reduction of the 8 groups' sums per
     // block took a third of a one-row call and held the masked-add planes to the speed of the decode they replace)
-    __m512 sa[MT], sb[MT], sc2[MT], sd[MT];  // (four FMA chains a row)
-    for (int m = 0; m < MT; ++m) sa[m] = sb[m] = sc2[m] = sd[m] = _mm512_setzero_ps();
+    __m512 sa[MT], sb[MT];
+    for (int m = 0; m < MT; ++m) sa[m] = sb[m] = _mm512_setzero_ps();
 #endif
     auto block = [&](i64 b, const int nb) __attribute__((always_inline)) {
         const uint8_t* codes = p;
@@ -1153,14 +1079,12 @@ static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp,
         });
         (void)h;
         for (int m = 0; m < MT; ++m) {
-            __m512 ta = sa[m], tb = sb[m], tc = sc2[m], td = sd[m];
-            for (int j = 0; j < 8; j += 4) {  // (past the block's nb groups: sums 0, scales 0)
+            __m512 ta = sa[m], tb = sb[m];
+            for (int j = 0; j < 8; j += 2) {  // (past the block's nb groups: sums 0, scales 0)
                 ta = _mm512_fmadd_ps(_mm512_set1_ps(scp[j]), d[m][j], ta);
                 tb = _mm512_fmadd_ps(_mm512_set1_ps(scp[j + 1]), d[m][j + 1], tb);
-                tc = _mm512_fmadd_ps(_mm512_set1_ps(scp[j + 2]), d[m][j + 2], tc);
-                td = _mm512_fmadd_ps(_mm512_set1_ps(scp[j + 3]), d[m][j + 3], td);
             }
-            sa[m] = ta, sb[m] = tb, sc2[m] = tc, sd[m] = td;
+            sa[m] = ta, sb[m] = tb;
             if (BITS != E2M1)  // (E2M1: zero points 0, and no 0 * inf = NaN from an infinite input)
                 acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(zf, sc), _mm256_loadu_ps(sxg + m * ldg + 8 * b), acc[m]);
         }
@@ -1197,9 +1121,7 @@ static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp,
         else block(b, (int)nb);
     }
 #ifdef __AVX512F__
-    for (int m = 0; m < MT; ++m)
-        y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(sa[m], sb[m]), _mm512_add_ps(sc2[m], sd[m]))) -
-                   hsum_ps(acc[m]);
+    for (int m = 0; m < MT; ++m) y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(sa[m], sb[m])) - hsum_ps(acc[m]);
 #else
     for (int m = 0; m < MT; ++m) y[m * N] = hsum_ps(acc[m]);
 #endif

@@ -160,7 +160,7 @@ class PackedConv2d(PackedMixin, QuantConv2d):
                 return y
         if self.patch_tokens:
             return self._patch_forward(x)
-        if self._static_patches(disp, cut):
+        if self._static_patches(disp, cut) and self._patches_serve(x):
             return self._patch_forward(x, map_dense=True)
         # QuantConv2d.forward less its per-call bookkeeping (a small conv takes ~20 µs, the bookkeeping ~10):
         # the 4-D weight view is kept while the cached weight is the same tensor.
@@ -193,6 +193,18 @@ class PackedConv2d(PackedMixin, QuantConv2d):
         if how == "auto" and cut is not None and disp.decided.get((cut.rows, torch.get_num_threads())) is False:
             return False
         return self.patch_kernel
+
+    def _patches_serve(self, x: torch.Tensor) -> bool:
+        """Whether a static or weight-only conv's patch path can run its kernel on ``x`` (the map conv is its dense
+        path): a batched fp32 CPU input, no autograd or ``torch.jit.trace`` (which dispatch serves densely), and for
+        a weight-only conv no input scale / shift (whose decided-dense calls would cut their patches for nothing).
+        Otherwise the conv on the map runs at once -- as it did before weight-only convs had kernels: cutting the
+        patches of a training step only to discard them cost 5x its time."""
+        if x.dim() != 4 or x.dtype is not torch.float32 or not x.is_cpu:
+            return False
+        if (x.requires_grad and torch.is_grad_enabled()) or torch._C._get_tracing_state() is not None:
+            return False
+        return self.act is not None or (self.input_scale is None and self.input_shift is None)
 
     def _patch_forward(self, x: torch.Tensor, map_dense: bool = False) -> torch.Tensor:
         """The conv as a linear layer on its patches; ``map_dense``: the dense path is the conv on the quantized map
