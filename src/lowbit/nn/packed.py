@@ -160,7 +160,7 @@ class PackedConv2d(PackedMixin, QuantConv2d):
                 return y
         if self.patch_tokens:
             return self._patch_forward(x)
-        if self._static_patches(disp, cut) and self._patches_serve(x):
+        if self._patches_serve(x) and self._static_patches(disp, cut):
             return self._patch_forward(x, map_dense=True)
         # QuantConv2d.forward less its per-call bookkeeping (a small conv takes ~20 µs, the bookkeeping ~10):
         # the 4-D weight view is kept while the cached weight is the same tensor.
