@@ -804,10 +804,11 @@ LB_API void lb_w8a8_panel(const int8_t* xq, const float* sx, i64 M, i64 K, const
 // BITS = E2M1 (-4): 4-bit FP4 E2M1 codes in the int4 layout, read through a table as their values times 2 (the
 // integers 0, 1, 2, 3, 4, 6, 8, 12 and their negatives; group scales halved, zero points 0). fp32 activations only.
 static constexpr int E2M1 = -4;
-// BITS = W2P (-2): int2 codes as bit planes, for fp32 activations (`group_layout.prepare_wn2_planes`, AVX-512
-// builds): unit u of a block (32 codes) is the 8 bytes at 8u, bit i of the uint32 there bit 0 of code 32u + i and
-// bit i of the next uint32 its bit 1; the same bytes per block as int2's chunks, scales and zero points as they
-// are. The fp32 kernel adds x where a bit is set: the bytes of each plane are the write masks of masked adds.
+// BITS = W2P (-2): int2 codes as bit planes, for fp32 activations (`group_layout.prepare_wn(..., planes=True)`,
+// AVX-512 builds): unit u of a block (32 codes) is the 8 bytes at 8u, bit i of the uint32 there bit 0 of code
+// 32u + i and bit i of the next uint32 its bit 1; the same bytes per block as int2's chunks, scales and zero points
+// as they are. The fp32 kernel adds x where a bit is set: the bytes of each plane are the write masks of masked
+// adds.
 static constexpr int W2P = -2;
 template <int BITS>
 static inline i64 wn_code_bytes(i64 units) { return (units + 3) / 4 * 16 * (BITS < 0 ? -BITS : BITS); }
@@ -1028,7 +1029,6 @@ static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp,
                 }
             }
         };
-        __m256 h[MT][8];  // per row: the partial sums of group j in 8 lanes
 #ifdef __AVX512F__
         // 16 codes per vector: two widenings and two products per unit of 32 instead of four (the widening shuffles
         // share one port on Intel cores, where the 8-wide form held this kernel at ~13 G weights/s; session 21)
@@ -1077,7 +1077,6 @@ static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp,
                 d[m][j] = keep(_mm512_add_ps(d[m][j], e));
             }
         });
-        (void)h;
         for (int m = 0; m < MT; ++m) {
             __m512 ta = sa[m], tb = sb[m];
             for (int j = 0; j < 8; j += 2) {  // (past the block's nb groups: sums 0, scales 0)
@@ -1089,6 +1088,7 @@ static inline void wna32_tile(const uint8_t* row, i64 G, const float* x, i64 Kp,
                 acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(zf, sc), _mm256_loadu_ps(sxg + m * ldg + 8 * b), acc[m]);
         }
 #else
+        __m256 h[MT][8];  // per row: the partial sums of group j in 8 lanes
         for (int j = 0; j < 8; ++j)
             for (int m = 0; m < MT; ++m) h[m][j] = _mm256_setzero_ps();
         units([&](int j, int u, __m256i w) __attribute__((always_inline)) {
