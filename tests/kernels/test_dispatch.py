@@ -113,14 +113,11 @@ CONV_CASES = [
 ]
 
 
-@needs_native
-@pytest.mark.parametrize(("weights", "acts", "kernel"), CONV_CASES)
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_conv_with_per_patch_activations_runs_the_linear_kernel_on_its_patches(
-    weights: str, acts: str, kernel: str, channels_last: bool
-) -> None:
-    """A conv whose activations are quantized per patch is a linear layer over its patches (cut in C): same kernel
-    routes, same parity with the simulated layer; a decided call takes the short path with the same output."""
+def native_conv_parity(
+    weights: str, acts: str | None, kernel: str, channels_last: bool
+) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A packed conv run in native mode on its patches: its route and report name ``kernel``, its output equals the
+    simulated layer's within fp32 rounding. Returns (simulated, packed, input, simulated output, native output)."""
     q, p = packed_conv(weights, acts)
     x = torch.randn(3, 32, 9, 10)
     if channels_last:
@@ -131,6 +128,18 @@ def test_conv_with_per_patch_activations_runs_the_linear_kernel_on_its_patches(
     assert route_for(p[0]).kernel == kernel and layer_report(p[0])[0]["path"] == kernel
     assert got.shape == want.shape and got.is_contiguous()
     assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+    return q, p, x, want, got
+
+
+@needs_native
+@pytest.mark.parametrize(("weights", "acts", "kernel"), CONV_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_with_per_patch_activations_runs_the_linear_kernel_on_its_patches(
+    weights: str, acts: str, kernel: str, channels_last: bool
+) -> None:
+    """A conv whose activations are quantized per patch is a linear layer over its patches (cut in C): same kernel
+    routes, same parity with the simulated layer; a decided call takes the short path with the same output."""
+    q, p, x, want, got = native_conv_parity(weights, acts, kernel, channels_last)
     with torch.no_grad():
         first = p(x)  # auto: measured once for these rows, then decided
         disp = p[0]._dispatch
@@ -279,16 +288,7 @@ def test_weight_only_conv_runs_the_fp32_input_kernel_on_its_patches(
     layer's output up to summation order, on the patch path (native mode) and in the decided one C call (lb_conv:
     patches cut whole, the kernel, the map: the same bits); the reference path is the simulated layer bit for bit.
     In auto mode it is raced against the conv on the cached weight, and a call decided dense is that conv."""
-    q, p = packed_conv(weights, None)
-    x = torch.randn(3, 32, 9, 10)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    want = q(x).detach()
-    with torch.no_grad(), use_mode("native"):
-        got = p(x)
-    assert route_for(p[0]).kernel == kernel and layer_report(p[0])[0]["path"] == kernel
-    assert got.shape == want.shape and got.is_contiguous()
-    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+    _, p, x, want, got = native_conv_parity(weights, None, kernel, channels_last)
     if dispatch.mode() == "auto":  # (LOWBIT_KERNELS=native / portable decide nothing)
         with torch.no_grad():
             p(x)  # auto: raced for these patches, then decided

@@ -1304,6 +1304,17 @@ static inline void wn_vnni_tile(const uint8_t* xu, i64 Kp, const int8_t* wp, con
 #endif
 
 #ifdef LB_AMX
+// y rows m < mr (stride ldm), columns < ncols = rs[m] * f (a block's 32 x 32 fp32 sums, row stride 32).
+static inline void store_scaled_rows(float* y, i64 ldm, const float* f, const float* rs, i64 mr, i64 ncols) {
+    for (int h = 0; 16 * h < ncols; ++h) {
+        const i64 nc = std::min<i64>(16, ncols - 16 * h);
+        const __mmask16 cols = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1);
+        for (i64 m = 0; m < mr; ++m)
+            _mm512_mask_storeu_ps(y + m * ldm + 16 * h, cols,
+                                  _mm512_mul_ps(_mm512_set1_ps(rs[m]), _mm512_load_ps(f + 32 * m + 16 * h)));
+    }
+}
+
 // The AMX form of wn_panel_tile for rows m < mr of a block against panels p, p+1 (ncols columns): per group (a
 // multiple of 64 k) the exact d_g as int32 tiles, then f += s_g * (float)d_g in group order and y = sx * f, the
 // steps of the VNNI and AVX2 tiles: the same bits. spg: panel p's group scales (G, 16), panel p+1's G*16 further.
@@ -1325,13 +1336,7 @@ static inline void amx_group_block(const int8_t* am, i64 Kq, const int8_t* wp, i
             }
         }
     }
-    for (int h = 0; 16 * h < ncols; ++h) {
-        const i64 nc = std::min<i64>(16, ncols - 16 * h);
-        const __mmask16 cols = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1);
-        for (i64 m = 0; m < mr; ++m)
-            _mm512_mask_storeu_ps(y + m * ldm + 16 * h, cols,
-                                  _mm512_mul_ps(_mm512_set1_ps(sx[m]), _mm512_load_ps(f + 32 * m + 16 * h)));
-    }
+    store_scaled_rows(y, ldm, f, sx, mr, ncols);
 }
 #endif
 
@@ -3009,13 +3014,7 @@ static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* 
                 }
             }
         }
-        for (int h = 0; 16 * h < ncols; ++h) {
-            const i64 nc = std::min<i64>(16, ncols - 16 * h);
-            const __mmask16 cols = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1);
-            for (i64 r = 0; r < mr; ++r)
-                _mm512_mask_storeu_ps(ym + r * N + 16 * h, cols,
-                                      _mm512_mul_ps(_mm512_set1_ps(rm[r]), _mm512_load_ps(f + 32 * r + 16 * h)));
-        }
+        store_scaled_rows(ym, N, f, rm, mr, ncols);
     };
     for (m0 = 0; m0 < M; m0 += CH) {
         // (a last, shorter chunk leaves the rows past it as they were: finite, read by the tiles, never stored)
