@@ -149,8 +149,10 @@ def test_fp4_layers_run_rows_of_codes_and_panels_of_twice_their_values():
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 def test_fp8_panels_decode_every_finite_code_exactly(fmt, rows):
     """FP8 bytes are decoded in the kernel (normal, subnormal, ±0): an identity input returns every weight
-    code·scale bit for bit, the values of `lowfloat.decode_table` -- in a decoded block (70 rows at a time) and
-    in registers (fewer rows than ``FP8_REGISTER_ROWS``: through half precision, the E4M3 scale times 2^8)."""
+    code·scale bit for bit, the values of `lowfloat.decode_table` -- in registers (fewer rows than
+    ``FP8_REGISTER_ROWS``: 12 on AVX2, through half precision; 128 on AVX-512, by shifts into bf16 patterns with
+    exponent-0 codes from a table; the E4M3 scale times 2^8, E5M2's times 2^16 there), in a decoded block (70 rows
+    at a time on AVX2) or on the AMX tiles (from 16 rows)."""
     from lowbit.formats import lowfloat
 
     table = lowfloat.decode_table(fmt)
@@ -166,10 +168,11 @@ def test_fp8_panels_decode_every_finite_code_exactly(fmt, rows):
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-@pytest.mark.parametrize("M", [1, 2, 5, 8, 11, 12, 33])
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 9, 11, 12, 33, 130])
 @pytest.mark.parametrize("xscale", [1.0, 1e-15, 1e15, 1e30])
 def test_fp8_panels_compute_the_dense_product(M, fmt, xscale, N=100, K=201):
-    """Any row count (registers below 12 rows, a decoded block from 12), K not a multiple of 4, N of 16; inputs
+    """Any row count (registers below ``FP8_REGISTER_ROWS`` -- 12 on AVX2, 128 on AVX-512, 8 rows a decode there --
+    then a decoded block; the AMX tiles from 16 rows where they are on), K not a multiple of 4, N of 16; inputs
     whose rows lie inside [2^-40, 2^40] (the register rows then scale the sums, not each weight) and outside."""
     from lowbit.formats import lowfloat
 

@@ -1651,66 +1651,103 @@ static inline void fp8_rows_tile(const float* x, i64 K, const int8_t* w, const f
 }
 
 #ifdef LB_VNNI
-// The same on AVX-512: 32 bytes of a panel (8 columns x 4 k) widen to two vectors of 16 floats (vcvtph2ps zmm; lane
-// i: column i / 2 at k + 2 (i % 2), +1 for the odd bytes), half the instructions per weight of the 8-lane form; the
-// lane pairs of both halves are summed at the end into the 16 columns in order. AFTER: the column scales multiply
-// the sums, not each decoded weight (one multiplication a column instead of one a weight; the caller makes sure no
-// sum of x times an unscaled value can overflow or lose its bits to underflow).
+// The same on AVX-512 (BW), decoded by shifts: a byte s|exponent|mantissa in a 16-bit lane's high byte, shifted
+// right arithmetically (4 for E4M3, 3 for E5M2), masked to sign, exponent and mantissa bits and given exponent 112
+// (E4M3) / 96 (E5M2), is the bf16 pattern of the code's value times 2^-8 / 2^-16 for every normal code, and a bf16
+// is the high half of the fp32 of the same value. Codes with exponent 0 (+-0 and subnormals, which that pattern
+// reads as normal) are replaced from a table of their values, only in the lines that hold one (a byte test per
+// line). Every decoded value is a normal number in [2^-32, 2).
+
+// bf16 bits of m * 2^p (1 <= m < 256, m * 2^p a normal bf16)
+static constexpr uint16_t bf16_bits(int m, int p) {
+    int e = 0;
+    while (m >> (e + 1)) ++e;
+    return (uint16_t)(((e + p + 127) << 7) | ((m - (1 << e)) << (7 - e)));
+}
+
+template <int FPE>
+struct Fp8Shift {
+    static constexpr int SHIFT = FPE == 4 ? 4 : 3;                           // the byte's exponent onto bf16's
+    static constexpr short KEEP = FPE == 4 ? (short)0x87f0 : (short)0x8fe0;  // sign, exponent, mantissa after it
+    static constexpr short BIAS = FPE == 4 ? 0x3800 : 0x3000;               // exponent + 112 / + 96
+    static constexpr short EXP = FPE == 4 ? 0x0780 : 0x0f80;                // the code's exponent bits after it
+    static constexpr char RAW_EXP = FPE == 4 ? 0x78 : 0x7c;                 // and in the byte
+    static constexpr int MSHIFT = FPE == 4 ? 4 : 5;                         // mantissa to bit 0: the table index
+    static constexpr float UNSCALE = FPE == 4 ? 256.0f : 65536.0f;          // decoded value * UNSCALE = code value
+    static constexpr int P = FPE == 4 ? -17 : -32;                          // subnormal mantissa m decodes to m * 2^P
+    // bf16 of each subnormal mantissa's decoded value (index 0: +0; a compile-time table: a function-local static
+    // would put its guard check in the kernel's loop, and GCC then spills every accumulator around it)
+    alignas(64) static constexpr uint16_t SUB[32] = {
+        0, bf16_bits(1, P), bf16_bits(2, P), bf16_bits(3, P), FPE == 4 ? bf16_bits(4, P) : 0,
+        FPE == 4 ? bf16_bits(5, P) : 0, FPE == 4 ? bf16_bits(6, P) : 0, FPE == 4 ? bf16_bits(7, P) : 0};
+};
+
+// A panel line (16 columns x 4 k, 4 bytes a column) as bf16: lo holds each column's k (low half of its 32-bit lane)
+// and k + 2 (high half), hi its k + 1 and k + 3.
+template <int FPE>
+__attribute__((always_inline)) static inline void fp8_line_bf16(__m512i raw, __m512i& lo, __m512i& hi) {
+    using D = Fp8Shift<FPE>;
+    const __m512i keep = _mm512_set1_epi16(D::KEEP), bias = _mm512_set1_epi16(D::BIAS);  // (A & B) | C: 0xea
+    lo = _mm512_ternarylogic_epi32(_mm512_srai_epi16(_mm512_slli_epi16(raw, 8), D::SHIFT), keep, bias, 0xea);
+    hi = _mm512_ternarylogic_epi32(_mm512_srai_epi16(raw, D::SHIFT), keep, bias, 0xea);
+    if (__builtin_expect(_mm512_testn_epi8_mask(raw, _mm512_set1_epi8(D::RAW_EXP)) != 0, 0)) {
+        const __m512i sub = _mm512_load_si512(D::SUB), exp = _mm512_set1_epi16(D::EXP);
+        const __m512i sign = _mm512_set1_epi16((short)0x8000);
+        auto fix = [&](__m512i v) __attribute__((always_inline)) {  // exponent-0 lanes from the table, sign kept: t | (v & sign) is 0xf8
+            const __m512i t = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, D::MSHIFT), sub);
+            return _mm512_mask_mov_epi16(v, _mm512_testn_epi16_mask(v, exp), _mm512_ternarylogic_epi32(t, v, sign, 0xf8));
+        };
+        lo = fix(lo), hi = fix(hi);
+    }
+}
+
+// Each panel line gives its 16 columns at k .. k + 3 as four fp32 vectors, one FMA each per row, into AC
+// accumulators a row (enough chains to cover the FMA latency); the columns come out in order. AFTER: the column
+// scales multiply the sums, not each decoded weight (one multiplication a column instead of one a weight; the
+// caller makes sure no sum of x times an unscaled value can overflow or lose its bits to underflow). Otherwise each
+// decoded value times its scale (times 2^8 / 2^16: exact) is the block path's decoded weight, bit for bit.
 template <int MR, int FPE, bool AFTER = false>
 static inline void fp8_rows_tile16(const float* x, i64 K, const int8_t* w, const float* s256, float* y, i64 N,
                                    i64 ncols) {
-    constexpr int AS = MR == 1 ? 2 : 1;  // one row: the even and odd products in two chains (FMA latency)
-    __m512 acc[MR][2][AS], sl[2];
-    const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-    for (int h = 0; h < 2; ++h)
-        sl[h] = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(_mm256_loadu_ps(s256 + 8 * h)));
+    constexpr int AC = MR == 1 ? 4 : MR < 8 ? 2 : 1;
+    const __mmask16 cols = ncols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
+    const __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(cols, s256), _mm512_set1_ps(FPE == 4 ? 1.0f : 65536.0f));
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000);
+    __m512 acc[MR][AC];
     for (int m = 0; m < MR; ++m)
-        for (int h = 0; h < 2; ++h)
-            for (int a = 0; a < AS; ++a) acc[m][h][a] = _mm512_setzero_ps();
+        for (int a = 0; a < AC; ++a) acc[m][a] = _mm512_setzero_ps();
     auto quad = [&](const float* xp, i64 ldx, const int8_t* wk) __attribute__((always_inline)) {
-        __m512 xe[MR], xo[MR];
-        for (int m = 0; m < MR; ++m) {
-            const __m512 xv = _mm512_broadcast_f32x4(_mm_loadu_ps(xp + m * ldx));
-            xe[m] = _mm512_permute_ps(xv, 0x88);  // x0 x2 x0 x2
-            xo[m] = _mm512_permute_ps(xv, 0xdd);  // x1 x3 x1 x3
-        }
-        for (int h = 0; h < 2; ++h) {
-            const __m256i raw = _mm256_loadu_si256((const __m256i*)(wk + 32 * h));
-            __m256i e = _mm256_slli_epi16(raw, 8), o = _mm256_and_si256(raw, _mm256_set1_epi16((short)0xff00));
-            if constexpr (FPE == 4) {
-                const __m256i keep = _mm256_set1_epi16((short)0xbfff);
-                e = _mm256_and_si256(_mm256_srai_epi16(e, 1), keep);
-                o = _mm256_and_si256(_mm256_srai_epi16(o, 1), keep);
-            }
-            __m512 fe = _mm512_cvtph_ps(e), fo = _mm512_cvtph_ps(o);
-            if constexpr (!AFTER) fe = _mm512_mul_ps(fe, sl[h]), fo = _mm512_mul_ps(fo, sl[h]);
-            for (int m = 0; m < MR; ++m) {
-                acc[m][h][0] = _mm512_fmadd_ps(fe, xe[m], acc[m][h][0]);
-                acc[m][h][AS - 1] = _mm512_fmadd_ps(fo, xo[m], acc[m][h][AS - 1]);
-            }
-        }
+        __m512i lo, hi;
+        fp8_line_bf16<FPE>(_mm512_loadu_si512(wk), lo, hi);
+        __m512 f[4] = {_mm512_castsi512_ps(_mm512_slli_epi32(lo, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)),
+                       _mm512_castsi512_ps(_mm512_and_si512(lo, high)), _mm512_castsi512_ps(_mm512_and_si512(hi, high))};
+        if constexpr (!AFTER)
+            for (int j = 0; j < 4; ++j) f[j] = _mm512_mul_ps(f[j], s);
+        for (int m = 0; m < MR; ++m)
+            for (int j = 0; j < 4; ++j)
+                acc[m][j % AC] = _mm512_fmadd_ps(f[j], _mm512_set1_ps(xp[m * ldx + j]), acc[m][j % AC]);
     };
     fp8_quads<MR>(x, K, w, quad);
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    const __mmask16 cols = ncols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
     for (int m = 0; m < MR; ++m) {
-        __m512 a0 = acc[m][0][0], a1 = acc[m][1][0];
-        if constexpr (AS == 2) a0 = _mm512_add_ps(a0, acc[m][0][1]), a1 = _mm512_add_ps(a1, acc[m][1][1]);
-        const __m512 r = _mm512_add_ps(_mm512_permutex2var_ps(a0, even, a1), _mm512_permutex2var_ps(a0, odd, a1));
-        _mm512_mask_storeu_ps(y + m * N, cols, AFTER ? _mm512_mul_ps(r, _mm512_loadu_ps(s256)) : r);
+        __m512 r = acc[m][0];
+        for (int a = 1; a < AC; ++a) r = _mm512_add_ps(r, acc[m][a]);
+        _mm512_mask_storeu_ps(y + m * N, cols, AFTER ? _mm512_mul_ps(r, s) : r);
     }
 }
 #endif
 
-// Below this many rows FP8 panels are decoded in registers (fp8_rows_run), from it on into a block (f32_panel_run).
-// Median us, one thread, Zen 4, the 8-lane register tile vs block (not measured again with the 16-lane tile):
-// 1024 x 1024 at 1 row 91-115 vs 223-236, 4 rows 138 vs 275, 8 rows 268 vs 335, 10 rows 374 vs 419, 11 rows 387 vs
-// 409; 128 x 1024 at 4 rows 21 vs 37, 11 rows 60 vs 53.
-static constexpr i64 FP8_REGISTER_ROWS = 12;
-#if defined(__AVX512F__)
-static constexpr int FP8_MR = 4;  // rows sharing a decode (fp8_rows_tile16: 8 accumulators and 8 x vectors of 32)
+// Below this many rows FP8 panels are decoded in registers (fp8_rows_run), from it on into a block (f32_panel_run);
+// with the AMX tiles on, from F32_AMX_ROWS / FP8_AMX_ROWS rows on the tiles take them. Median us, one thread:
+// Zen 4, the 8-lane register tile vs block: 1024 x 1024 at 1 row 91-115 vs 223-236, 4 rows 138 vs 275, 8 rows 268
+// vs 335, 10 rows 374 vs 419, 11 rows 387 vs 409; 128 x 1024 at 4 rows 21 vs 37, 11 rows 60 vs 53. Xeon (AMX
+// off), the 16-lane shift-decode tile vs block, FP8 weights with FP8 activations: 4096 x 4096 at 16 rows 4411 vs
+// 8447, 64 rows 16896 vs 27693, 128 rows 33720 vs 56980; 384 x 1536 at 64 rows 542 vs 610, 128 rows 1145 vs 1084;
+// 128 x 1024 at 128 rows 274 vs 283.
+#ifdef LB_VNNI
+static constexpr i64 FP8_REGISTER_ROWS = 128;
+static constexpr int FP8_MR = 8;  // rows sharing a decode (fp8_rows_tile16: 8 accumulators, 4 decoded vectors)
 #else
+static constexpr i64 FP8_REGISTER_ROWS = 12;
 static constexpr int FP8_MR = 2;  // 8 accumulators and 4 x vectors of 16
 #endif
 // y (M, N) = x (M, K) . decoded FP8 panels, for few rows: each thread owns a contiguous range of panels; one row
@@ -1727,7 +1764,7 @@ static int fp8_rows_run(const float* x, i64 M, i64 K, const int8_t* wp, const fl
 #ifdef LB_VNNI
     // Scales after the sums where that cannot change a result beyond fp32 rounding: every row's largest |x| within
     // [2^-40, 2^40] (or the row all zeros), the scales within [2^-40, 2^40], and so every unscaled product (a decoded
-    // value lies in [2^-17, 2^16] or is 0) and sum (K < 2^24 terms) well inside fp32's normal range.
+    // value lies in [2^-32, 2) or is 0) and sum (K < 2^24 terms) well inside fp32's normal range.
     bool after = smin >= 0x1p-40f && smax <= 0x1p40f && K < (1 << 24);
     for (i64 m = 0; after && m < M; ++m) {  // (NaN / inf: above 2^40's pattern)
         const uint32_t bits = row_abs_bits(x + m * K, K);
