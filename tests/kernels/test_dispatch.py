@@ -674,6 +674,32 @@ def test_race_counts_rounds_from_the_second_warm_up_round() -> None:
     assert len(calls) == 2 + dispatch.MAX_ROUNDS
 
 
+@needs_native
+def test_the_race_times_the_bare_c_call_a_decided_layer_makes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native side of a race is the C call a decided layer makes (`LayerDispatch._call`), not `native` with its
+    checks (~0.5 µs more: a 10-output head's race read its kernel slower than ``F.linear`` while in steady state it
+    was faster); an input the bare call cannot take (strided, autograd) races `native` itself."""
+    _, p = packed_layer("int8", None, k=128, n=10)
+    layer = p[0]
+    x = torch.randn(1, 128)
+    with torch.no_grad(), use_mode("native"):
+        want = layer(x)
+    disp = layer._dispatch
+    native_calls: list[int] = []
+    real_native = disp.native
+    monkeypatch.setattr(disp, "native", lambda *a: (native_calls.append(1), real_native(*a))[1])
+    with torch.no_grad():
+        bare = disp._native_call(layer, x, 1)
+        assert len(native_calls) == 1  # preparing the weights
+        assert torch.equal(bare(), want) and len(native_calls) == 1
+        strided = torch.randn(1, 256)[:, ::2]
+        disp._native_call(layer, strided, 1)()
+        assert len(native_calls) == 3
+    xg = x.clone().requires_grad_(True)
+    disp._native_call(layer, xg, 1)()
+    assert len(native_calls) == 5
+
+
 @pytest.mark.parametrize("conv", [False, True])
 def test_an_empty_batch_gives_an_empty_output(conv: bool) -> None:
     """Zero rows (an empty batch) pass through quantized activations, the packed paths and the patch cutter."""

@@ -352,6 +352,22 @@ class LayerDispatch:
                     return y
         return self._linear(st, x, threads, bias)
 
+    def _native_call(self, layer: Any, x: torch.Tensor, threads: int) -> Callable[[], Any]:
+        """The native path on ``x`` as a decided call runs it, for the race: once the weights are prepared (this
+        first `native` call), the bare C call (`_call`) where `hot` would make it -- `native`'s own checks cost ~0.5 µs
+        more, which a decided call does not pay (a 10-output head's kernel is ~2 µs: the race measured it slower
+        than ``F.linear`` while in steady state it is faster) -- else `native` itself."""
+        self.native(layer, x, threads)
+        st, bias = self.state, layer_bias(layer)
+        k = x.shape[-1] if x.dim() else 0
+        direct = x.dtype is torch.float32 and x.is_cpu and x.is_contiguous() and k == st.K and c_ready_bias(bias, st.N)
+        if not direct or (x.requires_grad and torch.is_grad_enabled()):
+            return lambda: self.native(layer, x, threads)
+        rows = x.numel() // k
+        if self._call(st, x, rows, threads, bias) is None:  # (a failed C call: `native` raises its error)
+            return lambda: self.native(layer, x, threads)
+        return lambda: self._call(st, x, rows, threads, bias)
+
     def dense(self, layer: Any, x: torch.Tensor, xt: torch.Tensor, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The dense path on input ``x`` (``xt``: ``x`` after the layer's input scale / shift, already computed)."""
         if not self.plain and self.fast_input is None:
@@ -390,7 +406,7 @@ class LayerDispatch:
         c = self.choice.get(key)
         if c is None or c["native_ms"] is None:
             w = layer.weight_matrix()  # what an fp32 layer of this shape costs (for the report, not the choice)
-            native_fn: Callable[[], Any] = lambda: self.native(layer, x if self.kernel_scales else xt, threads)  # noqa: E731
+            native_fn = self._native_call(layer, x if self.kernel_scales else xt, threads)
             # (a decided plain layer's dense forward is one F.linear: that is what it races)
             plain = self.plain and w.is_cpu
             dense_fn: Callable[[], Any] = (
@@ -399,8 +415,7 @@ class LayerDispatch:
             fp32_fn: Callable[[], Any] = lambda: F.linear(xt, w, layer.bias)  # noqa: E731
             # (an overridden mode, `use_mode`, takes the patches' path: `hot_conv` serves only plain auto mode)
             calls = whole(self) if whole is not None and not _mode_override else None
-            if calls is not None:
-                native_fn()  # prepares the kernel's weights for these rows
+            if calls is not None:  # (the kernel's weights for these rows are prepared: `_native_call`)
                 if calls[0]() is not None:
                     native_fn, dense_fn, fp32_fn = calls
             native_ms, dense_ms, fp32_ms = race(native_fn, dense_fn, fp32_fn)
