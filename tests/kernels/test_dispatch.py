@@ -700,6 +700,43 @@ def test_the_race_times_the_bare_c_call_a_decided_layer_makes(monkeypatch: pytes
     assert len(native_calls) == 5
 
 
+@needs_native
+def test_a_plain_layer_races_its_two_decided_forwards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight-only layer's race runs `hot` as a decided call would, once as native and once as dense (their
+    checks differ by ~0.3 µs, which decides a 10-output head's race)."""
+    if dispatch.mode() != "auto":
+        pytest.skip("dispatch decides only in auto mode")
+    _, p = packed_layer("int8", None, k=128, n=10)
+    layer = p[0]
+    x = torch.randn(1, 128)
+    with torch.no_grad(), use_mode("native"):
+        want_native = layer(x)  # (builds the layer's dispatch; auto mode has not raced yet)
+    disp = layer._dispatch
+    hot_calls: list[bool | None] = []
+    real_hot = disp.hot
+    monkeypatch.setattr(disp, "hot", lambda lay, xx: (hot_calls.append(disp.decided.get((1, 1))), real_hot(lay, xx))[1])
+    raced: list[tuple[list, list]] = []
+    real_race = dispatch.race
+
+    def spy_race(*fns, **kw):
+        hot_calls.clear()
+        raced.append(([fn() for fn in fns[:2]], list(hot_calls)))
+        return real_race(*fns, **kw)
+
+    monkeypatch.setattr(dispatch, "race", spy_race)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    (native_out, dense_out), calls = raced[0]
+    assert calls == [True, False]  # each through `hot`, decided as it races
+    assert torch.equal(native_out, want_native)
+    assert torch.equal(dense_out, nn.functional.linear(x, layer.weight_matrix(), layer.bias))
+
+
 @pytest.mark.parametrize("conv", [False, True])
 def test_an_empty_batch_gives_an_empty_output(conv: bool) -> None:
     """Zero rows (an empty batch) pass through quantized activations, the packed paths and the patch cutter."""

@@ -48,7 +48,7 @@ from lowbit.kernels.routes import Route, awaits_calibration, route_for
 
 MODES = ("auto", "native", "reference", "portable")
 REPEATS = 3
-MAX_ROUNDS = 30
+MAX_ROUNDS = 200  # (tiny calls: within RACE_BUDGET_S; at 30 a 10-output head's 3 µs race went either way)
 RACE_BUDGET_S = 0.005
 _mode_override: list[str] = []
 _env_mode: str | None = None  # LOWBIT_KERNELS, read once: an environment lookup costs microseconds per layer call
@@ -368,6 +368,27 @@ class LayerDispatch:
             return lambda: self.native(layer, x, threads)
         return lambda: self._call(st, x, rows, threads, bias)
 
+    def _hot_calls(
+        self, layer: Any, x: torch.Tensor, rows: int, threads: int
+    ) -> tuple[Callable[[], Any], Callable[[], Any]] | None:
+        """A plain layer's two decided forwards on ``x`` exactly as `hot` runs them (native: its checks and the C
+        call; dense: one ``F.linear`` on the cached weight), for the race: on a 10-output head both take ~2-3 µs, and
+        the checks on the native side (~0.3 µs) decide a close race. None where `hot` would not serve this input."""
+        key = (rows, threads)
+
+        def as_decided(native: bool) -> Callable[[], Any]:
+            def call() -> Any:
+                self.decided[key] = native
+                return self.hot(layer, x)
+
+            return call
+
+        calls = as_decided(True), as_decided(False)
+        if any(c() is None for c in calls):
+            self.decided.pop(key, None)
+            return None
+        return calls
+
     def dense(self, layer: Any, x: torch.Tensor, xt: torch.Tensor, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The dense path on input ``x`` (``xt``: ``x`` after the layer's input scale / shift, already computed)."""
         if not self.plain and self.fast_input is None:
@@ -413,6 +434,9 @@ class LayerDispatch:
                 (lambda: F.linear(x, w, layer_bias(layer))) if plain else (lambda: self.dense(layer, x, xt, dense))
             )
             fp32_fn: Callable[[], Any] = lambda: F.linear(xt, w, layer.bias)  # noqa: E731
+            hot = self._hot_calls(layer, x, rows, threads) if plain and not _mode_override else None
+            if hot is not None:
+                native_fn, dense_fn = hot
             # (an overridden mode, `use_mode`, takes the patches' path: `hot_conv` serves only plain auto mode)
             calls = whole(self) if whole is not None and not _mode_override else None
             if calls is not None:  # (the kernel's weights for these rows are prepared: `_native_call`)
