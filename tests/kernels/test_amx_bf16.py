@@ -70,8 +70,10 @@ def test_the_bf16_tiles_are_built_where_the_cpu_and_compiler_have_them(amx_state
 
 
 @pytest.mark.parametrize(("weights", "acts"), [("fp8_e4m3", ACT_FORMATS["fp8_token"]), ("fp8_e5m2", E5M2_TOKEN)])
-@pytest.mark.parametrize(("K", "N"), [(384, 96), (100, 33), (1000, 16), (9, 40)])  # Kp: whole / padded tile steps
-@pytest.mark.parametrize("M", [16, 17, 31, 45, 200])  # one row tile, partial second tiles, several blocks
+# Kp: whole / padded tile steps; 1400 columns: panels decoded in three chunks (fp8_amx_run), split between threads
+@pytest.mark.parametrize(("K", "N"), [(384, 96), (100, 33), (1000, 16), (9, 40), (384, 1400)])
+# below and from the tiles' 10 rows, one row tile, partial second tiles, several blocks
+@pytest.mark.parametrize("M", [9, 10, 16, 17, 31, 45, 200])
 def test_fp8_layers_on_many_rows_match_the_simulated_layer_and_the_fp32_kernel(
     weights, acts, K, N, M, amx_state, threads_state
 ):

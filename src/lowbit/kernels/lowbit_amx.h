@@ -145,15 +145,22 @@ static inline void amx_block(const int8_t* a, i64 Kq, const int8_t* wp, i64 Kp, 
 // tile(IC<MT>, IC<NP>, a_m, Kq, m, mr, p) computes rows m .. m+mr-1 (mr <= 16 MT, their codes at a_m)
 // against panels p .. p+NP-1 (amx_block and an epilogue). Row blocks of 32 are split between threads when there are
 // enough, else the panel pairs, in chunks that stay in L2 while its row blocks pass over them (walk_blocks).
-template <class F>
-static void amx_run(const int8_t* a, i64 Kq, i64 M, i64 N, i64 Kp, int threads, F tile) {
+// on_chunk(p0, p1): called by a thread before its first tile of each chunk of panels [p0, p1) (weights decoded per
+// chunk into the thread's buffer, amx_chunk_panels, instead of the whole layer per call).
+struct NoChunkHook {
+    void operator()(i64, i64) const {}
+};
+template <class F, class C = NoChunkHook>
+static void amx_run(const int8_t* a, i64 Kq, i64 M, i64 N, i64 Kp, int threads, F tile, C on_chunk = {}) {
     const i64 P = (N + 15) / 16, pairs = (P + 1) / 2, blocks = (M + 31) / 32;
     const i64 chunk = std::max<i64>(1, (512 * 1024) / (32 * Kp));
     lb_parallel(nthreads(threads), threads != 1 && M * N * Kp >= (1 << 18), [&] {
         const AmxConfig cfg;
         amx_fence();
         _tile_loadconfig(&cfg);
+        i64 seen = -1;
         walk_blocks(blocks, pairs, chunk, [&](i64 b, i64 c0, i64 c1) {
+            if (c0 != seen) on_chunk(2 * c0, std::min(P, 2 * c1)), seen = c0;
             const i64 m = 32 * b, mr = std::min<i64>(32, M - m);
             const int8_t* am = a + m * Kq;
             for (i64 q = c0; q < c1; ++q) {

@@ -1684,12 +1684,14 @@ struct Fp8Shift {
 
 // A panel line (16 columns x 4 k, 4 bytes a column) as bf16: lo holds each column's k (low half of its 32-bit lane)
 // and k + 2 (high half), hi its k + 1 and k + 3.
+// a and b: FP8 bytes in the high bytes of 16-bit lanes (anything in the low bytes), decoded in place into bf16 (the
+// shift decode above); raw: the 64 bytes they came from, tested for exponent-0 codes.
 template <int FPE>
-__attribute__((always_inline)) static inline void fp8_line_bf16(__m512i raw, __m512i& lo, __m512i& hi) {
+__attribute__((always_inline)) static inline void fp8_bf16_lanes(__m512i raw, __m512i& lo, __m512i& hi) {
     using D = Fp8Shift<FPE>;
     const __m512i keep = _mm512_set1_epi16(D::KEEP), bias = _mm512_set1_epi16(D::BIAS);  // (A & B) | C: 0xea
-    lo = _mm512_ternarylogic_epi32(_mm512_srai_epi16(_mm512_slli_epi16(raw, 8), D::SHIFT), keep, bias, 0xea);
-    hi = _mm512_ternarylogic_epi32(_mm512_srai_epi16(raw, D::SHIFT), keep, bias, 0xea);
+    lo = _mm512_ternarylogic_epi32(_mm512_srai_epi16(lo, D::SHIFT), keep, bias, 0xea);
+    hi = _mm512_ternarylogic_epi32(_mm512_srai_epi16(hi, D::SHIFT), keep, bias, 0xea);
     if (__builtin_expect(_mm512_testn_epi8_mask(raw, _mm512_set1_epi8(D::RAW_EXP)) != 0, 0)) {
         const __m512i sub = _mm512_load_si512(D::SUB), exp = _mm512_set1_epi16(D::EXP);
         const __m512i sign = _mm512_set1_epi16((short)0x8000);
@@ -1699,6 +1701,12 @@ __attribute__((always_inline)) static inline void fp8_line_bf16(__m512i raw, __m
         };
         lo = fix(lo), hi = fix(hi);
     }
+}
+
+template <int FPE>
+__attribute__((always_inline)) static inline void fp8_line_bf16(__m512i raw, __m512i& lo, __m512i& hi) {
+    lo = _mm512_slli_epi16(raw, 8), hi = raw;
+    fp8_bf16_lanes<FPE>(raw, lo, hi);
 }
 
 // Each panel line gives its 16 columns at k .. k + 3 as four fp32 vectors, one FMA each per row, into AC
@@ -1737,7 +1745,8 @@ static inline void fp8_rows_tile16(const float* x, i64 K, const int8_t* w, const
 #endif
 
 // Below this many rows FP8 panels are decoded in registers (fp8_rows_run), from it on into a block (f32_panel_run);
-// with the AMX tiles on, from F32_AMX_ROWS / FP8_AMX_ROWS rows on the tiles take them. Median us, one thread:
+// with the AMX tiles on, from F32_AMX_ROWS (fp32 inputs) / FP8_AMX_ROWS (FP8 activations) rows on the tiles take
+// them. Median us, one thread:
 // Zen 4, the 8-lane register tile vs block: 1024 x 1024 at 1 row 91-115 vs 223-236, 4 rows 138 vs 275, 8 rows 268
 // vs 335, 10 rows 374 vs 419, 11 rows 387 vs 409; 128 x 1024 at 4 rows 21 vs 37, 11 rows 60 vs 53. Xeon (AMX
 // off), the 16-lane shift-decode tile vs block, FP8 weights with FP8 activations: 4096 x 4096 at 16 rows 4411 vs
@@ -2788,62 +2797,43 @@ static bool w1a1_amx(const lb_layer* L, const uint64_t* xb, const float* sx, i64
 // bf16 (an FP8 value has at most 4 significant bits; E4M3 and E5M2 exponents, subnormals included, lie inside
 // bf16's normal range) and so is each product in fp32 (8 significant bits): tdpbf16ps sums them in fp32, and
 // y = (sx[m] * sp[n]) * sum (+ bias) is the simulated layer's product up to fp32 summation order, as the fp32
-// panel kernel's. The FP8 panels are decoded per call into bf16 panels (2 bytes a weight, in scratch).
+// panel kernel's. The FP8 panels are decoded per call into bf16 panels (exact; 2 bytes a weight), a chunk of panels
+// at a time per thread (fp8_amx_run).
 
 // From this many rows FP8 layers with low-bit float activations run on the tiles (when the CPU, compiler and Linux
-// allow them).
-static constexpr i64 FP8_AMX_ROWS = 16;
+// allow them). One thread, us, tiles vs the register path (fp8_rows_run), FP8 weights and activations: 384 x 1536 at
+// 4 rows 65 vs 50, 8 rows 66 vs 77, 12 rows 67 vs 114; 4096 x 4096 at 8 rows 2489 vs 2211, 12 rows 2474 vs 3455;
+// 1024 x 128 at 8 rows 18 vs 19, 12 rows 20 vs 29.
+static constexpr i64 FP8_AMX_ROWS = 10;
 
 static bool fp8_amx_rows(const lb_layer* L, i64 M) {
     return L->wkind == LB_FP8 && L->akind == LB_ACT_FP && L->fp_man <= 3 && L->wp && M >= FP8_AMX_ROWS &&
            L->pld % 32 == 0 && amx_on();
 }
 
-// bf16 bits of the 128 magnitudes of an FP8 byte (FPE exponent bits: E4M3 / E5M2), as f32_dequant decodes them.
-template <int FPE>
-struct Fp8Bf16Table {
-    alignas(64) uint16_t v[128];
-    Fp8Bf16Table() {
-        constexpr int M = 7 - FPE, bias = (1 << (FPE - 1)) - 1;
-        for (int u = 0; u < 128; ++u) {
-            const int e = u >> M, m = u & ((1 << M) - 1);
-            const float f = e ? ldexpf(1.0f + (float)m / (float)(1 << M), e - bias) : ldexpf((float)m, 1 - bias - M);
-            uint32_t bits;
-            memcpy(&bits, &f, 4);
-            v[u] = (uint16_t)(bits >> 16);
-        }
-    }
-};
-
-// Panels [p0, p1) of FP8 bytes wp (panel row q: 16 columns x 4 k) as bf16 panels for tdpbf16ps: rows 2q (k = 4q,
-// 4q + 1 of each column) and 2q + 1 (4q + 2, 4q + 3), 16 * Kp values a panel; each byte through the table of its
-// magnitude, its sign bit moved to bf16's.
+// Panels [p0, p1) of FP8 bytes wp (panel row q: 16 columns x 4 k) as bf16 panels for tdpbf16ps from out on (panel
+// p0 first): rows 2q (k = 4q, 4q + 1 of each column) and 2q + 1 (4q + 2, 4q + 3), 16 * Kp values a panel: one byte shuffle puts each pair's
+// bytes in the high bytes of a column's 32-bit lane, then the shift decode (fp8_bf16_lanes, exact). The values are
+// the codes' times 2^-8 (E4M3) / 2^-16 (E5M2): fp8_bf16_scale gives the factor the sums take back.
 template <int FPE>
 static void fp8_bf16_panels(const int8_t* wp, i64 p0, i64 p1, i64 Kp, uint16_t* out) {
-    static const Fp8Bf16Table<FPE> table;
-    const __m512i t0 = _mm512_load_si512(table.v), t1 = _mm512_load_si512(table.v + 32);
-    const __m512i t2 = _mm512_load_si512(table.v + 64), t3 = _mm512_load_si512(table.v + 96);
-    const __m512i mag = _mm512_set1_epi16(0x7f), upper = _mm512_set1_epi16(0x40), sign = _mm512_set1_epi16(0x80);
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    auto decode = [&](__m512i w) __attribute__((always_inline)) {  // 32 bytes in 16-bit lanes -> bf16
-        const __m512i i = _mm512_and_si512(w, mag);
-        const __m512i lo = _mm512_permutex2var_epi16(t0, i, t1), hi = _mm512_permutex2var_epi16(t2, i, t3);
-        const __m512i d = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(w, upper), lo, hi);
-        return _mm512_or_si512(d, _mm512_slli_epi16(_mm512_and_si512(w, sign), 8));
-    };
+    const __m512i k01 = _mm512_broadcast_i32x4(_mm_setr_epi8(-1, 0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13));
+    const __m512i k23 = _mm512_broadcast_i32x4(_mm_setr_epi8(-1, 2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15));
     for (i64 p = p0; p < p1; ++p) {
         const int8_t* w = wp + p * 16 * Kp;
-        uint16_t* o = out + p * 16 * Kp;
+        uint16_t* o = out + (p - p0) * 16 * Kp;
         for (i64 q = 0; q < Kp / 4; ++q) {
             const __m512i v = _mm512_loadu_si512(w + 64 * q);
-            const __m512i lo = decode(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(v)));      // columns 0..7
-            const __m512i hi = decode(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(v, 1)));  // 8..15
-            _mm512_storeu_si512(o + 64 * q, _mm512_permutex2var_epi32(lo, even, hi));
-            _mm512_storeu_si512(o + 64 * q + 32, _mm512_permutex2var_epi32(lo, odd, hi));
+            __m512i r0 = _mm512_shuffle_epi8(v, k01), r1 = _mm512_shuffle_epi8(v, k23);
+            fp8_bf16_lanes<FPE>(v, r0, r1);
+            _mm512_storeu_si512(o + 64 * q, r0);
+            _mm512_storeu_si512(o + 64 * q + 32, r1);
         }
     }
 }
+
+// The factor that takes sums over fp8_bf16_panels' values back to the codes' (2^8 for E4M3, 2^16 for E5M2).
+static inline float fp8_bf16_scale(int fpe) { return fpe == 4 ? 256.0f : fpe == 5 ? 65536.0f : 1.0f; }
 
 // FP8 layer L's panels decoded into bf16 panels for the tiles (scratch: free() it), NULL when out of memory.
 static uint16_t* fp8_bf16_weights(const lb_layer* L, int threads) {
@@ -2853,50 +2843,76 @@ static uint16_t* fp8_bf16_weights(const lb_layer* L, int threads) {
     lb_parallel(nthreads(threads), threads != 1 && P * 16 * Kp >= (1 << 16), [&] {
         i64 lo, hi;
         my_rows(P, 1, &lo, &hi);
-        if (L->bits == 4) fp8_bf16_panels<4>(L->wp, lo, hi, Kp, wb);
-        else fp8_bf16_panels<5>(L->wp, lo, hi, Kp, wb);
+        if (L->bits == 4) fp8_bf16_panels<4>(L->wp, lo, hi, Kp, wb + lo * 16 * Kp);
+        else fp8_bf16_panels<5>(L->wp, lo, hi, Kp, wb + lo * 16 * Kp);
     });
     return wb;
 }
 
-// y[m * ldm + n * ldn] (+ bias[n]) of FP8 layer L (bf16 panels wb) on M rows of bf16 codes xc (tile form: row
-// stride L->pld, zero past K, readable up to a multiple of 32 rows) with scales sx: row-major (ldn 1) or a
-// convolution's map (ldm 1).
-static void fp8_amx_run(const lb_layer* L, const uint16_t* wb, const uint16_t* xc, const float* sx, i64 M, float* y,
-                        i64 ldm, i64 ldn, int threads, const float* bias) {
+// A thread's buffer for one chunk of panels decoded to bf16 (amx_run's on_chunk), kept for the thread's life and
+// grown as needed: a fresh scratch for the whole layer per call (2 bytes a weight) cost its page faults every call
+// (4096 x 4096 at 16 rows: 3.1-13.9 ms a call, against ~2.5 ms with one chunk at a time).
+struct PanelChunk {
+    uint16_t* buf = nullptr;
+    i64 cap = 0, p0 = 0;
+    ~PanelChunk() { free(buf); }
+    bool reserve(i64 n) {
+        if (n <= cap) return true;
+        free(buf);
+        buf = (uint16_t*)scratch_uninit(sizeof(uint16_t) * n);
+        cap = buf ? n : 0;
+        return buf != nullptr;
+    }
+};
+static thread_local PanelChunk panel_chunk;
+
+// y[m * ldm + n * ldn] (+ bias[n]) of FP8 layer L on M rows of bf16 codes xc (tile form: row stride L->pld, zero past
+// K, readable up to a multiple of 32 rows) with scales sx: row-major (ldn 1) or a convolution's map (ldm 1). wb: the
+// layer's panels already decoded (fp8_bf16_weights), or NULL: each thread decodes its chunks of panels as it reaches
+// them. 0, or -2 when out of memory.
+static int fp8_amx_run(const lb_layer* L, const uint16_t* wb, const uint16_t* xc, const float* sx, i64 M, float* y,
+                       i64 ldm, i64 ldn, int threads, const float* bias) {
     const i64 N = L->N, Kp = L->pld, Kb = 2 * Kp;
     const float* sp = L->sp;
-    amx_run((const int8_t*)xc, Kb, M, N, Kb, threads,
-            [=](auto mt, auto np, const int8_t* am, i64 Kq, i64 m, i64 mr, i64 p) {
-                constexpr int MT = decltype(mt)::value, NP = decltype(np)::value;
-                alignas(64) float c[32 * 32];
-                amx_block<MT, NP, true>(am, Kq, (const int8_t*)(wb + p * 16 * Kp), Kb, 0, Kb, c);
-                amx_store(c, mr, std::min<i64>(16 * NP, N - 16 * p), sx + m, sp + 16 * p, y + m * ldm + 16 * p * ldn,
-                          ldm, ldn, bias ? bias + 16 * p : nullptr);
-            });
+    const float back = fp8_bf16_scale(L->bits);
+    std::atomic<int> failed{0};
+    auto decode = [&](i64 p0, i64 p1) {
+        if (wb) return;
+        PanelChunk& pc = panel_chunk;
+        if (!pc.reserve((p1 - p0) * 16 * Kp)) {
+            failed.store(1, std::memory_order_relaxed);
+            return;
+        }
+        pc.p0 = p0;
+        if (L->bits == 4) fp8_bf16_panels<4>(L->wp, p0, p1, Kp, pc.buf);
+        else fp8_bf16_panels<5>(L->wp, p0, p1, Kp, pc.buf);
+        amx_fence();  // (the tile loads read the buffer: see amx_fence)
+    };
+    amx_run(
+        (const int8_t*)xc, Kb, M, N, Kb, threads,
+        [=](auto mt, auto np, const int8_t* am, i64 Kq, i64 m, i64 mr, i64 p) {
+            constexpr int MT = decltype(mt)::value, NP = decltype(np)::value;
+            const PanelChunk& pc = panel_chunk;
+            const uint16_t* w = wb ? wb + p * 16 * Kp : pc.buf ? pc.buf + (p - pc.p0) * 16 * Kp : nullptr;
+            if (!w) return;
+            alignas(64) float c[32 * 32];
+            amx_block<MT, NP, true>(am, Kq, (const int8_t*)w, Kb, 0, Kb, c);
+            for (i64 r = 0; r < mr; ++r)  // the sums back to the codes' scale (exact)
+                for (int h = 0; h < NP; ++h)
+                    _mm512_store_ps(c + 32 * r + 16 * h,
+                                    _mm512_mul_ps(_mm512_load_ps(c + 32 * r + 16 * h), _mm512_set1_ps(back)));
+            amx_store(c, mr, std::min<i64>(16 * NP, N - 16 * p), sx + m, sp + 16 * p, y + m * ldm + 16 * p * ldn, ldm,
+                      ldn, bias ? bias + 16 * p : nullptr);
+        },
+        decode);
+    return failed.load() ? -2 : 0;
 }
 
 // y (M, N) (+ bias) of FP8 layer L from the rows' bf16 codes xc and scales sx. 0, or -2 when out of memory.
 static int fp8_amx(const lb_layer* L, const uint16_t* xc, const float* sx, i64 M, float* y, int threads,
                    const float* bias) {
-    uint16_t* wb = fp8_bf16_weights(L, threads);
-    if (!wb) return -2;
-    fp8_amx_run(L, wb, xc, sx, M, y, L->N, 1, threads, bias);
-    free(wb);
-    return 0;
+    return fp8_amx_run(L, nullptr, xc, sx, M, y, L->N, 1, threads, bias);
 }
-
-// --- fp32 inputs on int8 or FP8 panels on AMX-BF16 tiles (weight-only layers on many rows: W8, W4/W3/W2 groups,
-// binary, ternary without activation quantization, FP4, FP8). Each row is scaled by a power of two 2^-e (e: the
-// exponent of its largest |x|: exact) into [-2, 2), where a value is the exact sum of three bf16 parts (hi =
-// bf16(v), mid = bf16(v - hi), lo = v - hi - mid: 8 + 8 + 8 significant bits) down to 2^-100 or so of the row's
-// largest; the panels' codes are exact in bf16 (int8 codes, q - z, FP4's doubled values, FP8 bytes), so the tiles'
-// three products a k-step are exact and summed in fp32 (no overflow: |v| < 2, codes <= 57344), and y = 2^e *
-// (scale * sum), the scale per column or group applied once after the sums (the fp32 kernel rounds each code *
-// scale first: the two agree to fp32 rounding, this one a little closer to the exact product). Values below 2^-100
-// or so of their row's largest (bf16 and the tiles flush subnormal parts) count as zero: an error below 2^-100 of
-// the row's largest output term. A call holding a non-finite input takes the fp32 kernel (its NaN / inf results),
-// as do groups that are not a multiple of 32 k.
 
 // Panels [p0, p1) of int8 codes wp as bf16 panels for tdpbf16ps (the layout of fp8_bf16_panels), exact.
 static void int8_bf16_panels(const int8_t* wp, i64 p0, i64 p1, i64 Kp, uint16_t* out) {
@@ -3016,8 +3032,8 @@ static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* 
     lb_parallel(nthreads(threads), threads != 1 && P * 16 * Kp >= (1 << 16), [&] {
         i64 lo, hi;
         my_rows(P, 1, &lo, &hi);
-        if (fpe == 4) fp8_bf16_panels<4>(wp, lo, hi, Kp, wb);
-        else if (fpe == 5) fp8_bf16_panels<5>(wp, lo, hi, Kp, wb);
+        if (fpe == 4) fp8_bf16_panels<4>(wp, lo, hi, Kp, wb + lo * 16 * Kp);
+        else if (fpe == 5) fp8_bf16_panels<5>(wp, lo, hi, Kp, wb + lo * 16 * Kp);
         else int8_bf16_panels(wp, lo, hi, Kp, wb);
     });
     const i64 ps = 2 * Mt * Kp;  // part stride in bytes
@@ -3033,9 +3049,12 @@ static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* 
         alignas(64) float c[32 * 32], f[32 * 32];
         if (!group) {
             amx_block3<MT, NP>(am, Kq, ps, wq, Kb, 0, Kb, c);
+            const __m512 back = _mm512_set1_ps(fp8_bf16_scale(fpe));  // (FP8 panels' values: the codes' * 2^-8 / 2^-16)
             for (int h = 0; h < NP; ++h) {
                 const __m512 sc = _mm512_loadu_ps(sp + 16 * (p + h));
-                for (i64 r = 0; r < mr; ++r) _mm512_store_ps(f + 32 * r + 16 * h, _mm512_mul_ps(sc, _mm512_load_ps(c + 32 * r + 16 * h)));
+                for (i64 r = 0; r < mr; ++r)
+                    _mm512_store_ps(f + 32 * r + 16 * h,
+                                    _mm512_mul_ps(sc, _mm512_mul_ps(back, _mm512_load_ps(c + 32 * r + 16 * h))));
             }
         } else {
             for (i64 r = 0; r < mr; ++r)

@@ -248,8 +248,8 @@ def build_info() -> dict:
 
 def amx(on: bool | None = None) -> bool:
     """Whether the many-row int8 panel kernels (W8A8, ternary, W1A8, W4/W2A8 from 16 rows on, convolutions' maps; W1A1
-    from 32 rows on) run on AMX tiles, and FP8 layers with low-bit float (FP8 / FP6 / FP4) activations and
-    weight-only layers with fp32 inputs (three bf16 parts of each input) from 16 rows on AMX-BF16 ones (exact
+    from 32 rows on) run on AMX tiles, and FP8 layers with low-bit float (FP8 / FP6 / FP4) activations (from 10
+    rows on) and weight-only layers with fp32 inputs (three bf16 parts of each input; from 16) on AMX-BF16 ones (exact
     products; fp32 sums in another order than the fp32 kernels'): built where the compiler targets a CPU with
     AMX-INT8 (Sapphire Rapids on), allowed by the OS, and not turned off by ``LOWBIT_AMX=0`` (or ``off``). ``on``
     turns them on or off first (off: the VNNI / popcount kernels, same results bit for bit, and the fp32 kernels; a
