@@ -144,7 +144,9 @@ def _close_rows(got: torch.Tensor, want: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("weights", WEIGHT_ONLY)
 @pytest.mark.parametrize(
-    ("K", "N", "M"), [(384, 96, 16), (256, 33, 17), (640, 16, 45), (128, 200, 70), (64, 40, 600), (256, 48, 300)]
+    ("K", "N", "M"),
+    # (384, 1400): the panels decoded in three chunks per call, split between threads; 600 rows: two row chunks
+    [(384, 96, 16), (256, 33, 17), (640, 16, 45), (128, 200, 70), (64, 40, 600), (256, 48, 300), (384, 1400, 40)],
 )
 def test_weight_only_layers_on_many_rows_run_fp32_inputs_as_three_bf16_parts(
     weights, K, N, M, amx_state, threads_state

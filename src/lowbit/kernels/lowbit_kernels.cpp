@@ -2865,6 +2865,7 @@ struct PanelChunk {
     }
 };
 static thread_local PanelChunk panel_chunk;
+static thread_local PanelChunk parts_chunk;  // f32_amx's rows as three bf16 parts (the calling thread's)
 
 // y[m * ldm + n * ldn] (+ bias[n]) of FP8 layer L on M rows of bf16 codes xc (tile form: row stride L->pld, zero past
 // K, readable up to a multiple of 32 rows) with scales sx: row-major (ldn 1) or a convolution's map (ldm 1). wb: the
@@ -2914,13 +2915,13 @@ static int fp8_amx(const lb_layer* L, const uint16_t* xc, const float* sx, i64 M
     return fp8_amx_run(L, nullptr, xc, sx, M, y, L->N, 1, threads, bias);
 }
 
-// Panels [p0, p1) of int8 codes wp as bf16 panels for tdpbf16ps (the layout of fp8_bf16_panels), exact.
+// Panels [p0, p1) of int8 codes wp as bf16 panels for tdpbf16ps from out on (the layout of fp8_bf16_panels), exact.
 static void int8_bf16_panels(const int8_t* wp, i64 p0, i64 p1, i64 Kp, uint16_t* out) {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     for (i64 p = p0; p < p1; ++p) {
         const int8_t* w = wp + p * 16 * Kp;
-        uint16_t* o = out + p * 16 * Kp;
+        uint16_t* o = out + (p - p0) * 16 * Kp;
         for (i64 q = 0; q < Kp / 4; ++q) {
             __m512 f[4];  // 16 bytes each: 4 columns x 4 k, as floats in order
             for (int i = 0; i < 4; ++i)
@@ -2990,8 +2991,9 @@ static void bf16_parts(const float* x, i64 M, i64 K, i64 Kp, i64 Mt, const int* 
 static constexpr i64 F32_AMX_CHUNK = 512;
 
 // y (M, N) = x . the panels (codes times per-column or per-group scales sp; fpe: 0 int8 codes, 4 / 5 FP8 bytes) on
-// the tiles, rows in chunks of F32_AMX_CHUNK. 0, or 1 (nothing written) where it does not apply: tiles off, groups
-// not a multiple of 32 k, a non-finite input (checked before anything is written), out of memory.
+// the tiles, rows in chunks of F32_AMX_CHUNK. 0, or 1 where it does not apply -- tiles off, groups not a multiple
+// of 32 k, a non-finite input (checked before anything is written), out of memory (then rows may be written: the
+// caller's other path writes them all).
 static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* sp, i64 N, i64 Kp, i64 group,
                    float* y, int threads, int fpe) {
     if (Kp % 32 || (group && group % 32) || (fpe && group) || !amx_on()) return 1;
@@ -3021,28 +3023,43 @@ static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* 
             rs[m] = ldexpf(1.0f, e[m]);
         }
     });
-    uint16_t* a = finite ? (uint16_t*)calloc(3 * Mt * Kp + 32, sizeof(uint16_t)) : nullptr;
-    uint16_t* wb = a ? (uint16_t*)scratch_uninit(sizeof(uint16_t) * P * 16 * Kp) : nullptr;
-    if (!a || !wb) {
-        free(a);
+    // The rows' three parts (the calling thread's buffer, kept: a fresh one per call cost its page faults), their
+    // padding zero: k in [K, Kp) of every row, and the rows from CH to Mt (a last, shorter chunk leaves the rows
+    // past it as the chunk before wrote them: finite).
+    PanelChunk& parts = parts_chunk;
+    uint16_t* a = finite && parts.reserve(3 * Mt * Kp + 32) ? parts.buf : nullptr;
+    if (!a) {
         free(e);
         free(rs);
         return 1;
     }
-    lb_parallel(nthreads(threads), threads != 1 && P * 16 * Kp >= (1 << 16), [&] {
-        i64 lo, hi;
-        my_rows(P, 1, &lo, &hi);
-        if (fpe == 4) fp8_bf16_panels<4>(wp, lo, hi, Kp, wb + lo * 16 * Kp);
-        else if (fpe == 5) fp8_bf16_panels<5>(wp, lo, hi, Kp, wb + lo * 16 * Kp);
-        else int8_bf16_panels(wp, lo, hi, Kp, wb);
-    });
+    for (i64 r = 0; r < 3 * Mt; ++r) {
+        if (r % Mt < CH) memset(a + r * Kp + K, 0, sizeof(uint16_t) * (Kp - K));
+        else memset(a + r * Kp, 0, sizeof(uint16_t) * Kp);
+    }
+    // The weights as bf16 panels, a chunk at a time per thread (amx_run's on_chunk; fp8_amx_run's buffer).
+    std::atomic<int> failed{0};
+    auto decode = [&](i64 p0, i64 p1) {
+        PanelChunk& pc = panel_chunk;
+        if (!pc.reserve((p1 - p0) * 16 * Kp)) {
+            failed.store(1, std::memory_order_relaxed);
+            return;
+        }
+        pc.p0 = p0;
+        if (fpe == 4) fp8_bf16_panels<4>(wp, p0, p1, Kp, pc.buf);
+        else if (fpe == 5) fp8_bf16_panels<5>(wp, p0, p1, Kp, pc.buf);
+        else int8_bf16_panels(wp, p0, p1, Kp, pc.buf);
+        amx_fence();
+    };
     const i64 ps = 2 * Mt * Kp;  // part stride in bytes
     i64 m0 = 0;                  // the current chunk's first row
     // rows m .. m+mr-1 of the chunk against panels p .. p+NP-1: y = 2^e * (s * sums), s per column, or per group
     // f += s_g * sums in group order, then y = 2^e * f
     auto tile = [&](auto mt, auto np, const int8_t* am, i64 Kq, i64 m, i64 mr, i64 p) {
         constexpr int MT = decltype(mt)::value, NP = decltype(np)::value;
-        const int8_t* wq = (const int8_t*)(wb + p * 16 * Kp);
+        const PanelChunk& pc = panel_chunk;
+        if (!pc.buf) return;  // (out of memory: f32_amx returns 1 and nothing it wrote counts)
+        const int8_t* wq = (const int8_t*)(pc.buf + (p - pc.p0) * 16 * Kp);
         const i64 ncols = std::min<i64>(16 * NP, N - 16 * p);
         float* ym = y + (m0 + m) * N + 16 * p;
         const float* rm = rs + m0 + m;
@@ -3080,13 +3097,11 @@ static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* 
             my_rows(rows, 1, &lo, &hi);
             if (lo < hi) bf16_parts(x + (m0 + lo) * K, hi - lo, K, Kp, Mt, e + m0 + lo, a + lo * Kp);
         });
-        amx_run((const int8_t*)a, Kb, rows, N, Kb, threads, tile);
+        amx_run((const int8_t*)a, Kb, rows, N, Kb, threads, tile, decode);
     }
-    free(wb);
-    free(a);
     free(e);
     free(rs);
-    return 0;
+    return failed.load() ? 1 : 0;
 }
 #endif
 
