@@ -737,6 +737,30 @@ def test_a_plain_layer_races_its_two_decided_forwards(monkeypatch: pytest.Monkey
     assert torch.equal(dense_out, nn.functional.linear(x, layer.weight_matrix(), layer.bias))
 
 
+@needs_native
+def test_a_race_that_raises_leaves_no_decision_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race of a plain layer sets its decision key while it runs the decided forwards: an exception in the race
+    (an interrupt) must not leave that key set, or later calls would take a path nothing measured."""
+    if dispatch.mode() != "auto":
+        pytest.skip("dispatch decides only in auto mode")
+    _, p = packed_layer("int8", None, k=128, n=10)
+    x = torch.randn(1, 128)
+
+    def interrupted(*fns, **kw):
+        for fn in fns:
+            fn()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dispatch, "race", interrupted)
+    with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+        p(x)
+    assert p[0]._dispatch.decided == {}
+    monkeypatch.undo()
+    with torch.no_grad():
+        p(x)  # raced now
+    assert p[0]._dispatch.decided
+
+
 @pytest.mark.parametrize("conv", [False, True])
 def test_an_empty_batch_gives_an_empty_output(conv: bool) -> None:
     """Zero rows (an empty batch) pass through quantized activations, the packed paths and the patch cutter."""

@@ -193,6 +193,31 @@ def test_fp8_panels_compute_the_dense_product(M, fmt, xscale, N=100, K=201):
     assert bool(y[0].isnan().all()) and not bool(y[1:].isnan().any())
 
 
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("M", [4, 16])  # the register rows; from 16 the AMX-BF16 tiles where they are on
+def test_fp8_terms_of_tiny_inputs_and_the_smallest_codes_keep_their_bits(fmt, M):
+    """Rows whose largest input meets a zero weight and whose other inputs (2^-110) meet the smallest subnormal code:
+    the output (2^-113 / 2^-120) is the sum of those terms to fp32 rounding. The decoded values the kernels multiply are the
+    codes' times 2^8 / 2^16, so no product of a term whose true value is a normal fp32 falls below fp32's normal
+    range (decoded as the codes' times 2^-16, E5M2's terms were flushed to 0 on the tiles and lost bits in the
+    register rows)."""
+    from lowbit.formats import lowfloat
+
+    K, N = 64, 16
+    smallest = lowfloat.encode(torch.tensor([[2.0 ** {"e4m3": -9, "e5m2": -16}[fmt]]]), torch.ones(1), name=fmt)
+    codes = smallest.expand(N, K).clone()
+    codes[:, 0] = 0
+    s = torch.ones(N)
+    w = lowfloat.decode_table(fmt)[codes.long()] * s[:, None]
+    assert float(w[0, 1]) == 2.0 ** {"e4m3": -9, "e5m2": -16}[fmt]
+    x = torch.full((M, K), 1.2345678 * 2.0**-110)
+    x[:, 0] = 1.0
+    y = panels.matmul_f32_panel(x, panels.prepare_fp8_panels(codes, s, lowfloat.layout(fmt).exp_bits))
+    ref = x.double() @ w.double().T
+    bound = K * 2.0**-23 * (x.abs().double() @ w.abs().double().T)  # (`_close`'s, without its absolute 1e-30)
+    assert bool((ref > 0).all()) and bool(((y.double() - ref).abs() <= bound).all())
+
+
 @pytest.mark.parametrize(("M", "N"), [(1, 1000), (3, 300)])
 def test_fp8_register_rows_split_between_threads(M, N):
     """Enough work (M·N·K ≥ 2^20) for the few-row FP8 path to split its panels between threads."""

@@ -442,7 +442,11 @@ class LayerDispatch:
             if calls is not None:  # (the kernel's weights for these rows are prepared: `_native_call`)
                 if calls[0]() is not None:
                     native_fn, dense_fn, fp32_fn = calls
-            native_ms, dense_ms, fp32_ms = race(native_fn, dense_fn, fp32_fn)
+            try:
+                native_ms, dense_ms, fp32_ms = race(native_fn, dense_fn, fp32_fn)
+            except BaseException:
+                self.decided.pop((rows, threads), None)  # (`_hot_calls` set it while racing)
+                raise
             c = self.choice[key] = {
                 "native_ms": native_ms,
                 "dense_ms": dense_ms,

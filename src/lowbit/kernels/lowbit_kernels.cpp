@@ -1652,11 +1652,13 @@ static inline void fp8_rows_tile(const float* x, i64 K, const int8_t* w, const f
 
 #ifdef LB_VNNI
 // The same on AVX-512 (BW), decoded by shifts: a byte s|exponent|mantissa in a 16-bit lane's high byte, shifted
-// right arithmetically (4 for E4M3, 3 for E5M2), masked to sign, exponent and mantissa bits and given exponent 112
-// (E4M3) / 96 (E5M2), is the bf16 pattern of the code's value times 2^-8 / 2^-16 for every normal code, and a bf16
-// is the high half of the fp32 of the same value. Codes with exponent 0 (+-0 and subnormals, which that pattern
-// reads as normal) are replaced from a table of their values, only in the lines that hold one (a byte test per
-// line). Every decoded value is a normal number in [2^-32, 2).
+// right arithmetically (4 for E4M3, 3 for E5M2), masked to sign, exponent and mantissa bits and given exponent 128,
+// is the bf16 pattern of the code's value times 2^8 (E4M3) / 2^16 (E5M2) for every normal code, and a bf16 is the
+// high half of the fp32 of the same value. Codes with exponent 0 (+-0 and subnormals, which that pattern reads as
+// normal) are replaced from a table of their values, only in the lines that hold one (a byte test per line). Every
+// decoded value is 0 or a normal number in [2^-1, 2^32): no product of a decoded value with an input or an input's
+// bf16 part falls below fp32's normal range before the true code value's would (a factor below 1 had cost E5M2
+// terms 16 binades of range on the AMX tiles, which flush subnormal results).
 
 // bf16 bits of m * 2^p (1 <= m < 256, m * 2^p a normal bf16)
 static constexpr uint16_t bf16_bits(int m, int p) {
@@ -1669,12 +1671,12 @@ template <int FPE>
 struct Fp8Shift {
     static constexpr int SHIFT = FPE == 4 ? 4 : 3;                           // the byte's exponent onto bf16's
     static constexpr short KEEP = FPE == 4 ? (short)0x87f0 : (short)0x8fe0;  // sign, exponent, mantissa after it
-    static constexpr short BIAS = FPE == 4 ? 0x3800 : 0x3000;               // exponent + 112 / + 96
+    static constexpr short BIAS = 0x4000;                                   // exponent + 128
     static constexpr short EXP = FPE == 4 ? 0x0780 : 0x0f80;                // the code's exponent bits after it
     static constexpr char RAW_EXP = FPE == 4 ? 0x78 : 0x7c;                 // and in the byte
     static constexpr int MSHIFT = FPE == 4 ? 4 : 5;                         // mantissa to bit 0: the table index
-    static constexpr float UNSCALE = FPE == 4 ? 256.0f : 65536.0f;          // decoded value * UNSCALE = code value
-    static constexpr int P = FPE == 4 ? -17 : -32;                          // subnormal mantissa m decodes to m * 2^P
+    static constexpr float UNSCALE = FPE == 4 ? 0x1p-8f : 0x1p-16f;         // decoded value * UNSCALE = code value
+    static constexpr int P = FPE == 4 ? -1 : 0;                             // subnormal mantissa m decodes to m * 2^P
     // bf16 of each subnormal mantissa's decoded value (index 0: +0; a compile-time table: a function-local static
     // would put its guard check in the kernel's loop, and GCC then spills every accumulator around it)
     alignas(64) static constexpr uint16_t SUB[32] = {
@@ -1682,9 +1684,7 @@ struct Fp8Shift {
         FPE == 4 ? bf16_bits(5, P) : 0, FPE == 4 ? bf16_bits(6, P) : 0, FPE == 4 ? bf16_bits(7, P) : 0};
 };
 
-// A panel line (16 columns x 4 k, 4 bytes a column) as bf16: lo holds each column's k (low half of its 32-bit lane)
-// and k + 2 (high half), hi its k + 1 and k + 3.
-// a and b: FP8 bytes in the high bytes of 16-bit lanes (anything in the low bytes), decoded in place into bf16 (the
+// lo and hi: FP8 bytes in the high bytes of 16-bit lanes (anything in the low bytes), decoded in place into bf16 (the
 // shift decode above); raw: the 64 bytes they came from, tested for exponent-0 codes.
 template <int FPE>
 __attribute__((always_inline)) static inline void fp8_bf16_lanes(__m512i raw, __m512i& lo, __m512i& hi) {
@@ -1703,6 +1703,8 @@ __attribute__((always_inline)) static inline void fp8_bf16_lanes(__m512i raw, __
     }
 }
 
+// A panel line (16 columns x 4 k, 4 bytes a column) as bf16: lo holds each column's k (low half of its 32-bit lane)
+// and k + 2 (high half), hi its k + 1 and k + 3.
 template <int FPE>
 __attribute__((always_inline)) static inline void fp8_line_bf16(__m512i raw, __m512i& lo, __m512i& hi) {
     lo = _mm512_slli_epi16(raw, 8), hi = raw;
@@ -1713,13 +1715,17 @@ __attribute__((always_inline)) static inline void fp8_line_bf16(__m512i raw, __m
 // accumulators a row (enough chains to cover the FMA latency); the columns come out in order. AFTER: the column
 // scales multiply the sums, not each decoded weight (one multiplication a column instead of one a weight; the
 // caller makes sure no sum of x times an unscaled value can overflow or lose its bits to underflow). Otherwise each
-// decoded value times its scale (times 2^8 / 2^16: exact) is the block path's decoded weight, bit for bit.
+// decoded value is taken back to its code's value (exact) and times its column's scale: the block path's decoded
+// weight, bit for bit.
 template <int MR, int FPE, bool AFTER = false>
 static inline void fp8_rows_tile16(const float* x, i64 K, const int8_t* w, const float* s256, float* y, i64 N,
                                    i64 ncols) {
     constexpr int AC = MR == 1 ? 4 : MR < 8 ? 2 : 1;
     const __mmask16 cols = ncols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
-    const __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(cols, s256), _mm512_set1_ps(FPE == 4 ? 1.0f : 65536.0f));
+    using D = Fp8Shift<FPE>;
+    // s256 * 2^-8 (E4M3) is the column's scale, exactly; u: decoded value -> code value
+    const __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(cols, s256), _mm512_set1_ps(FPE == 4 ? 0x1p-8f : 1.0f));
+    const __m512 u = _mm512_set1_ps(D::UNSCALE), us = _mm512_mul_ps(u, s);
     const __m512i high = _mm512_set1_epi32((int)0xffff0000);
     __m512 acc[MR][AC];
     for (int m = 0; m < MR; ++m)
@@ -1730,7 +1736,7 @@ static inline void fp8_rows_tile16(const float* x, i64 K, const int8_t* w, const
         __m512 f[4] = {_mm512_castsi512_ps(_mm512_slli_epi32(lo, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)),
                        _mm512_castsi512_ps(_mm512_and_si512(lo, high)), _mm512_castsi512_ps(_mm512_and_si512(hi, high))};
         if constexpr (!AFTER)
-            for (int j = 0; j < 4; ++j) f[j] = _mm512_mul_ps(f[j], s);
+            for (int j = 0; j < 4; ++j) f[j] = _mm512_mul_ps(_mm512_mul_ps(f[j], u), s);
         for (int m = 0; m < MR; ++m)
             for (int j = 0; j < 4; ++j)
                 acc[m][j % AC] = _mm512_fmadd_ps(f[j], _mm512_set1_ps(xp[m * ldx + j]), acc[m][j % AC]);
@@ -1739,7 +1745,7 @@ static inline void fp8_rows_tile16(const float* x, i64 K, const int8_t* w, const
     for (int m = 0; m < MR; ++m) {
         __m512 r = acc[m][0];
         for (int a = 1; a < AC; ++a) r = _mm512_add_ps(r, acc[m][a]);
-        _mm512_mask_storeu_ps(y + m * N, cols, AFTER ? _mm512_mul_ps(r, s) : r);
+        _mm512_mask_storeu_ps(y + m * N, cols, AFTER ? _mm512_mul_ps(r, us) : r);
     }
 }
 #endif
@@ -1773,7 +1779,7 @@ static int fp8_rows_run(const float* x, i64 M, i64 K, const int8_t* wp, const fl
 #ifdef LB_VNNI
     // Scales after the sums where that cannot change a result beyond fp32 rounding: every row's largest |x| within
     // [2^-40, 2^40] (or the row all zeros), the scales within [2^-40, 2^40], and so every unscaled product (a decoded
-    // value lies in [2^-32, 2) or is 0) and sum (K < 2^24 terms) well inside fp32's normal range.
+    // value lies in [2^-1, 2^32) or is 0) and sum (K < 2^24 terms) well inside fp32's normal range.
     bool after = smin >= 0x1p-40f && smax <= 0x1p40f && K < (1 << 24);
     for (i64 m = 0; after && m < M; ++m) {  // (NaN / inf: above 2^40's pattern)
         const uint32_t bits = row_abs_bits(x + m * K, K);
@@ -2814,7 +2820,7 @@ static bool fp8_amx_rows(const lb_layer* L, i64 M) {
 // Panels [p0, p1) of FP8 bytes wp (panel row q: 16 columns x 4 k) as bf16 panels for tdpbf16ps from out on (panel
 // p0 first): rows 2q (k = 4q, 4q + 1 of each column) and 2q + 1 (4q + 2, 4q + 3), 16 * Kp values a panel: one byte shuffle puts each pair's
 // bytes in the high bytes of a column's 32-bit lane, then the shift decode (fp8_bf16_lanes, exact). The values are
-// the codes' times 2^-8 (E4M3) / 2^-16 (E5M2): fp8_bf16_scale gives the factor the sums take back.
+// the codes' times 2^8 (E4M3) / 2^16 (E5M2): fp8_bf16_scale gives the factor the sums take back.
 template <int FPE>
 static void fp8_bf16_panels(const int8_t* wp, i64 p0, i64 p1, i64 Kp, uint16_t* out) {
     const __m512i k01 = _mm512_broadcast_i32x4(_mm_setr_epi8(-1, 0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13));
@@ -2832,8 +2838,9 @@ static void fp8_bf16_panels(const int8_t* wp, i64 p0, i64 p1, i64 Kp, uint16_t* 
     }
 }
 
-// The factor that takes sums over fp8_bf16_panels' values back to the codes' (2^8 for E4M3, 2^16 for E5M2).
-static inline float fp8_bf16_scale(int fpe) { return fpe == 4 ? 256.0f : fpe == 5 ? 65536.0f : 1.0f; }
+// The factor that takes sums over fp8_bf16_panels' values back to the codes' (2^-8 for E4M3, 2^-16 for E5M2; exact
+// unless the result is itself below fp32's normal range).
+static inline float fp8_bf16_scale(int fpe) { return fpe == 4 ? 0x1p-8f : fpe == 5 ? 0x1p-16f : 1.0f; }
 
 // FP8 layer L's panels decoded into bf16 panels for the tiles (scratch: free() it), NULL when out of memory.
 static uint16_t* fp8_bf16_weights(const lb_layer* L, int threads) {
@@ -2856,6 +2863,10 @@ struct PanelChunk {
     uint16_t* buf = nullptr;
     i64 cap = 0, p0 = 0;
     ~PanelChunk() { free(buf); }
+    void release() {
+        free(buf);
+        buf = nullptr, cap = 0;
+    }
     bool reserve(i64 n) {
         if (n <= cap) return true;
         free(buf);
@@ -2866,6 +2877,7 @@ struct PanelChunk {
 };
 static thread_local PanelChunk panel_chunk;
 static thread_local PanelChunk parts_chunk;  // f32_amx's rows as three bf16 parts (the calling thread's)
+static constexpr i64 PARTS_KEEP = 4 << 20;   // values kept past a call (8 MiB: 512 rows x K = 2730 as three parts)
 
 // y[m * ldm + n * ldn] (+ bias[n]) of FP8 layer L on M rows of bf16 codes xc (tile form: row stride L->pld, zero past
 // K, readable up to a multiple of 32 rows) with scales sx: row-major (ldn 1) or a convolution's map (ldm 1). wb: the
@@ -2914,6 +2926,19 @@ static int fp8_amx(const lb_layer* L, const uint16_t* xc, const float* sx, i64 M
                    const float* bias) {
     return fp8_amx_run(L, nullptr, xc, sx, M, y, L->N, 1, threads, bias);
 }
+
+// --- fp32 inputs on int8 or FP8 panels on AMX-BF16 tiles (weight-only layers on many rows: W8, W4/W3/W2 groups,
+// binary, ternary without activation quantization, FP4, FP8). Each row is scaled by a power of two 2^-e (e: the
+// exponent of its largest |x|: exact) into [-2, 2), where a value is the exact sum of three bf16 parts (hi =
+// bf16(v), mid = bf16(v - hi), lo = v - hi - mid: 8 + 8 + 8 significant bits) down to 2^-100 or so of the row's
+// largest; the panels' codes are exact in bf16 (int8 codes, q - z, FP4's doubled values, FP8 bytes times 2^8 /
+// 2^16: fp8_bf16_panels), so the tiles' three products a k-step are exact and summed in fp32 (no overflow: |v| < 2,
+// codes < 2^32), and y = 2^e * (scale * sum), the scale per column or group applied once after the sums (the fp32
+// kernel rounds each code * scale first: the two agree to fp32 rounding, this one a little closer to the exact
+// product). Values below 2^-100 or so of their row's largest (bf16 and the tiles flush subnormal parts) count as
+// zero: an error below 2^-100 of the row's largest output term. A call holding a non-finite input takes the fp32
+// kernel (its NaN / inf results), as do groups that are not a multiple of 32 k. The weights are decoded to bf16 a
+// chunk of panels at a time by each thread (amx_run's on_chunk), the rows' parts go to the calling thread's buffer.
 
 // Panels [p0, p1) of int8 codes wp as bf16 panels for tdpbf16ps from out on (the layout of fp8_bf16_panels), exact.
 static void int8_bf16_panels(const int8_t* wp, i64 p0, i64 p1, i64 Kp, uint16_t* out) {
@@ -3066,7 +3091,7 @@ static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* 
         alignas(64) float c[32 * 32], f[32 * 32];
         if (!group) {
             amx_block3<MT, NP>(am, Kq, ps, wq, Kb, 0, Kb, c);
-            const __m512 back = _mm512_set1_ps(fp8_bf16_scale(fpe));  // (FP8 panels' values: the codes' * 2^-8 / 2^-16)
+            const __m512 back = _mm512_set1_ps(fp8_bf16_scale(fpe));  // (FP8 panels hold the codes' values * 2^8 / 2^16)
             for (int h = 0; h < NP; ++h) {
                 const __m512 sc = _mm512_loadu_ps(sp + 16 * (p + h));
                 for (i64 r = 0; r < mr; ++r)
@@ -3099,6 +3124,7 @@ static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* 
         });
         amx_run((const int8_t*)a, Kb, rows, N, Kb, threads, tile, decode);
     }
+    if (parts.cap > PARTS_KEEP) parts.release();  // (a huge layer's rows are not kept for the thread's life)
     free(e);
     free(rs);
     return failed.load() ? 1 : 0;
