@@ -197,9 +197,9 @@ def test_fp8_panels_compute_the_dense_product(M, fmt, xscale, N=100, K=201):
 @pytest.mark.parametrize("M", [4, 16])  # the register rows; from 16 the AMX-BF16 tiles where they are on
 def test_fp8_terms_of_tiny_inputs_and_the_smallest_codes_keep_their_bits(fmt, M):
     """Rows whose largest input meets a zero weight and whose other inputs (2^-110) meet the smallest subnormal code:
-    the output (2^-113 / 2^-120) is the sum of those terms to fp32 rounding. The decoded values the kernels multiply are the
-    codes' times 2^8 / 2^16, so no product of a term whose true value is a normal fp32 falls below fp32's normal
-    range (decoded as the codes' times 2^-16, E5M2's terms were flushed to 0 on the tiles and lost bits in the
+    the output (2^-113 / 2^-120) is the sum of those terms to fp32 rounding. The decoded values the kernels multiply
+    are the codes' times 2^8 / 2^16, so no product of a term whose true value is a normal fp32 falls below fp32's
+    normal range (decoded as the codes' times 2^-16, E5M2's terms were flushed to 0 on the tiles and lost bits in the
     register rows)."""
     from lowbit.formats import lowfloat
 
