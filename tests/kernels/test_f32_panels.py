@@ -150,9 +150,9 @@ def test_fp4_layers_run_rows_of_codes_and_panels_of_twice_their_values():
 def test_fp8_panels_decode_every_finite_code_exactly(fmt, rows):
     """FP8 bytes are decoded in the kernel (normal, subnormal, ±0): an identity input returns every weight
     code·scale bit for bit, the values of `lowfloat.decode_table` -- in registers (fewer rows than
-    ``FP8_REGISTER_ROWS``: 12 on AVX2, through half precision; 128 on AVX-512, by shifts into bf16 patterns with
-    exponent-0 codes from a table; the E4M3 scale times 2^8, E5M2's times 2^16 there), in a decoded block (70 rows
-    at a time on AVX2) or on the AMX tiles (from 16 rows)."""
+    ``FP8_REGISTER_ROWS``: 12 on AVX2, through half precision; 128 on AVX-512, by shifts into bf16 patterns of the
+    codes' values times 2^8 / 2^16, exponent-0 codes from a table), in a decoded block (70 rows at a time on AVX2)
+    or on the AMX tiles (from 16 rows, the same shift decode)."""
     from lowbit.formats import lowfloat
 
     table = lowfloat.decode_table(fmt)
