@@ -174,7 +174,7 @@ static void amx_run(const int8_t* a, i64 Kq, i64 M, i64 N, i64 Kp, int threads, 
                     else tile(IC<1>(), IC<1>(), am, Kq, m, mr, p);
                 }
             }
-        });
+        }, !std::is_same<C, NoChunkHook>::value);
         _tile_release();
     });
 }

@@ -520,11 +520,13 @@ static inline void with_rows(i64 r, F&& f) {
 // the threads when there are at least two per thread, else the column units [0, units) (panels, or AMX's panel
 // pairs); the units in chunks of `chunk` that stay in L2 while every row block of the thread passes over them:
 // body(b, c0, c1) per row block b and chunk [c0, c1).
+// by_units: split the units whenever there are as many as threads and fewer than 8 row blocks a thread (each thread
+// then decodes only its own units' weights, amx_run's on_chunk; 197 x 384 x 1536 on 2 threads 15-20 % faster).
 template <class F>
-static inline void walk_blocks(i64 blocks, i64 units, i64 chunk, F&& body) {
+static inline void walk_blocks(i64 blocks, i64 units, i64 chunk, F&& body, bool by_units = false) {
     const i64 nth = lb_team_size();
     i64 b0 = 0, b1 = blocks, q0 = 0, q1 = units;
-    if (blocks >= 2 * nth) my_rows(blocks, 1, &b0, &b1);
+    if (blocks >= 2 * nth && !(by_units && units >= nth && blocks < 8 * nth)) my_rows(blocks, 1, &b0, &b1);
     else my_rows(units, 1, &q0, &q1);
     for (i64 c0 = q0; c0 < q1; c0 += chunk) {
         const i64 c1 = std::min(q1, c0 + chunk);
