@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -43,13 +42,12 @@ import torch.nn.functional as F
 
 from lowbit.formats.registry import ACT_FORMATS
 from lowbit.formats.spec import QuantSpec
+from lowbit.kernels.dispatch_report import layer_report  # noqa: F401 (re-exported)
 from lowbit.kernels.fakequant import fake_quantize_fast, has_fast_path
+from lowbit.kernels.race import MAX_ROUNDS, RACE_BUDGET_S, REPEATS, race  # noqa: F401 (re-exported)
 from lowbit.kernels.routes import Route, awaits_calibration, route_for
 
 MODES = ("auto", "native", "reference", "portable")
-REPEATS = 3
-MAX_ROUNDS = 200  # (tiny calls: within RACE_BUDGET_S; at 30 a 10-output head's 3 µs race went either way)
-RACE_BUDGET_S = 0.005
 _mode_override: list[str] = []
 _env_mode: str | None = None  # LOWBIT_KERNELS, read once: an environment lookup costs microseconds per layer call
 _warned: set[str] = set()
@@ -136,28 +134,6 @@ def native_patches_ready() -> bool:
     from lowbit.kernels import native
 
     return native.available()
-
-
-def race(*fns: Callable[[], Any], budget_s: float = RACE_BUDGET_S, max_rounds: int = MAX_ROUNDS) -> list[float]:
-    """Best time in ms of each of ``fns``, timed in alternation (one call of each per round, so a slow spell of a
-    shared machine hits all of them alike) after two warm-up rounds (the second sets the number of rounds): at
-    least ``REPEATS`` rounds, more for fast calls (up to ``max_rounds``, about ``budget_s`` in all), since a call of
-    a few microseconds varies by tens of percent from one call to the next. Dispatch keeps the defaults (it races
-    on a model's first call); a report can afford more."""
-    for fn in fns:  # (a first call may prepare a kernel's weights: it says nothing of a call's time)
-        fn()
-    t0 = time.perf_counter()
-    for fn in fns:
-        fn()
-    warm = time.perf_counter() - t0
-    rounds = max(REPEATS, min(max_rounds, int(budget_s / max(warm, 1e-9))))
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return [b * 1e3 for b in best]
 
 
 def c_ready_bias(bias: torch.Tensor | None, n: int) -> bool:
@@ -604,29 +580,3 @@ def dispatch_linear(
     x_in = x if disp.kernel_scales else transform(x) if xt is None else xt  # (the kernel applies its own scale)
     y = disp.native(layer, x_in, threads)  # (..., N) straight from (..., K): no reshapes on the hot path
     return y if x.dtype == torch.float32 else y.to(x.dtype)
-
-
-def layer_report(layer: Any) -> list[dict[str, Any]]:
-    """What dispatch measured and chose for ``layer``: one row per (batch bucket, threads) seen so far."""
-    disp = getattr(layer, "_dispatch", None)
-    if not disp:
-        return [{"path": "reference", "kernel": None}]
-    if not disp.choice:
-        return [{"path": "not run yet", "kernel": disp.route.kernel}]
-    many, st = disp.route.panel_rows, disp.state
-    panels = bool(many and st is not None and st.has_panels)
-    rowless = bool(st is not None and st.has_panels and not st.desc.w)  # (FP8, VNNI W8A8: panels at any rows)
-    return [
-        {
-            "rows": rows,
-            "threads": threads,
-            "kernel": disp.route.kernel,
-            # the many-row layout (`kernels.panels`) ran for these rows
-            "panels": bool(c["native"]) and (rowless or (panels and c.get("rows_seen", 0) >= many)),
-            "path": disp.route.kernel if c["native"] else "reference",
-            "native_ms": c["native_ms"],
-            "dense_ms": c["dense_ms"],
-            "fp32_ms": c["fp32_ms"],
-        }
-        for (rows, threads), c in sorted(disp.choice.items())
-    ]

@@ -2879,6 +2879,21 @@ struct PanelChunk {
 };
 static thread_local PanelChunk panel_chunk;
 static thread_local PanelChunk parts_chunk;  // f32_amx's rows as three bf16 parts (the calling thread's)
+
+static void int8_bf16_panels(const int8_t* wp, i64 p0, i64 p1, i64 Kp, uint16_t* out);
+
+// Panels [p0, p1) of wp (fpe: 4 / 5 FP8 bytes, 0 int8 codes) as bf16 panels into the calling thread's panel_chunk
+// (amx_run's on_chunk); false when out of memory.
+static bool decode_panel_chunk(const int8_t* wp, int fpe, i64 p0, i64 p1, i64 Kp) {
+    PanelChunk& pc = panel_chunk;
+    if (!pc.reserve((p1 - p0) * 16 * Kp)) return false;
+    pc.p0 = p0;
+    if (fpe == 4) fp8_bf16_panels<4>(wp, p0, p1, Kp, pc.buf);
+    else if (fpe == 5) fp8_bf16_panels<5>(wp, p0, p1, Kp, pc.buf);
+    else int8_bf16_panels(wp, p0, p1, Kp, pc.buf);
+    amx_fence();  // (the tile loads read the buffer: see amx_fence)
+    return true;
+}
 static constexpr i64 PARTS_KEEP = 4 << 20;   // values kept past a call (8 MiB: 512 rows x K = 2730 as three parts)
 
 // y[m * ldm + n * ldn] (+ bias[n]) of FP8 layer L on M rows of bf16 codes xc (tile form: row stride L->pld, zero past
@@ -2892,16 +2907,7 @@ static int fp8_amx_run(const lb_layer* L, const uint16_t* wb, const uint16_t* xc
     const float back = fp8_bf16_scale(L->bits);
     std::atomic<int> failed{0};
     auto decode = [&](i64 p0, i64 p1) {
-        if (wb) return;
-        PanelChunk& pc = panel_chunk;
-        if (!pc.reserve((p1 - p0) * 16 * Kp)) {
-            failed.store(1, std::memory_order_relaxed);
-            return;
-        }
-        pc.p0 = p0;
-        if (L->bits == 4) fp8_bf16_panels<4>(L->wp, p0, p1, Kp, pc.buf);
-        else fp8_bf16_panels<5>(L->wp, p0, p1, Kp, pc.buf);
-        amx_fence();  // (the tile loads read the buffer: see amx_fence)
+        if (!wb && !decode_panel_chunk(L->wp, L->bits, p0, p1, Kp)) failed.store(1, std::memory_order_relaxed);
     };
     amx_run(
         (const int8_t*)xc, Kb, M, N, Kb, threads,
@@ -3067,16 +3073,7 @@ static int f32_amx(const float* x, i64 M, i64 K, const int8_t* wp, const float* 
     // The weights as bf16 panels, a chunk at a time per thread (amx_run's on_chunk; fp8_amx_run's buffer).
     std::atomic<int> failed{0};
     auto decode = [&](i64 p0, i64 p1) {
-        PanelChunk& pc = panel_chunk;
-        if (!pc.reserve((p1 - p0) * 16 * Kp)) {
-            failed.store(1, std::memory_order_relaxed);
-            return;
-        }
-        pc.p0 = p0;
-        if (fpe == 4) fp8_bf16_panels<4>(wp, p0, p1, Kp, pc.buf);
-        else if (fpe == 5) fp8_bf16_panels<5>(wp, p0, p1, Kp, pc.buf);
-        else int8_bf16_panels(wp, p0, p1, Kp, pc.buf);
-        amx_fence();
+        if (!decode_panel_chunk(wp, fpe, p0, p1, Kp)) failed.store(1, std::memory_order_relaxed);
     };
     const i64 ps = 2 * Mt * Kp;  // part stride in bytes
     i64 m0 = 0;                  // the current chunk's first row
