@@ -18,6 +18,11 @@ which prefetches, can stream faster); the "weights GB/s" column is weight bytes 
     python benchmarks/kernels.py --threads 1 2 --out benchmarks/results/kernels.md
     python benchmarks/kernels.py --shapes 1x4096x4096 --formats w4g128 w1a1 --threads 1
     python benchmarks/kernels.py --shapes 1x4096x4096 --threads 1 2 --scaling   # 2 vs 1 thread, in alternation
+    python benchmarks/kernels.py --shapes 1576x384x1536 --dispatch   # lowbit's layers as dispatch runs them
+
+``--dispatch`` runs lowbit's layers in ``auto`` mode instead (every layer of a chain races its kernel against the
+dense fp32 path on its first call and keeps the faster): what a packed model runs, with a column saying how many
+layers of each chain took the kernel.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from torch import nn
 import lowbit
 from lowbit.formats import ACT_FORMATS, FORMATS
 from lowbit.kernels import native
-from lowbit.kernels.dispatch import use_mode
+from lowbit.kernels.dispatch import bucket, use_mode
 from lowbit.measure.envinfo import _version, environment
 from lowbit.recipe import Recipe, Stage
 
@@ -217,10 +222,10 @@ def ort_runners(m: int, k: int, n: int, count: int, threads: int) -> dict[str, t
 
 def build_runners(
     m: int, k: int, n: int, formats: list[str], stream_mib: int, max_layers: int
-) -> tuple[dict[str, tuple[Runner, int]], dict[str, float], int]:
+) -> tuple[dict[str, tuple[Runner, int]], dict[str, float], int, dict[str, list[nn.Module]]]:
     """The thread-agnostic contenders of one shape (PyTorch and lowbit chains: they run on
-    ``torch.get_num_threads()``), the weight bytes one layer of each reads, and the chain length of int8 contenders
-    (for ONNX Runtime's, built per thread count by `ort_runners`)."""
+    ``torch.get_num_threads()``), the weight bytes one layer of each reads, the chain length of int8 contenders
+    (for ONNX Runtime's, built per thread count by `ort_runners`) and each lowbit contender's layers."""
     stream = stream_mib << 20
 
     def count_for(nbytes: float) -> int:
@@ -228,6 +233,7 @@ def build_runners(
 
     x = torch.randn(m, k)
     runners: dict[str, tuple[Runner, int]] = {}
+    lowbit_chains: dict[str, list[nn.Module]] = {}
     weight_bytes: dict[str, float] = {}  # bytes of weights (codes + scales) one layer of each contender reads
     n_fp = count_for(k * n * 4)
     ws = [torch.randn(n, k) * 0.02 for _ in range(n_fp)]
@@ -252,7 +258,20 @@ def build_runners(
         layers = lowbit_layers(k, n, weights, acts, count)
         runners[f"lowbit {name}"] = (chain(count, lambda i, layers=layers: layers[i](x)), count)
         weight_bytes[f"lowbit {name}"] = k * n * bits / 8
-    return runners, weight_bytes, n_q
+        lowbit_chains[f"lowbit {name}"] = layers
+    return runners, weight_bytes, n_q, lowbit_chains
+
+
+def dispatch_column(layers: list[nn.Module], rows: int, threads: int) -> str:
+    """How many of a chain's layers dispatch ran on their kernel for ``rows`` on ``threads``, e.g. ``kernel
+    512/512`` or ``dense 12/12`` (``auto`` mode: each layer decided by its own race)."""
+    key = (bucket(rows), threads)
+    native_count = sum(1 for layer in layers if layer._dispatch and layer._dispatch.choice.get(key, {}).get("native"))
+    if native_count == len(layers):
+        return f"kernel {native_count}/{len(layers)}"
+    if native_count == 0:
+        return f"dense {len(layers)}/{len(layers)}"
+    return f"kernel {native_count}/{len(layers)}, dense {len(layers) - native_count}"
 
 
 def with_ort(runners: dict[str, tuple[Runner, int]], ort: dict[str, tuple[Runner, int]]) -> dict:
@@ -274,19 +293,30 @@ def time_once(run: Runner, count: int) -> float:
 
 
 def bench_shape(
-    m: int, k: int, n: int, threads: int, formats: list[str], reps: int, stream_mib: int, max_layers: int = 512
+    m: int,
+    k: int,
+    n: int,
+    threads: int,
+    formats: list[str],
+    reps: int,
+    stream_mib: int,
+    max_layers: int = 512,
+    how: str = "native",
 ) -> list[dict]:
+    """Every contender of one shape at one thread count; ``how``: lowbit's dispatch mode (``native``: always the
+    kernel; ``auto``: as dispatch decides, the ``dispatch`` field saying how many layers took the kernel)."""
     torch.set_num_threads(threads)
-    runners, weight_bytes, n_q = build_runners(m, k, n, formats, stream_mib, max_layers)
+    runners, weight_bytes, n_q, lowbit_chains = build_runners(m, k, n, formats, stream_mib, max_layers)
     runners = with_ort(runners, ort_runners(m, k, n, n_q, threads))
     times: dict[str, list[float]] = {name: [] for name in runners}
-    with torch.no_grad(), use_mode("native"):
+    with torch.no_grad(), use_mode(how):
         for run, _ in runners.values():
             run()  # warm-up: prepares kernel layouts, ORT allocations
         for _ in range(reps):
             for name, (run, count) in runners.items():
                 times[name].append(time_once(run, count))
     fp32 = statistics.median(times["fp32 PyTorch"])
+    auto = how == "auto"
     return [
         {
             "shape": f"{m}x{k}x{n}",
@@ -296,23 +326,32 @@ def bench_shape(
             "ms": statistics.median(t) * 1e3,
             "speedup": fp32 / statistics.median(t),
             "gbps": weight_bytes.get(name, float("nan")) / statistics.median(t) / 1e9,
+            "dispatch": dispatch_column(lowbit_chains[name], m, threads) if auto and name in lowbit_chains else "",
         }
         for name, t in times.items()
     ]
 
 
 def thread_scaling(
-    m: int, k: int, n: int, threads: list[int], formats: list[str], reps: int, stream_mib: int, max_layers: int = 512
+    m: int,
+    k: int,
+    n: int,
+    threads: list[int],
+    formats: list[str],
+    reps: int,
+    stream_mib: int,
+    max_layers: int = 512,
+    how: str = "native",
 ) -> list[dict]:
     """Every contender at each thread count in alternation inside one loop (the same chains; ONNX Runtime one
     session per thread count), so a VM's slow and fast phases fall on both alike: per contender the median time at
     each count and the speed-up of the last count over the first."""
     torch.set_num_threads(threads[0])
-    runners, _, n_q = build_runners(m, k, n, formats, stream_mib, max_layers)
+    runners, _, n_q, _ = build_runners(m, k, n, formats, stream_mib, max_layers)
     per_threads = {t: with_ort(runners, ort_runners(m, k, n, n_q, t)) for t in threads}
     names = list(per_threads[threads[0]])
     times: dict[tuple[str, int], list[float]] = {(name, t): [] for name in names for t in threads}
-    with torch.no_grad(), use_mode("native"):
+    with torch.no_grad(), use_mode(how):
         for t in threads:
             torch.set_num_threads(t)
             for run, _ in per_threads[t].values():
@@ -369,14 +408,16 @@ def markdown(rows: list[dict], env: dict) -> str:
         f"CPU: {env.get('cpu')}; torch {env.get('torch')}; onnxruntime {_version('onnxruntime')}; "
         f"native kernels: {env.get('kernels')}\n\n"
     )
+    auto = any(r.get("dispatch") for r in rows)
     lines = [
-        "| shape (MxKxN) | threads | path | layers in chain | ms / layer | vs fp32 | weights GB/s | VM steal % |",
-        "|---|---|---|---|---|---|---|---|",
+        "| shape (MxKxN) | threads | path | layers in chain | ms / layer | vs fp32 | weights GB/s | VM steal % |"
+        + (" dispatch chose |" if auto else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if auto else ""),
     ]
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['threads']} | {r['path']} | {r['layers']} | {r['ms']:.3f} | {r['speedup']:.2f}× "
-            f"| {r['gbps']:.1f} | {r['steal']:.1f} |"
+            f"| {r['gbps']:.1f} | {r['steal']:.1f} |" + (f" {r.get('dispatch', '')} |" if auto else "")
         )
     return head + "\n".join(lines) + "\n"
 
@@ -399,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time each contender at every --threads count in alternation and report the speed-up between them",
     )
+    ap.add_argument(
+        "--dispatch",
+        action="store_true",
+        help="run lowbit's layers as dispatch decides (auto: kernel or dense fp32 per layer), not always the kernel",
+    )
     args = ap.parse_args(argv)
     if not native.available():
         print(f"native kernels unavailable: {native.unavailable_reason()}", file=sys.stderr)
@@ -413,14 +459,15 @@ def main(argv: list[str] | None = None) -> int:
         m, k, n = (int(v) for v in shape.split("x"))
         for threads in args.threads:
             before = cpu_jiffies()
-            new = bench_shape(m, k, n, threads, args.formats, args.reps, args.stream_mib, args.max_layers)
+            how = "auto" if args.dispatch else "native"
+            new = bench_shape(m, k, n, threads, args.formats, args.reps, args.stream_mib, args.max_layers, how)
             steal = steal_percent(before, cpu_jiffies())
             print(f"{m}x{k}x{n} t={threads}: VM steal {steal:.1f} % of CPU time during this pass", flush=True)
             for r in new:
                 r["steal"] = steal
                 print(
                     f"{r['shape']:>14} t={threads} {r['path']:<34} {r['ms']:8.3f} ms  {r['speedup']:6.2f}×"
-                    f"  {r['gbps']:5.1f} GB/s",
+                    f"  {r['gbps']:5.1f} GB/s  {r['dispatch']}",
                     flush=True,
                 )
             rows += new
@@ -447,7 +494,8 @@ def scaling_main(args: argparse.Namespace, env: dict) -> int:
     rows: list[dict] = []
     for shape in args.shapes:
         m, k, n = (int(v) for v in shape.split("x"))
-        for r in thread_scaling(m, k, n, threads, args.formats, args.reps, args.stream_mib, args.max_layers):
+        how = "auto" if args.dispatch else "native"
+        for r in thread_scaling(m, k, n, threads, args.formats, args.reps, args.stream_mib, args.max_layers, how):
             times = "  ".join(f"{r['ms'][t]:8.3f} ms" for t in threads)
             print(f"{r['shape']:>14} {r['path']:<34} {times}  {r['scaling']:5.2f}×", flush=True)
             rows.append(r)

@@ -63,6 +63,7 @@ def test_unknown_preset(capsys, tmp_path: Path) -> None:
     _one_line_error(err, "did you mean 'w4g128'")
 
 
+@pytest.mark.usefixtures("auto_mode")
 @pytest.mark.slow
 def test_inspect_shows_per_patch_convolutions_on_their_kernel(capsys) -> None:
     rc, text, _ = _run(capsys, "inspect", "digits-cnn", "--recipe", "w8a8", "--packed")

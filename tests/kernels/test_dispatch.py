@@ -131,6 +131,7 @@ def native_conv_parity(
     return q, p, x, want, got
 
 
+@pytest.mark.usefixtures("auto_mode")
 @needs_native
 @pytest.mark.parametrize(("weights", "acts", "kernel"), CONV_CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -153,6 +154,7 @@ def test_conv_with_per_patch_activations_runs_the_linear_kernel_on_its_patches(
         assert torch.equal(p(x), want)  # the reference path is the simulated layer, bit for bit
 
 
+@pytest.mark.usefixtures("auto_mode")
 @needs_native
 @pytest.mark.parametrize(("weights", "acts"), [("int8", "int8_token"), ("int8", "int8_static")])
 @pytest.mark.parametrize("scaled", [False, True])  # an input scale (AWQ / SmoothQuant) applied before the cut
@@ -207,6 +209,7 @@ def test_per_patch_conv_applies_its_input_scale_and_shift_before_cutting_patches
         assert float((p(x) - want).abs().max()) <= 2e-5 * float(want.abs().max())
 
 
+@pytest.mark.usefixtures("auto_mode")
 @needs_native
 @pytest.mark.parametrize("acts", ["int8_token", None])  # None: weight-only, fp32 patches
 def test_one_call_conv_works_in_chunks_of_whole_images(acts: str | None) -> None:
@@ -359,6 +362,7 @@ def test_xnor_popcount_is_exact() -> None:
     assert torch.equal(torch.round(y / (bx[:, None] * a)).long(), exact)
 
 
+@pytest.mark.usefixtures("auto_mode")
 @needs_native
 def test_auto_dispatch_measures_once_and_picks_the_faster_path() -> None:
     _, p = packed_layer("int4_g128", None, k=1024, n=1024)
@@ -596,6 +600,7 @@ def test_torch_export_records_the_reference_path() -> None:
         torch.testing.assert_close(ep.module()(x), q(x))
 
 
+@pytest.mark.usefixtures("auto_mode")
 @needs_native
 @pytest.mark.parametrize("native_path", [True, False])
 def test_decided_layers_take_the_short_path_with_the_same_output(monkeypatch, native_path: bool) -> None:
@@ -771,6 +776,7 @@ def test_an_empty_batch_gives_an_empty_output(conv: bool) -> None:
         assert want.shape[0] == 0 and torch.equal(p(x), want)
 
 
+@pytest.mark.usefixtures("auto_mode")
 @pytest.mark.parametrize(("weights", "acts"), [("fp6_e3m2", "fp8_token"), ("int6", None), ("int6", "int8_token")])
 def test_layers_without_a_route_take_the_short_reference_path_with_the_same_output(monkeypatch, weights, acts) -> None:
     """A packed layer with no native kernel (FP8, int6) runs its reference forward as the activation quantizer's C

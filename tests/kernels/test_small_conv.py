@@ -153,6 +153,7 @@ def test_tiny_patch_conv_reads_any_input_layout_and_no_bias() -> None:
         assert float((direct - want).abs().max()) <= 0.05 * float(want.abs().max())  # int8 activation rounding
 
 
+@pytest.mark.usefixtures("auto_mode")
 def test_tiny_patch_conv_is_the_decided_call() -> None:
     """In auto mode a conv decided native runs lb_conv: the same output as the patch path, bit for bit."""
     torch.manual_seed(0)

@@ -177,6 +177,7 @@ def test_a_static_conv_runs_the_linear_kernel_on_its_patches(weights: str, kerne
         assert torch.equal(p(x).isnan(), want.isnan()) and torch.equal(p(x)[ok], want[ok])
 
 
+@pytest.mark.usefixtures("auto_mode")
 def test_a_static_conv_without_a_kernel_runs_the_map_conv_bit_for_bit() -> None:
     """Static convs go to their patches only for a native kernel: int6 weights (no route) keep the simulated conv,
     and a conv whose patches dispatch decided dense runs the map conv too (what dispatch races the kernel against)."""

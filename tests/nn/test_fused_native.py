@@ -192,6 +192,7 @@ def test_layers_not_on_their_kernels_keep_the_python_path(monkeypatch):
         assert len(blocks) == 2 and all(one_call(f, x) is None for _, f in blocks)
 
 
+@pytest.mark.usefixtures("auto_mode")
 def test_auto_mode_takes_the_one_call_path_once_dispatch_decided_native():
     """In ``auto`` mode a block goes to C for a row count every layer was decided for: at once where all were decided
     native, else where the block's own race (one call against the Python path) picked the one call."""
@@ -209,6 +210,7 @@ def test_auto_mode_takes_the_one_call_path_once_dispatch_decided_native():
         assert one_call(f, torch.randn(1, 5, 64), m) is None  # 5 rows: not decided yet
 
 
+@pytest.mark.usefixtures("auto_mode")
 @pytest.mark.parametrize("one_call_wins", [True, False])
 def test_a_block_with_layers_decided_dense_races_its_one_call(monkeypatch, one_call_wins):
     """A layer that runs dense alone (its call overhead outweighs the kernel) still runs its kernel inside the one C

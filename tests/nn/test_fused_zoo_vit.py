@@ -49,6 +49,7 @@ def test_lowbit_vit_blocks_run_in_one_c_call(preset):
         assert float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)) < 1e-2
 
 
+@pytest.mark.usefixtures("auto_mode")
 @pytest.mark.parametrize("one_call_wins", [True, False])
 def test_auto_mode_runs_the_one_call_where_its_layers_are_native_or_the_block_race_says_so(monkeypatch, one_call_wins):
     """At 32 rows dispatch may keep some tiny layers dense alone; a block runs in one C call where all its layers

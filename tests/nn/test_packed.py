@@ -60,6 +60,7 @@ def test_weight_only_conv_short_path_reads_the_bias_as_the_layer_does(groups: in
         assert disp is None and all(torch.equal(y, want) for y in outs)
 
 
+@pytest.mark.usefixtures("auto_mode")
 def test_decided_linear_reads_a_bias_set_later_as_a_plain_tensor() -> None:
     """A linear layer built without bias, given one later as a plain tensor: the decided call (one C call or one
     F.linear) adds it, as the simulated layer does."""
