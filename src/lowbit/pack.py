@@ -57,11 +57,10 @@ def pack_layer(layer: QuantLayer) -> QuantLayer:
     state = {k: v for k, v in layer.state_dict().items()}
     with torch.no_grad():
         new.load_state_dict(state, strict=False)
-        new.codes.copy_(layer.codes)
         new.scale.copy_(layer.scale)
         if layer.zero is not None:
             new.zero.copy_(layer.zero)
-        new._pack_from_storage()  # type: ignore[attr-defined]
+        new._pack_from_storage(layer.codes)  # type: ignore[attr-defined]
         new._unpack_into_storage()  # type: ignore[attr-defined]
     return new
 

@@ -28,6 +28,29 @@ def test_pack_unpack_is_bit_exact(name: str) -> None:
     assert torch.equal(unpack_codes(packed, (7, 45), bits, signed), qt.codes)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("count", [1, 7, 64, 333])
+def test_unpack_inverts_pack_at_every_width_over_the_whole_range(bits: int, signed: bool, count: int) -> None:
+    """Every code of every width from 1 to 8 bits, both ends of the range included, comes back at its place and in
+    the unpacked dtype (int8 signed, uint8 unsigned), whether a width divides a byte (shifted out) or not (codes
+    straddling bytes); a byte count that does not fit is refused."""
+    gen = torch.Generator().manual_seed(bits * 1000 + count)
+    if bits == 1 and signed:
+        q = torch.randint(0, 2, (count,), generator=gen) * 2 - 1
+        q[:2] = torch.tensor([-1, 1])[: min(2, count)]
+    else:
+        lo, hi = (-(1 << (bits - 1)), 1 << (bits - 1)) if signed else (0, 1 << bits)
+        q = torch.randint(lo, hi, (count,), generator=gen)
+        q[: min(2, count)] = torch.tensor([lo, hi - 1])[: min(2, count)]
+    q = q.to(torch.int8 if signed else torch.uint8).reshape(1, count)
+    packed = pack_codes(q, bits, signed)
+    got = unpack_codes(packed, (1, count), bits, signed)
+    assert got.dtype == q.dtype and torch.equal(got, q)
+    with pytest.raises(ValueError, match="expected"):
+        unpack_codes(torch.cat([packed, packed[:1]]), (1, count), bits, signed)
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(

@@ -282,6 +282,7 @@ WEIGHT_ONLY_CONV_CASES = [
 
 
 @needs_native
+@pytest.mark.usefixtures("auto_mode")
 @pytest.mark.parametrize(("weights", "kernel"), WEIGHT_ONLY_CONV_CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_weight_only_conv_runs_the_fp32_input_kernel_on_its_patches(
@@ -292,17 +293,16 @@ def test_weight_only_conv_runs_the_fp32_input_kernel_on_its_patches(
     patches cut whole, the kernel, the map: the same bits); the reference path is the simulated layer bit for bit.
     In auto mode it is raced against the conv on the cached weight, and a call decided dense is that conv."""
     _, p, x, want, got = native_conv_parity(weights, None, kernel, channels_last)
-    if dispatch.mode() == "auto":  # (LOWBIT_KERNELS=native / portable decide nothing)
-        with torch.no_grad():
-            p(x)  # auto: raced for these patches, then decided
-            disp = p[0]._dispatch
-            cut = p[0]._im2col[(x.shape, x.stride())]
-            disp.decided = dict.fromkeys(disp.decided, True)
-            disp.state = disp.state or disp.prepare(p[0], True)
-            assert disp.hot_conv(p[0], x, cut) is not None
-            assert torch.equal(p(x), got)
-            disp.decided = dict.fromkeys(disp.decided, False)
-            assert torch.equal(p(x), want) and torch.equal(p(x), want)  # (the second call: the cached 4-D weight)
+    with torch.no_grad():
+        p(x)  # auto: raced for these patches, then decided
+        disp = p[0]._dispatch
+        cut = p[0]._im2col[(x.shape, x.stride())]
+        disp.decided = dict.fromkeys(disp.decided, True)
+        disp.state = disp.state or disp.prepare(p[0], True)
+        assert disp.hot_conv(p[0], x, cut) is not None
+        assert torch.equal(p(x), got)
+        disp.decided = dict.fromkeys(disp.decided, False)
+        assert torch.equal(p(x), want) and torch.equal(p(x), want)  # (the second call: the cached 4-D weight)
     with torch.no_grad(), use_mode("reference"):
         assert torch.equal(p(x), want)
 
@@ -812,6 +812,7 @@ def test_layers_without_a_route_take_the_short_reference_path_with_the_same_outp
      ("fp8_e4m3", "fp8_token"), ("ternary_absmean", "int8_token")],
 )  # fmt: skip
 @pytest.mark.parametrize("rows", [1, 40])
+@pytest.mark.usefixtures("auto_mode")
 def test_the_kernel_applies_a_linear_layers_input_scale(weights: str, acts: str | None, rows: int) -> None:
     """An explicit input scale (AWQ / SmoothQuant) goes to the C call, which multiplies before quantizing: the same
     codes as the simulated layer's ``x * scale``, in every activation mode, on the call's and the decided path."""
@@ -830,7 +831,7 @@ def test_the_kernel_applies_a_linear_layers_input_scale(weights: str, acts: str 
         assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
         disp.decided[(rows, torch.get_num_threads())] = True  # the hot path of a layer decided native
         hot = disp.hot(p[0], x)
-        assert torch.equal(hot, got) if dispatch.mode() == "auto" else hot is None  # (portable builds: no hot path)
+        assert torch.equal(hot, got)
 
 
 def test_input_vectors_are_the_layers_own() -> None:

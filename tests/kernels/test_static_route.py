@@ -11,7 +11,6 @@ from torch import nn
 import lowbit
 from lowbit.formats import ACT_FORMATS, FORMATS
 from lowbit.formats.spec import QuantSpec
-from lowbit.kernels import dispatch
 from lowbit.kernels.dispatch import layer_report, use_mode
 from lowbit.kernels.routes import route_for, static_weight_sums
 from lowbit.recipe import Recipe, Stage
@@ -114,6 +113,7 @@ def test_weight_sums_are_the_dequantized_rows_sums() -> None:
     assert torch.equal(static_weight_sums(w), torch.tensor([-0.5, 0.0]))
 
 
+@pytest.mark.usefixtures("auto_mode")
 def test_static_presets_run_every_layer_natively_and_fast_paths_agree() -> None:
     """The ``w8a8-static`` preset on a small MLP: every linear layer routed, the decided (hot) call and the full
     path give the same output."""
@@ -132,7 +132,7 @@ def test_static_presets_run_every_layer_natively_and_fast_paths_agree() -> None:
         for layer in (p[0], p[2], p[4]):
             layer._dispatch.decided[(6, torch.get_num_threads())] = True
         hot = p(x)
-    assert torch.equal(hot, got) if dispatch.mode() == "auto" else hot is not None  # (portable: the full path)
+    assert torch.equal(hot, got)
 
 
 CONV_CASES = [("int8", "w8a8-static"), ("ternary_absmean", "ternary-static"), ("int4_g32", "w4a8-static")]
@@ -146,6 +146,7 @@ def static_conv(weights: str) -> tuple[nn.Module, nn.Module]:
     return q, lowbit.pack(q)
 
 
+@pytest.mark.usefixtures("auto_mode")
 @pytest.mark.parametrize(("weights", "kernel"), CONV_CASES)
 def test_a_static_conv_runs_the_linear_kernel_on_its_patches(weights: str, kernel: str) -> None:
     """A static per-tensor range codes each patch as it codes the map (an integer zero point codes the padding's 0
@@ -169,10 +170,7 @@ def test_a_static_conv_runs_the_linear_kernel_on_its_patches(weights: str, kerne
         disp.state = disp.state or disp.route.prepare(p[1])
         u = p[0](x)  # the conv's input
         hot = disp.hot_conv(p[1], u, p[1]._im2col[(u.shape, u.stride())])
-        if dispatch.mode() != "auto":  # (portable builds: no one-call path)
-            assert hot is None
-        else:
-            assert hot is not None and torch.equal(hot.isnan(), got.isnan()) and torch.equal(hot[ok], got[ok])
+        assert hot is not None and torch.equal(hot.isnan(), got.isnan()) and torch.equal(hot[ok], got[ok])
     with torch.no_grad(), use_mode("reference"):
         assert torch.equal(p(x).isnan(), want.isnan()) and torch.equal(p(x)[ok], want[ok])
 

@@ -8,7 +8,34 @@ from torch import nn
 
 import lowbit
 from lowbit.formats import FORMATS
+from lowbit.formats.packing import code_offset, packed_nbytes
 from lowbit.recipe import Recipe, Stage
+
+
+@pytest.mark.parametrize("weights", sorted(FORMATS))
+@pytest.mark.parametrize("conv", [False, True])
+def test_packed_layers_hold_their_codes_packed_only(weights: str, conv: bool) -> None:
+    """A packed layer's buffers are its packed codes and its scales (and zero points), nothing a weight wide: no
+    unpacked byte-a-code copy. ``codes`` still reads the simulated layer's codes, unpacked on demand, and the output
+    is the simulated layer's bit for bit on the reference path."""
+    from lowbit.kernels.dispatch import use_mode
+
+    torch.manual_seed(0)
+    stage = Stage(method="rtn", weights=FORMATS[weights], keep_first_last=False)
+    model = nn.Sequential(nn.Conv2d(12, 40, 3) if conv else nn.Linear(96, 40))
+    q = lowbit.compress(model, Recipe(stages=(stage,)), progress=False)
+    layer = lowbit.pack(q)[0]
+    rows, cols = layer._matrix_shape
+    assert layer._buffers["codes"] is None and "codes" not in dict(layer.named_buffers())
+    codes = layer.codes
+    assert codes.dtype == q[0].codes.dtype and torch.equal(codes, q[0].codes)
+    bits, _ = code_offset(FORMATS[weights])
+    held = sum(b.numel() * b.element_size() for b in layer.buffers())
+    per_unit = 4 + 2 + (8 if layer.zero is not None else 0)  # fp32 scale, fp16 packed scale, zero point both ways
+    assert held <= packed_nbytes(rows * cols, bits) + per_unit * layer.scale.numel() + 64
+    x = torch.randn(3, 12, 5, 5) if conv else torch.randn(3, 96)
+    with torch.no_grad(), use_mode("reference"):
+        assert torch.equal(layer(x), q(x))
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -124,12 +151,11 @@ def test_weight_only_conv_with_an_input_scale_runs_the_map_conv() -> None:
     assert not p[0]._im2col
 
 
+@pytest.mark.usefixtures("auto_mode")
 def test_a_conv_decided_native_drops_its_dequantized_weight(monkeypatch) -> None:
     """Dispatch frees the fp32 weight of a layer decided native: the conv's 4-D view of it goes too."""
     from lowbit.kernels import dispatch
 
-    if dispatch.mode() != "auto":
-        pytest.skip("LOWBIT_KERNELS=native / portable: nothing is raced or decided")
     q, p = _weight_only_conv(1)
     x = torch.randn(4, 1, 10, 10)
     with torch.no_grad():

@@ -49,19 +49,36 @@ def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, shape: tuple[int, ...], bits: int, signed: bool) -> torch.Tensor:
-    """Inverse of `pack_codes`: codes of ``shape`` as int8 (signed) or uint8 (unsigned)."""
+    """Inverse of `pack_codes`: codes of ``shape`` as int8 (signed) or uint8 (unsigned).
+
+    Torch operations only (packed layers unpack their codes on demand, `lowbit.nn.packed`, also inside a graph
+    ``torch.compile`` traces), with byte-sized temporaries where a width divides 8 (1, 2, 4, 8 bits: shifted out of
+    each byte); other widths read each code from the two bytes it may straddle."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"codes of {bits} bits cannot be unpacked (1 to 8 bits)")
     n = int(np.prod(shape))
     needed = (n * bits + 7) // 8
     if packed.numel() != needed:
         raise ValueError(f"packed tensor has {packed.numel()} bytes, {needed} expected for {n} {bits}-bit codes")
-    flat = np.unpackbits(packed.numpy(), bitorder="little")[: n * bits].reshape(n, bits).astype(np.int64)
-    u = (flat << np.arange(bits, dtype=np.int64)).sum(axis=1)
-    q = torch.from_numpy(u)
-    if bits == 1 and signed:
-        q = q * 2 - 1
+    raw = packed.detach().reshape(-1).to(torch.uint8)
+    mask = (1 << bits) - 1
+    if bits == 8:
+        u = raw.clone()
+    elif 8 % bits == 0:  # 8 / bits codes a byte, the first in the low bits
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=raw.device)
+        u = ((raw.unsqueeze(1) >> shifts) & mask).reshape(-1)[:n]
+    else:  # code i starts at bit i * bits: the low byte there and the next one, shifted and masked
+        wide = torch.cat([raw, raw.new_zeros(1)]).to(torch.int32)
+        start = torch.arange(n, dtype=torch.int64, device=raw.device) * bits
+        byte = start >> 3
+        u = (((wide[byte] | (wide[byte + 1] << 8)) >> (start & 7)) & mask).to(torch.uint8)
+    if bits == 1 and signed:  # 0 / 1 → −1 / +1
+        q = u.to(torch.int8) * 2 - 1
     elif signed:
-        q = q - (1 << (bits - 1))
-    return q.reshape(shape).to(torch.int8 if signed else torch.uint8)
+        q = (u.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+    else:
+        q = u
+    return q.reshape(shape)
 
 
 def packed_nbytes(numel: int, bits: int) -> int:

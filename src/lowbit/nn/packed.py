@@ -41,7 +41,11 @@ from lowbit.nn.qlayers import QuantConv2d, QuantLayer, QuantLinear
 
 class PackedMixin:
     """Turns a quantized layer's codes / scale / zero buffers into derived (non-persistent) ones rebuilt from
-    persistent packed buffers."""
+    persistent packed buffers.
+
+    The codes are held packed only: ``layer.codes`` unpacks them on each read (a new tensor: writing into it
+    changes nothing; `set_qweight` installs new codes). An unpacked copy took a byte a weight for as long as the
+    layer lived -- twice the packed bytes of a 4-bit layer, eight times a binary one's."""
 
     def _init_packed(self, zero_format: str | None) -> None:
         spec: QuantSpec = self.weight_spec  # type: ignore[attr-defined]
@@ -59,11 +63,42 @@ class PackedMixin:
         for name in ("codes", "scale", "zero"):
             if name in self._buffers:  # type: ignore[attr-defined]
                 self._non_persistent_buffers_set.add(name)  # type: ignore[attr-defined]
+        self._code_dtype = self._buffers["codes"].dtype  # type: ignore[attr-defined]
+        self._buffers["codes"] = None  # type: ignore[attr-defined]  # (read through __getattr__: unpacked)
 
-    def _pack_from_storage(self) -> None:
+    def __getattr__(self, name: str) -> Any:
+        # Only for names not found the usual way (nn.Module keeps buffers in ``_buffers``): ``codes``, held packed.
+        if name == "codes":
+            buffers = self.__dict__.get("_buffers")
+            if buffers is not None and buffers.get("codes") is None and "packed_codes" in buffers:
+                return self._unpacked_codes()
+        return super().__getattr__(name)  # type: ignore[misc]
+
+    def _unpacked_codes(self) -> torch.Tensor:
+        """The layer's codes as an ``(out, in·kh·kw)`` int8 / uint8 matrix, unpacked from ``packed_codes``."""
+        bits, signed = code_offset(self.weight_spec)  # type: ignore[attr-defined]
+        packed = self._buffers["packed_codes"]  # type: ignore[attr-defined]
+        codes = unpack_codes(packed, self._matrix_shape, bits, signed)  # type: ignore[attr-defined]
+        return codes.to(device=packed.device, dtype=self._code_dtype)
+
+    def set_qweight(self, qt: Any) -> None:
+        """Install quantized codes and scales: packed, with scales (and real zero points) rounded to fp16 as a saved
+        checkpoint holds them; the kernel layouts and dispatch timings are rebuilt on the next call."""
+        super().set_qweight(qt)  # type: ignore[misc]  # (checks the shapes; sets scale and zero)
+        with torch.no_grad():
+            self._pack_from_storage(qt.codes)
+            self._unpack_into_storage()
+
+    def _store_codes(self, codes: torch.Tensor) -> None:
+        pass  # (`set_qweight` packs them once the scales are in)
+
+    def _pack_from_storage(self, codes: torch.Tensor) -> None:
+        """Pack ``codes`` and the layer's scale (and zero points) into the persistent buffers."""
         spec: QuantSpec = self.weight_spec  # type: ignore[attr-defined]
         bits, signed = code_offset(spec)
-        self.packed_codes.copy_(pack_codes(self.codes, bits, signed))
+        if tuple(codes.shape) != tuple(self._matrix_shape):  # type: ignore[attr-defined]
+            raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit {self._matrix_shape}")  # type: ignore[attr-defined]
+        self.packed_codes.copy_(pack_codes(codes.cpu(), bits, signed))
         self.packed_scale.copy_(self.scale.to(torch.float16))
         if self.zero_format == "packed":
             self.packed_zero.copy_(pack_codes(self.zero.round().to(torch.int64), spec.bits, False))
@@ -71,9 +106,15 @@ class PackedMixin:
             self.packed_zero.copy_(self.zero.to(torch.float16))
 
     def _unpack_into_storage(self) -> None:
+        """Scale and zero points from their packed buffers (the codes stay packed: see `__getattr__`)."""
         spec: QuantSpec = self.weight_spec  # type: ignore[attr-defined]
-        bits, signed = code_offset(spec)
-        self.codes.copy_(unpack_codes(self.packed_codes, tuple(self.codes.shape), bits, signed))
+        bits, _ = code_offset(spec)
+        rows, cols = self._matrix_shape  # type: ignore[attr-defined]
+        if self.packed_codes.numel() != packed_nbytes(rows * cols, bits):
+            raise ValueError(
+                f"packed codes of {self.packed_codes.numel()} bytes, {packed_nbytes(rows * cols, bits)} expected for "
+                f"{rows} x {cols} codes of {bits} bits"
+            )
         self.scale.copy_(self.packed_scale.float())
         if self.zero_format == "packed":
             self.zero.copy_(unpack_codes(self.packed_zero, tuple(self.zero.shape), spec.bits, False).float())

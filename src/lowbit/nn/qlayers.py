@@ -76,11 +76,14 @@ class QuantLayer(nn.Module):
                 f"quantized weight of shape {tuple(qt.codes.shape)} / scales {tuple(qt.scale.shape)} "
                 f"do not fit a layer of {self._matrix_shape} / {tuple(self.scale.shape)}"
             )
-        self.codes.copy_(qt.codes)
+        self._store_codes(qt.codes)
         self.scale.copy_(qt.scale)
         if self.zero is not None and qt.zero is not None:
             self.zero.copy_(qt.zero)
         self._cache = None
+
+    def _store_codes(self, codes: torch.Tensor) -> None:
+        self.codes.copy_(codes)
 
     def qweight(self) -> QTensor:
         """The stored weight as a `QTensor` (codes, scale, zero, spec)."""
@@ -92,7 +95,7 @@ class QuantLayer(nn.Module):
         """Dequantized weight as a 2-D ``(out, in·kh·kw)`` matrix (cached until the codes change)."""
         if self.weight_fp is not None:
             return self.weight_fp
-        if self._cache is None or self._cache.device != self.codes.device:
+        if self._cache is None or self._cache.device != self.scale.device:
             self._cache = dequantize(self.qweight())
         return self._cache
 
