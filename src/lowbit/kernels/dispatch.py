@@ -44,10 +44,14 @@ from lowbit.formats.registry import ACT_FORMATS
 from lowbit.formats.spec import QuantSpec
 from lowbit.kernels.dispatch_report import layer_report  # noqa: F401 (re-exported)
 from lowbit.kernels.fakequant import fake_quantize_fast, has_fast_path
+from lowbit.kernels.heap import release_free_heap
 from lowbit.kernels.race import MAX_ROUNDS, RACE_BUDGET_S, REPEATS, race  # noqa: F401 (re-exported)
 from lowbit.kernels.routes import Route, awaits_calibration, route_for
 
 MODES = ("auto", "native", "reference", "portable")
+#: A race whose fp32 weight and output together reach this many bytes returns the freed heap to the OS afterwards
+#: (`kernels.heap`: ~1 ms a call; smaller races leave little behind).
+TRIM_BYTES = 4 << 20
 _mode_override: list[str] = []
 _env_mode: str | None = None  # LOWBIT_KERNELS, read once: an environment lookup costs microseconds per layer call
 _warned: set[str] = set()
@@ -437,6 +441,8 @@ class LayerDispatch:
                     layer._conv_weight = (None, None)  # (a conv's 4-D view of that weight, and the weight)
             elif not any(v["native"] for v in self.choice.values()):
                 self.state = None
+            if (w.numel() + rows * w.shape[0]) * w.element_size() >= TRIM_BYTES:
+                release_free_heap()  # (the race's temporaries and the dropped weights: see `kernels.heap`)
         self.decided[(rows, threads)] = c["native"]
         return c["native"]
 
