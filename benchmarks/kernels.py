@@ -28,6 +28,7 @@ layers of each chain took the kernel.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -44,7 +45,7 @@ from torch import nn
 import lowbit
 from lowbit.formats import ACT_FORMATS, FORMATS
 from lowbit.kernels import native
-from lowbit.kernels.dispatch import bucket, use_mode
+from lowbit.kernels.dispatch import bucket, environment_mode, use_mode
 from lowbit.measure.envinfo import _version, environment
 from lowbit.recipe import Recipe, Stage
 
@@ -134,6 +135,12 @@ def lowbit_layers(k: int, n: int, weights: str, acts: str | None, count: int) ->
     stage = Stage(method="rtn", weights=FORMATS[weights], activations=acts and ACT_FORMATS[acts], keep_first_last=False)
     packed = lowbit.pack(lowbit.compress(nn.Sequential(nn.Linear(k, n)), Recipe(stages=(stage,)), progress=False))
     return [copy.deepcopy(packed[0]) for _ in range(count)]
+
+
+def lowbit_mode(how: str) -> contextlib.AbstractContextManager:
+    """``native``: lowbit's layers always on their kernel (`use_mode`); ``auto``: as a packed model runs them by
+    default, decided calls' short paths included (`environment_mode`: `use_mode` would turn those off)."""
+    return environment_mode(how) if how == "auto" else use_mode(how)
 
 
 def chain(count: int, fn: Callable[[int], object]) -> Runner:
@@ -309,7 +316,7 @@ def bench_shape(
     runners, weight_bytes, n_q, lowbit_chains = build_runners(m, k, n, formats, stream_mib, max_layers)
     runners = with_ort(runners, ort_runners(m, k, n, n_q, threads))
     times: dict[str, list[float]] = {name: [] for name in runners}
-    with torch.no_grad(), use_mode(how):
+    with torch.no_grad(), lowbit_mode(how):
         for run, _ in runners.values():
             run()  # warm-up: prepares kernel layouts, ORT allocations
         for _ in range(reps):
@@ -351,7 +358,7 @@ def thread_scaling(
     per_threads = {t: with_ort(runners, ort_runners(m, k, n, n_q, t)) for t in threads}
     names = list(per_threads[threads[0]])
     times: dict[tuple[str, int], list[float]] = {(name, t): [] for name in names for t in threads}
-    with torch.no_grad(), use_mode(how):
+    with torch.no_grad(), lowbit_mode(how):
         for t in threads:
             torch.set_num_threads(t)
             for run, _ in per_threads[t].values():

@@ -8,14 +8,13 @@ from lowbit.kernels import dispatch
 
 
 @pytest.fixture
-def auto_mode(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def auto_mode() -> Iterator[None]:
     """Measure-and-decide dispatch (``auto``, the default) for a test of it, whatever ``LOWBIT_KERNELS`` says.
 
     ``LOWBIT_KERNELS=portable`` runs the suite in ``native`` mode on the library built without SIMD (what a CPU
     without AVX2, or an ARM one, builds), for parity; the tests of auto dispatch ask for this fixture, so that run
-    checks them on that build too, as such a CPU runs them. It sets the mode read from the environment rather than
-    pushing `use_mode`: the decided calls' short paths run only in the environment's ``auto`` mode with no override.
+    checks them on that build too, as such a CPU runs them. `dispatch.environment_mode`, not `use_mode`: the decided
+    calls' short paths run only in the environment's ``auto`` mode with no override.
     """
-    dispatch.mode()  # read the environment first, so the value restored afterwards is the one it says
-    monkeypatch.setattr(dispatch, "_env_mode", "auto")
-    yield
+    with dispatch.environment_mode("auto"):
+        yield

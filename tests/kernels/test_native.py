@@ -479,7 +479,8 @@ OTHER_BUILD_CHECKS = (
     # auto mode, as a CPU with that build runs (LOWBIT_KERNELS=portable reads as native mode; the auto_mode fixture's
     # setting: some checks below are of decided calls)
     "from lowbit.kernels import dispatch as kd\n"
-    "kd._env_mode = 'auto'\n"
+    "auto = kd.environment_mode('auto')\n"  # (held: a dropped generator would restore the mode at once)
+    "auto.__enter__()\n"
     "from tests.kernels import test_native as t\n"
     "for K, N, M in ((96, 43, 3), (100, 33, 5), (384, 37, 17)):\n"  # the code -128 in the AVX2 sign-trick tiles
     "    t.test_int8_kernels_are_exact_on_the_code_minus_128(K, N, M)\n"

@@ -169,3 +169,50 @@ def test_a_conv_decided_native_drops_its_dequantized_weight(monkeypatch) -> None
     assert decided and all(decided.values())
     assert p[0]._cache is None and p[0]._conv_weight == (None, None)
     assert float((y - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
+def _packed_w4() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    stage = Stage(method="rtn", weights=FORMATS["int4_g32"], keep_first_last=False)
+    q = lowbit.compress(nn.Sequential(nn.Linear(64, 24)), Recipe(stages=(stage,)), progress=False)
+    return q, lowbit.pack(q)
+
+
+def test_a_layer_pickled_with_unpacked_codes_drops_them_when_loaded() -> None:
+    """A packed layer pickled while layers still kept an unpacked copy of their codes (before session 25) comes back
+    without it: ``codes`` reads the packed bytes, so new weights loaded later are the ones it computes with."""
+    import pickle
+
+    q, p = _packed_w4()
+    layer = p[0]
+    layer._buffers["codes"] = torch.zeros(24, 64, dtype=torch.uint8)  # (what such a pickle holds)
+    back = pickle.loads(pickle.dumps(layer))
+    assert back._buffers["codes"] is None and torch.equal(back.codes, q[0].codes)
+
+
+def test_set_qweight_refuses_codes_out_of_range_before_changing_anything() -> None:
+    from lowbit.kernels.dispatch import use_mode
+
+    q, p = _packed_w4()
+    x = torch.randn(2, 64)
+    with torch.no_grad(), use_mode("reference"):
+        before = p(x)
+    qt = q[0].qweight()
+    bad = type(qt)(torch.full_like(qt.codes, 16), qt.scale * 2, qt.zero, qt.spec)  # 16 does not fit 4 bits
+    with pytest.raises(ValueError, match="do not fit"):
+        p[0].set_qweight(bad)
+    with torch.no_grad(), use_mode("reference"):
+        assert torch.equal(p(x), before) and torch.equal(p[0].scale, qt.scale)
+
+
+def test_a_fresh_packed_layer_compiles_as_one_graph_on_the_reference_path() -> None:
+    """``torch.compile(fullgraph=True)`` of a packed layer whose weight is not cached yet: the codes are unpacked
+    inside the graph (torch operations, sizes known while tracing), the simulated layer's output."""
+    from lowbit.kernels.dispatch import use_mode
+
+    q, p = _packed_w4()
+    x = torch.randn(3, 64)
+    with torch.no_grad(), use_mode("reference"):
+        assert p[0]._cache is None
+        got = torch.compile(p, fullgraph=True, backend="eager")(x)
+        assert torch.equal(got, q(x))

@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -52,11 +54,11 @@ def unpack_codes(packed: torch.Tensor, shape: tuple[int, ...], bits: int, signed
     """Inverse of `pack_codes`: codes of ``shape`` as int8 (signed) or uint8 (unsigned).
 
     Torch operations only (packed layers unpack their codes on demand, `lowbit.nn.packed`, also inside a graph
-    ``torch.compile`` traces), with byte-sized temporaries where a width divides 8 (1, 2, 4, 8 bits: shifted out of
-    each byte); other widths read each code from the two bytes it may straddle."""
+    ``torch.compile`` traces, ``fullgraph=True`` included). Widths that divide 8 (1, 2, 4, 8 bits) are shifted out of
+    each byte; other widths eight codes at a time, which fill ``bits`` whole bytes (read as one 64-bit word)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"codes of {bits} bits cannot be unpacked (1 to 8 bits)")
-    n = int(np.prod(shape))
+    n = math.prod(shape)  # (a Python int, also while tracing)
     needed = (n * bits + 7) // 8
     if packed.numel() != needed:
         raise ValueError(f"packed tensor has {packed.numel()} bytes, {needed} expected for {n} {bits}-bit codes")
@@ -67,11 +69,12 @@ def unpack_codes(packed: torch.Tensor, shape: tuple[int, ...], bits: int, signed
     elif 8 % bits == 0:  # 8 / bits codes a byte, the first in the low bits
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=raw.device)
         u = ((raw.unsqueeze(1) >> shifts) & mask).reshape(-1)[:n]
-    else:  # code i starts at bit i * bits: the low byte there and the next one, shifted and masked
-        wide = torch.cat([raw, raw.new_zeros(1)]).to(torch.int32)
-        start = torch.arange(n, dtype=torch.int64, device=raw.device) * bits
-        byte = start >> 3
-        u = (((wide[byte] | (wide[byte + 1] << 8)) >> (start & 7)) & mask).to(torch.uint8)
+    else:  # eight codes take `bits` bytes: each such run as a little-endian word, the codes shifted out of it
+        words = -(-n // 8)
+        runs = torch.cat([raw, raw.new_zeros(words * bits - raw.numel())]).reshape(words, bits).to(torch.int64)
+        word = (runs << torch.arange(0, 8 * bits, 8, dtype=torch.int64, device=raw.device)).sum(1, keepdim=True)
+        shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64, device=raw.device)
+        u = ((word >> shifts) & mask).reshape(-1)[:n].to(torch.uint8)
     if bits == 1 and signed:  # 0 / 1 → −1 / +1
         q = u.to(torch.int8) * 2 - 1
     elif signed:

@@ -50,7 +50,8 @@ from lowbit.kernels.routes import Route, awaits_calibration, route_for
 
 MODES = ("auto", "native", "reference", "portable")
 #: A race whose fp32 weight and output together reach this many bytes returns the freed heap to the OS afterwards
-#: (`kernels.heap`: ~1 ms a call; smaller races leave little behind).
+#: (`kernels.heap`: a walk over the heap, about a millisecond for a model of tens of MB here; smaller races leave
+#: little behind).
 TRIM_BYTES = 4 << 20
 _mode_override: list[str] = []
 _env_mode: str | None = None  # LOWBIT_KERNELS, read once: an environment lookup costs microseconds per layer call
@@ -80,6 +81,22 @@ def use_mode(value: str) -> Iterator[None]:
         yield
     finally:
         _mode_override.pop()
+
+
+@contextlib.contextmanager
+def environment_mode(value: str) -> Iterator[None]:
+    """Run as if ``LOWBIT_KERNELS`` said ``value`` (a mode of `MODES`). Unlike `use_mode`, whose override turns off
+    the decided calls' short paths (`LayerDispatch.hot`, `dense_hot`, the one-call conv), ``auto`` here runs a
+    packed model exactly as the default does: for benchmarks and tests of that path under another setting."""
+    global _env_mode
+    if value not in MODES:
+        raise ValueError(f"kernel mode {value!r} is not one of {', '.join(MODES)}")
+    before = _env_mode  # (None: read from the environment again afterwards)
+    _env_mode = value
+    try:
+        yield
+    finally:
+        _env_mode = before
 
 
 @contextlib.contextmanager
@@ -441,7 +458,9 @@ class LayerDispatch:
                     layer._conv_weight = (None, None)  # (a conv's 4-D view of that weight, and the weight)
             elif not any(v["native"] for v in self.choice.values()):
                 self.state = None
-            if (w.numel() + rows * w.shape[0]) * w.element_size() >= TRIM_BYTES:
+            large = (w.numel() + rows * w.shape[0]) * w.element_size() >= TRIM_BYTES
+            del w, native_fn, dense_fn, fp32_fn, hot, calls  # (what holds the weight and the race's outputs)
+            if large:
                 release_free_heap()  # (the race's temporaries and the dropped weights: see `kernels.heap`)
         self.decided[(rows, threads)] = c["native"]
         return c["native"]

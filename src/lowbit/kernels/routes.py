@@ -161,13 +161,16 @@ def _kernel_group(spec: QuantSpec, k: int) -> int | None:
     return g if g in GROUPS else None
 
 
-def _prepare_groups(lay: Any, bits: int, group: int, planes: bool = False) -> tuple[Any, torch.Tensor | None]:
-    """Group-wise weights in the wN layout (``planes``: int2 as bit planes, `group_layout.prepare_wn`); real-valued
-    zero points go to the ``s·z`` correction instead."""
+def _prepare_groups(
+    lay: Any, codes: torch.Tensor, bits: int, group: int, planes: bool = False
+) -> tuple[Any, torch.Tensor | None]:
+    """Group-wise weights (``codes``: the layer's, read once by the caller: a packed layer unpacks them on each read)
+    in the wN layout (``planes``: int2 as bit planes, `group_layout.prepare_wn`); real-valued zero points go to the
+    ``s·z`` correction instead."""
     from lowbit.kernels import group_layout
 
     s, z = lay.scale.float(), lay.zero.float()
-    codes = lay.codes.to(torch.uint8)
+    codes = codes.to(torch.uint8)
     if bool(torch.equal(z, z.round())):
         return group_layout.prepare_wn(codes, s, z, bits, group, planes=planes), None
     return group_layout.prepare_wn(codes, s, torch.zeros_like(z), bits, group, planes=planes), s * z
@@ -304,11 +307,12 @@ def _route(layer: nn.Module, act_override: QuantSpec | None = None) -> Route | N
         bits, g = w.bits, group
 
         def prep_wn(lay: Any, panels: bool = False) -> Any:
-            prepared, sz = _prepare_groups(lay, bits, g, planes=bits == 2 and _int2_planes(mode))
+            codes = lay.codes  # (unpacked once here)
+            prepared, sz = _prepare_groups(lay, codes, bits, g, planes=bits == 2 and _int2_planes(mode))
             extra = {}
             if panels and mode in ("int8", "f32"):  # real-valued zero points: panels of q, the same s·z correction
                 z = lay.zero.float() if sz is None else torch.zeros_like(lay.zero, dtype=torch.float32)
-                extra["panels"] = panels_mod.prepare_group_panels(lay.codes, lay.scale.float(), z, g)
+                extra["panels"] = panels_mod.prepare_group_panels(codes, lay.scale.float(), z, g)
             return native_layer.describe(prepared, mode, sz=sz, **extra, **kw)
 
         many = panel_rows("wn") if mode == "int8" and (n * k <= WN_PANEL_MAX_WEIGHTS or _vnni()) else many_f32

@@ -45,7 +45,9 @@ class PackedMixin:
 
     The codes are held packed only: ``layer.codes`` unpacks them on each read (a new tensor: writing into it
     changes nothing; `set_qweight` installs new codes). An unpacked copy took a byte a weight for as long as the
-    layer lived -- twice the packed bytes of a 4-bit layer, eight times a binary one's."""
+    layer lived -- twice the packed bytes of a 4-bit layer, eight times a binary one's. A graph traced or exported
+    from a packed layer whose dequantized weight is not cached yet unpacks them on each call of that graph (it
+    carries the packed bytes only)."""
 
     def _init_packed(self, zero_format: str | None) -> None:
         spec: QuantSpec = self.weight_spec  # type: ignore[attr-defined]
@@ -63,16 +65,31 @@ class PackedMixin:
         for name in ("codes", "scale", "zero"):
             if name in self._buffers:  # type: ignore[attr-defined]
                 self._non_persistent_buffers_set.add(name)  # type: ignore[attr-defined]
-        self._code_dtype = self._buffers["codes"].dtype  # type: ignore[attr-defined]
-        self._buffers["codes"] = None  # type: ignore[attr-defined]  # (read through __getattr__: unpacked)
+        self._drop_unpacked_codes()
 
-    def __getattr__(self, name: str) -> Any:
-        # Only for names not found the usual way (nn.Module keeps buffers in ``_buffers``): ``codes``, held packed.
-        if name == "codes":
-            buffers = self.__dict__.get("_buffers")
-            if buffers is not None and buffers.get("codes") is None and "packed_codes" in buffers:
-                return self._unpacked_codes()
-        return super().__getattr__(name)  # type: ignore[misc]
+    def _drop_unpacked_codes(self) -> None:
+        """The ``codes`` buffer emptied (its dtype kept for `codes`): the packed bytes are the layer's codes."""
+        buffers = self._buffers  # type: ignore[attr-defined]
+        if buffers.get("codes") is not None:
+            self._code_dtype = buffers["codes"].dtype
+            buffers["codes"] = None
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The codes as an ``(out, in·kh·kw)`` matrix, unpacked from ``packed_codes`` on each read. (A property, not
+        a ``__getattr__``: every other attribute of the layer is found as fast as before.)"""
+        buffers = self.__dict__.get("_buffers")
+        held = buffers.get("codes") if buffers is not None else None
+        if held is not None:  # (during construction, before the codes are packed)
+            return held
+        if buffers is None or "packed_codes" not in buffers:
+            raise AttributeError("codes")
+        return self._unpacked_codes()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        if self.__dict__.get("_buffers", {}).get("packed_codes") is not None:
+            self._drop_unpacked_codes()  # (a layer pickled before its codes were held packed only: the copy goes)
 
     def _unpacked_codes(self) -> torch.Tensor:
         """The layer's codes as an ``(out, in·kh·kw)`` int8 / uint8 matrix, unpacked from ``packed_codes``."""
@@ -83,30 +100,38 @@ class PackedMixin:
 
     def set_qweight(self, qt: Any) -> None:
         """Install quantized codes and scales: packed, with scales (and real zero points) rounded to fp16 as a saved
-        checkpoint holds them; the kernel layouts and dispatch timings are rebuilt on the next call."""
+        checkpoint holds them; the kernel layouts and dispatch timings are rebuilt on the next call. Codes that do
+        not fit the format's bits are refused before anything changes."""
+        packed = self._packed(qt.codes)  # (checks the codes first)
         super().set_qweight(qt)  # type: ignore[misc]  # (checks the shapes; sets scale and zero)
         with torch.no_grad():
-            self._pack_from_storage(qt.codes)
+            self._pack_from_storage(qt.codes, packed)
             self._unpack_into_storage()
 
     def _store_codes(self, codes: torch.Tensor) -> None:
         pass  # (`set_qweight` packs them once the scales are in)
 
-    def _pack_from_storage(self, codes: torch.Tensor) -> None:
-        """Pack ``codes`` and the layer's scale (and zero points) into the persistent buffers."""
+    def _packed(self, codes: torch.Tensor) -> torch.Tensor:
+        """``codes`` packed at the format's width (ValueError where their shape or values do not fit)."""
+        bits, signed = code_offset(self.weight_spec)  # type: ignore[attr-defined]
+        shape = tuple(self._matrix_shape)  # type: ignore[attr-defined]
+        if tuple(codes.shape) != shape:
+            raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit {shape}")
+        return pack_codes(codes.detach().cpu(), bits, signed)
+
+    def _pack_from_storage(self, codes: torch.Tensor, packed: torch.Tensor | None = None) -> None:
+        """Pack ``codes`` (or take them as ``packed`` already) and the layer's scale (and zero points) into the
+        persistent buffers."""
         spec: QuantSpec = self.weight_spec  # type: ignore[attr-defined]
-        bits, signed = code_offset(spec)
-        if tuple(codes.shape) != tuple(self._matrix_shape):  # type: ignore[attr-defined]
-            raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit {self._matrix_shape}")  # type: ignore[attr-defined]
-        self.packed_codes.copy_(pack_codes(codes.cpu(), bits, signed))
+        self.packed_codes.copy_(self._packed(codes) if packed is None else packed)
         self.packed_scale.copy_(self.scale.to(torch.float16))
         if self.zero_format == "packed":
-            self.packed_zero.copy_(pack_codes(self.zero.round().to(torch.int64), spec.bits, False))
+            self.packed_zero.copy_(pack_codes(self.zero.round().to(torch.int64).cpu(), spec.bits, False))
         elif self.zero_format == "fp16":
             self.packed_zero.copy_(self.zero.to(torch.float16))
 
     def _unpack_into_storage(self) -> None:
-        """Scale and zero points from their packed buffers (the codes stay packed: see `__getattr__`)."""
+        """Scale and zero points from their packed buffers (the codes stay packed: see `codes`)."""
         spec: QuantSpec = self.weight_spec  # type: ignore[attr-defined]
         bits, _ = code_offset(spec)
         rows, cols = self._matrix_shape  # type: ignore[attr-defined]
