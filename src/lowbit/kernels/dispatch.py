@@ -99,27 +99,6 @@ def environment_mode(value: str) -> Iterator[None]:
         _env_mode = before
 
 
-@contextlib.contextmanager
-def native_probe(root: Any) -> Iterator[None]:
-    """``use_mode("native")`` for a probe through ``root`` (a fused path checked against the module's own forward with
-    every layer on its kernel, `lowbit.nn.fused_blocks`) that leaves nothing in what dispatch reports: the rows such
-    calls add without timings are dropped afterwards (the kernels they prepared stay, as a first call would leave
-    them)."""
-
-    def dispatches() -> list[Any]:
-        return [m._dispatch for m in root.modules() if isinstance(getattr(m, "_dispatch", None), LayerDispatch)]
-
-    before = {id(d): set(d.choice) for d in dispatches()}
-    try:
-        with use_mode("native"):
-            yield
-    finally:
-        for d in dispatches():
-            seen = before.get(id(d), set())
-            for key in [k for k, c in d.choice.items() if k not in seen and c.get("native_ms") is None]:
-                del d.choice[key]
-
-
 def bucket(rows: int) -> int:
     """Batch-size bucket: the next power of two, capped at 4096."""
     return min(4096, 1 << max(0, rows - 1).bit_length())

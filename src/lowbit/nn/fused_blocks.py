@@ -430,7 +430,7 @@ def _probe_ok(block: nn.Module, fused: FusedEncoderForward, d: int, seed: int = 
 def _probe_c_only(fused: FusedEncoderForward, x: torch.Tensor) -> bool:
     """Whether the one C call runs and matches the block's own forward (called without a mask, as such blocks are)
     on a probe, every layer on its native kernel (the first calls prepare them)."""
-    from lowbit.kernels.dispatch import native_probe
+    from lowbit.kernels.probe import native_probe
 
     if not native.available():
         return False

@@ -184,7 +184,7 @@ def _probe_inputs(model: nn.Module, seed: int = 0) -> list[dict[str, torch.Tenso
 def _probe(fused: FusedBertForward, seed: int = 0) -> Any:
     """The model's output class when the fast path ran on every probe input (`_probe_inputs` of ``seed``) and matched
     the model's own forward."""
-    from lowbit.kernels.dispatch import native_probe
+    from lowbit.kernels.probe import native_probe
 
     model = fused.model
     modes = {m: m.training for m in model.modules()}

@@ -176,7 +176,7 @@ def _probe(stack: FusedStackForward, d: int, seed: int = 0) -> Any:
     """Run the encoder's own forward and the one call on a seeded probe (without and with a padding mask) with every
     layer on its native kernel; the encoder's output kind (`_output_kind`) when the one call ran and matched every
     time, else None."""
-    from lowbit.kernels.dispatch import native_probe
+    from lowbit.kernels.probe import native_probe
 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 7, d, generator=gen)
