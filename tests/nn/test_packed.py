@@ -216,3 +216,18 @@ def test_a_fresh_packed_layer_compiles_as_one_graph_on_the_reference_path() -> N
         assert p[0]._cache is None
         got = torch.compile(p, fullgraph=True, backend="eager")(x)
         assert torch.equal(got, q(x))
+
+
+def test_a_packed_models_size_is_measured_without_unpacking_its_codes(monkeypatch) -> None:
+    """`model_size` counts a packed layer's bits from its shape, scales and zero points: the same bits as the
+    simulated model's, with no layer's codes unpacked (a large model's report would unpack every layer)."""
+    from lowbit.measure.size import model_size
+    from lowbit.nn.packed import PackedMixin
+
+    q, p = _packed_w4()
+
+    def refuse(self):
+        raise AssertionError("codes unpacked")
+
+    monkeypatch.setattr(PackedMixin, "_unpacked_codes", refuse)
+    assert model_size(p) == model_size(q)

@@ -52,14 +52,20 @@ class QTensor:
         return self.codes.shape
 
     def storage_bits(self) -> int:
-        """Bits to store the codes at their bit width, fp16 scales, and zero points: at the code width when they
-        are integers (RTN, GPTQ, AWQ), at fp16 when an optimiser made them real numbers (HQQ)."""
-        n_scales = 0 if (self.spec.kind == "binary" and self.spec.scale_method == "none") else self.scale.numel()
-        zero_bits = 0
-        if self.zero is not None:
-            integral = bool(torch.equal(self.zero, self.zero.round()))
-            zero_bits = self.zero.numel() * (self.spec.bits if integral else SCALE_BITS_STORED)
-        return self.codes.numel() * self.spec.bits + n_scales * SCALE_BITS_STORED + zero_bits
+        """Bits to store the codes at their bit width, fp16 scales, and zero points (`storage_bits`)."""
+        return storage_bits(self.codes.numel(), self.scale, self.zero, self.spec)
+
+
+def storage_bits(n_codes: int, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> int:
+    """Bits to store ``n_codes`` codes at their bit width, fp16 scales, and zero points: at the code width when they
+    are integers (RTN, GPTQ, AWQ), at fp16 when an optimiser made them real numbers (HQQ). (The codes' count only:
+    a packed layer need not unpack them to be measured.)"""
+    n_scales = 0 if (spec.kind == "binary" and spec.scale_method == "none") else scale.numel()
+    zero_bits = 0
+    if zero is not None:
+        integral = bool(torch.equal(zero, zero.round()))
+        zero_bits = zero.numel() * (spec.bits if integral else SCALE_BITS_STORED)
+    return n_codes * spec.bits + n_scales * SCALE_BITS_STORED + zero_bits
 
 
 def code_dtype(spec: QuantSpec) -> torch.dtype:

@@ -27,7 +27,7 @@ from torch import nn
 
 from lowbit.errors import ModelError
 from lowbit.formats.layout import num_units
-from lowbit.formats.qtensor import QTensor, code_dtype, dequantize
+from lowbit.formats.qtensor import QTensor, code_dtype, dequantize, storage_bits
 from lowbit.formats.spec import QuantSpec
 from lowbit.nn.act import ActQuantizer
 from lowbit.nn.patches import conv_patches, patch_linear, patches_to_map
@@ -159,7 +159,7 @@ class QuantLayer(nn.Module):
         extra = sum(v.numel() * 16 for v in (self.input_scale, self.input_shift) if v is not None)
         if self.weight_spec is None:
             return self.lowbit_weight_numel() * 32 + extra
-        return self.qweight().storage_bits() + extra
+        return storage_bits(self.lowbit_weight_numel(), self.scale, self.zero, self.weight_spec) + extra
 
     def layer_spec(self) -> dict[str, Any]:
         """JSON-able description used by `lowbit.save` to rebuild this layer."""
