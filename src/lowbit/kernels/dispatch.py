@@ -50,8 +50,7 @@ from lowbit.kernels.routes import Route, awaits_calibration, route_for
 
 MODES = ("auto", "native", "reference", "portable")
 #: A race whose fp32 weight and output together reach this many bytes returns the freed heap to the OS afterwards
-#: (`kernels.heap`: a walk over the heap, about a millisecond for a model of tens of MB here; smaller races leave
-#: little behind).
+#: (`kernels.heap`: a walk over the heap; smaller races leave little behind).
 TRIM_BYTES = 4 << 20
 _mode_override: list[str] = []
 _env_mode: str | None = None  # LOWBIT_KERNELS, read once: an environment lookup costs microseconds per layer call

@@ -25,7 +25,7 @@ def release_free_heap() -> bool:
     """Return the free pages of the C heap to the OS (glibc's ``malloc_trim(0)``); False where that call is missing
     (not Linux, or a C library without it).
 
-    The call walks the heap: about a millisecond with a model of tens of MB here, more on a large fragmented heap.
+    The call walks the heap: its cost grows with the heap's size (tens of milliseconds on a fragmented heap of GBs).
     The pages come back (zero-filled, on first touch) when the heap grows into them again: a one-time cost after a
     race, not a per-call one."""
     global _trim
